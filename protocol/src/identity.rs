@@ -1,0 +1,266 @@
+//! Identities: Ed25519 keys and their one text form.
+//!
+//! The text form of an identity is the base58btc encoding of the libp2p `PeerId` of the same
+//! key (an identity multihash over the protobuf-encoded public key), so a Rapport identity
+//! and the `PeerId` of the node holding that key are the same string: `12D3KooW…`.
+
+use std::fmt;
+use std::str::FromStr;
+
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+use serde::{Deserialize, Serialize};
+
+/// Bytes that precede the 32-byte key in a libp2p `PeerId` of an Ed25519 key:
+/// multihash code 0x00 (identity), length 36, then protobuf `PublicKey { Type: Ed25519 (1),
+/// Data: 32 bytes }`.
+const PEER_ID_PREFIX: [u8; 6] = [0x00, 0x24, 0x08, 0x01, 0x12, 0x20];
+
+/// Why a text could not be read as an identity.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum IdentityError {
+    /// The text is not base58btc.
+    #[error("identity {0:?} is not base58 text (expected something like 12D3KooW…)")]
+    NotBase58(String),
+    /// The decoded bytes are not a libp2p `PeerId` of an Ed25519 key.
+    #[error("identity {0:?} is not an Ed25519 identity (expected 38 bytes starting 00 24 08 01 12 20)")]
+    NotEd25519(String),
+    /// The 32 key bytes are not a usable Ed25519 public key (off the curve or of small order).
+    #[error("identity {0:?} holds an invalid or weak Ed25519 public key")]
+    InvalidKey(String),
+}
+
+/// A public identity: an Ed25519 verifying key. Its [`Display`](fmt::Display) and
+/// [`FromStr`] forms are the libp2p `PeerId` text of the same key.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct IdentityKey(VerifyingKey);
+
+impl IdentityKey {
+    /// Reads an identity from its 32 raw public-key bytes, refusing weak keys.
+    pub fn from_bytes(bytes: &[u8; 32]) -> Result<Self, IdentityError> {
+        let key = VerifyingKey::from_bytes(bytes)
+            .map_err(|_| IdentityError::InvalidKey(hex::encode(bytes)))?;
+        if key.is_weak() {
+            return Err(IdentityError::InvalidKey(hex::encode(bytes)));
+        }
+        Ok(Self(key))
+    }
+
+    /// The 32 raw public-key bytes.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        self.0.as_bytes()
+    }
+
+    /// The bytes of the libp2p `PeerId` of this key.
+    pub fn peer_id_bytes(&self) -> [u8; 38] {
+        let mut out = [0u8; 38];
+        out[..6].copy_from_slice(&PEER_ID_PREFIX);
+        out[6..].copy_from_slice(self.as_bytes());
+        out
+    }
+
+    /// Reads an identity from libp2p `PeerId` bytes.
+    pub fn from_peer_id_bytes(bytes: &[u8]) -> Result<Self, IdentityError> {
+        let key: &[u8; 32] = bytes
+            .strip_prefix(&PEER_ID_PREFIX[..])
+            .and_then(|rest| rest.try_into().ok())
+            .ok_or_else(|| IdentityError::NotEd25519(bs58::encode(bytes).into_string()))?;
+        Self::from_bytes(key)
+    }
+
+    /// The underlying verifying key.
+    pub fn verifying_key(&self) -> &VerifyingKey {
+        &self.0
+    }
+
+    /// A short form for tables and logs: the last 8 characters of the text form.
+    pub fn short(&self) -> String {
+        let s = self.to_string();
+        format!("…{}", &s[s.len() - 8..])
+    }
+}
+
+impl fmt::Display for IdentityKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&bs58::encode(self.peer_id_bytes()).into_string())
+    }
+}
+
+impl fmt::Debug for IdentityKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "IdentityKey({self})")
+    }
+}
+
+impl FromStr for IdentityKey {
+    type Err = IdentityError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        // A PeerId text is 52 characters; anything much longer is not one, so refuse before
+        // decoding untrusted input of any size.
+        if s.len() > 64 {
+            return Err(IdentityError::NotEd25519(s.chars().take(64).collect()));
+        }
+        let bytes = bs58::decode(s)
+            .into_vec()
+            .map_err(|_| IdentityError::NotBase58(s.to_owned()))?;
+        Self::from_peer_id_bytes(&bytes).map_err(|e| match e {
+            IdentityError::NotEd25519(_) => IdentityError::NotEd25519(s.to_owned()),
+            IdentityError::InvalidKey(_) => IdentityError::InvalidKey(s.to_owned()),
+            other => other,
+        })
+    }
+}
+
+impl Serialize for IdentityKey {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for IdentityKey {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A secret signing key. It never appears in `Debug` output.
+#[derive(Clone)]
+pub struct SecretKey(SigningKey);
+
+impl SecretKey {
+    /// Builds the key from a 32-byte seed. The caller supplies the randomness, so this crate
+    /// stays free of I/O.
+    pub fn from_seed(seed: [u8; 32]) -> Self {
+        Self(SigningKey::from_bytes(&seed))
+    }
+
+    /// The 32-byte seed, for storage at rest.
+    pub fn to_seed(&self) -> [u8; 32] {
+        self.0.to_bytes()
+    }
+
+    /// The public identity of this key.
+    pub fn identity(&self) -> IdentityKey {
+        IdentityKey(self.0.verifying_key())
+    }
+
+    /// Signs raw bytes. Callers add their own domain separation.
+    pub(crate) fn sign_raw(&self, message: &[u8]) -> Signature {
+        self.0.sign(message)
+    }
+}
+
+impl fmt::Debug for SecretKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretKey(for {})", self.identity())
+    }
+}
+
+/// What kind of party an identity belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// A customer: a person.
+    Person,
+    /// A company or other organisation.
+    Org,
+    /// A community, which typically runs a relay.
+    Community,
+}
+
+impl Kind {
+    /// The lowercase name used on the command line and in files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Person => "person",
+            Kind::Org => "org",
+            Kind::Community => "community",
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Kind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "person" => Ok(Kind::Person),
+            "org" => Ok(Kind::Org),
+            "community" => Ok(Kind::Community),
+            other => Err(format!(
+                "unknown kind {other:?}: expected person, org or community"
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn text_form_is_a_libp2p_ed25519_peer_id() {
+        let id = SecretKey::from_seed([7; 32]).identity();
+        let text = id.to_string();
+        assert!(text.starts_with("12D3KooW"), "{text}");
+        assert_eq!(text.len(), 52);
+        assert_eq!(text.parse::<IdentityKey>().unwrap(), id);
+    }
+
+    #[test]
+    fn parser_rejects_bad_input_with_a_reason() {
+        assert!(matches!(
+            "not-base58-0OIl".parse::<IdentityKey>(),
+            Err(IdentityError::NotBase58(_))
+        ));
+        // A valid base58 string of the wrong shape (a secp256k1-style or sha256 PeerId).
+        assert!(matches!(
+            "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N".parse::<IdentityKey>(),
+            Err(IdentityError::NotEd25519(_))
+        ));
+        assert!(matches!(
+            "x".repeat(500).parse::<IdentityKey>(),
+            Err(IdentityError::NotEd25519(_))
+        ));
+        // The identity point (small order) is refused.
+        let mut weak = [0u8; 32];
+        weak[0] = 1;
+        assert!(matches!(
+            IdentityKey::from_bytes(&weak),
+            Err(IdentityError::InvalidKey(_))
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn text_round_trips(seed in any::<[u8; 32]>()) {
+            let id = SecretKey::from_seed(seed).identity();
+            prop_assert_eq!(id.to_string().parse::<IdentityKey>().unwrap(), id);
+        }
+
+        #[test]
+        fn parser_never_panics(s in "\\PC{0,80}") {
+            let _ = s.parse::<IdentityKey>();
+        }
+
+        #[test]
+        fn any_changed_character_is_refused_or_another_key(seed in any::<[u8; 32]>(), pos in 0usize..52, c in "[1-9A-HJ-NP-Za-km-z]") {
+            let id = SecretKey::from_seed(seed).identity();
+            let mut text: Vec<char> = id.to_string().chars().collect();
+            let new = c.chars().next().unwrap();
+            prop_assume!(text[pos] != new);
+            text[pos] = new;
+            let text: String = text.into_iter().collect();
+            if let Ok(other) = text.parse::<IdentityKey>() { prop_assert_ne!(other, id) }
+        }
+    }
+}

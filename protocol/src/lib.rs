@@ -1,0 +1,32 @@
+//! Rapport's pure core: identities, signed changes, the consent ledger, scopes and terms.
+//!
+//! Nothing here does I/O or reads the clock: time and randomness are passed in, so every
+//! rule is deterministic and testable.
+
+mod consent;
+mod identity;
+mod ledger_file;
+mod records;
+mod scope;
+mod signed;
+mod terms;
+
+pub use consent::{
+    ApplyReport, ConsentDoc, ConsentError, ConsentHeader, ENTRY_VERSION, Entry, EntryBody, EntryId,
+    GrantStatus, GrantView, Ledger, LegalBasis, MAX_ENTRY_BYTES, MAX_NOTE, MAX_PURPOSE, MAX_SCOPES,
+    UnixSeconds,
+};
+pub use identity::{IdentityError, IdentityKey, Kind, SecretKey};
+pub use ledger_file::{
+    LEDGER_FORMAT, LedgerFileError, MAX_LEDGER_CHANGES, MAX_LEDGER_FILE_BYTES, read_ledger_file,
+    write_ledger_file,
+};
+pub use records::{ControllerInfo, ISO27560_MAPPING, KANTARA_CR_VERSION, RecordContext, RecordError, iso27560_records, kantara_receipts, rfc3339_utc};
+pub use scope::{MAX_SCOPE_NAME, Scope, ScopeError};
+pub use signed::{
+    ACTOR_ID_LEN, CHANGE_DOMAIN, ChangeError, DocId, MAX_SIGNED_CHANGE_BYTES, SIGNED_CHANGE_VERSION, SignedChange,
+    actor_for, signing_message, verify_all,
+};
+pub use terms::{ROSTER, Terms, TermsRef};
+
+pub use automerge;

@@ -1,0 +1,409 @@
+//! Signed changes: an Automerge change plus its author's Ed25519 signature over the change
+//! hash, bound to one document.
+//!
+//! The author of a change is named by the change itself: its Automerge actor id is the
+//! author's 32 public-key bytes followed by 16 bytes the writing node picks at random (one
+//! actor per writer session, so several devices of one identity never collide).
+//!
+//! The signed message is `"rapport/change/v1\0" || doc_id (32) || change_hash (32)`. Binding
+//! the document id stops a change signed for one document from being replayed into another.
+
+use std::fmt;
+
+use automerge::{ActorId, Change, ChangeHash};
+use ed25519_dalek::{Signature, VerifyingKey};
+use serde::{Deserialize, Serialize};
+
+use crate::identity::{IdentityKey, SecretKey};
+
+/// Domain separation for change signatures.
+pub const CHANGE_DOMAIN: &[u8] = b"rapport/change/v1\0";
+/// Version byte that starts every encoded signed change.
+pub const SIGNED_CHANGE_VERSION: u8 = 1;
+/// The largest encoded signed change any decoder accepts (1 MiB).
+pub const MAX_SIGNED_CHANGE_BYTES: usize = 1 << 20;
+/// Length of an actor id: 32 bytes of author key and 16 bytes of writer nonce.
+pub const ACTOR_ID_LEN: usize = 48;
+/// How many signatures go into one batch verification.
+const BATCH: usize = 256;
+
+/// The id of a document: 32 bytes, shown as hex.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DocId(pub [u8; 32]);
+
+impl DocId {
+    /// Hex text of the id.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    /// Reads a hex id.
+    pub fn from_hex(s: &str) -> Option<Self> {
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(s, &mut out).ok()?;
+        Some(Self(out))
+    }
+}
+
+impl fmt::Display for DocId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl fmt::Debug for DocId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DocId({})", self.to_hex())
+    }
+}
+
+impl Serialize for DocId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for DocId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        DocId::from_hex(&s).ok_or_else(|| serde::de::Error::custom("document id is not 64 hex digits"))
+    }
+}
+
+/// Why a signed change was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ChangeError {
+    /// The encoding is longer than [`MAX_SIGNED_CHANGE_BYTES`].
+    #[error("signed change is {0} bytes, more than the limit of {MAX_SIGNED_CHANGE_BYTES}")]
+    TooLarge(usize),
+    /// The encoding is too short or has an unknown version byte.
+    #[error("signed change has an unknown format (version byte or length wrong)")]
+    BadFormat,
+    /// The Automerge change inside does not parse or its checksum does not match.
+    #[error("the Automerge change does not parse: {0}")]
+    BadChange(String),
+    /// The actor id is not 48 bytes starting with a valid Ed25519 key.
+    #[error("change {0} names no valid author (actor id must be 32 key bytes and 16 nonce bytes)")]
+    NoAuthor(String),
+    /// The author is not among the keys authorised for this document.
+    #[error("change {hash} is by {author}, who may not write to this document")]
+    Unauthorised {
+        /// The change hash (hex).
+        hash: String,
+        /// The author's identity text.
+        author: String,
+    },
+    /// The signature does not verify for this document, author and change hash.
+    #[error("change {0}: signature does not verify for this document and author")]
+    BadSignature(String),
+}
+
+/// An Automerge change with its author's signature.
+#[derive(Clone)]
+pub struct SignedChange {
+    change: Change,
+    signature: Signature,
+    author: [u8; 32],
+}
+
+impl SignedChange {
+    /// Signs `change` for document `doc`. The change's actor id must name `key`'s identity.
+    pub fn sign(doc: &DocId, change: Change, key: &SecretKey) -> Result<Self, ChangeError> {
+        let author = author_bytes(&change)?;
+        if &author != key.identity().as_bytes() {
+            return Err(ChangeError::Unauthorised {
+                hash: change.hash().to_string(),
+                author: key.identity().to_string(),
+            });
+        }
+        let signature = key.sign_raw(&signing_message(doc, &change.hash()));
+        Ok(Self {
+            change,
+            signature,
+            author,
+        })
+    }
+
+    /// Decodes `[version 1][signature 64][automerge change bytes]`. Checks format, size and
+    /// the change's own checksum; the signature is checked by [`verify`](Self::verify) or
+    /// [`verify_all`].
+    pub fn decode(bytes: &[u8]) -> Result<Self, ChangeError> {
+        if bytes.len() > MAX_SIGNED_CHANGE_BYTES {
+            return Err(ChangeError::TooLarge(bytes.len()));
+        }
+        if bytes.len() < 65 || bytes[0] != SIGNED_CHANGE_VERSION {
+            return Err(ChangeError::BadFormat);
+        }
+        let signature = Signature::from_bytes(bytes[1..65].try_into().expect("64 bytes"));
+        let change =
+            Change::try_from(&bytes[65..]).map_err(|e| ChangeError::BadChange(e.to_string()))?;
+        // Automerge does not check a change chunk's checksum field on parse, and the hash
+        // leaves that field out, so bytes that differ only there would carry a valid
+        // signature. Insist on the one canonical encoding: checksum = first 4 hash bytes, and
+        // nothing after the chunk.
+        let chunk = &bytes[65..];
+        if chunk.len() < 8
+            || chunk[4..8] != change.hash().0[..4]
+            || change.raw_bytes().len() != chunk.len()
+        {
+            return Err(ChangeError::BadChange(
+                "checksum does not match the change hash, or bytes follow the change".into(),
+            ));
+        }
+        let author = author_bytes(&change)?;
+        Ok(Self {
+            change,
+            signature,
+            author,
+        })
+    }
+
+    /// The encoding read by [`decode`](Self::decode).
+    pub fn encode(&self) -> Vec<u8> {
+        let raw = self.change.raw_bytes();
+        let mut out = Vec::with_capacity(65 + raw.len());
+        out.push(SIGNED_CHANGE_VERSION);
+        out.extend_from_slice(&self.signature.to_bytes());
+        out.extend_from_slice(raw);
+        out
+    }
+
+    /// The Automerge change.
+    pub fn change(&self) -> &Change {
+        &self.change
+    }
+
+    /// The change hash.
+    pub fn hash(&self) -> ChangeHash {
+        self.change.hash()
+    }
+
+    /// The 32 key bytes of the author named by the change's actor id (not yet verified).
+    pub fn author_bytes(&self) -> &[u8; 32] {
+        &self.author
+    }
+
+    /// Checks this one change: its author is one of `authorised` and the signature verifies
+    /// for `doc`. Returns the author.
+    pub fn verify(
+        &self,
+        doc: &DocId,
+        authorised: &[IdentityKey],
+    ) -> Result<IdentityKey, ChangeError> {
+        let author = self.authorised_author(authorised)?;
+        author
+            .verifying_key()
+            .verify_strict(&signing_message(doc, &self.hash()), &self.signature)
+            .map_err(|_| ChangeError::BadSignature(self.hash().to_string()))?;
+        Ok(author)
+    }
+
+    fn authorised_author(&self, authorised: &[IdentityKey]) -> Result<IdentityKey, ChangeError> {
+        authorised
+            .iter()
+            .find(|k| k.as_bytes() == &self.author)
+            .copied()
+            .ok_or_else(|| ChangeError::Unauthorised {
+                hash: self.hash().to_string(),
+                author: IdentityKey::from_bytes(&self.author)
+                    .map(|k| k.to_string())
+                    .unwrap_or_else(|_| hex::encode(self.author)),
+            })
+    }
+}
+
+impl fmt::Debug for SignedChange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SignedChange")
+            .field("hash", &self.hash())
+            .field("author", &hex::encode(self.author))
+            .finish()
+    }
+}
+
+impl PartialEq for SignedChange {
+    fn eq(&self, other: &Self) -> bool {
+        self.hash() == other.hash() && self.signature == other.signature
+    }
+}
+
+/// The actor id an author uses for one writer session.
+pub fn actor_for(author: &IdentityKey, nonce: [u8; 16]) -> ActorId {
+    let mut bytes = [0u8; ACTOR_ID_LEN];
+    bytes[..32].copy_from_slice(author.as_bytes());
+    bytes[32..].copy_from_slice(&nonce);
+    ActorId::from(&bytes[..])
+}
+
+fn author_bytes(change: &Change) -> Result<[u8; 32], ChangeError> {
+    let actor = change.actor_id().to_bytes();
+    if actor.len() != ACTOR_ID_LEN {
+        return Err(ChangeError::NoAuthor(change.hash().to_string()));
+    }
+    Ok(actor[..32].try_into().expect("32 bytes"))
+}
+
+/// The exact bytes an author signs for a change of a document.
+pub fn signing_message(doc: &DocId, hash: &ChangeHash) -> [u8; 82] {
+    let mut m = [0u8; 82];
+    m[..18].copy_from_slice(CHANGE_DOMAIN);
+    m[18..50].copy_from_slice(&doc.0);
+    m[50..].copy_from_slice(&hash.0);
+    m
+}
+
+/// Verifies many changes of one document at once, in batches, and reports each one's
+/// result in order. A batch that fails is re-checked one change at a time, so one bad
+/// signature never hides the good ones around it.
+///
+/// Single checks use `verify_strict`. The batch equation is cofactorless too, so a batch can
+/// differ from strict checking only for a signature carrying a small-order component, which
+/// only the holder of the secret key can make.
+pub fn verify_all(
+    doc: &DocId,
+    changes: &[SignedChange],
+    authorised: &[IdentityKey],
+) -> Vec<Result<IdentityKey, ChangeError>> {
+    let mut results: Vec<Result<IdentityKey, ChangeError>> = changes
+        .iter()
+        .map(|c| c.authorised_author(authorised))
+        .collect();
+    let candidates: Vec<usize> = (0..changes.len()).filter(|&i| results[i].is_ok()).collect();
+    for chunk in candidates.chunks(BATCH) {
+        let messages: Vec<[u8; 82]> = chunk
+            .iter()
+            .map(|&i| signing_message(doc, &changes[i].hash()))
+            .collect();
+        let message_refs: Vec<&[u8]> = messages.iter().map(|m| &m[..]).collect();
+        let signatures: Vec<Signature> = chunk.iter().map(|&i| changes[i].signature).collect();
+        let keys: Vec<VerifyingKey> = chunk
+            .iter()
+            .map(|&i| {
+                *results[i]
+                    .as_ref()
+                    .expect("candidates are authorised")
+                    .verifying_key()
+            })
+            .collect();
+        if ed25519_dalek::verify_batch(&message_refs, &signatures, &keys).is_ok() {
+            continue;
+        }
+        for &i in chunk {
+            results[i] = changes[i].verify(doc, authorised);
+        }
+    }
+    results
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use automerge::{Automerge, ROOT, transaction::{CommitOptions, Transactable}};
+    use proptest::prelude::*;
+
+    fn doc_id(n: u8) -> DocId {
+        DocId([n; 32])
+    }
+
+    fn make_change(key: &SecretKey, text: &str) -> Change {
+        let mut doc = Automerge::new().with_actor(actor_for(&key.identity(), [9; 16]));
+        let mut tx = doc.transaction();
+        tx.put(ROOT, "k", text).unwrap();
+        tx.commit_with(CommitOptions::default().with_time(1));
+        doc.get_last_local_change().unwrap()
+    }
+
+    #[test]
+    fn sign_encode_decode_verify() {
+        let key = SecretKey::from_seed([1; 32]);
+        let sc = SignedChange::sign(&doc_id(1), make_change(&key, "hello"), &key).unwrap();
+        let back = SignedChange::decode(&sc.encode()).unwrap();
+        assert_eq!(back, sc);
+        assert_eq!(back.verify(&doc_id(1), &[key.identity()]).unwrap(), key.identity());
+    }
+
+    #[test]
+    fn replay_into_another_document_is_refused() {
+        let key = SecretKey::from_seed([1; 32]);
+        let sc = SignedChange::sign(&doc_id(1), make_change(&key, "hello"), &key).unwrap();
+        assert!(matches!(
+            sc.verify(&doc_id(2), &[key.identity()]),
+            Err(ChangeError::BadSignature(_))
+        ));
+    }
+
+    #[test]
+    fn a_change_claiming_another_author_cannot_be_signed_or_verified() {
+        let alice = SecretKey::from_seed([1; 32]);
+        let mallory = SecretKey::from_seed([2; 32]);
+        // Mallory makes a change whose actor names Alice, and signs it with her own key.
+        let change = make_change(&alice, "I never said this");
+        assert!(SignedChange::sign(&doc_id(1), change.clone(), &mallory).is_err());
+        let forged = SignedChange {
+            signature: mallory.sign_raw(&signing_message(&doc_id(1), &change.hash())),
+            author: *alice.identity().as_bytes(),
+            change,
+        };
+        assert!(matches!(
+            forged.verify(&doc_id(1), &[alice.identity(), mallory.identity()]),
+            Err(ChangeError::BadSignature(_))
+        ));
+        // And a change by someone not authorised is refused before any signature work.
+        let sc = SignedChange::sign(&doc_id(1), make_change(&mallory, "x"), &mallory).unwrap();
+        assert!(matches!(
+            sc.verify(&doc_id(1), &[alice.identity()]),
+            Err(ChangeError::Unauthorised { .. })
+        ));
+    }
+
+    #[test]
+    fn oversized_and_truncated_input_is_refused() {
+        assert_eq!(
+            SignedChange::decode(&vec![1u8; MAX_SIGNED_CHANGE_BYTES + 1]).unwrap_err(),
+            ChangeError::TooLarge(MAX_SIGNED_CHANGE_BYTES + 1)
+        );
+        assert_eq!(SignedChange::decode(&[1u8; 10]).unwrap_err(), ChangeError::BadFormat);
+        assert_eq!(SignedChange::decode(&[]).unwrap_err(), ChangeError::BadFormat);
+    }
+
+    #[test]
+    fn batch_finds_the_one_bad_signature() {
+        let key = SecretKey::from_seed([1; 32]);
+        let mut changes: Vec<SignedChange> = (0..300)
+            .map(|i| SignedChange::sign(&doc_id(1), make_change(&key, &i.to_string()), &key).unwrap())
+            .collect();
+        let mut sig = changes[270].signature.to_bytes();
+        sig[5] ^= 1;
+        changes[270].signature = Signature::from_bytes(&sig);
+        let results = verify_all(&doc_id(1), &changes, &[key.identity()]);
+        for (i, r) in results.iter().enumerate() {
+            assert_eq!(r.is_ok(), i != 270, "change {i}");
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+        #[test]
+        fn any_tampered_byte_is_detected(text in "[a-z]{0,40}", pos in any::<prop::sample::Index>(), flip in 1u8..=255) {
+            let key = SecretKey::from_seed([3; 32]);
+            let sc = SignedChange::sign(&doc_id(7), make_change(&key, &text), &key).unwrap();
+            let mut bytes = sc.encode();
+            let i = pos.index(bytes.len());
+            bytes[i] ^= flip;
+            match SignedChange::decode(&bytes) {
+                Err(_) => {}
+                Ok(t) => {
+                    prop_assert!(t.verify(&doc_id(7), &[key.identity()]).is_err());
+                    let batch = verify_all(&doc_id(7), &[t], &[key.identity()]);
+                    prop_assert!(batch[0].is_err());
+                }
+            }
+        }
+
+        #[test]
+        fn decode_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..400)) {
+            let _ = SignedChange::decode(&bytes);
+        }
+    }
+}
