@@ -90,7 +90,8 @@ impl Serialize for EntryId {
 impl<'de> Deserialize<'de> for EntryId {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        EntryId::from_hex(&s).ok_or_else(|| serde::de::Error::custom("entry id is not 64 hex digits"))
+        EntryId::from_hex(&s)
+            .ok_or_else(|| serde::de::Error::custom("entry id is not 64 hex digits"))
     }
 }
 
@@ -398,20 +399,24 @@ fn check_ops(
     }
     let mut out = Vec::with_capacity(expanded.operations.len());
     for op in &expanded.operations {
-        let key = match (&op.obj, &op.key, op.insert) {
-            (ObjectId::Root, Key::Map(k), false) => k,
-            _ => return Err(not_append("it writes outside the root entry map".into())),
+        let (ObjectId::Root, Key::Map(key), false) = (&op.obj, &op.key, op.insert) else {
+            return Err(not_append("it writes outside the root entry map".into()));
         };
         if !op.pred.is_empty() {
             return Err(not_append(format!("it overwrites or deletes entry {key}")));
         }
         let text = match &op.action {
             automerge::legacy::OpType::Put(ScalarValue::Str(s)) => s.as_str(),
-            automerge::legacy::OpType::Put(_) => return Err(bad(format!("entry {key} is not text"))),
+            automerge::legacy::OpType::Put(_) => {
+                return Err(bad(format!("entry {key} is not text")));
+            }
             _ => return Err(not_append(format!("it does not put a new entry at {key}"))),
         };
         if text.len() > MAX_ENTRY_BYTES {
-            return Err(bad(format!("entry is {} bytes, limit {MAX_ENTRY_BYTES}", text.len())));
+            return Err(bad(format!(
+                "entry is {} bytes, limit {MAX_ENTRY_BYTES}",
+                text.len()
+            )));
         }
         let id = EntryId::of(text);
         if id.to_hex() != key.as_str() {
@@ -503,6 +508,8 @@ pub struct Ledger {
     header: ConsentHeader,
     id: DocId,
     entries: BTreeMap<EntryId, Entry>,
+    /// Entry ids in the order their changes were applied (a causal order).
+    order: Vec<EntryId>,
     /// Applied changes, each after all of its dependencies.
     changes: Vec<SignedChange>,
     known: HashSet<ChangeHash>,
@@ -530,6 +537,7 @@ impl Ledger {
             id: header.doc_id(),
             header,
             entries: BTreeMap::new(),
+            order: Vec::new(),
             changes: Vec::new(),
             known: HashSet::new(),
         })
@@ -559,6 +567,11 @@ impl Ledger {
     /// All entries, by id.
     pub fn entries(&self) -> &BTreeMap<EntryId, Entry> {
         &self.entries
+    }
+
+    /// All entries in a causal order: each after every entry its change depended on.
+    pub fn entries_in_order(&self) -> impl Iterator<Item = (&EntryId, &Entry)> {
+        self.order.iter().map(|id| (id, &self.entries[id]))
     }
 
     /// All changes, each after its dependencies.
@@ -666,6 +679,7 @@ impl Ledger {
     fn record(&mut self, sc: SignedChange, entries: Vec<(EntryId, Entry)>) {
         self.known.insert(sc.hash());
         self.changes.push(sc);
+        self.order.extend(entries.iter().map(|(id, _)| *id));
         self.entries.extend(entries);
     }
 
@@ -756,8 +770,9 @@ impl Ledger {
         let accepted = earliest(&mut self.entries_of(
             |b| matches!(b, EntryBody::Accept { grant, terms: t } if grant == id && t == terms),
         ));
-        let revoked =
-            earliest(&mut self.entries_of(|b| matches!(b, EntryBody::Revoke { grant, .. } if grant == id)));
+        let revoked = earliest(
+            &mut self.entries_of(|b| matches!(b, EntryBody::Revoke { grant, .. } if grant == id)),
+        );
         let erasure_acked = revoked.and_then(|(rid, _)| {
             earliest(&mut self.entries_of(move |b| {
                 matches!(b, EntryBody::ErasureAck { revoke, grant, .. } if *revoke == rid && grant == id)
@@ -800,10 +815,19 @@ impl Ledger {
 
     /// Rules a local writer must respect on top of what every replica checks: references
     /// must point at entries that exist, and the state must allow the step.
-    fn check_local(&self, author: &IdentityKey, body: &EntryBody, at: UnixSeconds) -> Result<(), ConsentError> {
+    fn check_local(
+        &self,
+        author: &IdentityKey,
+        body: &EntryBody,
+        at: UnixSeconds,
+    ) -> Result<(), ConsentError> {
         let refused = |m: String| Err(ConsentError::Refused(m));
         if body.by_customer() != (author == &self.header.customer) {
-            let role = if author == &self.header.customer { "customer" } else { "grantee" };
+            let role = if author == &self.header.customer {
+                "customer"
+            } else {
+                "grantee"
+            };
             return refused(format!("the {role} may not write a {} entry", body.kind()));
         }
         body.check_shape().map_err(ConsentError::Refused)?;
@@ -814,7 +838,10 @@ impl Ledger {
         match body {
             EntryBody::Grant { terms, expires, .. } => {
                 if terms.resolve().is_none() {
-                    return refused(format!("terms {} v{} are not in this release's roster", terms.id, terms.version));
+                    return refused(format!(
+                        "terms {} v{} are not in this release's roster",
+                        terms.id, terms.version
+                    ));
                 }
                 if expires.is_some_and(|x| x <= at) {
                     return refused("the expiry date is already past".into());
@@ -822,26 +849,42 @@ impl Ledger {
             }
             EntryBody::TermsProffer { terms } => {
                 if terms.resolve().is_none() {
-                    return refused(format!("terms {} are not in this release's roster", terms.id));
+                    return refused(format!(
+                        "terms {} are not in this release's roster",
+                        terms.id
+                    ));
                 }
             }
-            EntryBody::Amend { grant, scopes, expires } => {
+            EntryBody::Amend {
+                grant,
+                scopes,
+                expires,
+            } => {
                 let g = grant_at(grant)?;
                 if g.revoked.is_some() {
                     return refused(format!("grant {} is already revoked", grant.short()));
                 }
-                let Some(EntryBody::Grant { scopes: original, expires: original_end, .. }) =
-                    self.entries.get(grant).map(|e| &e.body)
+                let Some(EntryBody::Grant {
+                    scopes: original,
+                    expires: original_end,
+                    ..
+                }) = self.entries.get(grant).map(|e| &e.body)
                 else {
                     unreachable!()
                 };
                 if let Some(extra) = scopes.iter().find(|s| !original.contains(s)) {
-                    return refused(format!("an amendment can only narrow a grant, and {extra} is not in grant {}; make a new grant instead", grant.short()));
+                    return refused(format!(
+                        "an amendment can only narrow a grant, and {extra} is not in grant {}; make a new grant instead",
+                        grant.short()
+                    ));
                 }
-                if let (Some(end), new) = (original_end, expires) {
-                    if new.is_none_or(|n| n > *end) {
-                        return refused(format!("an amendment cannot extend grant {} past its end; make a new grant instead", grant.short()));
-                    }
+                if let Some(end) = original_end
+                    && expires.is_none_or(|n| n > *end)
+                {
+                    return refused(format!(
+                        "an amendment cannot extend grant {} past its end; make a new grant instead",
+                        grant.short()
+                    ));
                 }
             }
             EntryBody::Revoke { grant, .. } => {
@@ -852,23 +895,40 @@ impl Ledger {
             EntryBody::Accept { grant, terms } => {
                 let g = grant_at(grant)?;
                 if g.revoked.is_some() {
-                    return refused(format!("grant {} is revoked and cannot be accepted", grant.short()));
+                    return refused(format!(
+                        "grant {} is revoked and cannot be accepted",
+                        grant.short()
+                    ));
                 }
                 if g.accepted.is_some() {
                     return refused(format!("grant {} is already accepted", grant.short()));
                 }
                 if &g.terms != terms {
-                    return refused(format!("grant {} is on terms {}, not {}", grant.short(), g.terms.id, terms.id));
+                    return refused(format!(
+                        "grant {} is on terms {}, not {}",
+                        grant.short(),
+                        g.terms.id,
+                        terms.id
+                    ));
                 }
             }
             EntryBody::ErasureAck { revoke, grant, .. } => {
                 let g = grant_at(grant)?;
                 match g.revoked {
                     Some((rid, _)) if rid == *revoke => {}
-                    _ => return refused(format!("grant {} has no revocation {}", grant.short(), revoke.short())),
+                    _ => {
+                        return refused(format!(
+                            "grant {} has no revocation {}",
+                            grant.short(),
+                            revoke.short()
+                        ));
+                    }
                 }
                 if g.erasure_acked.is_some() {
-                    return refused(format!("erasure of grant {} is already acknowledged", grant.short()));
+                    return refused(format!(
+                        "erasure of grant {} is already acknowledged",
+                        grant.short()
+                    ));
                 }
             }
         }
@@ -956,7 +1016,10 @@ impl ConsentDoc {
         let text = serde_json::to_string(&entry).expect("entries serialise");
         let id = EntryId::of(&text);
         if self.ledger.entries.contains_key(&id) {
-            return Err(ConsentError::Refused(format!("entry {} already exists", id.short())));
+            return Err(ConsentError::Refused(format!(
+                "entry {} already exists",
+                id.short()
+            )));
         }
         // Every rule was checked above, so the write below cannot be refused; writing in
         // place (not on a fork) keeps an append O(1) in the size of the document.

@@ -23,7 +23,9 @@ pub enum IdentityError {
     #[error("identity {0:?} is not base58 text (expected something like 12D3KooW…)")]
     NotBase58(String),
     /// The decoded bytes are not a libp2p `PeerId` of an Ed25519 key.
-    #[error("identity {0:?} is not an Ed25519 identity (expected 38 bytes starting 00 24 08 01 12 20)")]
+    #[error(
+        "identity {0:?} is not an Ed25519 identity (expected 38 bytes starting 00 24 08 01 12 20)"
+    )]
     NotEd25519(String),
     /// The 32 key bytes are not a usable Ed25519 public key (off the curve or of small order).
     #[error("identity {0:?} holds an invalid or weak Ed25519 public key")]

@@ -44,7 +44,9 @@ pub enum LedgerFileError {
     #[error("ledger format {0:?} is not supported (this release reads {LEDGER_FORMAT})")]
     UnknownFormat(String),
     /// The stated document id is not the one derived from the parties.
-    #[error("document id {stated} does not belong to these parties (expected {expected}): the file was altered")]
+    #[error(
+        "document id {stated} does not belong to these parties (expected {expected}): the file was altered"
+    )]
     DocIdMismatch {
         /// The id in the file.
         stated: DocId,

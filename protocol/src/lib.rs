@@ -21,11 +21,14 @@ pub use ledger_file::{
     LEDGER_FORMAT, LedgerFileError, MAX_LEDGER_CHANGES, MAX_LEDGER_FILE_BYTES, read_ledger_file,
     write_ledger_file,
 };
-pub use records::{ControllerInfo, ISO27560_MAPPING, KANTARA_CR_VERSION, RecordContext, RecordError, iso27560_records, kantara_receipts, rfc3339_utc};
+pub use records::{
+    ControllerInfo, ISO27560_MAPPING, KANTARA_CR_VERSION, RecordContext, RecordError,
+    iso27560_records, kantara_receipts, rfc3339_utc,
+};
 pub use scope::{MAX_SCOPE_NAME, Scope, ScopeError};
 pub use signed::{
-    ACTOR_ID_LEN, CHANGE_DOMAIN, ChangeError, DocId, MAX_SIGNED_CHANGE_BYTES, SIGNED_CHANGE_VERSION, SignedChange,
-    actor_for, signing_message, verify_all,
+    ACTOR_ID_LEN, CHANGE_DOMAIN, ChangeError, DocId, MAX_SIGNED_CHANGE_BYTES,
+    SIGNED_CHANGE_VERSION, SignedChange, actor_for, signing_message, verify_all,
 };
 pub use terms::{ROSTER, Terms, TermsRef};
 

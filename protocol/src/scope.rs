@@ -25,7 +25,9 @@ pub enum Scope {
 
 /// Why a text is not a scope.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0:?} is not a scope: expected conversation:read, conversation:write, profile:<field>:read, contact:<purpose> or segment:<name>:read, with names of 1-64 characters a-z 0-9 _ . -")]
+#[error(
+    "{0:?} is not a scope: expected conversation:read, conversation:write, profile:<field>:read, contact:<purpose> or segment:<name>:read, with names of 1-64 characters a-z 0-9 _ . -"
+)]
 pub struct ScopeError(pub String);
 
 fn valid_name(name: &str) -> bool {
@@ -113,7 +115,11 @@ mod tests {
         ] {
             assert!(s.parse::<Scope>().is_err(), "{s}");
         }
-        assert!(format!("contact:{}", "a".repeat(65)).parse::<Scope>().is_err());
+        assert!(
+            format!("contact:{}", "a".repeat(65))
+                .parse::<Scope>()
+                .is_err()
+        );
     }
 
     fn scope() -> impl Strategy<Value = Scope> {

@@ -66,7 +66,8 @@ impl Serialize for DocId {
 impl<'de> Deserialize<'de> for DocId {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        DocId::from_hex(&s).ok_or_else(|| serde::de::Error::custom("document id is not 64 hex digits"))
+        DocId::from_hex(&s)
+            .ok_or_else(|| serde::de::Error::custom("document id is not 64 hex digits"))
     }
 }
 
@@ -299,7 +300,10 @@ pub fn verify_all(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use automerge::{Automerge, ROOT, transaction::{CommitOptions, Transactable}};
+    use automerge::{
+        Automerge, ROOT,
+        transaction::{CommitOptions, Transactable},
+    };
     use proptest::prelude::*;
 
     fn doc_id(n: u8) -> DocId {
@@ -320,7 +324,10 @@ mod tests {
         let sc = SignedChange::sign(&doc_id(1), make_change(&key, "hello"), &key).unwrap();
         let back = SignedChange::decode(&sc.encode()).unwrap();
         assert_eq!(back, sc);
-        assert_eq!(back.verify(&doc_id(1), &[key.identity()]).unwrap(), key.identity());
+        assert_eq!(
+            back.verify(&doc_id(1), &[key.identity()]).unwrap(),
+            key.identity()
+        );
     }
 
     #[test]
@@ -363,15 +370,23 @@ mod tests {
             SignedChange::decode(&vec![1u8; MAX_SIGNED_CHANGE_BYTES + 1]).unwrap_err(),
             ChangeError::TooLarge(MAX_SIGNED_CHANGE_BYTES + 1)
         );
-        assert_eq!(SignedChange::decode(&[1u8; 10]).unwrap_err(), ChangeError::BadFormat);
-        assert_eq!(SignedChange::decode(&[]).unwrap_err(), ChangeError::BadFormat);
+        assert_eq!(
+            SignedChange::decode(&[1u8; 10]).unwrap_err(),
+            ChangeError::BadFormat
+        );
+        assert_eq!(
+            SignedChange::decode(&[]).unwrap_err(),
+            ChangeError::BadFormat
+        );
     }
 
     #[test]
     fn batch_finds_the_one_bad_signature() {
         let key = SecretKey::from_seed([1; 32]);
         let mut changes: Vec<SignedChange> = (0..300)
-            .map(|i| SignedChange::sign(&doc_id(1), make_change(&key, &i.to_string()), &key).unwrap())
+            .map(|i| {
+                SignedChange::sign(&doc_id(1), make_change(&key, &i.to_string()), &key).unwrap()
+            })
             .collect();
         let mut sig = changes[270].signature.to_bytes();
         sig[5] ^= 1;

@@ -133,7 +133,13 @@ mod tests {
         let ids: Vec<_> = ROSTER.iter().map(|t| t.id).collect();
         assert_eq!(
             ids,
-            ["SD-BASE", "SD-BASE-A", "SD-BASE-AT", "SD-BASE-ATP", "SD-BASE-DP"]
+            [
+                "SD-BASE",
+                "SD-BASE-A",
+                "SD-BASE-AT",
+                "SD-BASE-ATP",
+                "SD-BASE-DP"
+            ]
         );
         let mut hashes: Vec<_> = ROSTER.iter().map(|t| t.reference().text_sha256).collect();
         hashes.dedup();
@@ -146,7 +152,14 @@ mod tests {
     fn a_reference_with_altered_text_hash_does_not_resolve() {
         let mut r = Terms::by_id("SD-BASE").unwrap().reference();
         assert!(r.resolve().is_some());
-        r.text_sha256.replace_range(0..1, if r.text_sha256.starts_with('0') { "1" } else { "0" });
+        r.text_sha256.replace_range(
+            0..1,
+            if r.text_sha256.starts_with('0') {
+                "1"
+            } else {
+                "0"
+            },
+        );
         assert!(r.resolve().is_none());
     }
 }

@@ -45,13 +45,26 @@ fn granted_and_accepted() -> (SecretKey, SecretKey, ConsentDoc, ConsentDoc, Entr
     let (c, g) = keys();
     let mut cust = ConsentDoc::new(header(&c, &g)).unwrap();
     let (gid, _) = cust
-        .append(&c, [1; 16], T0, grant_body(&["conversation:read", "contact:support"], None))
+        .append(
+            &c,
+            [1; 16],
+            T0,
+            grant_body(&["conversation:read", "contact:support"], None),
+        )
         .unwrap();
     let mut comp = ConsentDoc::new(header(&c, &g)).unwrap();
-    assert!(comp.apply(cust.ledger().changes().to_vec()).rejected.is_empty());
+    assert!(
+        comp.apply(cust.ledger().changes().to_vec())
+            .rejected
+            .is_empty()
+    );
     let body = accept_body(&comp, gid);
     comp.append(&g, [2; 16], T0 + 10, body).unwrap();
-    assert!(cust.apply(comp.ledger().changes().to_vec()).rejected.is_empty());
+    assert!(
+        cust.apply(comp.ledger().changes().to_vec())
+            .rejected
+            .is_empty()
+    );
     (c, g, cust, comp, gid)
 }
 
@@ -64,15 +77,33 @@ fn grant_is_pending_until_accepted_then_active_then_revoked() {
         .append(&c, [1; 16], T0, grant_body(&["conversation:read"], None))
         .unwrap();
     assert_eq!(cust.ledger().grants(T0)[0].status, GrantStatus::Pending);
-    assert!(!cust.ledger().holds(&read, T0 + 1), "not accepted: no access");
+    assert!(
+        !cust.ledger().holds(&read, T0 + 1),
+        "not accepted: no access"
+    );
 
     let (c, g, mut cust, mut comp, gid2) = granted_and_accepted();
     let _ = gid;
     assert!(cust.ledger().holds(&read, T0 + 10));
-    assert!(!cust.ledger().holds(&read, T0 + 9), "accepted at T0+10, not before");
-    assert!(!cust.ledger().holds(&"contact:marketing".parse().unwrap(), T0 + 20));
+    assert!(
+        !cust.ledger().holds(&read, T0 + 9),
+        "accepted at T0+10, not before"
+    );
+    assert!(
+        !cust
+            .ledger()
+            .holds(&"contact:marketing".parse().unwrap(), T0 + 20)
+    );
     let (rid, _) = cust
-        .append(&c, [1; 16], T0 + 100, EntryBody::Revoke { grant: gid2, reason: None })
+        .append(
+            &c,
+            [1; 16],
+            T0 + 100,
+            EntryBody::Revoke {
+                grant: gid2,
+                reason: None,
+            },
+        )
         .unwrap();
     assert!(cust.ledger().holds(&read, T0 + 99));
     assert!(!cust.ledger().holds(&read, T0 + 100));
@@ -81,7 +112,11 @@ fn grant_is_pending_until_accepted_then_active_then_revoked() {
         &g,
         [2; 16],
         T0 + 101,
-        EntryBody::ErasureAck { revoke: rid, grant: gid2, erased: "conversation copy".into() },
+        EntryBody::ErasureAck {
+            revoke: rid,
+            grant: gid2,
+            erased: "conversation copy".into(),
+        },
     )
     .unwrap();
     let view = comp.ledger().grant(&gid2, T0 + 200).unwrap();
@@ -89,7 +124,15 @@ fn grant_is_pending_until_accepted_then_active_then_revoked() {
     assert_eq!(view.erasure_acked.map(|e| e.1), Some(T0 + 101));
     // Revoking twice is refused with a clear message.
     let err = cust
-        .append(&c, [1; 16], T0 + 300, EntryBody::Revoke { grant: gid2, reason: None })
+        .append(
+            &c,
+            [1; 16],
+            T0 + 300,
+            EntryBody::Revoke {
+                grant: gid2,
+                reason: None,
+            },
+        )
         .unwrap_err();
     assert!(err.to_string().contains("already revoked"), "{err}");
 }
@@ -99,7 +142,12 @@ fn expiry_is_enforced_and_amend_only_narrows() {
     let (c, g) = keys();
     let mut cust = ConsentDoc::new(header(&c, &g)).unwrap();
     let (gid, _) = cust
-        .append(&c, [1; 16], T0, grant_body(&["conversation:read", "contact:support"], Some(T0 + 1000)))
+        .append(
+            &c,
+            [1; 16],
+            T0,
+            grant_body(&["conversation:read", "contact:support"], Some(T0 + 1000)),
+        )
         .unwrap();
     let mut comp = ConsentDoc::new(header(&c, &g)).unwrap();
     comp.apply(cust.ledger().changes().to_vec());
@@ -109,16 +157,35 @@ fn expiry_is_enforced_and_amend_only_narrows() {
     let support: Scope = "contact:support".parse().unwrap();
     assert!(cust.ledger().holds(&support, T0 + 999));
     assert!(!cust.ledger().holds(&support, T0 + 1000), "expired");
-    assert_eq!(cust.ledger().grants(T0 + 1000)[0].status, GrantStatus::Expired);
+    assert_eq!(
+        cust.ledger().grants(T0 + 1000)[0].status,
+        GrantStatus::Expired
+    );
 
-    let wider = EntryBody::Amend { grant: gid, scopes: scopes(&["contact:marketing"]), expires: Some(T0 + 10) };
+    let wider = EntryBody::Amend {
+        grant: gid,
+        scopes: scopes(&["contact:marketing"]),
+        expires: Some(T0 + 10),
+    };
     let err = cust.append(&c, [1; 16], T0 + 5, wider).unwrap_err();
     assert!(err.to_string().contains("only narrow"), "{err}");
-    let longer = EntryBody::Amend { grant: gid, scopes: scopes(&["contact:support"]), expires: None };
+    let longer = EntryBody::Amend {
+        grant: gid,
+        scopes: scopes(&["contact:support"]),
+        expires: None,
+    };
     assert!(cust.append(&c, [1; 16], T0 + 5, longer).is_err());
-    let narrower = EntryBody::Amend { grant: gid, scopes: scopes(&["contact:support"]), expires: Some(T0 + 500) };
+    let narrower = EntryBody::Amend {
+        grant: gid,
+        scopes: scopes(&["contact:support"]),
+        expires: Some(T0 + 500),
+    };
     cust.append(&c, [1; 16], T0 + 5, narrower).unwrap();
-    assert!(!cust.ledger().holds(&"conversation:read".parse().unwrap(), T0 + 6));
+    assert!(
+        !cust
+            .ledger()
+            .holds(&"conversation:read".parse().unwrap(), T0 + 6)
+    );
     assert!(cust.ledger().holds(&support, T0 + 6));
     assert!(!cust.ledger().holds(&support, T0 + 500));
 }
@@ -129,13 +196,25 @@ fn revoke_beats_a_concurrent_amend() {
     // Two devices of the customer: one amends, one revokes, without seeing each other.
     let mut laptop = cust.clone();
     laptop
-        .append(&c, [7; 16], T0 + 50, EntryBody::Revoke { grant: gid, reason: Some("moved on".into()) })
+        .append(
+            &c,
+            [7; 16],
+            T0 + 50,
+            EntryBody::Revoke {
+                grant: gid,
+                reason: Some("moved on".into()),
+            },
+        )
         .unwrap();
     cust.append(
         &c,
         [8; 16],
         T0 + 60,
-        EntryBody::Amend { grant: gid, scopes: scopes(&["conversation:read"]), expires: None },
+        EntryBody::Amend {
+            grant: gid,
+            scopes: scopes(&["conversation:read"]),
+            expires: None,
+        },
     )
     .unwrap();
     let mut a = cust.clone();
@@ -151,13 +230,23 @@ fn revoke_beats_a_concurrent_amend() {
     for doc in [&a, &b] {
         let view = doc.ledger().grant(&gid, T0 + 1000).unwrap();
         assert_eq!(view.status, GrantStatus::Revoked);
-        assert!(!doc.ledger().holds(&"conversation:read".parse().unwrap(), T0 + 61));
+        assert!(
+            !doc.ledger()
+                .holds(&"conversation:read".parse().unwrap(), T0 + 61)
+        );
     }
 }
 
 /// Builds a change by `author` that runs `edit` on a copy of `doc`, and signs it.
-fn crafted(doc: &ConsentDoc, author: &SecretKey, edit: impl FnOnce(&mut rapport_protocol::automerge::transaction::Transaction<'_>)) -> SignedChange {
-    let mut am = doc.automerge().fork().with_actor(actor_for(&author.identity(), [66; 16]));
+fn crafted(
+    doc: &ConsentDoc,
+    author: &SecretKey,
+    edit: impl FnOnce(&mut rapport_protocol::automerge::transaction::Transaction<'_>),
+) -> SignedChange {
+    let mut am = doc
+        .automerge()
+        .fork()
+        .with_actor(actor_for(&author.identity(), [66; 16]));
     let mut tx = am.transaction();
     edit(&mut tx);
     tx.commit_with(CommitOptions::default().with_time(0));
@@ -166,7 +255,13 @@ fn crafted(doc: &ConsentDoc, author: &SecretKey, edit: impl FnOnce(&mut rapport_
 }
 
 fn entry_text(by: &SecretKey, at: UnixSeconds, body: EntryBody) -> (String, String) {
-    let text = serde_json::to_string(&Entry { v: 1, by: by.identity(), at, body }).unwrap();
+    let text = serde_json::to_string(&Entry {
+        v: 1,
+        by: by.identity(),
+        at,
+        body,
+    })
+    .unwrap();
     (EntryId::of(&text).to_hex(), text)
 }
 
@@ -177,7 +272,10 @@ fn assert_refused_and_unchanged(doc: &mut ConsentDoc, change: SignedChange, expe
     let report = doc.apply(vec![change]);
     assert_eq!(report.rejected.len(), 1, "expected a refusal");
     let msg = report.rejected[0].1.to_string();
-    assert!(msg.contains(expect), "refusal {msg:?} should mention {expect:?}");
+    assert!(
+        msg.contains(expect),
+        "refusal {msg:?} should mention {expect:?}"
+    );
     assert_eq!(doc.heads(), heads);
     assert_eq!(doc.ledger().entries(), &entries);
     assert_eq!(doc.ledger().changes().len(), n);
@@ -207,7 +305,8 @@ fn editing_or_deleting_an_entry_is_refused() {
     assert_refused_and_unchanged(&mut cust, change, "does not only append");
     // Writing somewhere other than a new top-level entry.
     let change = crafted(&cust, &c, |tx| {
-        tx.put_object(ROOT, "nested", rapport_protocol::automerge::ObjType::Map).unwrap();
+        tx.put_object(ROOT, "nested", rapport_protocol::automerge::ObjType::Map)
+            .unwrap();
     });
     assert_refused_and_unchanged(&mut cust, change, "does not put a new entry");
 }
@@ -216,19 +315,41 @@ fn editing_or_deleting_an_entry_is_refused() {
 fn entries_claiming_another_author_or_a_wrong_key_are_refused() {
     let (c, g, mut cust, _comp, gid) = granted_and_accepted();
     // The grantee signs a change whose entry claims the customer wrote it.
-    let (key, text) = entry_text(&c, T0 + 5, EntryBody::Revoke { grant: gid, reason: None });
+    let (key, text) = entry_text(
+        &c,
+        T0 + 5,
+        EntryBody::Revoke {
+            grant: gid,
+            reason: None,
+        },
+    );
     let change = crafted(&cust, &g, |tx| {
         tx.put(ROOT, key.as_str(), text.as_str()).unwrap();
     });
     assert_refused_and_unchanged(&mut cust, change, "claims to be by");
     // A key that is not the id of the text.
-    let (_, text) = entry_text(&c, T0 + 5, EntryBody::Revoke { grant: gid, reason: None });
+    let (_, text) = entry_text(
+        &c,
+        T0 + 5,
+        EntryBody::Revoke {
+            grant: gid,
+            reason: None,
+        },
+    );
     let change = crafted(&cust, &c, |tx| {
-        tx.put(ROOT, "00".repeat(32).as_str(), text.as_str()).unwrap();
+        tx.put(ROOT, "00".repeat(32).as_str(), text.as_str())
+            .unwrap();
     });
     assert_refused_and_unchanged(&mut cust, change, "is not the id");
     // An oversized entry.
-    let (key, text) = entry_text(&c, T0 + 5, EntryBody::Revoke { grant: gid, reason: Some("x".repeat(9000)) });
+    let (key, text) = entry_text(
+        &c,
+        T0 + 5,
+        EntryBody::Revoke {
+            grant: gid,
+            reason: Some("x".repeat(9000)),
+        },
+    );
     let change = crafted(&cust, &c, |tx| {
         tx.put(ROOT, key.as_str(), text.as_str()).unwrap();
     });
@@ -239,7 +360,14 @@ fn entries_claiming_another_author_or_a_wrong_key_are_refused() {
 fn forged_and_foreign_signatures_are_refused_and_replays_change_nothing() {
     let (c, g, mut cust, _comp, gid) = granted_and_accepted();
     let mallory = SecretKey::from_seed([9; 32]);
-    let (key, text) = entry_text(&mallory, T0 + 5, EntryBody::Revoke { grant: gid, reason: None });
+    let (key, text) = entry_text(
+        &mallory,
+        T0 + 5,
+        EntryBody::Revoke {
+            grant: gid,
+            reason: None,
+        },
+    );
     let change = crafted(&cust, &mallory, |tx| {
         tx.put(ROOT, key.as_str(), text.as_str()).unwrap();
     });
@@ -248,7 +376,9 @@ fn forged_and_foreign_signatures_are_refused_and_replays_change_nothing() {
     // A change signed for another document between other parties is refused here.
     let other = SecretKey::from_seed([3; 32]);
     let mut elsewhere = ConsentDoc::new(header(&c, &other)).unwrap();
-    let (_, foreign) = elsewhere.append(&c, [1; 16], T0, grant_body(&["conversation:read"], None)).unwrap();
+    let (_, foreign) = elsewhere
+        .append(&c, [1; 16], T0, grant_body(&["conversation:read"], None))
+        .unwrap();
     assert_refused_and_unchanged(&mut cust, foreign, "signature does not verify");
 
     // Replaying every change already held is harmless.
@@ -264,7 +394,17 @@ fn forged_and_foreign_signatures_are_refused_and_replays_change_nothing() {
 fn honest_changes_still_apply_next_to_bad_ones() {
     let (c, g, cust, mut comp, gid) = granted_and_accepted();
     let mut cust2 = cust.clone();
-    let (_, good) = cust2.append(&c, [1; 16], T0 + 30, EntryBody::Revoke { grant: gid, reason: None }).unwrap();
+    let (_, good) = cust2
+        .append(
+            &c,
+            [1; 16],
+            T0 + 30,
+            EntryBody::Revoke {
+                grant: gid,
+                reason: None,
+            },
+        )
+        .unwrap();
     let (key, text) = entry_text(&g, T0 + 5, grant_body(&["contact:marketing"], None));
     let bad = crafted(&comp, &g, |tx| {
         tx.put(ROOT, key.as_str(), text.as_str()).unwrap();
@@ -272,34 +412,70 @@ fn honest_changes_still_apply_next_to_bad_ones() {
     let report = comp.apply(vec![bad, good]);
     assert_eq!(report.applied.len(), 1);
     assert_eq!(report.rejected.len(), 1);
-    assert_eq!(comp.ledger().grant(&gid, T0 + 31).unwrap().status, GrantStatus::Revoked);
+    assert_eq!(
+        comp.ledger().grant(&gid, T0 + 31).unwrap().status,
+        GrantStatus::Revoked
+    );
 }
 
 #[test]
 fn accept_must_carry_the_grants_exact_terms() {
     let (c, g) = keys();
     let mut cust = ConsentDoc::new(header(&c, &g)).unwrap();
-    let (gid, _) = cust.append(&c, [1; 16], T0, grant_body(&["conversation:read"], None)).unwrap();
+    let (gid, _) = cust
+        .append(&c, [1; 16], T0, grant_body(&["conversation:read"], None))
+        .unwrap();
     let mut comp = cust.clone();
     let other_terms = Terms::by_id("SD-BASE-ATP").unwrap().reference();
     let err = comp
-        .append(&g, [2; 16], T0 + 1, EntryBody::Accept { grant: gid, terms: other_terms.clone() })
+        .append(
+            &g,
+            [2; 16],
+            T0 + 1,
+            EntryBody::Accept {
+                grant: gid,
+                terms: other_terms.clone(),
+            },
+        )
         .unwrap_err();
     assert!(err.to_string().contains("is on terms SD-BASE"), "{err}");
     // Even written by hand, an acceptance of other terms grants nothing.
-    let (key, text) = entry_text(&g, T0 + 1, EntryBody::Accept { grant: gid, terms: other_terms });
+    let (key, text) = entry_text(
+        &g,
+        T0 + 1,
+        EntryBody::Accept {
+            grant: gid,
+            terms: other_terms,
+        },
+    );
     let change = crafted(&comp, &g, |tx| {
         tx.put(ROOT, key.as_str(), text.as_str()).unwrap();
     });
     assert!(cust.apply(vec![change]).rejected.is_empty());
-    assert_eq!(cust.ledger().grant(&gid, T0 + 2).unwrap().status, GrantStatus::Pending);
-    assert!(!cust.ledger().holds(&"conversation:read".parse().unwrap(), T0 + 2));
+    assert_eq!(
+        cust.ledger().grant(&gid, T0 + 2).unwrap().status,
+        GrantStatus::Pending
+    );
+    assert!(
+        !cust
+            .ledger()
+            .holds(&"conversation:read".parse().unwrap(), T0 + 2)
+    );
 }
 
 #[test]
 fn ledger_file_round_trips_and_tampering_is_caught() {
     let (c, _g, mut cust, _comp, gid) = granted_and_accepted();
-    cust.append(&c, [1; 16], T0 + 40, EntryBody::Revoke { grant: gid, reason: None }).unwrap();
+    cust.append(
+        &c,
+        [1; 16],
+        T0 + 40,
+        EntryBody::Revoke {
+            grant: gid,
+            reason: None,
+        },
+    )
+    .unwrap();
     let text = write_ledger_file(cust.ledger());
     let (h, changes) = read_ledger_file(text.as_bytes()).unwrap();
     let ledger = Ledger::verify(h, changes).unwrap();
@@ -319,11 +495,19 @@ fn ledger_file_round_trips_and_tampering_is_caught() {
     let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
     v["changes"].as_array_mut().unwrap().remove(0);
     let (h, ch) = read_ledger_file(&serde_json::to_vec(&v).unwrap()).unwrap();
-    assert!(Ledger::verify(h, ch).unwrap_err().to_string().contains("depends on"));
+    assert!(
+        Ledger::verify(h, ch)
+            .unwrap_err()
+            .to_string()
+            .contains("depends on")
+    );
     // Swapping the grantee changes the document id.
     let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
     v["grantee"] = serde_json::Value::String(SecretKey::from_seed([5; 32]).identity().to_string());
-    assert!(matches!(read_ledger_file(&serde_json::to_vec(&v).unwrap()), Err(LedgerFileError::DocIdMismatch { .. })));
+    assert!(matches!(
+        read_ledger_file(&serde_json::to_vec(&v).unwrap()),
+        Err(LedgerFileError::DocIdMismatch { .. })
+    ));
 }
 
 #[test]
@@ -346,11 +530,24 @@ mod model {
 
     #[derive(Debug, Clone)]
     enum Op {
-        Grant { mask: u8, expires_in: Option<u64> },
-        Amend { grant: usize, mask: u8, expires_in: Option<u64> },
-        Revoke { grant: usize },
-        Accept { grant: usize },
-        Erase { grant: usize },
+        Grant {
+            mask: u8,
+            expires_in: Option<u64>,
+        },
+        Amend {
+            grant: usize,
+            mask: u8,
+            expires_in: Option<u64>,
+        },
+        Revoke {
+            grant: usize,
+        },
+        Accept {
+            grant: usize,
+        },
+        Erase {
+            grant: usize,
+        },
         SyncToGrantee,
         SyncToCustomer,
         Tick(u64),
@@ -380,31 +577,45 @@ mod model {
     }
 
     fn mask_scopes(mask: u8) -> Vec<Scope> {
-        ALL.iter().enumerate().filter(|(i, _)| mask & (1 << i) != 0).map(|(_, s)| s.parse().unwrap()).collect()
+        ALL.iter()
+            .enumerate()
+            .filter(|(i, _)| mask & (1 << i) != 0)
+            .map(|(_, s)| s.parse().unwrap())
+            .collect()
     }
 
     /// The naive fold: a scope is held at `t` if some grant made by `t` was accepted by
     /// `t`, is not revoked by `t`, and its latest amendment by `t` (or itself) covers the
     /// scope and has not ended.
     fn model_holds(recs: &[Rec], scope: &Scope, t: UnixSeconds) -> bool {
-        recs.iter().filter(|g| g.kind == "grant" && g.at <= t).any(|g| {
-            let refers = |r: &&Rec| r.grant == Some(g.id) && r.at <= t;
-            let accepted = recs.iter().filter(refers).any(|r| r.kind == "accept");
-            let revoked = recs.iter().filter(refers).any(|r| r.kind == "revoke");
-            let mut amends: Vec<&Rec> = recs.iter().filter(refers).filter(|r| r.kind == "amend").collect();
-            amends.sort_by_key(|r| (r.at, r.id));
-            let (scopes, expires) = match amends.last() {
-                None => (g.scopes.clone(), g.expires),
-                Some(a) => (
-                    a.scopes.iter().filter(|s| g.scopes.contains(s)).cloned().collect(),
-                    match (g.expires, a.expires) {
-                        (Some(x), Some(y)) => Some(x.min(y)),
-                        (x, y) => x.or(y),
-                    },
-                ),
-            };
-            accepted && !revoked && expires.is_none_or(|e| e > t) && scopes.contains(scope)
-        })
+        recs.iter()
+            .filter(|g| g.kind == "grant" && g.at <= t)
+            .any(|g| {
+                let refers = |r: &&Rec| r.grant == Some(g.id) && r.at <= t;
+                let accepted = recs.iter().filter(refers).any(|r| r.kind == "accept");
+                let revoked = recs.iter().filter(refers).any(|r| r.kind == "revoke");
+                let mut amends: Vec<&Rec> = recs
+                    .iter()
+                    .filter(refers)
+                    .filter(|r| r.kind == "amend")
+                    .collect();
+                amends.sort_by_key(|r| (r.at, r.id));
+                let (scopes, expires) = match amends.last() {
+                    None => (g.scopes.clone(), g.expires),
+                    Some(a) => (
+                        a.scopes
+                            .iter()
+                            .filter(|s| g.scopes.contains(s))
+                            .cloned()
+                            .collect(),
+                        match (g.expires, a.expires) {
+                            (Some(x), Some(y)) => Some(x.min(y)),
+                            (x, y) => x.or(y),
+                        },
+                    ),
+                };
+                accepted && !revoked && expires.is_none_or(|e| e > t) && scopes.contains(scope)
+            })
     }
 
     fn causal_shuffle(changes: &[SignedChange], rng: &mut TestRng) -> Vec<SignedChange> {
@@ -446,41 +657,128 @@ mod model {
                     };
                     if let Ok((id, _)) = cust.append(&c, [1; 16], now, body) {
                         grants.push(id);
-                        recs.push(Rec { id, at: now, kind: "grant", grant: None, scopes: mask_scopes(mask), expires: expires_in.map(|d| now + d) });
+                        recs.push(Rec {
+                            id,
+                            at: now,
+                            kind: "grant",
+                            grant: None,
+                            scopes: mask_scopes(mask),
+                            expires: expires_in.map(|d| now + d),
+                        });
                     }
                 }
-                Op::Amend { grant, mask, expires_in } => {
-                    let Some(&gid) = grants.get(grant) else { continue };
+                Op::Amend {
+                    grant,
+                    mask,
+                    expires_in,
+                } => {
+                    let Some(&gid) = grants.get(grant) else {
+                        continue;
+                    };
                     // Aim for amendments the local rules allow (narrowing), so many apply.
                     let g_rec = recs.iter().find(|r| r.id == gid).unwrap().clone();
-                    let scopes: Vec<Scope> = mask_scopes(mask).into_iter().filter(|s| g_rec.scopes.contains(s)).collect();
+                    let scopes: Vec<Scope> = mask_scopes(mask)
+                        .into_iter()
+                        .filter(|s| g_rec.scopes.contains(s))
+                        .collect();
                     let expires = match (g_rec.expires, expires_in.map(|d| now + d)) {
                         (Some(e), Some(x)) => Some(e.min(x)),
                         (e, x) => e.or(x),
                     };
-                    let body = EntryBody::Amend { grant: gid, scopes: scopes.clone(), expires };
+                    let body = EntryBody::Amend {
+                        grant: gid,
+                        scopes: scopes.clone(),
+                        expires,
+                    };
                     if let Ok((id, _)) = cust.append(&c, [1; 16], now, body) {
-                        recs.push(Rec { id, at: now, kind: "amend", grant: Some(gid), scopes, expires });
+                        recs.push(Rec {
+                            id,
+                            at: now,
+                            kind: "amend",
+                            grant: Some(gid),
+                            scopes,
+                            expires,
+                        });
                     }
                 }
                 Op::Revoke { grant } => {
-                    let Some(&gid) = grants.get(grant) else { continue };
-                    if let Ok((id, _)) = cust.append(&c, [1; 16], now, EntryBody::Revoke { grant: gid, reason: None }) {
-                        recs.push(Rec { id, at: now, kind: "revoke", grant: Some(gid), scopes: vec![], expires: None });
+                    let Some(&gid) = grants.get(grant) else {
+                        continue;
+                    };
+                    if let Ok((id, _)) = cust.append(
+                        &c,
+                        [1; 16],
+                        now,
+                        EntryBody::Revoke {
+                            grant: gid,
+                            reason: None,
+                        },
+                    ) {
+                        recs.push(Rec {
+                            id,
+                            at: now,
+                            kind: "revoke",
+                            grant: Some(gid),
+                            scopes: vec![],
+                            expires: None,
+                        });
                     }
                 }
                 Op::Accept { grant } => {
-                    let Some(&gid) = grants.get(grant) else { continue };
-                    let Some(view) = comp.ledger().grant(&gid, UnixSeconds::MAX) else { continue };
-                    if let Ok((id, _)) = comp.append(&g, [2; 16], now, EntryBody::Accept { grant: gid, terms: view.terms }) {
-                        recs.push(Rec { id, at: now, kind: "accept", grant: Some(gid), scopes: vec![], expires: None });
+                    let Some(&gid) = grants.get(grant) else {
+                        continue;
+                    };
+                    let Some(view) = comp.ledger().grant(&gid, UnixSeconds::MAX) else {
+                        continue;
+                    };
+                    if let Ok((id, _)) = comp.append(
+                        &g,
+                        [2; 16],
+                        now,
+                        EntryBody::Accept {
+                            grant: gid,
+                            terms: view.terms,
+                        },
+                    ) {
+                        recs.push(Rec {
+                            id,
+                            at: now,
+                            kind: "accept",
+                            grant: Some(gid),
+                            scopes: vec![],
+                            expires: None,
+                        });
                     }
                 }
                 Op::Erase { grant } => {
-                    let Some(&gid) = grants.get(grant) else { continue };
-                    let Some((rid, _)) = comp.ledger().grant(&gid, UnixSeconds::MAX).and_then(|v| v.revoked) else { continue };
-                    if let Ok((id, _)) = comp.append(&g, [2; 16], now, EntryBody::ErasureAck { revoke: rid, grant: gid, erased: "all".into() }) {
-                        recs.push(Rec { id, at: now, kind: "erasure_ack", grant: Some(gid), scopes: vec![], expires: None });
+                    let Some(&gid) = grants.get(grant) else {
+                        continue;
+                    };
+                    let Some((rid, _)) = comp
+                        .ledger()
+                        .grant(&gid, UnixSeconds::MAX)
+                        .and_then(|v| v.revoked)
+                    else {
+                        continue;
+                    };
+                    if let Ok((id, _)) = comp.append(
+                        &g,
+                        [2; 16],
+                        now,
+                        EntryBody::ErasureAck {
+                            revoke: rid,
+                            grant: gid,
+                            erased: "all".into(),
+                        },
+                    ) {
+                        recs.push(Rec {
+                            id,
+                            at: now,
+                            kind: "erasure_ack",
+                            grant: Some(gid),
+                            scopes: vec![],
+                            expires: None,
+                        });
                     }
                 }
                 Op::SyncToGrantee => {
@@ -509,7 +807,11 @@ mod model {
         shuffled.shuffle(rng);
         let mut r3 = ConsentDoc::new(h).unwrap();
         prop_assert!(r3.apply(shuffled).rejected.is_empty());
-        let sorted = |d: &ConsentDoc| { let mut h = d.heads(); h.sort(); h };
+        let sorted = |d: &ConsentDoc| {
+            let mut h = d.heads();
+            h.sort();
+            h
+        };
         for r in [&comp, &r1, &r2, &r3] {
             prop_assert_eq!(sorted(r), sorted(&cust));
             prop_assert_eq!(r.ledger().entries(), cust.ledger().entries());
@@ -519,7 +821,13 @@ mod model {
                 let scope: Scope = s.parse().unwrap();
                 let expected = model_holds(&recs, &scope, t);
                 for r in [&cust, &comp, &r1, &r2, &r3] {
-                    prop_assert_eq!(r.ledger().holds(&scope, t), expected, "scope {} at t0+{}", s, t - T0);
+                    prop_assert_eq!(
+                        r.ledger().holds(&scope, t),
+                        expected,
+                        "scope {} at t0+{}",
+                        s,
+                        t - T0
+                    );
                 }
             }
         }

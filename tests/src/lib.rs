@@ -1,1 +1,119 @@
-//! Test-only crate: see tests/.
+//! Helpers for the end-to-end tests in `tests/tests/`: run the real `rapport` binary
+//! against real stores in temporary directories.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+/// The path of the `rapport` binary, built once per test process with the same profile as
+/// the tests.
+pub fn rapport_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test binary path");
+        // target/<profile>/deps/<test> -> target/<profile>
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("test binary lives in target/<profile>/deps");
+        let release = profile_dir.file_name().is_some_and(|n| n == "release");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut build = Command::new(cargo);
+        build.args(["build", "--quiet", "-p", "rapport-cli", "--bin", "rapport"]);
+        if release {
+            build.arg("--release");
+        }
+        let status = build
+            .status()
+            .expect("run cargo build for the rapport binary");
+        assert!(status.success(), "building the rapport binary failed");
+        let bin = profile_dir.join(format!("rapport{}", std::env::consts::EXE_SUFFIX));
+        assert!(bin.exists(), "{} was not built", bin.display());
+        bin
+    })
+}
+
+/// One node's data directory, used through the real binary.
+pub struct Party {
+    /// The data directory.
+    pub dir: PathBuf,
+}
+
+/// What one run of the binary printed.
+pub struct Run {
+    /// Exit status was success.
+    pub ok: bool,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+impl Party {
+    /// A party whose store lives in `dir` (not yet initialised).
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    /// Runs `rapport --data-dir DIR ARGS…`.
+    pub fn run(&self, args: &[&str]) -> Run {
+        let out = Command::new(rapport_bin())
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .args(args)
+            .env_remove("RAPPORT_HOME")
+            .output()
+            .expect("run rapport");
+        to_run(out)
+    }
+
+    /// Runs and insists on success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let r = self.run(args);
+        assert!(
+            r.ok,
+            "rapport {args:?} failed:\nstdout: {}\nstderr: {}",
+            r.stdout, r.stderr
+        );
+        r.stdout
+    }
+
+    /// Runs and insists on failure; returns stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let r = self.run(args);
+        assert!(
+            !r.ok,
+            "rapport {args:?} should have failed:\nstdout: {}",
+            r.stdout
+        );
+        r.stderr
+    }
+
+    /// This party's identity text.
+    pub fn identity(&self) -> String {
+        self.ok(&["id"])
+            .lines()
+            .next()
+            .expect("identity line")
+            .trim()
+            .to_owned()
+    }
+}
+
+/// Runs the binary with explicit environment and no `--data-dir`.
+pub fn run_with_env(args: &[&str], env: &[(&str, &Path)]) -> Run {
+    let mut cmd = Command::new(rapport_bin());
+    cmd.args(args).env_remove("RAPPORT_HOME");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    to_run(cmd.output().expect("run rapport"))
+}
+
+fn to_run(out: Output) -> Run {
+    Run {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}

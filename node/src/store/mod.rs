@@ -1,0 +1,434 @@
+//! The node's store: one redb file holding the secret key, the profile, and every document
+//! as its signed changes.
+
+mod migrations;
+mod tables;
+
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use rapport_protocol::{
+    ConsentDoc, ConsentHeader, DocId, IdentityKey, Kind, SecretKey, SignedChange,
+};
+use redb::{Database, ReadableDatabase, ReadableTable};
+use serde::{Deserialize, Serialize};
+
+use crate::error::StoreError;
+use migrations::{Plan, SCHEMA_VERSION};
+use tables::*;
+
+/// Who this node is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Profile {
+    /// The node's identity.
+    pub identity: IdentityKey,
+    /// What kind of party it is.
+    pub kind: Kind,
+    /// Display name.
+    pub name: String,
+    /// When it was created (Unix seconds).
+    pub created_at: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum DocHeader {
+    Consent(ConsentHeader),
+}
+
+/// The first bytes of every redb file.
+const REDB_MAGIC: [u8; 9] = [b'r', b'e', b'd', b'b', 0x1A, 0x0A, 0xA9, 0x0D, 0x0A];
+
+/// A node's store. Every write is one redb transaction, durable when the call returns.
+pub struct Store {
+    db: Database,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish()
+    }
+}
+
+impl Store {
+    /// The store's file name inside the data directory.
+    pub const FILE_NAME: &'static str = "rapport.redb";
+
+    /// Creates `data_dir` (mode 0700) and a new store in it (mode 0600: it holds the
+    /// secret key), with a fresh key from the OS random source. Never overwrites.
+    pub fn create(data_dir: &Path, kind: Kind, name: &str, now: u64) -> Result<Store, StoreError> {
+        let path = data_dir.join(Self::FILE_NAME);
+        if path.exists() {
+            return Err(StoreError::AlreadyExists(path));
+        }
+        let io = |source| StoreError::Io {
+            path: data_dir.to_path_buf(),
+            source,
+        };
+        fs::create_dir_all(data_dir).map_err(io)?;
+        restrict(data_dir, 0o700).map_err(io)?;
+        // Create the file ourselves, exclusively and with mode 0600 from the first byte.
+        {
+            let mut opts = fs::OpenOptions::new();
+            opts.read(true).write(true).create_new(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+            opts.open(&path).map_err(|e| match e.kind() {
+                std::io::ErrorKind::AlreadyExists => StoreError::AlreadyExists(path.clone()),
+                _ => StoreError::Io {
+                    path: path.clone(),
+                    source: e,
+                },
+            })?;
+        }
+        // redb initialises an existing empty file and keeps its mode.
+        let db = match Database::create(&path) {
+            Ok(db) => db,
+            Err(e) => {
+                let _ = fs::remove_file(&path);
+                return Err(db_err(&path, e));
+            }
+        };
+        let mut seed = [0u8; 32];
+        getrandom::fill(&mut seed).map_err(|e| StoreError::Database {
+            path: path.clone(),
+            detail: format!("the OS random source failed: {e}"),
+        })?;
+        let key = SecretKey::from_seed(seed);
+        let profile = Profile {
+            identity: key.identity(),
+            kind,
+            name: name.to_owned(),
+            created_at: now,
+        };
+        let store = Store { db, path };
+        let written = store.write(|tx| {
+            let mut meta = tx.open_table(META)?;
+            meta.insert(META_SCHEMA, &SCHEMA_VERSION.to_be_bytes()[..])?;
+            meta.insert(
+                META_PROFILE,
+                serde_json::to_vec(&profile)
+                    .expect("profile serialises")
+                    .as_slice(),
+            )?;
+            meta.insert(META_SECRET, &key.to_seed()[..])?;
+            drop(meta);
+            for t in [DOCS, SNAPSHOTS] {
+                tx.open_table(t)?;
+            }
+            tx.open_table(CHANGES)?;
+            tx.open_table(CHANGE_INDEX)?;
+            Ok(())
+        });
+        if let Err(e) = written {
+            let path = store.path.clone();
+            drop(store);
+            let _ = fs::remove_file(&path);
+            return Err(e);
+        }
+        Ok(store)
+    }
+
+    /// Opens an existing store. A missing store, a file that is not a redb database, a
+    /// damaged one, or one from a newer schema gives an error and is not written to.
+    pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
+        let path = data_dir.join(Self::FILE_NAME);
+        let mut magic = [0u8; 9];
+        match fs::File::open(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(StoreError::NotFound(data_dir.to_path_buf()));
+            }
+            Err(e) => return Err(StoreError::Io { path, source: e }),
+            Ok(mut f) => {
+                if f.read_exact(&mut magic).is_err() || magic != REDB_MAGIC {
+                    return Err(StoreError::Corrupt {
+                        path,
+                        detail: "the file does not start with redb's header".into(),
+                    });
+                }
+            }
+        }
+        // Look first without writing: a store from a newer release, or one that is not ours,
+        // must be refused before redb opens it for writing (which updates its header).
+        match Database::builder()
+            .set_check_integrity_on_open(true)
+            .open_read_only(&path)
+        {
+            Ok(ro) => {
+                let found = read_schema(&ro, &path)?;
+                if let Plan::TooNew = migrations::plan(found) {
+                    return Err(StoreError::NewerSchema {
+                        path,
+                        found,
+                        supported: SCHEMA_VERSION,
+                    });
+                }
+            }
+            // A store that was not shut down cleanly needs redb's recovery, which writes; the
+            // read-write open below performs it.
+            Err(redb::DatabaseError::RepairAborted) => {}
+            Err(e) => return Err(db_err(&path, e)),
+        }
+        // Check the whole file on open: redb may otherwise trust a file damaged outside it.
+        let db = Database::builder()
+            .set_check_integrity_on_open(true)
+            .open(&path)
+            .map_err(|e| db_err(&path, e))?;
+        let store = Store { db, path };
+        let found = store.schema_version()?;
+        match migrations::plan(found) {
+            Plan::Current => Ok(store),
+            Plan::TooNew => Err(StoreError::NewerSchema {
+                path: store.path.clone(),
+                found,
+                supported: SCHEMA_VERSION,
+            }),
+        }
+    }
+
+    /// The store file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The schema version recorded in the store.
+    pub fn schema_version(&self) -> Result<u32, StoreError> {
+        read_schema(&self.db, &self.path)
+    }
+
+    /// Who this node is.
+    pub fn profile(&self) -> Result<Profile, StoreError> {
+        serde_json::from_slice(&self.meta(META_PROFILE)?)
+            .map_err(|e| self.corrupt(&format!("profile: {e}")))
+    }
+
+    /// The node's secret key.
+    pub fn secret_key(&self) -> Result<SecretKey, StoreError> {
+        let seed: [u8; 32] = self
+            .meta(META_SECRET)?
+            .as_slice()
+            .try_into()
+            .map_err(|_| self.corrupt("the secret key record has the wrong length"))?;
+        let key = SecretKey::from_seed(seed);
+        if key.identity() != self.profile()?.identity {
+            return Err(self.corrupt("the secret key does not match the profile's identity"));
+        }
+        Ok(key)
+    }
+
+    /// Stores changes of a consent document in one durable transaction, registering the
+    /// document if new. Changes already held are skipped. Returns how many were new.
+    pub fn put_consent_changes(
+        &self,
+        header: &ConsentHeader,
+        changes: &[SignedChange],
+    ) -> Result<usize, StoreError> {
+        let doc = header.doc_id();
+        let doc_header =
+            serde_json::to_vec(&DocHeader::Consent(*header)).expect("header serialises");
+        self.write(|tx| {
+            let mut docs = tx.open_table(DOCS)?;
+            if docs.get(&doc.0)?.is_none() {
+                docs.insert(&doc.0, doc_header.as_slice())?;
+            }
+            drop(docs);
+            let mut index = tx.open_table(CHANGE_INDEX)?;
+            let mut table = tx.open_table(CHANGES)?;
+            let mut next = match table.range((&doc.0, 0)..=(&doc.0, u64::MAX))?.next_back() {
+                Some(last) => last?.0.value().1 + 1,
+                None => 0,
+            };
+            let mut new = 0;
+            for c in changes {
+                let hash = c.hash().0;
+                if index.get((&doc.0, &hash))?.is_some() {
+                    continue;
+                }
+                table.insert((&doc.0, next), c.encode().as_slice())?;
+                index.insert((&doc.0, &hash), next)?;
+                next += 1;
+                new += 1;
+            }
+            Ok(new)
+        })
+    }
+
+    /// Every consent document held.
+    pub fn consent_headers(&self) -> Result<Vec<ConsentHeader>, StoreError> {
+        let tx = self.db.begin_read().map_err(|e| self.db_error(e))?;
+        let docs = tx.open_table(DOCS).map_err(|e| self.db_error(e))?;
+        let mut out = Vec::new();
+        for row in docs.iter().map_err(|e| self.db_error(e))? {
+            let (_, v) = row.map_err(|e| self.db_error(e))?;
+            match serde_json::from_slice(v.value()) {
+                Ok(DocHeader::Consent(h)) => out.push(h),
+                Err(e) => return Err(self.corrupt(&format!("document header: {e}"))),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The consent document with this id, if held.
+    pub fn consent_header(&self, doc: &DocId) -> Result<Option<ConsentHeader>, StoreError> {
+        let tx = self.db.begin_read().map_err(|e| self.db_error(e))?;
+        let docs = tx.open_table(DOCS).map_err(|e| self.db_error(e))?;
+        match docs.get(&doc.0).map_err(|e| self.db_error(e))? {
+            None => Ok(None),
+            Some(v) => match serde_json::from_slice(v.value()) {
+                Ok(DocHeader::Consent(h)) => Ok(Some(h)),
+                Err(e) => Err(self.corrupt(&format!("document header: {e}"))),
+            },
+        }
+    }
+
+    /// A document's signed changes, in the order stored.
+    pub fn consent_changes(&self, doc: &DocId) -> Result<Vec<SignedChange>, StoreError> {
+        let tx = self.db.begin_read().map_err(|e| self.db_error(e))?;
+        let table = tx.open_table(CHANGES).map_err(|e| self.db_error(e))?;
+        let mut out = Vec::new();
+        for row in table
+            .range((&doc.0, 0)..=(&doc.0, u64::MAX))
+            .map_err(|e| self.db_error(e))?
+        {
+            let (_, v) = row.map_err(|e| self.db_error(e))?;
+            out.push(
+                SignedChange::decode(v.value()).map_err(|e| StoreError::BadDocument {
+                    doc: doc.to_hex(),
+                    detail: e.to_string(),
+                })?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Loads a consent document, verifying every stored change again.
+    pub fn load_consent(&self, doc: &DocId) -> Result<ConsentDoc, StoreError> {
+        let header = self
+            .consent_header(doc)?
+            .ok_or_else(|| StoreError::BadDocument {
+                doc: doc.to_hex(),
+                detail: "no such document in this store".into(),
+            })?;
+        ConsentDoc::load(header, self.consent_changes(doc)?).map_err(|e| StoreError::BadDocument {
+            doc: doc.to_hex(),
+            detail: e.to_string(),
+        })
+    }
+
+    /// Stores an Automerge snapshot of a document.
+    pub fn put_snapshot(&self, doc: &DocId, bytes: &[u8]) -> Result<(), StoreError> {
+        self.write(|tx| {
+            tx.open_table(SNAPSHOTS)?.insert(&doc.0, bytes)?;
+            Ok(())
+        })
+    }
+
+    /// The Automerge snapshot of a document, if one was stored.
+    pub fn snapshot(&self, doc: &DocId) -> Result<Option<Vec<u8>>, StoreError> {
+        let tx = self.db.begin_read().map_err(|e| self.db_error(e))?;
+        let t = tx.open_table(SNAPSHOTS).map_err(|e| self.db_error(e))?;
+        Ok(t.get(&doc.0)
+            .map_err(|e| self.db_error(e))?
+            .map(|v| v.value().to_vec()))
+    }
+
+    /// Removes a document, its changes and its snapshot in one transaction. Returns whether
+    /// it was held.
+    pub fn delete_document(&self, doc: &DocId) -> Result<bool, StoreError> {
+        self.write(|tx| {
+            let held = tx.open_table(DOCS)?.remove(&doc.0)?.is_some();
+            tx.open_table(SNAPSHOTS)?.remove(&doc.0)?;
+            let mut changes = tx.open_table(CHANGES)?;
+            changes.retain_in((&doc.0, 0)..=(&doc.0, u64::MAX), |_, _| false)?;
+            let mut index = tx.open_table(CHANGE_INDEX)?;
+            index.retain_in((&doc.0, &[0u8; 32])..=(&doc.0, &[0xffu8; 32]), |_, _| false)?;
+            Ok(held)
+        })
+    }
+
+    fn meta(&self, key: &str) -> Result<Vec<u8>, StoreError> {
+        let tx = self.db.begin_read().map_err(|e| self.db_error(e))?;
+        let meta = tx.open_table(META).map_err(|e| match e {
+            redb::TableError::TableDoesNotExist(_) => self.corrupt("it has no Rapport metadata"),
+            e => self.db_error(e),
+        })?;
+        let v = meta.get(key).map_err(|e| self.db_error(e))?;
+        v.map(|v| v.value().to_vec())
+            .ok_or_else(|| self.corrupt(&format!("metadata {key:?} is missing")))
+    }
+
+    /// Runs `f` in one write transaction and commits it (durably) if it succeeds.
+    fn write<T>(
+        &self,
+        f: impl FnOnce(&redb::WriteTransaction) -> Result<T, redb::Error>,
+    ) -> Result<T, StoreError> {
+        let tx = self.db.begin_write().map_err(|e| self.db_error(e))?;
+        let out = f(&tx).map_err(|e| self.db_error(e))?;
+        tx.commit().map_err(|e| self.db_error(e))?;
+        Ok(out)
+    }
+
+    fn corrupt(&self, detail: &str) -> StoreError {
+        StoreError::Corrupt {
+            path: self.path.clone(),
+            detail: detail.to_owned(),
+        }
+    }
+
+    fn db_error(&self, e: impl Into<redb::Error>) -> StoreError {
+        db_err(&self.path, e.into())
+    }
+}
+
+fn db_err(path: &Path, e: impl Into<redb::Error>) -> StoreError {
+    match e.into() {
+        redb::Error::DatabaseAlreadyOpen => StoreError::InUse(path.to_path_buf()),
+        redb::Error::Corrupted(detail) => StoreError::Corrupt {
+            path: path.to_path_buf(),
+            detail,
+        },
+        redb::Error::UpgradeRequired(v) => StoreError::Corrupt {
+            path: path.to_path_buf(),
+            detail: format!("redb file format {v} needs an upgrade"),
+        },
+        e => StoreError::Database {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        },
+    }
+}
+
+/// Reads the schema version through any redb handle, read-only included.
+fn read_schema(db: &impl ReadableDatabase, path: &Path) -> Result<u32, StoreError> {
+    let corrupt = |detail: &str| StoreError::Corrupt {
+        path: path.to_path_buf(),
+        detail: detail.to_owned(),
+    };
+    let tx = db.begin_read().map_err(|e| db_err(path, e))?;
+    let meta = tx.open_table(META).map_err(|e| match e {
+        redb::TableError::TableDoesNotExist(_) => corrupt("it has no Rapport metadata"),
+        e => db_err(path, e),
+    })?;
+    let v = meta
+        .get(META_SCHEMA)
+        .map_err(|e| db_err(path, e))?
+        .ok_or_else(|| corrupt("the schema version is missing"))?;
+    let arr: [u8; 4] = v
+        .value()
+        .try_into()
+        .map_err(|_| corrupt("the schema version is not 4 bytes"))?;
+    Ok(u32::from_be_bytes(arr))
+}
+
+fn restrict(path: &Path, mode: u32) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(path, fs::Permissions::from_mode(mode))?;
+    }
+    #[cfg(not(unix))]
+    let _ = (path, mode);
+    Ok(())
+}

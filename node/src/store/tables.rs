@@ -1,0 +1,34 @@
+//! The store's tables. Names carry a version; a layout change gets a new name and a
+//! migration in `migrations.rs`.
+
+use redb::TableDefinition;
+
+/// Node metadata. Key: a name from the `META_*` constants. Value: bytes, per key:
+/// `schema` = u32 big-endian; `profile` = JSON of [`crate::Profile`]; `secret` = 32-byte
+/// Ed25519 seed.
+pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta-1");
+/// Schema version key in [`META`].
+pub(crate) const META_SCHEMA: &str = "schema";
+/// Profile key in [`META`].
+pub(crate) const META_PROFILE: &str = "profile";
+/// Secret key seed in [`META`].
+pub(crate) const META_SECRET: &str = "secret";
+
+/// Documents held. Key: document id (32 bytes). Value: JSON header
+/// `{"kind":"consent","customer":…,"grantee":…}`.
+pub(crate) const DOCS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("docs-1");
+
+/// Signed changes. Key: (document id, sequence number in storage order). Value: the encoded
+/// signed change (`SignedChange::encode`). A document's changes are stored each after its
+/// dependencies, so reading them in key order is a causal order.
+pub(crate) const CHANGES: TableDefinition<(&[u8; 32], u64), &[u8]> =
+    TableDefinition::new("changes-1");
+
+/// Which changes are held. Key: (document id, change hash). Value: the sequence number in
+/// [`CHANGES`].
+pub(crate) const CHANGE_INDEX: TableDefinition<(&[u8; 32], &[u8; 32]), u64> =
+    TableDefinition::new("change-index-1");
+
+/// Automerge snapshots. Key: document id. Value: `Automerge::save()` bytes. A snapshot is an
+/// optimisation only: signatures are always checked from [`CHANGES`].
+pub(crate) const SNAPSHOTS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("snapshots-1");

@@ -1,0 +1,170 @@
+//! The store on real redb files in temporary directories.
+
+use rapport_node::{Store, StoreError};
+use rapport_protocol::{
+    ConsentDoc, ConsentHeader, EntryBody, Kind, LegalBasis, SecretKey, SignedChange, Terms,
+};
+
+const T0: u64 = 1_700_000_000;
+
+fn changes(n: usize) -> (ConsentHeader, Vec<SignedChange>) {
+    let c = SecretKey::from_seed([1; 32]);
+    let g = SecretKey::from_seed([2; 32]);
+    let header = ConsentHeader {
+        customer: c.identity(),
+        grantee: g.identity(),
+    };
+    let mut doc = ConsentDoc::new(header).unwrap();
+    let out = (0..n)
+        .map(|i| {
+            doc.append(
+                &c,
+                [1; 16],
+                T0 + i as u64,
+                EntryBody::Grant {
+                    scopes: vec!["contact:support".parse().unwrap()],
+                    purpose: format!("purpose {i}"),
+                    legal_basis: LegalBasis::Consent,
+                    notice_sha256: "00".repeat(32),
+                    terms: Terms::by_id("SD-BASE").unwrap().reference(),
+                    expires: None,
+                },
+            )
+            .unwrap()
+            .1
+        })
+        .collect();
+    (header, out)
+}
+
+#[test]
+fn create_then_open_round_trips_profile_and_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("node");
+    let created = Store::create(&dir, Kind::Org, "Acme", T0).unwrap();
+    let profile = created.profile().unwrap();
+    let key = created.secret_key().unwrap();
+    assert_eq!(key.identity(), profile.identity);
+    drop(created);
+    let store = Store::open(&dir).unwrap();
+    assert_eq!(store.profile().unwrap(), profile);
+    assert_eq!(store.secret_key().unwrap().to_seed(), key.to_seed());
+    assert_eq!(store.schema_version().unwrap(), 1);
+    assert_eq!(profile.kind, Kind::Org);
+    assert_eq!(profile.name, "Acme");
+}
+
+#[test]
+fn create_never_overwrites() {
+    let tmp = tempfile::tempdir().unwrap();
+    let first = Store::create(tmp.path(), Kind::Person, "A", T0).unwrap();
+    let id = first.profile().unwrap().identity;
+    drop(first);
+    let err = Store::create(tmp.path(), Kind::Person, "B", T0).unwrap_err();
+    assert!(matches!(err, StoreError::AlreadyExists(_)), "{err}");
+    assert_eq!(
+        Store::open(tmp.path()).unwrap().profile().unwrap().identity,
+        id
+    );
+}
+
+#[test]
+fn missing_garbage_and_newer_stores_give_clear_errors_and_stay_untouched() {
+    let tmp = tempfile::tempdir().unwrap();
+    let err = Store::open(&tmp.path().join("nothing")).unwrap_err();
+    assert!(err.to_string().contains("rapport init"), "{err}");
+    assert!(!tmp.path().join("nothing").exists());
+
+    let bad = tmp.path().join("bad");
+    std::fs::create_dir(&bad).unwrap();
+    let junk: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 256) as u8).collect();
+    std::fs::write(bad.join(Store::FILE_NAME), &junk).unwrap();
+    let err = Store::open(&bad).unwrap_err();
+    assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+    assert!(err.to_string().contains("left untouched"));
+    assert!(
+        std::fs::read(bad.join(Store::FILE_NAME)).unwrap() == junk,
+        "the damaged file was changed"
+    );
+
+    // A redb file that is not a Rapport store.
+    let other = tmp.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    drop(redb::Database::create(other.join(Store::FILE_NAME)).unwrap());
+    let err = Store::open(&other).unwrap_err();
+    assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+
+    // A store from a newer release.
+    let newer = tmp.path().join("newer");
+    drop(Store::create(&newer, Kind::Person, "N", T0).unwrap());
+    {
+        let db = redb::Database::open(newer.join(Store::FILE_NAME)).unwrap();
+        let tx = db.begin_write().unwrap();
+        let def: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("meta-1");
+        tx.open_table(def)
+            .unwrap()
+            .insert("schema", &7u32.to_be_bytes()[..])
+            .unwrap();
+        tx.commit().unwrap();
+    }
+    let before = std::fs::read(newer.join(Store::FILE_NAME)).unwrap();
+    let err = Store::open(&newer).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::NewerSchema {
+                found: 7,
+                supported: 1,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("upgrade rapport"));
+    assert!(
+        std::fs::read(newer.join(Store::FILE_NAME)).unwrap() == before,
+        "the newer store was changed"
+    );
+}
+
+#[cfg(unix)]
+#[test]
+fn the_store_is_private_to_its_owner() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("node");
+    let store = Store::create(&dir, Kind::Person, "A", T0).unwrap();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(store.path()), 0o600);
+    assert_eq!(mode(&dir), 0o700);
+}
+
+#[test]
+fn changes_are_durable_deduplicated_and_kept_in_order() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (header, all) = changes(5);
+    {
+        let store = Store::create(tmp.path(), Kind::Person, "A", T0).unwrap();
+        assert_eq!(store.put_consent_changes(&header, &all[..3]).unwrap(), 3);
+        assert_eq!(store.put_consent_changes(&header, &all).unwrap(), 2);
+        assert_eq!(store.put_consent_changes(&header, &all).unwrap(), 0);
+    }
+    let store = Store::open(tmp.path()).unwrap();
+    assert_eq!(store.consent_headers().unwrap(), vec![header]);
+    let back = store.consent_changes(&header.doc_id()).unwrap();
+    assert_eq!(back, all);
+    let doc = store.load_consent(&header.doc_id()).unwrap();
+    assert_eq!(doc.ledger().grants(u64::MAX).len(), 5);
+
+    store
+        .put_snapshot(&header.doc_id(), &doc.automerge().save())
+        .unwrap();
+    assert!(store.snapshot(&header.doc_id()).unwrap().is_some());
+    assert!(store.delete_document(&header.doc_id()).unwrap());
+    assert!(store.consent_headers().unwrap().is_empty());
+    assert!(store.consent_changes(&header.doc_id()).unwrap().is_empty());
+    assert!(store.snapshot(&header.doc_id()).unwrap().is_none());
+    assert!(!store.delete_document(&header.doc_id()).unwrap());
+    // After deletion the same changes can be stored again from scratch.
+    assert_eq!(store.put_consent_changes(&header, &all).unwrap(), 5);
+}
