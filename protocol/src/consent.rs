@@ -8,7 +8,7 @@
 //! them; [`ConsentDoc`] adds the materialised Automerge document used for local writes and
 //! sync.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 
 use automerge::transaction::{CommitOptions, Transactable};
@@ -205,6 +205,17 @@ impl EntryBody {
             EntryBody::TermsProffer { .. } => "terms_proffer",
             EntryBody::Accept { .. } => "accept",
             EntryBody::ErasureAck { .. } => "erasure_ack",
+        }
+    }
+
+    /// The grant this entry names, if it names one.
+    fn grant_ref(&self) -> Option<EntryId> {
+        match self {
+            EntryBody::Amend { grant, .. }
+            | EntryBody::Revoke { grant, .. }
+            | EntryBody::Accept { grant, .. }
+            | EntryBody::ErasureAck { grant, .. } => Some(*grant),
+            EntryBody::Grant { .. } | EntryBody::TermsProffer { .. } => None,
         }
     }
 
@@ -510,6 +521,9 @@ pub struct Ledger {
     entries: BTreeMap<EntryId, Entry>,
     /// Entry ids in the order their changes were applied (a causal order).
     order: Vec<EntryId>,
+    /// For each grant id, the entries that name it (amendments, revocations, acceptances,
+    /// erasure acknowledgements), so folding one grant does not scan the whole ledger.
+    refs: HashMap<EntryId, Vec<EntryId>>,
     /// Applied changes, each after all of its dependencies.
     changes: Vec<SignedChange>,
     known: HashSet<ChangeHash>,
@@ -538,6 +552,7 @@ impl Ledger {
             header,
             entries: BTreeMap::new(),
             order: Vec::new(),
+            refs: HashMap::new(),
             changes: Vec::new(),
             known: HashSet::new(),
         })
@@ -680,7 +695,47 @@ impl Ledger {
         self.known.insert(sc.hash());
         self.changes.push(sc);
         self.order.extend(entries.iter().map(|(id, _)| *id));
+        for (id, e) in &entries {
+            if let Some(grant) = e.body.grant_ref() {
+                self.refs.entry(grant).or_default().push(*id);
+            }
+        }
         self.entries.extend(entries);
+    }
+
+    /// Forgets every change after the first `len`, with their entries.
+    fn truncate(&mut self, len: usize) {
+        for c in self.changes.drain(len..) {
+            self.known.remove(&c.hash());
+        }
+        let keep: usize = self
+            .changes
+            .iter()
+            .map(|c| c.change().len())
+            .sum::<usize>()
+            .min(self.order.len());
+        for id in self.order.drain(keep..) {
+            if let Some(e) = self.entries.remove(&id)
+                && let Some(grant) = e.body.grant_ref()
+                && let Some(list) = self.refs.get_mut(&grant)
+            {
+                list.retain(|x| *x != id);
+            }
+        }
+    }
+
+    /// Entries naming grant `grant` that match `pred`.
+    fn refs_of<'a>(
+        &'a self,
+        grant: &EntryId,
+        pred: impl Fn(&EntryBody) -> bool + 'a,
+    ) -> impl Iterator<Item = (&'a EntryId, &'a Entry)> + 'a {
+        self.refs
+            .get(grant)
+            .into_iter()
+            .flatten()
+            .map(|id| (id, &self.entries[id]))
+            .filter(move |(_, e)| pred(&e.body))
     }
 
     fn entries_of<'a>(
@@ -732,7 +787,10 @@ impl Ledger {
         // The latest amendment made by `now` wins; ties go to the larger entry id so every
         // replica picks the same one. An amendment can only narrow.
         let amend = self
-            .entries_of(|b| matches!(b, EntryBody::Amend { grant, .. } if grant == id))
+            .refs_of(
+                id,
+                |b| matches!(b, EntryBody::Amend { grant, .. } if grant == id),
+            )
             .filter(|(_, e)| e.at <= now)
             .max_by_key(|(aid, e)| (e.at, **aid));
         let (scopes, expires) = match amend {
@@ -767,14 +825,16 @@ impl Ledger {
                 .min_by_key(|(eid, e)| (e.at, **eid))
                 .map(|(eid, e)| (*eid, e.at))
         };
-        let accepted = earliest(&mut self.entries_of(
+        let accepted = earliest(&mut self.refs_of(
+            id,
             |b| matches!(b, EntryBody::Accept { grant, terms: t } if grant == id && t == terms),
         ));
-        let revoked = earliest(
-            &mut self.entries_of(|b| matches!(b, EntryBody::Revoke { grant, .. } if grant == id)),
-        );
+        let revoked = earliest(&mut self.refs_of(
+            id,
+            |b| matches!(b, EntryBody::Revoke { grant, .. } if grant == id),
+        ));
         let erasure_acked = revoked.and_then(|(rid, _)| {
-            earliest(&mut self.entries_of(move |b| {
+            earliest(&mut self.refs_of(id, move |b| {
                 matches!(b, EntryBody::ErasureAck { revoke, grant, .. } if *revoke == rid && grant == id)
             }))
         });
@@ -980,6 +1040,24 @@ impl ConsentDoc {
 
     /// Applies received changes; refused ones change nothing and are reported.
     pub fn apply(&mut self, changes: Vec<SignedChange>) -> ApplyReport {
+        // Check everything against the ledger first, then hand Automerge all accepted changes
+        // in one call: applying one change at a time costs Automerge far more per change.
+        let before = self.ledger.changes.len();
+        let report = self.ledger.apply_all(changes.clone());
+        let fresh: Vec<automerge::Change> = self.ledger.changes[before..]
+            .iter()
+            .map(|c| c.change().clone())
+            .collect();
+        if fresh.is_empty() || self.doc.apply_changes(fresh).is_ok() {
+            return report;
+        }
+        // Automerge refused a change the ledger accepted (it should not). Undo, rebuild the
+        // document from the ledger, and go change by change so only the culprit is refused.
+        self.ledger.truncate(before);
+        let mut doc = Automerge::new();
+        doc.apply_changes(self.ledger.changes.iter().map(|c| c.change().clone()))
+            .expect("changes Automerge applied before apply again");
+        self.doc = doc;
         let doc = &mut self.doc;
         self.ledger.apply_all_with(changes, |c, _| {
             doc.apply_changes([c.change().clone()])

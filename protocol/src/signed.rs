@@ -271,30 +271,66 @@ pub fn verify_all(
         .map(|c| c.authorised_author(authorised))
         .collect();
     let candidates: Vec<usize> = (0..changes.len()).filter(|&i| results[i].is_ok()).collect();
-    for chunk in candidates.chunks(BATCH) {
+    let keys: Vec<Option<VerifyingKey>> = results
+        .iter()
+        .map(|r| r.as_ref().ok().map(|k| *k.verifying_key()))
+        .collect();
+    // Large sets are split across the machine's cores; each part is batch-verified on its own
+    // and reports only the changes that failed.
+    let threads = std::thread::available_parallelism()
+        .map_or(1, std::num::NonZeroUsize::get)
+        .min(4);
+    let failures: Vec<(usize, ChangeError)> = if threads > 1 && candidates.len() >= 4 * BATCH {
+        let per = candidates.len().div_ceil(threads).div_ceil(BATCH) * BATCH;
+        std::thread::scope(|scope| {
+            let parts: Vec<_> = candidates
+                .chunks(per)
+                .map(|part| scope.spawn(|| failures_in(doc, changes, &keys, part, authorised)))
+                .collect();
+            parts
+                .into_iter()
+                .flat_map(|h| h.join().expect("verification threads do not panic"))
+                .collect()
+        })
+    } else {
+        failures_in(doc, changes, &keys, &candidates, authorised)
+    };
+    for (i, e) in failures {
+        results[i] = Err(e);
+    }
+    results
+}
+
+/// Batch-verifies the changes at `indices` and returns those whose signature fails.
+fn failures_in(
+    doc: &DocId,
+    changes: &[SignedChange],
+    keys: &[Option<VerifyingKey>],
+    indices: &[usize],
+    authorised: &[IdentityKey],
+) -> Vec<(usize, ChangeError)> {
+    let mut failed = Vec::new();
+    for chunk in indices.chunks(BATCH) {
         let messages: Vec<[u8; 82]> = chunk
             .iter()
             .map(|&i| signing_message(doc, &changes[i].hash()))
             .collect();
         let message_refs: Vec<&[u8]> = messages.iter().map(|m| &m[..]).collect();
         let signatures: Vec<Signature> = chunk.iter().map(|&i| changes[i].signature).collect();
-        let keys: Vec<VerifyingKey> = chunk
+        let chunk_keys: Vec<VerifyingKey> = chunk
             .iter()
-            .map(|&i| {
-                *results[i]
-                    .as_ref()
-                    .expect("candidates are authorised")
-                    .verifying_key()
-            })
+            .map(|&i| keys[i].expect("candidates are authorised"))
             .collect();
-        if ed25519_dalek::verify_batch(&message_refs, &signatures, &keys).is_ok() {
+        if ed25519_dalek::verify_batch(&message_refs, &signatures, &chunk_keys).is_ok() {
             continue;
         }
         for &i in chunk {
-            results[i] = changes[i].verify(doc, authorised);
+            if let Err(e) = changes[i].verify(doc, authorised) {
+                failed.push((i, e));
+            }
         }
     }
-    results
+    failed
 }
 
 #[cfg(test)]
@@ -383,17 +419,20 @@ mod tests {
     #[test]
     fn batch_finds_the_one_bad_signature() {
         let key = SecretKey::from_seed([1; 32]);
-        let mut changes: Vec<SignedChange> = (0..300)
+        // Enough changes that the set is split across threads when the machine has cores.
+        let mut changes: Vec<SignedChange> = (0..1100)
             .map(|i| {
                 SignedChange::sign(&doc_id(1), make_change(&key, &i.to_string()), &key).unwrap()
             })
             .collect();
-        let mut sig = changes[270].signature.to_bytes();
-        sig[5] ^= 1;
-        changes[270].signature = Signature::from_bytes(&sig);
+        for bad in [270, 1050] {
+            let mut sig = changes[bad].signature.to_bytes();
+            sig[5] ^= 1;
+            changes[bad].signature = Signature::from_bytes(&sig);
+        }
         let results = verify_all(&doc_id(1), &changes, &[key.identity()]);
         for (i, r) in results.iter().enumerate() {
-            assert_eq!(r.is_ok(), i != 270, "change {i}");
+            assert_eq!(r.is_ok(), i != 270 && i != 1050, "change {i}");
         }
     }
 
