@@ -127,25 +127,28 @@ fn grant_accept_revoke_erase_and_verify() {
     );
 
     // Standard consent records, filled from the real ledger.
-    let iso: Value = serde_json::from_str(&acme.ok(&[
-        "consent",
-        "export-records",
-        "--format",
-        "iso27560",
-        "--controller-name",
-        "Acme Ltd",
-        "--controller-contact",
-        "DPO",
-        "--controller-address",
-        "1 Main St",
-        "--controller-email",
-        "dpo@acme.example",
-        "--controller-phone",
-        "+44 20 0000 0000",
-        "--policy-url",
-        "https://acme.example/privacy",
-    ]))
-    .unwrap();
+    let records = |format: &str| -> Value {
+        let out = acme.ok(&[
+            "consent",
+            "export-records",
+            "--format",
+            format,
+            "--controller-name",
+            "Acme Ltd",
+            "--controller-contact",
+            "DPO",
+            "--controller-address",
+            "1 Main St",
+            "--controller-email",
+            "dpo@acme.example",
+            "--controller-phone",
+            "+44 20 0000 0000",
+            "--policy-url",
+            "https://acme.example/privacy",
+        ]);
+        serde_json::from_str(&out).unwrap()
+    };
+    let iso = records("iso27560");
     let rec = iso[0].to_string();
     assert!(
         rec.contains(&grant_id)
@@ -153,25 +156,7 @@ fn grant_accept_revoke_erase_and_verify() {
             && rec.contains("support for order 1234"),
         "{rec}"
     );
-    let kantara: Value = serde_json::from_str(&acme.ok(&[
-        "consent",
-        "export-records",
-        "--format",
-        "kantara",
-        "--controller-name",
-        "Acme Ltd",
-        "--controller-contact",
-        "DPO",
-        "--controller-address",
-        "1 Main St",
-        "--controller-email",
-        "dpo@acme.example",
-        "--controller-phone",
-        "+44 20 0000 0000",
-        "--policy-url",
-        "https://acme.example/privacy",
-    ]))
-    .unwrap();
+    let kantara = records("kantara");
     let r = &kantara[0];
     assert_eq!(r["piiPrincipalId"], alice_id.as_str());
     assert_eq!(r["consentReceiptID"], grant_id.as_str());
