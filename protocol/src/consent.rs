@@ -458,6 +458,30 @@ fn check_ops(
     Ok(out)
 }
 
+/// The entries a change adds, or why it is refused.
+type Checked = Result<Vec<(EntryId, Entry)>, ConsentError>;
+
+/// Maps `f` over `items`, on several threads when there are many.
+fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, std::num::NonZeroUsize::get)
+        .min(4);
+    if threads < 2 || items.len() < 1024 {
+        return items.iter().map(f).collect();
+    }
+    let per = items.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let parts: Vec<_> = items
+            .chunks(per)
+            .map(|part| scope.spawn(|| part.iter().map(&f).collect::<Vec<R>>()))
+            .collect();
+        parts
+            .into_iter()
+            .flat_map(|h| h.join().expect("rule-check threads do not panic"))
+            .collect()
+    })
+}
+
 /// The state of one grant at one moment, as folded from the ledger.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct GrantView {
@@ -623,27 +647,35 @@ impl Ledger {
             })
             .collect();
         let verdicts = verify_all(&self.id, &fresh, &self.header.parties());
-        let mut waiting: Vec<(SignedChange, IdentityKey)> = Vec::with_capacity(fresh.len());
+        let mut verified: Vec<(SignedChange, IdentityKey)> = Vec::with_capacity(fresh.len());
         for (c, verdict) in fresh.into_iter().zip(verdicts) {
             match verdict {
-                Ok(author) => waiting.push((c, author)),
+                Ok(author) => verified.push((c, author)),
                 Err(e) => report.rejected.push((c.hash(), e.into())),
             }
         }
+        // The per-change rules depend only on the change, so they run on all cores; only
+        // the checks against the ledger's state run in order below.
+        let header = self.header;
+        let checked = par_map(&verified, |(c, author)| check_ops(&header, c, author));
+        let mut waiting: Vec<(SignedChange, Checked)> =
+            verified.into_iter().map(|(c, _)| c).zip(checked).collect();
         // Apply in causal order: each pass applies every change whose dependencies are in.
         // Honest input in causal order goes through in one pass.
         loop {
             let before = waiting.len();
             let mut still = Vec::new();
-            for (c, author) in waiting {
+            for (c, entries) in waiting {
                 if !c.change().deps().iter().all(|d| self.known.contains(d)) {
-                    still.push((c, author));
+                    still.push((c, entries));
                     continue;
                 }
-                match self.check(&c, &author).and_then(|entries| {
-                    on_apply(&c, &entries)?;
-                    Ok(entries)
-                }) {
+                match entries
+                    .and_then(|entries| self.check_new(&c, entries))
+                    .and_then(|entries| {
+                        on_apply(&c, &entries)?;
+                        Ok(entries)
+                    }) {
                     Ok(entries) => {
                         report.applied.push(c.hash());
                         self.record(c, entries);
@@ -679,7 +711,15 @@ impl Ledger {
         sc: &SignedChange,
         author: &IdentityKey,
     ) -> Result<Vec<(EntryId, Entry)>, ConsentError> {
-        let entries = check_ops(&self.header, sc, author)?;
+        self.check_new(sc, check_ops(&self.header, sc, author)?)
+    }
+
+    /// Refuses entries the ledger already holds.
+    fn check_new(
+        &self,
+        sc: &SignedChange,
+        entries: Vec<(EntryId, Entry)>,
+    ) -> Result<Vec<(EntryId, Entry)>, ConsentError> {
         for (id, _) in &entries {
             if self.entries.contains_key(id) {
                 return Err(ConsentError::NotAnAppend {
