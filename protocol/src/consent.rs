@@ -1083,7 +1083,7 @@ impl ConsentDoc {
         // Check everything against the ledger first, then hand Automerge all accepted changes
         // in one call: applying one change at a time costs Automerge far more per change.
         let before = self.ledger.changes.len();
-        let report = self.ledger.apply_all(changes.clone());
+        let mut report = self.ledger.apply_all(changes);
         let fresh: Vec<automerge::Change> = self.ledger.changes[before..]
             .iter()
             .map(|c| c.change().clone())
@@ -1093,19 +1093,23 @@ impl ConsentDoc {
         }
         // Automerge refused a change the ledger accepted (it should not). Undo, rebuild the
         // document from the ledger, and go change by change so only the culprit is refused.
+        let accepted = self.ledger.changes[before..].to_vec();
         self.ledger.truncate(before);
         let mut doc = Automerge::new();
         doc.apply_changes(self.ledger.changes.iter().map(|c| c.change().clone()))
             .expect("changes Automerge applied before apply again");
         self.doc = doc;
         let doc = &mut self.doc;
-        self.ledger.apply_all_with(changes, |c, _| {
+        let retry = self.ledger.apply_all_with(accepted, |c, _| {
             doc.apply_changes([c.change().clone()])
                 .map_err(|e| ConsentError::Apply {
                     hash: c.hash().to_string(),
                     detail: e.to_string(),
                 })
-        })
+        });
+        report.applied = retry.applied;
+        report.rejected.extend(retry.rejected);
+        report
     }
 
     /// Writes one entry as `key`'s identity, at time `at`, signing the change. `nonce` names
