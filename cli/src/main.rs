@@ -395,6 +395,9 @@ impl Node {
         let bytes = read_bounded(file)?;
         let (header, changes) =
             read_ledger_file(&bytes).with_context(|| format!("{} was refused", file.display()))?;
+        // The whole file is verified on its own first, so a file with any bad change is refused
+        // even where the bad change has the hash of one we already hold (a swapped signature),
+        // which merging alone would skip as a duplicate.
         Ledger::verify(header, changes.clone())
             .with_context(|| format!("{} was refused", file.display()))?;
         if header.customer != self.me() && header.grantee != self.me() {

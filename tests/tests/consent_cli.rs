@@ -217,6 +217,15 @@ fn a_tampered_export_is_refused_and_changes_nothing() {
 
     // The untampered file still imports.
     acme.ok(&["consent", "import", path(&file)]);
+
+    // A file whose change Acme already holds, but with a swapped signature, is refused too.
+    let mut v: Value = serde_json::from_str(&text).unwrap();
+    let mut raw = b64.decode(v["changes"][0].as_str().unwrap()).unwrap();
+    raw[10] ^= 0x40;
+    v["changes"][0] = Value::String(b64.encode(&raw));
+    std::fs::write(&tampered, serde_json::to_vec(&v).unwrap()).unwrap();
+    let err = acme.fails(&["consent", "import", path(&tampered)]);
+    assert!(err.contains("signature does not verify"), "{err}");
 }
 
 #[test]
