@@ -12,10 +12,11 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 
 use automerge::transaction::{CommitOptions, Transactable};
-use automerge::{Automerge, ChangeHash, ROOT, ScalarValue};
+use automerge::{Automerge, ChangeHash, ROOT};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::append::{AppendViolation, appended_entries, par_map};
 use crate::identity::{IdentityKey, SecretKey};
 use crate::scope::Scope;
 use crate::signed::{ChangeError, DocId, SignedChange, actor_for, verify_all};
@@ -389,12 +390,7 @@ fn check_ops(
     sc: &SignedChange,
     author: &IdentityKey,
 ) -> Result<Vec<(EntryId, Entry)>, ConsentError> {
-    use automerge::legacy::{Key, ObjectId};
     let hash = || sc.hash().to_string();
-    let not_append = |detail: String| ConsentError::NotAnAppend {
-        hash: hash(),
-        detail,
-    };
     let bad = |detail: String| ConsentError::BadEntry {
         hash: hash(),
         detail,
@@ -404,37 +400,17 @@ fn check_ops(
     } else {
         "grantee"
     };
-    let expanded = sc.change().decode();
-    if expanded.operations.is_empty() {
-        return Err(not_append("it has no operations".into()));
-    }
-    let mut out = Vec::with_capacity(expanded.operations.len());
-    for op in &expanded.operations {
-        let (ObjectId::Root, Key::Map(key), false) = (&op.obj, &op.key, op.insert) else {
-            return Err(not_append("it writes outside the root entry map".into()));
-        };
-        if !op.pred.is_empty() {
-            return Err(not_append(format!("it overwrites or deletes entry {key}")));
-        }
-        let text = match &op.action {
-            automerge::legacy::OpType::Put(ScalarValue::Str(s)) => s.as_str(),
-            automerge::legacy::OpType::Put(_) => {
-                return Err(bad(format!("entry {key} is not text")));
-            }
-            _ => return Err(not_append(format!("it does not put a new entry at {key}"))),
-        };
-        if text.len() > MAX_ENTRY_BYTES {
-            return Err(bad(format!(
-                "entry is {} bytes, limit {MAX_ENTRY_BYTES}",
-                text.len()
-            )));
-        }
-        let id = EntryId::of(text);
-        if id.to_hex() != key.as_str() {
-            return Err(bad(format!("key {key} is not the id of its entry")));
-        }
+    let texts = appended_entries(sc, MAX_ENTRY_BYTES).map_err(|v| match v {
+        AppendViolation::NotAnAppend(detail) => ConsentError::NotAnAppend {
+            hash: hash(),
+            detail,
+        },
+        AppendViolation::BadEntry(detail) => bad(detail),
+    })?;
+    let mut out = Vec::with_capacity(texts.len());
+    for (id, text) in texts {
         let entry: Entry =
-            serde_json::from_str(text).map_err(|e| bad(format!("entry {}: {e}", id.short())))?;
+            serde_json::from_str(&text).map_err(|e| bad(format!("entry {}: {e}", id.short())))?;
         if entry.v != ENTRY_VERSION {
             return Err(bad(format!("entry version {} is not supported", entry.v)));
         }
@@ -460,27 +436,6 @@ fn check_ops(
 
 /// The entries a change adds, or why it is refused.
 type Checked = Result<Vec<(EntryId, Entry)>, ConsentError>;
-
-/// Maps `f` over `items`, on several threads when there are many.
-fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
-    let threads = std::thread::available_parallelism()
-        .map_or(1, std::num::NonZeroUsize::get)
-        .min(4);
-    if threads < 2 || items.len() < 1024 {
-        return items.iter().map(f).collect();
-    }
-    let per = items.len().div_ceil(threads);
-    std::thread::scope(|scope| {
-        let parts: Vec<_> = items
-            .chunks(per)
-            .map(|part| scope.spawn(|| part.iter().map(&f).collect::<Vec<R>>()))
-            .collect();
-        parts
-            .into_iter()
-            .flat_map(|h| h.join().expect("rule-check threads do not panic"))
-            .collect()
-    })
-}
 
 /// The state of one grant at one moment, as folded from the ledger.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -1076,6 +1031,19 @@ impl ConsentDoc {
     /// The current heads.
     pub fn heads(&self) -> Vec<ChangeHash> {
         self.doc.get_heads()
+    }
+
+    /// The changes this document holds that are not in the history of `heads` (the heads
+    /// another replica reported), in a causal order. Unknown heads are ignored.
+    pub fn changes_missing_from(&self, heads: &[ChangeHash]) -> Vec<&SignedChange> {
+        let index: HashMap<ChangeHash, usize> = self
+            .ledger
+            .changes
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.hash(), i))
+            .collect();
+        crate::relationship::missing_from(&self.ledger.changes, &index, heads)
     }
 
     /// Applies received changes; refused ones change nothing and are reported.

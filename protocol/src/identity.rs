@@ -82,6 +82,19 @@ impl IdentityKey {
     }
 }
 
+impl PartialOrd for IdentityKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// Identities order by their key bytes, so maps of identities iterate the same everywhere.
+impl Ord for IdentityKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_bytes().cmp(other.as_bytes())
+    }
+}
+
 impl fmt::Display for IdentityKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&bs58::encode(self.peer_id_bytes()).into_string())

@@ -1,15 +1,20 @@
-//! Rapport's pure core: identities, signed changes, the consent ledger, scopes and terms.
+//! Rapport's pure core: identities, signed changes, the consent ledger, relationships, the
+//! consent rules that gate them, scopes, terms and the sync protocol's wire format.
 //!
 //! Nothing here does I/O or reads the clock: time and randomness are passed in, so every
 //! rule is deterministic and testable.
 
+pub mod access;
+mod append;
 mod consent;
 mod identity;
 mod ledger_file;
 mod records;
+mod relationship;
 mod scope;
 mod signed;
 mod terms;
+pub mod wire;
 
 pub use consent::{
     ApplyReport, ConsentDoc, ConsentError, ConsentHeader, ENTRY_VERSION, Entry, EntryBody, EntryId,
@@ -24,6 +29,10 @@ pub use ledger_file::{
 pub use records::{
     ControllerInfo, ISO27560_MAPPING, KANTARA_CR_VERSION, RecordContext, RecordError,
     iso27560_records, kantara_receipts, rfc3339_utc,
+};
+pub use relationship::{
+    MAX_MEMBERS, MAX_MESSAGE_BYTES, MAX_REL_ENTRY_BYTES, MAX_TITLE, MemberView, REL_ENTRY_VERSION,
+    RelApplyReport, RelBody, RelEntry, RelError, RelHeader, RelationshipDoc,
 };
 pub use scope::{MAX_SCOPE_NAME, Scope, ScopeError};
 pub use signed::{

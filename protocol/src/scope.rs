@@ -30,7 +30,7 @@ pub enum Scope {
 )]
 pub struct ScopeError(pub String);
 
-fn valid_name(name: &str) -> bool {
+pub(crate) fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= MAX_SCOPE_NAME
         && name

@@ -1,0 +1,94 @@
+//! The shape shared by every Rapport document: a root map of content-addressed entries that
+//! a change may only add to.
+//!
+//! A valid change puts text values at new keys of the root map (no predecessor, so nothing
+//! is overwritten or deleted), and each key is the [`EntryId`] of its text. What the text
+//! must say is up to each document type.
+
+use automerge::ScalarValue;
+use automerge::legacy::{Key, ObjectId, OpType};
+
+use crate::consent::EntryId;
+use crate::signed::SignedChange;
+
+/// Why a change is not a plain append of entries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum AppendViolation {
+    /// Structural: the change does something other than add new root keys.
+    NotAnAppend(String),
+    /// The value is not text, too long, or sits under a key that is not its id.
+    BadEntry(String),
+}
+
+/// Reads the entries a change adds, as `(id, text)`, checking only the append-only shape and
+/// the size bound `max_entry_bytes`.
+pub(crate) fn appended_entries(
+    sc: &SignedChange,
+    max_entry_bytes: usize,
+) -> Result<Vec<(EntryId, String)>, AppendViolation> {
+    let expanded = sc.change().decode();
+    if expanded.operations.is_empty() {
+        return Err(AppendViolation::NotAnAppend("it has no operations".into()));
+    }
+    let mut out = Vec::with_capacity(expanded.operations.len());
+    for op in expanded.operations {
+        let (ObjectId::Root, Key::Map(key), false) = (&op.obj, &op.key, op.insert) else {
+            return Err(AppendViolation::NotAnAppend(
+                "it writes outside the root entry map".into(),
+            ));
+        };
+        if !op.pred.is_empty() {
+            return Err(AppendViolation::NotAnAppend(format!(
+                "it overwrites or deletes entry {key}"
+            )));
+        }
+        let text = match op.action {
+            OpType::Put(ScalarValue::Str(s)) => s,
+            OpType::Put(_) => {
+                return Err(AppendViolation::BadEntry(format!(
+                    "entry {key} is not text"
+                )));
+            }
+            _ => {
+                return Err(AppendViolation::NotAnAppend(format!(
+                    "it does not put a new entry at {key}"
+                )));
+            }
+        };
+        if text.len() > max_entry_bytes {
+            return Err(AppendViolation::BadEntry(format!(
+                "entry is {} bytes, limit {max_entry_bytes}",
+                text.len()
+            )));
+        }
+        let id = EntryId::of(&text);
+        if id.to_hex() != key.as_str() {
+            return Err(AppendViolation::BadEntry(format!(
+                "key {key} is not the id of its entry"
+            )));
+        }
+        out.push((id, text.to_string()));
+    }
+    Ok(out)
+}
+
+/// Maps `f` over `items`, on several threads when there are many.
+pub(crate) fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, std::num::NonZeroUsize::get)
+        .min(4);
+    if threads < 2 || items.len() < 1024 {
+        return items.iter().map(f).collect();
+    }
+    let per = items.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let parts: Vec<_> = items
+            .chunks(per)
+            .map(|part| scope.spawn(|| part.iter().map(&f).collect::<Vec<R>>()))
+            .collect();
+        parts
+            .into_iter()
+            .flat_map(|h| h.join().expect("rule-check threads do not panic"))
+            .collect()
+    })
+}

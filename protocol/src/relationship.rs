@@ -1,0 +1,810 @@
+//! Relationships: a shared space owned by a customer, with companies and other customers as
+//! members, conversation threads and messages, and the profile fields the owner disclosed.
+//!
+//! A relationship is an Automerge document of the same append-only shape as the consent
+//! ledger (see [`crate::ConsentDoc`]): a root map of content-addressed JSON entries, each
+//! added by a change its author signed. The rules every replica checks:
+//!
+//! - the author is the owner or a member the owner added;
+//! - an entry's `by` is the change's signer, so nobody writes words in another's name;
+//! - only the owner writes the title, membership and profile; members write threads and
+//!   their own messages;
+//! - sizes and shapes are bounded.
+//!
+//! Whether a member may write *now* (an active grant with `conversation:write`, and
+//! `contact:<purpose>` for a message of that purpose) is decided by the owner's node with
+//! [`crate::access`], because it depends on the consent ledger and the clock.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use automerge::transaction::{CommitOptions, Transactable};
+use automerge::{Automerge, ChangeHash, ROOT};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::append::{AppendViolation, appended_entries, par_map};
+use crate::consent::{EntryId, UnixSeconds};
+use crate::identity::{IdentityKey, SecretKey};
+use crate::scope::valid_name;
+use crate::signed::{ChangeError, DocId, SignedChange, actor_for, verify_all};
+
+/// The largest relationship entry text accepted (32 KiB).
+pub const MAX_REL_ENTRY_BYTES: usize = 32 * 1024;
+/// The longest message text, in bytes of UTF-8 (16 KiB).
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024;
+/// The longest title, name or profile value, in characters.
+pub const MAX_TITLE: usize = 200;
+/// The most members one relationship may have.
+pub const MAX_MEMBERS: usize = 1024;
+/// Version of the relationship entry schema written by this release.
+pub const REL_ENTRY_VERSION: u8 = 1;
+
+const REL_DOC_DOMAIN: &[u8] = b"rapport/relationship-doc/v1\0";
+
+/// What names a relationship document: its owner and a random nonce the owner picked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RelHeader {
+    /// The customer who owns the relationship.
+    pub owner: IdentityKey,
+    /// 16 random bytes, so one owner can open many relationships.
+    #[serde(with = "hex16")]
+    pub nonce: [u8; 16],
+}
+
+impl RelHeader {
+    /// The document id: SHA-256 of `"rapport/relationship-doc/v1\0" || owner || nonce`.
+    pub fn doc_id(&self) -> DocId {
+        let mut h = Sha256::new();
+        h.update(REL_DOC_DOMAIN);
+        h.update(self.owner.as_bytes());
+        h.update(self.nonce);
+        DocId(h.finalize().into())
+    }
+}
+
+mod hex16 {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(v: &[u8; 16], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&hex::encode(v))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 16], D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        let mut out = [0u8; 16];
+        hex::decode_to_slice(s.as_bytes(), &mut out)
+            .map_err(|_| serde::de::Error::custom("nonce is not 32 hex digits"))?;
+        Ok(out)
+    }
+}
+
+/// What a relationship entry says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum RelBody {
+    /// The relationship's title (the latest by time, then id, counts). Owner only.
+    Title {
+        /// The title.
+        title: String,
+    },
+    /// Adds a member. Owner only.
+    Member {
+        /// The member's identity.
+        member: IdentityKey,
+        /// How the owner names the member.
+        name: String,
+    },
+    /// Removes a member: the member writes nothing more that the owner's node accepts.
+    /// Owner only.
+    Remove {
+        /// The member removed.
+        member: IdentityKey,
+    },
+    /// A profile field the owner discloses to the members. Owner only.
+    Profile {
+        /// The field's name (as in `profile:<field>:read`).
+        field: String,
+        /// Its value.
+        value: String,
+    },
+    /// Starts a conversation thread. Owner or member.
+    Thread {
+        /// The thread's title.
+        title: String,
+    },
+    /// A message. Owner or member; always in the author's own name.
+    Message {
+        /// The thread, or none for the relationship's main thread.
+        thread: Option<EntryId>,
+        /// The text.
+        text: String,
+        /// Why the author writes: a member's message needs `contact:<purpose>`.
+        purpose: Option<String>,
+    },
+}
+
+impl RelBody {
+    /// The entry type's name, as in the JSON `type` field.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RelBody::Title { .. } => "title",
+            RelBody::Member { .. } => "member",
+            RelBody::Remove { .. } => "remove",
+            RelBody::Profile { .. } => "profile",
+            RelBody::Thread { .. } => "thread",
+            RelBody::Message { .. } => "message",
+        }
+    }
+
+    /// Whether only the owner may write this entry type.
+    pub fn owner_only(&self) -> bool {
+        matches!(
+            self,
+            RelBody::Title { .. }
+                | RelBody::Member { .. }
+                | RelBody::Remove { .. }
+                | RelBody::Profile { .. }
+        )
+    }
+
+    fn check_shape(&self) -> Result<(), String> {
+        let short = |what: &str, s: &str| {
+            if s.trim().is_empty() || s.chars().count() > MAX_TITLE {
+                Err(format!("{what} must be 1-{MAX_TITLE} characters"))
+            } else {
+                Ok(())
+            }
+        };
+        match self {
+            RelBody::Title { title } | RelBody::Thread { title } => short("a title", title),
+            RelBody::Member { name, .. } => short("a member's name", name),
+            RelBody::Remove { .. } => Ok(()),
+            RelBody::Profile { field, value } => {
+                if !valid_name(field) {
+                    return Err(format!(
+                        "profile field {:?} must be 1-64 characters a-z 0-9 _ . -",
+                        field.chars().take(80).collect::<String>()
+                    ));
+                }
+                if value.chars().count() > MAX_TITLE {
+                    return Err(format!(
+                        "a profile value must be at most {MAX_TITLE} characters"
+                    ));
+                }
+                Ok(())
+            }
+            RelBody::Message { text, purpose, .. } => {
+                if text.trim().is_empty() {
+                    return Err("a message cannot be empty".into());
+                }
+                if text.len() > MAX_MESSAGE_BYTES {
+                    return Err(format!(
+                        "a message is {} bytes, more than the limit of {MAX_MESSAGE_BYTES}",
+                        text.len()
+                    ));
+                }
+                match purpose {
+                    Some(p) if !valid_name(p) => Err(format!(
+                        "purpose {:?} must be 1-64 characters a-z 0-9 _ . -",
+                        p.chars().take(80).collect::<String>()
+                    )),
+                    _ => Ok(()),
+                }
+            }
+        }
+    }
+}
+
+/// One entry of a relationship.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelEntry {
+    /// Entry schema version.
+    pub v: u8,
+    /// Who wrote it; must be the author of the change that carries it.
+    pub by: IdentityKey,
+    /// When, by the writer's clock.
+    pub at: UnixSeconds,
+    /// What it says.
+    pub body: RelBody,
+}
+
+/// Why a relationship change or write was refused. The document is left as it was.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RelError {
+    /// The signature, author or encoding of the change does not check.
+    #[error(transparent)]
+    Change(#[from] ChangeError),
+    /// The author is neither the owner nor a member.
+    #[error("change {hash} is by {author}, who is not a member of this relationship")]
+    NotAMember {
+        /// Change hash.
+        hash: String,
+        /// The author's identity.
+        author: String,
+    },
+    /// The change does something other than add new entries.
+    #[error("change {hash} does not only append entries: {detail}")]
+    NotAnAppend {
+        /// Change hash.
+        hash: String,
+        /// What it did instead.
+        detail: String,
+    },
+    /// A member wrote an entry only the owner may write.
+    #[error("change {hash}: only the owner may write a {kind} entry")]
+    OwnerOnly {
+        /// Change hash.
+        hash: String,
+        /// Entry type.
+        kind: &'static str,
+    },
+    /// An entry is malformed, too large, or claims another author.
+    #[error("change {hash}: bad entry: {detail}")]
+    BadEntry {
+        /// Change hash.
+        hash: String,
+        /// What is wrong.
+        detail: String,
+    },
+    /// The change depends on changes this document does not hold.
+    #[error("change {hash} depends on {missing} change(s) this document does not hold")]
+    MissingDeps {
+        /// Change hash.
+        hash: String,
+        /// How many are missing.
+        missing: usize,
+    },
+    /// The owner's node refused the change under the consent rules (see [`crate::access`]).
+    #[error("change {hash} refused: {reason}")]
+    Denied {
+        /// Change hash.
+        hash: String,
+        /// Why.
+        reason: String,
+    },
+    /// A local write that breaks a rule.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// A member as folded from the document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MemberView {
+    /// The member's identity.
+    pub identity: IdentityKey,
+    /// The owner's name for the member.
+    pub name: String,
+    /// When added.
+    pub added_at: UnixSeconds,
+    /// When removed, if removed.
+    pub removed_at: Option<UnixSeconds>,
+}
+
+/// What applying a batch of relationship changes did.
+#[derive(Debug, Default)]
+pub struct RelApplyReport {
+    /// Changes newly applied, in the order applied.
+    pub applied: Vec<ChangeHash>,
+    /// Changes already held.
+    pub duplicates: usize,
+    /// Changes refused, with the reason.
+    pub rejected: Vec<(ChangeHash, RelError)>,
+}
+
+/// A relationship document: the verified entries and the Automerge document they make.
+#[derive(Debug, Clone)]
+pub struct RelationshipDoc {
+    header: RelHeader,
+    id: DocId,
+    entries: BTreeMap<EntryId, RelEntry>,
+    /// Entry ids in the order their changes were applied (a causal order).
+    order: Vec<EntryId>,
+    changes: Vec<SignedChange>,
+    /// Position of each held change in `changes`.
+    index: HashMap<ChangeHash, usize>,
+    /// The entries each change added.
+    by_change: HashMap<ChangeHash, Vec<EntryId>>,
+    /// Everyone the owner ever added, with the latest membership state.
+    members: BTreeMap<IdentityKey, MemberView>,
+    doc: Automerge,
+}
+
+/// The entries a change adds, or why it is refused.
+type Checked = Result<Vec<(EntryId, RelEntry)>, RelError>;
+
+impl RelationshipDoc {
+    /// An empty relationship.
+    pub fn new(header: RelHeader) -> Self {
+        Self {
+            id: header.doc_id(),
+            header,
+            entries: BTreeMap::new(),
+            order: Vec::new(),
+            changes: Vec::new(),
+            index: HashMap::new(),
+            by_change: HashMap::new(),
+            members: BTreeMap::new(),
+            doc: Automerge::new(),
+        }
+    }
+
+    /// Builds a relationship from stored changes, refusing it whole if any does not check.
+    pub fn load(header: RelHeader, changes: Vec<SignedChange>) -> Result<Self, RelError> {
+        let mut doc = Self::new(header);
+        let report = doc.apply(changes);
+        match report.rejected.into_iter().next() {
+            Some((_, e)) => Err(e),
+            None => Ok(doc),
+        }
+    }
+
+    /// Who owns it and its nonce.
+    pub fn header(&self) -> &RelHeader {
+        &self.header
+    }
+
+    /// The document id.
+    pub fn id(&self) -> DocId {
+        self.id
+    }
+
+    /// The current heads.
+    pub fn heads(&self) -> Vec<ChangeHash> {
+        self.doc.get_heads()
+    }
+
+    /// All changes, each after its dependencies.
+    pub fn changes(&self) -> &[SignedChange] {
+        &self.changes
+    }
+
+    /// Whether the document holds this change.
+    pub fn has_change(&self, hash: &ChangeHash) -> bool {
+        self.index.contains_key(hash)
+    }
+
+    /// The Automerge document.
+    pub fn automerge(&self) -> &Automerge {
+        &self.doc
+    }
+
+    /// All entries, by id.
+    pub fn entries(&self) -> &BTreeMap<EntryId, RelEntry> {
+        &self.entries
+    }
+
+    /// Entries in a causal order.
+    pub fn entries_in_order(&self) -> impl Iterator<Item = (&EntryId, &RelEntry)> {
+        self.order.iter().map(|id| (id, &self.entries[id]))
+    }
+
+    /// The entries a held change added.
+    pub fn entries_of_change(&self, hash: &ChangeHash) -> Vec<(EntryId, &RelEntry)> {
+        self.by_change
+            .get(hash)
+            .into_iter()
+            .flatten()
+            .map(|id| (*id, &self.entries[id]))
+            .collect()
+    }
+
+    /// The title: the latest `title` entry by time then id, if any.
+    pub fn title(&self) -> Option<&str> {
+        self.entries
+            .iter()
+            .filter_map(|(id, e)| match &e.body {
+                RelBody::Title { title } => Some(((e.at, *id), title.as_str())),
+                _ => None,
+            })
+            .max_by_key(|(k, _)| *k)
+            .map(|(_, t)| t)
+    }
+
+    /// Everyone the owner ever added, with their current state.
+    pub fn members(&self) -> impl Iterator<Item = &MemberView> {
+        self.members.values()
+    }
+
+    /// Whether `who` is a member now (added and not removed).
+    pub fn is_member(&self, who: &IdentityKey) -> bool {
+        self.members
+            .get(who)
+            .is_some_and(|m| m.removed_at.is_none())
+    }
+
+    /// The disclosed profile: the latest value of each field.
+    pub fn profile(&self) -> BTreeMap<String, String> {
+        let mut latest: BTreeMap<String, ((UnixSeconds, EntryId), String)> = BTreeMap::new();
+        for (id, e) in &self.entries {
+            if let RelBody::Profile { field, value } = &e.body {
+                let key = (e.at, *id);
+                if latest.get(field).is_none_or(|(k, _)| *k < key) {
+                    latest.insert(field.clone(), (key, value.clone()));
+                }
+            }
+        }
+        latest.into_iter().map(|(f, (_, v))| (f, v)).collect()
+    }
+
+    /// Every message, oldest first (by the author's time, then id).
+    pub fn messages(&self) -> Vec<(EntryId, &RelEntry)> {
+        let mut out: Vec<(EntryId, &RelEntry)> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| matches!(e.body, RelBody::Message { .. }))
+            .map(|(id, e)| (*id, e))
+            .collect();
+        out.sort_by_key(|(id, e)| (e.at, *id));
+        out
+    }
+
+    /// The changes this document holds that are not in the history of `heads` (the heads
+    /// another replica reported), in a causal order. Heads this document does not know are
+    /// ignored, so the answer may include changes the other side already holds.
+    pub fn changes_missing_from(&self, heads: &[ChangeHash]) -> Vec<&SignedChange> {
+        missing_from(&self.changes, &self.index, heads)
+    }
+
+    /// Applies received changes, refusing those that do not check. Nothing refused is kept.
+    pub fn apply(&mut self, changes: Vec<SignedChange>) -> RelApplyReport {
+        self.apply_gated(changes, |_, _| Ok(()))
+    }
+
+    /// Like [`apply`](Self::apply), with one more rule: `gate` sees each change's author and
+    /// entries once every other rule holds, and may refuse it with a reason (the owner's
+    /// node uses this for the consent rules).
+    pub fn apply_gated(
+        &mut self,
+        changes: Vec<SignedChange>,
+        mut gate: impl FnMut(&IdentityKey, &[(EntryId, RelEntry)]) -> Result<(), String>,
+    ) -> RelApplyReport {
+        let mut report = RelApplyReport::default();
+        let mut seen = HashSet::new();
+        let fresh: Vec<SignedChange> = changes
+            .into_iter()
+            .filter(|c| {
+                let new = !self.index.contains_key(&c.hash()) && seen.insert(c.hash());
+                if !new {
+                    report.duplicates += 1;
+                }
+                new
+            })
+            .collect();
+        // Signatures first, against the key each change names; whether that key may write
+        // here is decided in causal order below, since a batch may add a member and carry
+        // that member's first message.
+        let mut named: Vec<IdentityKey> = Vec::new();
+        for c in &fresh {
+            if let Ok(k) = IdentityKey::from_bytes(c.author_bytes())
+                && !named.contains(&k)
+            {
+                named.push(k);
+            }
+        }
+        let verdicts = verify_all(&self.id, &fresh, &named);
+        let mut verified = Vec::with_capacity(fresh.len());
+        for (c, verdict) in fresh.into_iter().zip(verdicts) {
+            match verdict {
+                Ok(author) => verified.push((c, author)),
+                Err(e) => report.rejected.push((c.hash(), e.into())),
+            }
+        }
+        let owner = self.header.owner;
+        let checked = par_map(&verified, |(c, author)| check_ops(&owner, c, author));
+        let mut waiting: Vec<(SignedChange, IdentityKey, Checked)> = verified
+            .into_iter()
+            .zip(checked)
+            .map(|((c, a), r)| (c, a, r))
+            .collect();
+        let before = self.changes.len();
+        loop {
+            let pending = waiting.len();
+            let mut still = Vec::new();
+            for (c, author, entries) in waiting {
+                if !c.change().deps().iter().all(|d| self.index.contains_key(d)) {
+                    still.push((c, author, entries));
+                    continue;
+                }
+                let verdict = entries.and_then(|entries| {
+                    self.check_state(&c, &author, &entries)?;
+                    gate(&author, &entries).map_err(|reason| RelError::Denied {
+                        hash: c.hash().to_string(),
+                        reason,
+                    })?;
+                    Ok(entries)
+                });
+                match verdict {
+                    Ok(entries) => {
+                        report.applied.push(c.hash());
+                        self.record(c, entries);
+                    }
+                    Err(e) => report.rejected.push((c.hash(), e)),
+                }
+            }
+            waiting = still;
+            if waiting.is_empty() || waiting.len() == pending {
+                break;
+            }
+        }
+        for (c, _, _) in waiting {
+            let missing = c
+                .change()
+                .deps()
+                .iter()
+                .filter(|d| !self.index.contains_key(d))
+                .count();
+            report.rejected.push((
+                c.hash(),
+                RelError::MissingDeps {
+                    hash: c.hash().to_string(),
+                    missing,
+                },
+            ));
+        }
+        let fresh: Vec<automerge::Change> = self.changes[before..]
+            .iter()
+            .map(|c| c.change().clone())
+            .collect();
+        if !fresh.is_empty() && self.doc.apply_changes(fresh).is_err() {
+            // Automerge refused what every rule accepted; it should not. Keep the document
+            // as it was and refuse the batch rather than hold a ledger it cannot show.
+            let refused: Vec<SignedChange> = self.changes[before..].to_vec();
+            *self = Self::load(self.header, self.changes[..before].to_vec())
+                .expect("changes applied before apply again");
+            report.applied.clear();
+            for c in refused {
+                report.rejected.push((
+                    c.hash(),
+                    RelError::BadEntry {
+                        hash: c.hash().to_string(),
+                        detail: "Automerge could not apply the change".into(),
+                    },
+                ));
+            }
+        }
+        report
+    }
+
+    /// Writes one entry as `key`'s identity at time `at`, signing the change. Returns the
+    /// entry id and the signed change to store and send. On any error nothing changes.
+    pub fn append(
+        &mut self,
+        key: &SecretKey,
+        nonce: [u8; 16],
+        at: UnixSeconds,
+        body: RelBody,
+    ) -> Result<(EntryId, SignedChange), RelError> {
+        let author = key.identity();
+        body.check_shape().map_err(RelError::Refused)?;
+        if author != self.header.owner {
+            if !self.is_member(&author) {
+                return Err(RelError::Refused(format!(
+                    "{author} is not a member of relationship {}",
+                    self.id
+                )));
+            }
+            if body.owner_only() {
+                return Err(RelError::Refused(format!(
+                    "only the owner may write a {} entry",
+                    body.kind()
+                )));
+            }
+        }
+        match &body {
+            RelBody::Member { member, .. } => {
+                if *member == self.header.owner {
+                    return Err(RelError::Refused(
+                        "the owner is not added as a member of their own relationship".into(),
+                    ));
+                }
+                if self.is_member(member) {
+                    return Err(RelError::Refused(format!("{member} is already a member")));
+                }
+            }
+            RelBody::Remove { member } if !self.is_member(member) => {
+                return Err(RelError::Refused(format!("{member} is not a member")));
+            }
+            RelBody::Message {
+                thread: Some(t), ..
+            } if !matches!(
+                self.entries.get(t).map(|e| &e.body),
+                Some(RelBody::Thread { .. })
+            ) =>
+            {
+                return Err(RelError::Refused(format!(
+                    "there is no thread {} in this relationship",
+                    t.short()
+                )));
+            }
+            _ => {}
+        }
+        let entry = RelEntry {
+            v: REL_ENTRY_VERSION,
+            by: author,
+            at,
+            body,
+        };
+        let text = serde_json::to_string(&entry).expect("entries serialise");
+        if text.len() > MAX_REL_ENTRY_BYTES {
+            return Err(RelError::Refused(format!(
+                "the entry is {} bytes, more than the limit of {MAX_REL_ENTRY_BYTES}",
+                text.len()
+            )));
+        }
+        let id = EntryId::of(&text);
+        if self.entries.contains_key(&id) {
+            return Err(RelError::Refused(format!(
+                "entry {} already exists",
+                id.short()
+            )));
+        }
+        let actor = actor_for(&author, nonce);
+        if self.doc.get_actor() != &actor {
+            self.doc.set_actor(actor);
+        }
+        let mut tx = self.doc.transaction();
+        tx.put(ROOT, id.to_hex(), text)
+            .map_err(|e| RelError::Refused(e.to_string()))?;
+        tx.commit_with(CommitOptions::default().with_time(at as i64));
+        let change = self
+            .doc
+            .get_last_local_change()
+            .expect("a change was just committed");
+        let signed = SignedChange::sign(&self.id, change, key)?;
+        let entries = check_ops(&self.header.owner, &signed, &author)?;
+        self.check_state(&signed, &author, &entries)?;
+        self.record(signed.clone(), entries);
+        Ok((id, signed))
+    }
+
+    /// Rules that depend on what the document already holds.
+    fn check_state(
+        &self,
+        sc: &SignedChange,
+        author: &IdentityKey,
+        entries: &[(EntryId, RelEntry)],
+    ) -> Result<(), RelError> {
+        if *author != self.header.owner && !self.members.contains_key(author) {
+            return Err(RelError::NotAMember {
+                hash: sc.hash().to_string(),
+                author: author.to_string(),
+            });
+        }
+        for (id, e) in entries {
+            if self.entries.contains_key(id) {
+                return Err(RelError::NotAnAppend {
+                    hash: sc.hash().to_string(),
+                    detail: format!("entry {} already exists", id.short()),
+                });
+            }
+            if let RelBody::Member { member, .. } = &e.body {
+                if *member == self.header.owner {
+                    return Err(RelError::BadEntry {
+                        hash: sc.hash().to_string(),
+                        detail: "the owner cannot be added as a member".into(),
+                    });
+                }
+                if !self.members.contains_key(member) && self.members.len() >= MAX_MEMBERS {
+                    return Err(RelError::BadEntry {
+                        hash: sc.hash().to_string(),
+                        detail: format!("a relationship has at most {MAX_MEMBERS} members"),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn record(&mut self, sc: SignedChange, entries: Vec<(EntryId, RelEntry)>) {
+        let hash = sc.hash();
+        self.index.insert(hash, self.changes.len());
+        self.changes.push(sc);
+        let mut ids = Vec::with_capacity(entries.len());
+        for (id, e) in entries {
+            match &e.body {
+                RelBody::Member { member, name } => {
+                    let m = self.members.entry(*member).or_insert_with(|| MemberView {
+                        identity: *member,
+                        name: name.clone(),
+                        added_at: e.at,
+                        removed_at: None,
+                    });
+                    // A later addition (by time) after a removal re-admits the member.
+                    if m.removed_at.is_some_and(|r| r <= e.at) {
+                        m.removed_at = None;
+                        m.added_at = e.at;
+                        m.name = name.clone();
+                    }
+                }
+                RelBody::Remove { member } => {
+                    if let Some(m) = self.members.get_mut(member)
+                        && m.added_at <= e.at
+                        && m.removed_at.is_none_or(|r| r > e.at)
+                    {
+                        m.removed_at = Some(e.at);
+                    }
+                }
+                _ => {}
+            }
+            self.order.push(id);
+            ids.push(id);
+            self.entries.insert(id, e);
+        }
+        self.by_change.insert(hash, ids);
+    }
+}
+
+/// Changes of `changes` (in causal order, with `index` giving positions) that are not in
+/// the history of the known members of `heads`.
+pub(crate) fn missing_from<'a>(
+    changes: &'a [SignedChange],
+    index: &HashMap<ChangeHash, usize>,
+    heads: &[ChangeHash],
+) -> Vec<&'a SignedChange> {
+    let mut have = vec![false; changes.len()];
+    let mut stack: Vec<usize> = heads.iter().filter_map(|h| index.get(h).copied()).collect();
+    while let Some(i) = stack.pop() {
+        if std::mem::replace(&mut have[i], true) {
+            continue;
+        }
+        for d in changes[i].change().deps() {
+            if let Some(&j) = index.get(d)
+                && !have[j]
+            {
+                stack.push(j);
+            }
+        }
+    }
+    changes
+        .iter()
+        .zip(have)
+        .filter(|(_, h)| !h)
+        .map(|(c, _)| c)
+        .collect()
+}
+
+/// Checks one change's entries against the rules that depend only on the change.
+fn check_ops(
+    owner: &IdentityKey,
+    sc: &SignedChange,
+    author: &IdentityKey,
+) -> Result<Vec<(EntryId, RelEntry)>, RelError> {
+    let hash = || sc.hash().to_string();
+    let bad = |detail: String| RelError::BadEntry {
+        hash: hash(),
+        detail,
+    };
+    let texts = appended_entries(sc, MAX_REL_ENTRY_BYTES).map_err(|v| match v {
+        AppendViolation::NotAnAppend(detail) => RelError::NotAnAppend {
+            hash: hash(),
+            detail,
+        },
+        AppendViolation::BadEntry(detail) => bad(detail),
+    })?;
+    let mut out = Vec::with_capacity(texts.len());
+    for (id, text) in texts {
+        let entry: RelEntry =
+            serde_json::from_str(&text).map_err(|e| bad(format!("entry {}: {e}", id.short())))?;
+        if entry.v != REL_ENTRY_VERSION {
+            return Err(bad(format!("entry version {} is not supported", entry.v)));
+        }
+        if &entry.by != author {
+            return Err(bad(format!(
+                "entry {} claims to be by {}, but the change is signed by {author}",
+                id.short(),
+                entry.by
+            )));
+        }
+        if entry.body.owner_only() && author != owner {
+            return Err(RelError::OwnerOnly {
+                hash: hash(),
+                kind: entry.body.kind(),
+            });
+        }
+        entry.body.check_shape().map_err(bad)?;
+        out.push((id, entry));
+    }
+    Ok(out)
+}

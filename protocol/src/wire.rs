@@ -1,0 +1,537 @@
+//! The sync protocol's messages and their binary encoding.
+//!
+//! One request-response exchange per round: the initiator sends a document's header, its
+//! heads, and the signed changes it believes the responder lacks; the responder verifies
+//! and stores those, and answers with its own heads and the changes the initiator lacks.
+//! Rounds repeat until both hold the same heads.
+//!
+//! Every message starts with the magic `RPS`, a version byte and a type byte. Integers are
+//! big-endian. Decoding checks every length against the limits below before allocating,
+//! refuses trailing bytes, and never panics (see the property tests and fuzz target).
+//!
+//! ```text
+//! request   = "RPS" 01 01 docref heads changes
+//! response  = "RPS" 01 02 heads changes more:u8 refused
+//!           | "RPS" 01 03 code:u8 text
+//! docref    = 01 customer:32 grantee:32          (consent document)
+//!           | 02 owner:32 nonce:16               (relationship document)
+//! heads     = n:u32 (hash:32){n}                 n <= MAX_HEADS
+//! changes   = n:u32 (len:u32 bytes){n}           n <= MAX_CHANGES_PER_MESSAGE,
+//!                                                len <= MAX_SIGNED_CHANGE_BYTES
+//! refused   = n:u32 (hash:32 text){n}            n <= MAX_CHANGES_PER_MESSAGE
+//! text      = len:u16 utf8                       len <= MAX_REASON_BYTES
+//! ```
+
+use automerge::ChangeHash;
+
+use crate::consent::ConsentHeader;
+use crate::identity::IdentityKey;
+use crate::relationship::RelHeader;
+use crate::signed::{DocId, MAX_SIGNED_CHANGE_BYTES};
+
+/// The libp2p protocol id of this version of the sync protocol.
+pub const SYNC_PROTOCOL: &str = "/rapport/sync/1";
+/// The largest encoded message (request or response) either side accepts: 32 MiB.
+pub const MAX_WIRE_MESSAGE: usize = 32 << 20;
+/// The changes a sender puts in one message stop once they pass this size: 4 MiB. The
+/// rest follow in later rounds.
+pub const CHUNK_BYTES: usize = 4 << 20;
+/// The most heads a message may list.
+pub const MAX_HEADS: usize = 1024;
+/// The most changes one message may carry.
+pub const MAX_CHANGES_PER_MESSAGE: usize = 100_000;
+/// The longest reason text.
+pub const MAX_REASON_BYTES: usize = 1024;
+
+const MAGIC: &[u8; 3] = b"RPS";
+const VERSION: u8 = 1;
+
+/// Which document a sync exchange is about. The header travels so the receiver can derive
+/// and check the document id itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DocRef {
+    /// A consent document.
+    Consent(ConsentHeader),
+    /// A relationship document.
+    Relationship(RelHeader),
+}
+
+impl DocRef {
+    /// The document id.
+    pub fn doc_id(&self) -> DocId {
+        match self {
+            DocRef::Consent(h) => h.doc_id(),
+            DocRef::Relationship(h) => h.doc_id(),
+        }
+    }
+}
+
+/// One round, from the initiator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncRequest {
+    /// The document.
+    pub doc: DocRef,
+    /// The initiator's heads.
+    pub heads: Vec<ChangeHash>,
+    /// Encoded signed changes the initiator believes the responder lacks, each after its
+    /// dependencies.
+    pub changes: Vec<Vec<u8>>,
+}
+
+/// Why a responder refuses a whole request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RefusalCode {
+    /// The requester may not sync this document (no grant, revoked, not a party).
+    Forbidden = 1,
+    /// The request is malformed or its document is unknown and cannot be created.
+    BadRequest = 2,
+    /// The requester sent too much or too often.
+    RateLimited = 3,
+    /// The responder failed (its store); try again later.
+    Unavailable = 4,
+}
+
+impl RefusalCode {
+    fn from_u8(b: u8) -> Option<Self> {
+        Some(match b {
+            1 => Self::Forbidden,
+            2 => Self::BadRequest,
+            3 => Self::RateLimited,
+            4 => Self::Unavailable,
+            _ => return None,
+        })
+    }
+}
+
+/// The responder's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SyncResponse {
+    /// The round went through.
+    Sync {
+        /// The responder's heads after applying the request's changes.
+        heads: Vec<ChangeHash>,
+        /// Encoded signed changes the initiator lacks, each after its dependencies.
+        changes: Vec<Vec<u8>>,
+        /// More changes follow in the next round (this message was cut at
+        /// [`CHUNK_BYTES`]).
+        more: bool,
+        /// The request's changes the responder refused, with the reason.
+        refused: Vec<(ChangeHash, String)>,
+    },
+    /// The whole request was refused.
+    Refused {
+        /// Why, as a code.
+        code: RefusalCode,
+        /// Why, for a person.
+        detail: String,
+    },
+}
+
+/// Why bytes are not a sync message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum WireError {
+    /// Longer than [`MAX_WIRE_MESSAGE`].
+    #[error("sync message is {0} bytes, more than the limit of {MAX_WIRE_MESSAGE}")]
+    TooLarge(usize),
+    /// Not a message of this protocol version.
+    #[error("not a Rapport sync message of version 1")]
+    BadMagic,
+    /// Ends early, has bytes left over, or a field is out of range.
+    #[error("malformed sync message: {0}")]
+    Malformed(&'static str),
+    /// A count or length over its limit.
+    #[error("sync message field over its limit: {0}")]
+    OverLimit(&'static str),
+    /// An identity in the header is not a valid key.
+    #[error("sync message names an invalid identity")]
+    BadIdentity,
+}
+
+struct Writer(Vec<u8>);
+
+impl Writer {
+    fn new(kind: u8) -> Self {
+        let mut v = Vec::with_capacity(64);
+        v.extend_from_slice(MAGIC);
+        v.push(VERSION);
+        v.push(kind);
+        Self(v)
+    }
+
+    fn u32(&mut self, n: usize) {
+        self.0
+            .extend_from_slice(&u32::try_from(n).expect("bounded by limits").to_be_bytes());
+    }
+
+    fn heads(&mut self, heads: &[ChangeHash]) {
+        self.u32(heads.len());
+        for h in heads {
+            self.0.extend_from_slice(&h.0);
+        }
+    }
+
+    fn changes(&mut self, changes: &[Vec<u8>]) {
+        self.u32(changes.len());
+        for c in changes {
+            self.u32(c.len());
+            self.0.extend_from_slice(c);
+        }
+    }
+
+    fn text(&mut self, s: &str) {
+        let s = truncate(s, MAX_REASON_BYTES);
+        self.0.extend_from_slice(&(s.len() as u16).to_be_bytes());
+        self.0.extend_from_slice(s.as_bytes());
+    }
+}
+
+/// Cuts `s` to at most `max` bytes on a character boundary.
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
+        if self.0.len() < n {
+            return Err(WireError::Malformed("message ends early"));
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Ok(a)
+    }
+
+    fn u8(&mut self) -> Result<u8, WireError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u32(&mut self) -> Result<usize, WireError> {
+        let b = self.take(4)?;
+        Ok(u32::from_be_bytes(b.try_into().expect("4 bytes")) as usize)
+    }
+
+    fn arr<const N: usize>(&mut self) -> Result<[u8; N], WireError> {
+        Ok(self.take(N)?.try_into().expect("N bytes"))
+    }
+
+    fn identity(&mut self) -> Result<IdentityKey, WireError> {
+        IdentityKey::from_bytes(&self.arr::<32>()?).map_err(|_| WireError::BadIdentity)
+    }
+
+    fn heads(&mut self) -> Result<Vec<ChangeHash>, WireError> {
+        let n = self.u32()?;
+        if n > MAX_HEADS {
+            return Err(WireError::OverLimit("heads"));
+        }
+        if self.0.len() < n * 32 {
+            return Err(WireError::Malformed("message ends early"));
+        }
+        (0..n).map(|_| Ok(ChangeHash(self.arr()?))).collect()
+    }
+
+    fn changes(&mut self) -> Result<Vec<Vec<u8>>, WireError> {
+        let n = self.u32()?;
+        if n > MAX_CHANGES_PER_MESSAGE {
+            return Err(WireError::OverLimit("changes"));
+        }
+        // Each change takes at least its 4-byte length, so a count the rest cannot hold is
+        // refused before anything is allocated.
+        if self.0.len() < n * 4 {
+            return Err(WireError::Malformed("message ends early"));
+        }
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let len = self.u32()?;
+            if len > MAX_SIGNED_CHANGE_BYTES {
+                return Err(WireError::OverLimit("change size"));
+            }
+            out.push(self.take(len)?.to_vec());
+        }
+        Ok(out)
+    }
+
+    fn text(&mut self) -> Result<String, WireError> {
+        let b = self.take(2)?;
+        let len = u16::from_be_bytes([b[0], b[1]]) as usize;
+        if len > MAX_REASON_BYTES {
+            return Err(WireError::OverLimit("reason text"));
+        }
+        let bytes = self.take(len)?;
+        String::from_utf8(bytes.to_vec()).map_err(|_| WireError::Malformed("text is not UTF-8"))
+    }
+
+    fn end(self) -> Result<(), WireError> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(WireError::Malformed("bytes follow the message"))
+        }
+    }
+}
+
+fn open<'a>(bytes: &'a [u8], kinds: &[u8]) -> Result<(u8, Reader<'a>), WireError> {
+    if bytes.len() > MAX_WIRE_MESSAGE {
+        return Err(WireError::TooLarge(bytes.len()));
+    }
+    let mut r = Reader(bytes);
+    let head = r.take(5).map_err(|_| WireError::BadMagic)?;
+    if &head[..3] != MAGIC || head[3] != VERSION || !kinds.contains(&head[4]) {
+        return Err(WireError::BadMagic);
+    }
+    Ok((head[4], r))
+}
+
+impl SyncRequest {
+    /// Encodes the request.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::new(1);
+        match &self.doc {
+            DocRef::Consent(h) => {
+                w.0.push(1);
+                w.0.extend_from_slice(h.customer.as_bytes());
+                w.0.extend_from_slice(h.grantee.as_bytes());
+            }
+            DocRef::Relationship(h) => {
+                w.0.push(2);
+                w.0.extend_from_slice(h.owner.as_bytes());
+                w.0.extend_from_slice(&h.nonce);
+            }
+        }
+        w.heads(&self.heads);
+        w.changes(&self.changes);
+        w.0
+    }
+
+    /// Decodes a request, checking every bound.
+    pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
+        let (_, mut r) = open(bytes, &[1])?;
+        let doc = match r.u8()? {
+            1 => {
+                let customer = r.identity()?;
+                let grantee = r.identity()?;
+                if customer == grantee {
+                    return Err(WireError::Malformed("a consent document needs two parties"));
+                }
+                DocRef::Consent(ConsentHeader { customer, grantee })
+            }
+            2 => DocRef::Relationship(RelHeader {
+                owner: r.identity()?,
+                nonce: r.arr()?,
+            }),
+            _ => return Err(WireError::Malformed("unknown document kind")),
+        };
+        let heads = r.heads()?;
+        let changes = r.changes()?;
+        r.end()?;
+        Ok(Self {
+            doc,
+            heads,
+            changes,
+        })
+    }
+}
+
+impl SyncResponse {
+    /// Encodes the response.
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            SyncResponse::Sync {
+                heads,
+                changes,
+                more,
+                refused,
+            } => {
+                let mut w = Writer::new(2);
+                w.heads(heads);
+                w.changes(changes);
+                w.0.push(u8::from(*more));
+                w.u32(refused.len());
+                for (h, why) in refused {
+                    w.0.extend_from_slice(&h.0);
+                    w.text(why);
+                }
+                w.0
+            }
+            SyncResponse::Refused { code, detail } => {
+                let mut w = Writer::new(3);
+                w.0.push(*code as u8);
+                w.text(detail);
+                w.0
+            }
+        }
+    }
+
+    /// Decodes a response, checking every bound.
+    pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
+        let (kind, mut r) = open(bytes, &[2, 3])?;
+        let out = if kind == 2 {
+            let heads = r.heads()?;
+            let changes = r.changes()?;
+            let more = match r.u8()? {
+                0 => false,
+                1 => true,
+                _ => return Err(WireError::Malformed("the `more` flag is not 0 or 1")),
+            };
+            let n = r.u32()?;
+            if n > MAX_CHANGES_PER_MESSAGE {
+                return Err(WireError::OverLimit("refused"));
+            }
+            if r.0.len() < n * 34 {
+                return Err(WireError::Malformed("message ends early"));
+            }
+            let mut refused = Vec::with_capacity(n);
+            for _ in 0..n {
+                refused.push((ChangeHash(r.arr()?), r.text()?));
+            }
+            SyncResponse::Sync {
+                heads,
+                changes,
+                more,
+                refused,
+            }
+        } else {
+            let code = RefusalCode::from_u8(r.u8()?)
+                .ok_or(WireError::Malformed("unknown refusal code"))?;
+            SyncResponse::Refused {
+                code,
+                detail: r.text()?,
+            }
+        };
+        r.end()?;
+        Ok(out)
+    }
+}
+
+/// Picks a prefix of `changes` (already encoded) that fits one message: at most
+/// [`CHUNK_BYTES`] (but always at least one change) and [`MAX_CHANGES_PER_MESSAGE`].
+/// Returns the prefix and whether anything was left out.
+pub fn chunk(changes: Vec<Vec<u8>>) -> (Vec<Vec<u8>>, bool) {
+    let mut size = 0;
+    let mut n = 0;
+    for c in &changes {
+        if n > 0 && (size + c.len() + 4 > CHUNK_BYTES || n >= MAX_CHANGES_PER_MESSAGE) {
+            break;
+        }
+        size += c.len() + 4;
+        n += 1;
+    }
+    let more = n < changes.len();
+    let mut changes = changes;
+    changes.truncate(n);
+    (changes, more)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::SecretKey;
+    use proptest::prelude::*;
+
+    fn key(n: u8) -> IdentityKey {
+        SecretKey::from_seed([n; 32]).identity()
+    }
+
+    fn arb_hash() -> impl Strategy<Value = ChangeHash> {
+        any::<[u8; 32]>().prop_map(ChangeHash)
+    }
+
+    fn arb_doc() -> impl Strategy<Value = DocRef> {
+        prop_oneof![
+            (1u8..100, 100u8..200).prop_map(|(a, b)| DocRef::Consent(ConsentHeader {
+                customer: key(a),
+                grantee: key(b)
+            })),
+            (1u8..100, any::<[u8; 16]>()).prop_map(|(a, nonce)| DocRef::Relationship(RelHeader {
+                owner: key(a),
+                nonce
+            })),
+        ]
+    }
+
+    fn arb_changes() -> impl Strategy<Value = Vec<Vec<u8>>> {
+        prop::collection::vec(prop::collection::vec(any::<u8>(), 0..300), 0..8)
+    }
+
+    proptest! {
+        #[test]
+        fn requests_round_trip(doc in arb_doc(), heads in prop::collection::vec(arb_hash(), 0..5), changes in arb_changes()) {
+            let req = SyncRequest { doc, heads, changes };
+            prop_assert_eq!(SyncRequest::decode(&req.encode()).unwrap(), req);
+        }
+
+        #[test]
+        fn responses_round_trip(heads in prop::collection::vec(arb_hash(), 0..5), changes in arb_changes(), more: bool,
+                                refused in prop::collection::vec((arb_hash(), "\\PC{0,40}"), 0..4), detail in "\\PC{0,60}", forbidden: bool) {
+            let r = SyncResponse::Sync { heads, changes, more, refused };
+            prop_assert_eq!(SyncResponse::decode(&r.encode()).unwrap(), r);
+            let code = if forbidden { RefusalCode::Forbidden } else { RefusalCode::RateLimited };
+            let r = SyncResponse::Refused { code, detail };
+            prop_assert_eq!(SyncResponse::decode(&r.encode()).unwrap(), r);
+        }
+
+        #[test]
+        fn decoders_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..600)) {
+            let _ = SyncRequest::decode(&bytes);
+            let _ = SyncResponse::decode(&bytes);
+        }
+
+        #[test]
+        fn any_truncation_or_extension_is_refused(doc in arb_doc(), changes in arb_changes(), cut in any::<prop::sample::Index>(), extra in 1u8..=255) {
+            let bytes = SyncRequest { doc, heads: vec![], changes }.encode();
+            let i = cut.index(bytes.len());
+            prop_assert!(SyncRequest::decode(&bytes[..i]).is_err());
+            let mut longer = bytes.clone();
+            longer.push(extra);
+            prop_assert!(SyncRequest::decode(&longer).is_err());
+        }
+
+        #[test]
+        fn chunks_are_prefixes_within_bounds(sizes in prop::collection::vec(0usize..(2 << 20), 0..12)) {
+            let changes: Vec<Vec<u8>> = sizes.iter().map(|&n| vec![0u8; n]).collect();
+            let (part, more) = chunk(changes.clone());
+            prop_assert_eq!(more, part.len() < changes.len());
+            prop_assert!(changes.is_empty() || !part.is_empty());
+            let size: usize = part.iter().map(|c| c.len() + 4).sum();
+            prop_assert!(part.len() == 1 || size <= CHUNK_BYTES);
+        }
+    }
+
+    #[test]
+    fn oversized_counts_are_refused_before_allocating() {
+        let mut bytes = SyncRequest {
+            doc: DocRef::Relationship(RelHeader {
+                owner: key(1),
+                nonce: [0; 16],
+            }),
+            heads: vec![],
+            changes: vec![],
+        }
+        .encode();
+        // Claim a huge number of changes in a tiny message.
+        let n = bytes.len();
+        bytes[n - 4..].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert_eq!(
+            SyncRequest::decode(&bytes),
+            Err(WireError::OverLimit("changes"))
+        );
+        bytes[n - 4..].copy_from_slice(&1000u32.to_be_bytes());
+        assert_eq!(
+            SyncRequest::decode(&bytes),
+            Err(WireError::Malformed("message ends early"))
+        );
+        assert_eq!(
+            SyncRequest::decode(&vec![0u8; MAX_WIRE_MESSAGE + 1]),
+            Err(WireError::TooLarge(MAX_WIRE_MESSAGE + 1))
+        );
+    }
+}
