@@ -1,5 +1,6 @@
-//! Rapport's node runtime: everything that has effects. Today that is the store; the
-//! network, sync engine and local API build on it.
+//! Rapport's node runtime: everything that has effects. The store keeps documents durably;
+//! the engine holds every rule about what is stored, served and accepted; the network loop
+//! syncs documents with peers over libp2p; the local API serves the CLI and other programs.
 //!
 //! ```no_run
 //! use rapport_node::Store;
@@ -11,8 +12,24 @@
 //! # Ok(()) }
 //! ```
 
+mod api;
+mod engine;
 mod error;
+mod net;
+mod node;
 mod store;
+mod sync;
+mod views;
 
+pub use api::{DEFAULT_WAIT, OPENAPI_PATH, ROUTES, openapi, router};
+pub use engine::{
+    Engine, EngineError, GrantArgs, MAX_RELS_PER_OWNER, MAX_STRIKES, Push, RoundOutcome,
+    STRIKE_WINDOW,
+};
 pub use error::StoreError;
-pub use store::{Profile, Store};
+pub use net::{NetClient, NetConfig, PeerInfo, SharedEngine, SyncCodec, SyncResult, WireStats};
+pub use node::{NODE_FILE, Node, NodeConfig, NodeError, NodeFile, NodeHandle, TOKEN_FILE, now};
+pub use store::{MAX_PEER_ADDRS, MAX_REFUSALS, PeerRecord, Profile, Refusal, Store};
+pub use views::{
+    Event, GrantRow, MemberRow, MessageView, RelDetail, RelSummary, ThreadView, WriteOutcome,
+};

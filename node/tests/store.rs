@@ -49,7 +49,7 @@ fn create_then_open_round_trips_profile_and_key() {
     let store = Store::open(&dir).unwrap();
     assert_eq!(store.profile().unwrap(), profile);
     assert_eq!(store.secret_key().unwrap().to_seed(), key.to_seed());
-    assert_eq!(store.schema_version().unwrap(), 1);
+    assert_eq!(store.schema_version().unwrap(), 2);
     assert_eq!(profile.kind, Kind::Org);
     assert_eq!(profile.name, "Acme");
 }
@@ -114,7 +114,7 @@ fn missing_garbage_and_newer_stores_give_clear_errors_and_stay_untouched() {
             err,
             StoreError::NewerSchema {
                 found: 7,
-                supported: 1,
+                supported: 2,
                 ..
             }
         ),

@@ -92,3 +92,11 @@ pub(crate) fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync)
             .collect()
     })
 }
+
+/// The texts a change puts into its document, best effort and unchecked: for showing a
+/// refused change to a person. Empty when the change is not an append of text values.
+pub fn entry_texts(sc: &SignedChange) -> Vec<String> {
+    appended_entries(sc, usize::MAX)
+        .map(|v| v.into_iter().map(|(_, t)| t).collect())
+        .unwrap_or_default()
+}

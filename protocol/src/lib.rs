@@ -16,6 +16,7 @@ mod signed;
 mod terms;
 pub mod wire;
 
+pub use append::entry_texts;
 pub use consent::{
     ApplyReport, ConsentDoc, ConsentError, ConsentHeader, ENTRY_VERSION, Entry, EntryBody, EntryId,
     GrantStatus, GrantView, Ledger, LegalBasis, MAX_ENTRY_BYTES, MAX_NOTE, MAX_PURPOSE, MAX_SCOPES,

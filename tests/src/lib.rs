@@ -117,3 +117,103 @@ fn to_run(out: Output) -> Run {
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
 }
+
+/// A real node on loopback, in this process, with a store in a temporary directory.
+pub struct TestNode {
+    /// The running node.
+    pub node: rapport_node::Node,
+    /// Its handle.
+    pub handle: rapport_node::NodeHandle,
+    /// Where its libp2p listeners are, with `/p2p/<id>`.
+    pub addrs: Vec<libp2p::Multiaddr>,
+    /// The data directory (kept for restarts).
+    pub dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+/// Listen on loopback TCP with an OS-chosen port.
+pub fn loopback() -> libp2p::Multiaddr {
+    "/ip4/127.0.0.1/tcp/0".parse().expect("multiaddr")
+}
+
+impl TestNode {
+    /// Creates a store of `kind` named `name` and starts a node on it (no mDNS, API on
+    /// loopback).
+    pub async fn new(kind: rapport_protocol::Kind, name: &str) -> Self {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let dir = tmp.path().join("node");
+        rapport_node::Store::create(&dir, kind, name, rapport_node::now()).expect("create store");
+        let mut n = Self::start(&dir).await;
+        n._tmp = Some(tmp);
+        n
+    }
+
+    /// Starts a node on an existing data directory.
+    pub async fn start(dir: &Path) -> Self {
+        let node = rapport_node::Node::start(rapport_node::NodeConfig {
+            data_dir: dir.to_path_buf(),
+            net: rapport_node::NetConfig {
+                listen: vec![loopback()],
+                bootstrap: Vec::new(),
+                mdns: false,
+            },
+            api: Some("127.0.0.1:0".parse().expect("socket addr")),
+            auto_accept: false,
+        })
+        .await
+        .expect("node starts");
+        let addrs = node.listening().await;
+        assert!(!addrs.is_empty(), "the node listens");
+        Self {
+            handle: node.handle(),
+            node,
+            addrs,
+            dir: dir.to_path_buf(),
+            _tmp: None,
+        }
+    }
+
+    /// Stops the node and starts it again on the same store (same identity); new ports.
+    pub async fn restart(self) -> Self {
+        let tmp = self._tmp;
+        let dir = self.dir.clone();
+        self.node.shutdown().await;
+        let mut n = Self::start(&dir).await;
+        n._tmp = tmp;
+        n
+    }
+
+    /// The node's identity.
+    pub fn id(&self) -> rapport_protocol::IdentityKey {
+        self.node.identity()
+    }
+
+    /// Connects to another node.
+    pub async fn connect(&self, other: &TestNode) {
+        self.handle
+            .net()
+            .dial(other.addrs[0].clone())
+            .await
+            .expect("dial on loopback");
+    }
+}
+
+/// Waits until `check` holds, polling every 25 ms, for at most `secs` seconds; panics with
+/// `what` if it never does.
+pub async fn eventually<F, Fut>(secs: u64, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {secs}s waiting for: {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+}

@@ -1,22 +1,42 @@
 //! Schema versions and migrations.
+//!
+//! | schema | release | what changed |
+//! |---|---|---|
+//! | 1 | foundation | meta, docs, changes, change index, snapshots |
+//! | 2 | network | relationship documents in `docs-1`; new tables `peers-1`, `peer-heads-1`, `refusals-1` |
 
 /// The schema this build writes and reads.
-pub(crate) const SCHEMA_VERSION: u32 = 1;
+pub(crate) const SCHEMA_VERSION: u32 = 2;
 
 /// What to do with a store of schema `found`.
 pub(crate) enum Plan {
     /// Nothing: the store is current.
     Current,
+    /// Migrate from this older schema, step by step, in one write transaction.
+    Migrate(u32),
     /// The store is newer than this build.
     TooNew,
 }
 
-/// Plans the migration of a store at schema `found` to [`SCHEMA_VERSION`]. Version 1 is the
-/// first schema, so there is nothing to migrate from yet; the next schema adds a step here.
+/// Plans the migration of a store at schema `found` to [`SCHEMA_VERSION`].
 pub(crate) fn plan(found: u32) -> Plan {
-    if found > SCHEMA_VERSION {
-        Plan::TooNew
-    } else {
-        Plan::Current
+    match found {
+        f if f > SCHEMA_VERSION => Plan::TooNew,
+        f if f == SCHEMA_VERSION => Plan::Current,
+        f => Plan::Migrate(f),
     }
+}
+
+/// Runs the steps from `from` to [`SCHEMA_VERSION`] inside `tx`.
+pub(crate) fn migrate(tx: &redb::WriteTransaction, from: u32) -> Result<(), redb::Error> {
+    use super::tables::*;
+    if from < 2 {
+        // Schema 2 only adds tables; documents of schema 1 are read as they are.
+        tx.open_table(PEERS)?;
+        tx.open_table(PEER_HEADS)?;
+        tx.open_table(REFUSALS)?;
+    }
+    tx.open_table(META)?
+        .insert(META_SCHEMA, &SCHEMA_VERSION.to_be_bytes()[..])?;
+    Ok(())
 }

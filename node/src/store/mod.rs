@@ -1,5 +1,6 @@
-//! The node's store: one redb file holding the secret key, the profile, and every document
-//! as its signed changes.
+//! The node's store: one redb file holding the secret key, the profile, every document as
+//! its signed changes, known peers, what each peer last said it holds, and refused changes
+//! kept as evidence.
 
 mod migrations;
 mod tables;
@@ -8,8 +9,11 @@ use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use rapport_protocol::automerge::ChangeHash;
+use rapport_protocol::wire::DocRef;
 use rapport_protocol::{
-    ConsentDoc, ConsentHeader, DocId, IdentityKey, Kind, SecretKey, SignedChange,
+    ConsentDoc, ConsentHeader, DocId, IdentityKey, Kind, RelHeader, RelationshipDoc, SecretKey,
+    SignedChange,
 };
 use redb::{Database, ReadableDatabase, ReadableTable};
 use serde::{Deserialize, Serialize};
@@ -35,6 +39,61 @@ pub struct Profile {
 #[serde(tag = "kind", rename_all = "snake_case")]
 enum DocHeader {
     Consent(ConsentHeader),
+    Relationship(RelHeader),
+}
+
+impl From<DocRef> for DocHeader {
+    fn from(d: DocRef) -> Self {
+        match d {
+            DocRef::Consent(h) => DocHeader::Consent(h),
+            DocRef::Relationship(h) => DocHeader::Relationship(h),
+        }
+    }
+}
+
+impl From<DocHeader> for DocRef {
+    fn from(d: DocHeader) -> Self {
+        match d {
+            DocHeader::Consent(h) => DocRef::Consent(h),
+            DocHeader::Relationship(h) => DocRef::Relationship(h),
+        }
+    }
+}
+
+/// What the store remembers of a peer.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerRecord {
+    /// Addresses the peer was reached at or announced, newest first (multiaddr text).
+    pub addrs: Vec<String>,
+    /// When it was last connected (Unix seconds).
+    pub last_seen: u64,
+}
+
+/// The most addresses kept per peer.
+pub const MAX_PEER_ADDRS: usize = 8;
+/// The most refusals kept; older ones are dropped first.
+pub const MAX_REFUSALS: u64 = 10_000;
+
+/// A change this node refused, kept as evidence the user can see: a company's signed,
+/// unsolicited message is proof of what it tried to send.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refusal {
+    /// When it was refused (Unix seconds).
+    pub at: u64,
+    /// The peer that sent it.
+    pub peer: IdentityKey,
+    /// The document it was for.
+    pub doc: DocId,
+    /// The change hash (hex).
+    pub change: String,
+    /// The author the change names, if it names a valid one.
+    pub author: Option<String>,
+    /// Why it was refused.
+    pub reason: String,
+    /// The entries it would have added, as JSON text, when they could be read.
+    pub entries: Vec<String>,
+    /// The encoded signed change (hex), when at most 64 KiB: the evidence itself.
+    pub signed_change: Option<String>,
 }
 
 /// The first bytes of every redb file.
@@ -120,6 +179,9 @@ impl Store {
             }
             tx.open_table(CHANGES)?;
             tx.open_table(CHANGE_INDEX)?;
+            tx.open_table(PEERS)?;
+            tx.open_table(PEER_HEADS)?;
+            tx.open_table(REFUSALS)?;
             Ok(())
         });
         if let Err(e) = written {
@@ -180,6 +242,10 @@ impl Store {
         let found = store.schema_version()?;
         match migrations::plan(found) {
             Plan::Current => Ok(store),
+            Plan::Migrate(from) => {
+                store.write(|tx| migrations::migrate(tx, from))?;
+                Ok(store)
+            }
             Plan::TooNew => Err(StoreError::NewerSchema {
                 path: store.path.clone(),
                 found,
@@ -225,29 +291,35 @@ impl Store {
         header: &ConsentHeader,
         changes: &[SignedChange],
     ) -> Result<usize, StoreError> {
-        let doc = header.doc_id();
-        let doc_header =
-            serde_json::to_vec(&DocHeader::Consent(*header)).expect("header serialises");
+        self.put_changes(&DocRef::Consent(*header), changes)
+    }
+
+    /// Stores changes of any document in one durable transaction, registering the document
+    /// if new. Changes already held are skipped; `changes` must list each change after its
+    /// dependencies. Returns how many were new.
+    pub fn put_changes(&self, doc: &DocRef, changes: &[SignedChange]) -> Result<usize, StoreError> {
+        let id = doc.doc_id();
+        let doc_header = serde_json::to_vec(&DocHeader::from(*doc)).expect("header serialises");
         self.write(|tx| {
             let mut docs = tx.open_table(DOCS)?;
-            if docs.get(&doc.0)?.is_none() {
-                docs.insert(&doc.0, doc_header.as_slice())?;
+            if docs.get(&id.0)?.is_none() {
+                docs.insert(&id.0, doc_header.as_slice())?;
             }
             drop(docs);
             let mut index = tx.open_table(CHANGE_INDEX)?;
             let mut table = tx.open_table(CHANGES)?;
-            let mut next = match table.range((&doc.0, 0)..=(&doc.0, u64::MAX))?.next_back() {
+            let mut next = match table.range((&id.0, 0)..=(&id.0, u64::MAX))?.next_back() {
                 Some(last) => last?.0.value().1 + 1,
                 None => 0,
             };
             let mut new = 0;
             for c in changes {
                 let hash = c.hash().0;
-                if index.get((&doc.0, &hash))?.is_some() {
+                if index.get((&id.0, &hash))?.is_some() {
                     continue;
                 }
-                table.insert((&doc.0, next), c.encode().as_slice())?;
-                index.insert((&doc.0, &hash), next)?;
+                table.insert((&id.0, next), c.encode().as_slice())?;
+                index.insert((&id.0, &hash), next)?;
                 next += 1;
                 new += 1;
             }
@@ -255,36 +327,79 @@ impl Store {
         })
     }
 
-    /// Every consent document held.
-    pub fn consent_headers(&self) -> Result<Vec<ConsentHeader>, StoreError> {
+    /// Removes some changes of a document (a write the other side refused, and what
+    /// depends on it), in one transaction. Returns how many were held.
+    pub fn remove_changes(&self, doc: &DocId, hashes: &[ChangeHash]) -> Result<usize, StoreError> {
+        self.write(|tx| {
+            let mut index = tx.open_table(CHANGE_INDEX)?;
+            let mut table = tx.open_table(CHANGES)?;
+            let mut removed = 0;
+            for h in hashes {
+                let seq = index.remove((&doc.0, &h.0))?.map(|v| v.value());
+                if let Some(seq) = seq {
+                    table.remove((&doc.0, seq))?;
+                    removed += 1;
+                }
+            }
+            Ok(removed)
+        })
+    }
+
+    /// Every document held.
+    pub fn doc_refs(&self) -> Result<Vec<DocRef>, StoreError> {
         let tx = self.db.begin_read().map_err(|e| self.db_error(e))?;
         let docs = tx.open_table(DOCS).map_err(|e| self.db_error(e))?;
         let mut out = Vec::new();
         for row in docs.iter().map_err(|e| self.db_error(e))? {
             let (_, v) = row.map_err(|e| self.db_error(e))?;
-            match serde_json::from_slice(v.value()) {
-                Ok(DocHeader::Consent(h)) => out.push(h),
+            match serde_json::from_slice::<DocHeader>(v.value()) {
+                Ok(h) => out.push(h.into()),
                 Err(e) => return Err(self.corrupt(&format!("document header: {e}"))),
             }
         }
         Ok(out)
     }
 
-    /// The consent document with this id, if held.
-    pub fn consent_header(&self, doc: &DocId) -> Result<Option<ConsentHeader>, StoreError> {
+    /// The document with this id, if held.
+    pub fn doc_ref(&self, doc: &DocId) -> Result<Option<DocRef>, StoreError> {
         let tx = self.db.begin_read().map_err(|e| self.db_error(e))?;
         let docs = tx.open_table(DOCS).map_err(|e| self.db_error(e))?;
         match docs.get(&doc.0).map_err(|e| self.db_error(e))? {
             None => Ok(None),
-            Some(v) => match serde_json::from_slice(v.value()) {
-                Ok(DocHeader::Consent(h)) => Ok(Some(h)),
+            Some(v) => match serde_json::from_slice::<DocHeader>(v.value()) {
+                Ok(h) => Ok(Some(h.into())),
                 Err(e) => Err(self.corrupt(&format!("document header: {e}"))),
             },
         }
     }
 
-    /// A document's signed changes, in the order stored.
+    /// Every consent document held.
+    pub fn consent_headers(&self) -> Result<Vec<ConsentHeader>, StoreError> {
+        Ok(self
+            .doc_refs()?
+            .into_iter()
+            .filter_map(|d| match d {
+                DocRef::Consent(h) => Some(h),
+                DocRef::Relationship(_) => None,
+            })
+            .collect())
+    }
+
+    /// The consent document with this id, if held.
+    pub fn consent_header(&self, doc: &DocId) -> Result<Option<ConsentHeader>, StoreError> {
+        Ok(match self.doc_ref(doc)? {
+            Some(DocRef::Consent(h)) => Some(h),
+            _ => None,
+        })
+    }
+
+    /// A document's signed changes, in the order stored (a causal order).
     pub fn consent_changes(&self, doc: &DocId) -> Result<Vec<SignedChange>, StoreError> {
+        self.changes(doc)
+    }
+
+    /// A document's signed changes, in the order stored (a causal order).
+    pub fn changes(&self, doc: &DocId) -> Result<Vec<SignedChange>, StoreError> {
         let tx = self.db.begin_read().map_err(|e| self.db_error(e))?;
         let table = tx.open_table(CHANGES).map_err(|e| self.db_error(e))?;
         let mut out = Vec::new();
@@ -309,12 +424,141 @@ impl Store {
             .consent_header(doc)?
             .ok_or_else(|| StoreError::BadDocument {
                 doc: doc.to_hex(),
-                detail: "no such document in this store".into(),
+                detail: "no such consent document in this store".into(),
             })?;
-        ConsentDoc::load(header, self.consent_changes(doc)?).map_err(|e| StoreError::BadDocument {
+        ConsentDoc::load(header, self.changes(doc)?).map_err(|e| StoreError::BadDocument {
             doc: doc.to_hex(),
             detail: e.to_string(),
         })
+    }
+
+    /// Loads a relationship document, verifying every stored change again.
+    pub fn load_relationship(&self, doc: &DocId) -> Result<RelationshipDoc, StoreError> {
+        let Some(DocRef::Relationship(header)) = self.doc_ref(doc)? else {
+            return Err(StoreError::BadDocument {
+                doc: doc.to_hex(),
+                detail: "no such relationship in this store".into(),
+            });
+        };
+        RelationshipDoc::load(header, self.changes(doc)?).map_err(|e| StoreError::BadDocument {
+            doc: doc.to_hex(),
+            detail: e.to_string(),
+        })
+    }
+
+    /// Records a peer's addresses (newest first, at most [`MAX_PEER_ADDRS`]) and when it was
+    /// seen.
+    pub fn put_peer(
+        &self,
+        peer: &IdentityKey,
+        addrs: &[String],
+        seen: u64,
+    ) -> Result<(), StoreError> {
+        let key = peer.to_string();
+        self.write(|tx| {
+            let mut t = tx.open_table(PEERS)?;
+            let mut rec: PeerRecord = t
+                .get(key.as_str())?
+                .and_then(|v| serde_json::from_slice(v.value()).ok())
+                .unwrap_or_default();
+            let mut merged: Vec<String> = addrs.to_vec();
+            merged.append(&mut rec.addrs);
+            let mut seen_addrs = std::collections::HashSet::new();
+            merged.retain(|a| seen_addrs.insert(a.clone()));
+            merged.truncate(MAX_PEER_ADDRS);
+            rec.addrs = merged;
+            rec.last_seen = rec.last_seen.max(seen);
+            t.insert(
+                key.as_str(),
+                serde_json::to_vec(&rec).expect("serialises").as_slice(),
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Every known peer.
+    pub fn peers(&self) -> Result<Vec<(IdentityKey, PeerRecord)>, StoreError> {
+        let tx = self.db.begin_read().map_err(|e| self.db_error(e))?;
+        let t = tx.open_table(PEERS).map_err(|e| self.db_error(e))?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(|e| self.db_error(e))? {
+            let (k, v) = row.map_err(|e| self.db_error(e))?;
+            let id: IdentityKey = k
+                .value()
+                .parse()
+                .map_err(|e| self.corrupt(&format!("peer record: {e}")))?;
+            let rec = serde_json::from_slice(v.value())
+                .map_err(|e| self.corrupt(&format!("peer record: {e}")))?;
+            out.push((id, rec));
+        }
+        Ok(out)
+    }
+
+    /// Remembers the heads `peer` reported for `doc`.
+    pub fn put_peer_heads(
+        &self,
+        doc: &DocId,
+        peer: &IdentityKey,
+        heads: &[ChangeHash],
+    ) -> Result<(), StoreError> {
+        let bytes: Vec<u8> = heads.iter().flat_map(|h| h.0).collect();
+        self.write(|tx| {
+            tx.open_table(PEER_HEADS)?
+                .insert((&doc.0, peer.as_bytes()), bytes.as_slice())?;
+            Ok(())
+        })
+    }
+
+    /// The heads `peer` last reported for `doc`, if any.
+    pub fn peer_heads(
+        &self,
+        doc: &DocId,
+        peer: &IdentityKey,
+    ) -> Result<Option<Vec<ChangeHash>>, StoreError> {
+        let tx = self.db.begin_read().map_err(|e| self.db_error(e))?;
+        let t = tx.open_table(PEER_HEADS).map_err(|e| self.db_error(e))?;
+        let v = t
+            .get((&doc.0, peer.as_bytes()))
+            .map_err(|e| self.db_error(e))?;
+        Ok(v.map(|v| {
+            v.value()
+                .chunks_exact(32)
+                .map(|c| ChangeHash(c.try_into().expect("32 bytes")))
+                .collect()
+        }))
+    }
+
+    /// Keeps a refusal as evidence, dropping the oldest past [`MAX_REFUSALS`]. Returns its
+    /// sequence number.
+    pub fn add_refusal(&self, r: &Refusal) -> Result<u64, StoreError> {
+        let json = serde_json::to_vec(r).expect("refusals serialise");
+        self.write(|tx| {
+            let mut t = tx.open_table(REFUSALS)?;
+            let next = match t.last()? {
+                Some((k, _)) => k.value() + 1,
+                None => 0,
+            };
+            t.insert(next, json.as_slice())?;
+            if next >= MAX_REFUSALS {
+                let cut = next - MAX_REFUSALS;
+                t.retain_in(..=cut, |_, _| false)?;
+            }
+            Ok(next)
+        })
+    }
+
+    /// The newest refusals, newest first, at most `limit`.
+    pub fn refusals(&self, limit: usize) -> Result<Vec<(u64, Refusal)>, StoreError> {
+        let tx = self.db.begin_read().map_err(|e| self.db_error(e))?;
+        let t = tx.open_table(REFUSALS).map_err(|e| self.db_error(e))?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(|e| self.db_error(e))?.rev().take(limit) {
+            let (k, v) = row.map_err(|e| self.db_error(e))?;
+            let r = serde_json::from_slice(v.value())
+                .map_err(|e| self.corrupt(&format!("refusal record: {e}")))?;
+            out.push((k.value(), r));
+        }
+        Ok(out)
     }
 
     /// Stores an Automerge snapshot of a document.
@@ -344,6 +588,8 @@ impl Store {
             changes.retain_in((&doc.0, 0)..=(&doc.0, u64::MAX), |_, _| false)?;
             let mut index = tx.open_table(CHANGE_INDEX)?;
             index.retain_in((&doc.0, &[0u8; 32])..=(&doc.0, &[0xffu8; 32]), |_, _| false)?;
+            let mut heads = tx.open_table(PEER_HEADS)?;
+            heads.retain_in((&doc.0, &[0u8; 32])..=(&doc.0, &[0xffu8; 32]), |_, _| false)?;
             Ok(held)
         })
     }

@@ -15,7 +15,8 @@ pub(crate) const META_PROFILE: &str = "profile";
 pub(crate) const META_SECRET: &str = "secret";
 
 /// Documents held. Key: document id (32 bytes). Value: JSON header
-/// `{"kind":"consent","customer":…,"grantee":…}`.
+/// `{"kind":"consent","customer":…,"grantee":…}` or
+/// `{"kind":"relationship","owner":…,"nonce":"<32 hex>"}`.
 pub(crate) const DOCS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("docs-1");
 
 /// Signed changes. Key: (document id, sequence number in storage order). Value: the encoded
@@ -32,3 +33,17 @@ pub(crate) const CHANGE_INDEX: TableDefinition<(&[u8; 32], &[u8; 32]), u64> =
 /// Automerge snapshots. Key: document id. Value: `Automerge::save()` bytes. A snapshot is an
 /// optimisation only: signatures are always checked from [`CHANGES`].
 pub(crate) const SNAPSHOTS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("snapshots-1");
+
+/// Known peers (schema 2). Key: the peer's identity text (`12D3KooW…`). Value: JSON
+/// `{"addrs":["/ip4/…"],"last_seen":<unix seconds>}`; a restarted node dials these.
+pub(crate) const PEERS: TableDefinition<&str, &[u8]> = TableDefinition::new("peers-1");
+
+/// The heads a peer last reported for a document (schema 2), so a reconnecting sync sends
+/// what the peer lacks at once. Key: (document id, peer key bytes). Value: the heads, 32
+/// bytes each, concatenated.
+pub(crate) const PEER_HEADS: TableDefinition<(&[u8; 32], &[u8; 32]), &[u8]> =
+    TableDefinition::new("peer-heads-1");
+
+/// Changes this node refused, kept as evidence (schema 2). Key: sequence number. Value:
+/// JSON of [`crate::Refusal`]. The oldest are dropped past [`crate::MAX_REFUSALS`].
+pub(crate) const REFUSALS: TableDefinition<u64, &[u8]> = TableDefinition::new("refusals-1");

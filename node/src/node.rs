@@ -1,0 +1,363 @@
+//! A running node: the engine on its store, the network loop and the local API, started
+//! together and stopped together.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use libp2p::Multiaddr;
+use rapport_protocol::IdentityKey;
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+use crate::engine::{Engine, EngineError, Push};
+use crate::net::{self, NetClient, NetConfig, SharedEngine, SyncResult};
+use crate::store::Store;
+use crate::views::Event;
+
+/// The file, in the data directory, that tells the CLI a node is running and where its API
+/// is. Removed on a clean shutdown.
+pub const NODE_FILE: &str = "node.json";
+/// The file holding the API's bearer token (mode 0600).
+pub const TOKEN_FILE: &str = "api-token";
+
+/// How a node starts.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// The data directory (holds the store).
+    pub data_dir: PathBuf,
+    /// Network settings.
+    pub net: NetConfig,
+    /// Where the local API listens (loopback), or none for no API.
+    pub api: Option<SocketAddr>,
+    /// Accept grants made to this node as they arrive (for companies that do).
+    pub auto_accept: bool,
+}
+
+/// What `node.json` says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeFile {
+    /// The API's address.
+    pub api: SocketAddr,
+    /// The node's identity.
+    pub identity: String,
+    /// The process id.
+    pub pid: u32,
+    /// The libp2p addresses it listens on, with `/p2p/<id>`.
+    pub listen: Vec<String>,
+}
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    /// The store could not be opened or loaded.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// The network could not start.
+    #[error("the network could not start: {0}")]
+    Net(String),
+    /// The local API could not start.
+    #[error("the local API could not start on {addr}: {detail}")]
+    Api {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// Why.
+        detail: String,
+    },
+    /// A file in the data directory could not be written.
+    #[error("cannot write {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// A running node.
+pub struct Node {
+    engine: SharedEngine,
+    net: NetClient,
+    identity: IdentityKey,
+    api_addr: Option<SocketAddr>,
+    api_stop: Option<tokio::sync::oneshot::Sender<()>>,
+    api_task: Option<tokio::task::JoinHandle<()>>,
+    net_task: Option<tokio::task::JoinHandle<()>>,
+    data_dir: PathBuf,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("identity", &self.identity)
+            .field("api", &self.api_addr)
+            .finish()
+    }
+}
+
+/// The current time, Unix seconds: the node is where the clock is read.
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Node {
+    /// Opens the store in `config.data_dir` and starts the network and the API.
+    pub async fn start(config: NodeConfig) -> Result<Node, NodeError> {
+        let dir = config.data_dir.clone();
+        let engine = tokio::task::spawn_blocking(move || -> Result<Engine, EngineError> {
+            Engine::open(Store::open(&dir)?)
+        })
+        .await
+        .map_err(|e| NodeError::Net(format!("the store loader stopped: {e}")))??;
+        let mut engine = engine;
+        engine.set_auto_accept(config.auto_accept);
+        let identity = engine.me();
+        let key = engine.store().secret_key().map_err(EngineError::from)?;
+        let engine: SharedEngine = Arc::new(Mutex::new(engine));
+        let (net, net_task) =
+            net::start(&key, engine.clone(), config.net).map_err(NodeError::Net)?;
+        let mut node = Node {
+            engine,
+            net,
+            identity,
+            api_addr: None,
+            api_stop: None,
+            api_task: None,
+            net_task: Some(net_task),
+            data_dir: config.data_dir,
+        };
+        if let Some(addr) = config.api {
+            node.start_api(addr).await?;
+        }
+        Ok(node)
+    }
+
+    async fn start_api(&mut self, addr: SocketAddr) -> Result<(), NodeError> {
+        let token = new_token().map_err(|e| NodeError::Api {
+            addr,
+            detail: e.to_string(),
+        })?;
+        let token_path = self.data_dir.join(TOKEN_FILE);
+        write_private(&token_path, token.as_bytes()).map_err(|source| NodeError::Io {
+            path: token_path,
+            source,
+        })?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| NodeError::Api {
+                addr,
+                detail: e.to_string(),
+            })?;
+        let bound = listener.local_addr().map_err(|e| NodeError::Api {
+            addr,
+            detail: e.to_string(),
+        })?;
+        let router = crate::api::router(self.handle(), token);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let served = axum::serve(listener, router)
+                .with_graceful_shutdown(async {
+                    let _ = stopped.await;
+                })
+                .await;
+            if let Err(e) = served {
+                tracing::warn!("the local API stopped: {e}");
+            }
+        });
+        self.api_addr = Some(bound);
+        self.api_stop = Some(stop);
+        self.api_task = Some(task);
+        let listen = self.listening().await;
+        let file = NodeFile {
+            api: bound,
+            identity: self.identity.to_string(),
+            pid: std::process::id(),
+            listen: listen.iter().map(ToString::to_string).collect(),
+        };
+        let path = self.data_dir.join(NODE_FILE);
+        write_private(
+            &path,
+            serde_json::to_string_pretty(&file)
+                .expect("serialises")
+                .as_bytes(),
+        )
+        .map_err(|source| NodeError::Io { path, source })?;
+        Ok(())
+    }
+
+    /// A cloneable handle for the API and for programs embedding a node.
+    pub fn handle(&self) -> NodeHandle {
+        NodeHandle {
+            engine: self.engine.clone(),
+            net: self.net.clone(),
+            identity: self.identity,
+        }
+    }
+
+    /// This node's identity.
+    pub fn identity(&self) -> IdentityKey {
+        self.identity
+    }
+
+    /// Where the local API listens, if it runs.
+    pub fn api_addr(&self) -> Option<SocketAddr> {
+        self.api_addr
+    }
+
+    /// The libp2p addresses this node listens on, each ending in `/p2p/<identity>`. Waits
+    /// briefly for the listeners to come up.
+    pub async fn listening(&self) -> Vec<Multiaddr> {
+        for _ in 0..100 {
+            let addrs = self.net.listening().await;
+            if !addrs.is_empty() {
+                let me = libp2p::PeerId::from_bytes(&self.identity.peer_id_bytes())
+                    .expect("an identity is a PeerId");
+                return addrs
+                    .into_iter()
+                    .map(|a| a.with(libp2p::multiaddr::Protocol::P2p(me)))
+                    .collect();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Vec::new()
+    }
+
+    /// Stops the API and the network, then closes the store. Every acknowledged change is
+    /// already durable; this only lets in-flight work finish.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.api_stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.api_task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
+        self.net.shutdown().await;
+        if let Some(t) = self.net_task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
+        // Wait for any engine call still on a blocking thread.
+        let engine = self.engine.clone();
+        let _ = tokio::task::spawn_blocking(move || drop(engine.lock())).await;
+        let _ = std::fs::remove_file(self.data_dir.join(NODE_FILE));
+    }
+}
+
+/// What the API and embedding programs use to work with a running node.
+#[derive(Clone)]
+pub struct NodeHandle {
+    engine: SharedEngine,
+    net: NetClient,
+    identity: IdentityKey,
+}
+
+impl std::fmt::Debug for NodeHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeHandle")
+            .field("identity", &self.identity)
+            .finish()
+    }
+}
+
+impl NodeHandle {
+    /// This node's identity.
+    pub fn identity(&self) -> IdentityKey {
+        self.identity
+    }
+
+    /// The network client.
+    pub fn net(&self) -> &NetClient {
+        &self.net
+    }
+
+    /// Reads from the engine on a blocking thread.
+    pub async fn read<T, F>(&self, f: F) -> T
+    where
+        F: FnOnce(&Engine) -> T + Send + 'static,
+        T: Send + 'static,
+    {
+        let engine = self.engine.clone();
+        tokio::task::spawn_blocking(move || f(&engine.lock().expect("engine lock")))
+            .await
+            .expect("engine calls do not panic")
+    }
+
+    /// Runs a write on the engine on a blocking thread, then syncs what it changed with the
+    /// peers concerned, waiting up to `wait` for them (zero: do not wait). Returns the
+    /// write's value and a summary of where it went.
+    pub async fn write<T, F>(
+        &self,
+        wait: Duration,
+        f: F,
+    ) -> Result<(T, Option<String>), EngineError>
+    where
+        F: FnOnce(&mut Engine) -> Result<(T, Vec<Push>), EngineError> + Send + 'static,
+        T: Send + 'static,
+    {
+        let engine = self.engine.clone();
+        let (value, pushes) =
+            tokio::task::spawn_blocking(move || f(&mut engine.lock().expect("engine lock")))
+                .await
+                .expect("engine calls do not panic")?;
+        let delivery = self.deliver(pushes, wait).await;
+        Ok((value, delivery))
+    }
+
+    /// Syncs documents with peers; returns a one-line summary, or none if nothing to do.
+    pub async fn deliver(&self, pushes: Vec<Push>, wait: Duration) -> Option<String> {
+        if pushes.is_empty() {
+            return None;
+        }
+        if wait.is_zero() {
+            self.net.push(pushes).await;
+            return Some("queued".into());
+        }
+        let results = futures::future::join_all(
+            pushes
+                .iter()
+                .map(|(peer, doc)| self.net.sync(*peer, *doc, wait)),
+        )
+        .await;
+        let parts: Vec<String> = pushes
+            .iter()
+            .zip(results)
+            .map(|((peer, _), r)| match r {
+                SyncResult::Delivered => format!("delivered to {peer}"),
+                SyncResult::Refused(why) => format!("refused by {peer}: {why}"),
+                SyncResult::Offline(why) => format!("stored; {peer} not reached ({why})"),
+            })
+            .collect();
+        Some(parts.join("; "))
+    }
+
+    /// Events from now on.
+    pub async fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.read(Engine::subscribe).await
+    }
+}
+
+fn new_token() -> std::io::Result<String> {
+    let mut b = [0u8; 32];
+    getrandom::fill(&mut b).map_err(|e| std::io::Error::other(e.to_string()))?;
+    Ok(hex::encode(b))
+}
+
+/// Writes a file readable by its owner only (created 0600 from the first byte), through a
+/// temporary sibling and a rename.
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = opts.open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}

@@ -1,0 +1,553 @@
+//! The sync rounds, on the engine: who may sync which document, what is sent, and what is
+//! done with what arrives. See `docs/protocol.md`, "Sync".
+//!
+//! Consent gates everything. The owner of a relationship serves it only to members holding
+//! an active, accepted grant with `conversation:read`, and applies a member's change only
+//! under [`may_write`]. A member takes a relationship only from its owner. A consent
+//! document is synced only between its two parties. Every check runs on every round, so a
+//! revocation takes effect on open sessions at once.
+
+use std::collections::HashSet;
+
+use rapport_protocol::access::{may_read, may_write};
+use rapport_protocol::automerge::ChangeHash;
+use rapport_protocol::wire::{DocRef, RefusalCode, SyncRequest, SyncResponse, chunk};
+use rapport_protocol::{
+    ConsentDoc, IdentityKey, RelBody, RelEntry, RelError, RelationshipDoc, SignedChange,
+    UnixSeconds, entry_texts,
+};
+
+use crate::engine::{
+    Doc, Engine, EngineError, MAX_RELS_PER_OWNER, MAX_STRIKES, Push, RoundOutcome, STRIKE_WINDOW,
+    Strikes,
+};
+use crate::store::Refusal;
+use crate::views::Event;
+
+/// The part a peer plays for one document, from this node's side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// The other party of a consent document.
+    Party,
+    /// This node owns the relationship; the peer is a member allowed to read it.
+    Owner,
+    /// The peer owns the relationship; this node is (or may become) a member.
+    Member,
+}
+
+/// What receiving a batch of changes did.
+#[derive(Default)]
+struct Received {
+    applied: Vec<ChangeHash>,
+    refused: Vec<(ChangeHash, String)>,
+    pushes: Vec<Push>,
+    disconnect: bool,
+    /// A new relationship arrived that does not name this node: it was not kept.
+    discarded: bool,
+}
+
+impl Engine {
+    fn role(
+        &self,
+        peer: &IdentityKey,
+        doc: &DocRef,
+        now: UnixSeconds,
+    ) -> Result<Role, (RefusalCode, String)> {
+        let me = self.me();
+        match doc {
+            DocRef::Consent(h) => {
+                if (h.customer == me && h.grantee == *peer)
+                    || (h.grantee == me && h.customer == *peer)
+                {
+                    Ok(Role::Party)
+                } else {
+                    Err((
+                        RefusalCode::Forbidden,
+                        "a consent document is synced only between its two parties".into(),
+                    ))
+                }
+            }
+            DocRef::Relationship(h) if h.owner == me => {
+                let Some(r) = self.rel(&h.doc_id()) else {
+                    return Err((
+                        RefusalCode::BadRequest,
+                        format!("no relationship {} here", h.doc_id()),
+                    ));
+                };
+                self.serves(r, peer, now)
+                    .map(|()| Role::Owner)
+                    .map_err(|why| (RefusalCode::Forbidden, why))
+            }
+            DocRef::Relationship(h) if h.owner == *peer => {
+                if self.rel(&h.doc_id()).is_none()
+                    && self.rels().filter(|r| r.header().owner == h.owner).count()
+                        >= MAX_RELS_PER_OWNER
+                {
+                    return Err((
+                        RefusalCode::RateLimited,
+                        format!(
+                            "this node holds {MAX_RELS_PER_OWNER} relationships of yours already"
+                        ),
+                    ));
+                }
+                Ok(Role::Member)
+            }
+            DocRef::Relationship(_) => Err((
+                RefusalCode::Forbidden,
+                "a relationship is synced only between its owner and its members".into(),
+            )),
+        }
+    }
+
+    /// Builds the first (or next) request of a round with `peer` for `doc`: this node's
+    /// heads, and the changes the peer lacks by the heads it last reported. `None` when this
+    /// node may not or need not sync the document with the peer.
+    pub fn start_round(
+        &mut self,
+        peer: &IdentityKey,
+        doc: &DocRef,
+        now: UnixSeconds,
+    ) -> Result<Option<SyncRequest>, EngineError> {
+        if self.role(peer, doc, now).is_err() {
+            return Ok(None);
+        }
+        let id = doc.doc_id();
+        if !self.holds(&id) {
+            return Ok(None);
+        }
+        let known = self.store().peer_heads(&id, peer)?;
+        let changes = match &known {
+            Some(h) => self.encoded_missing(&id, h, &HashSet::new()),
+            None => Vec::new(),
+        };
+        let (changes, _) = chunk(changes);
+        Ok(Some(SyncRequest {
+            doc: *doc,
+            heads: self.heads_of(&id),
+            changes,
+        }))
+    }
+
+    /// Answers a peer's request: checks access, applies and stores its changes (each one
+    /// checked), and returns the changes it lacks. The second value lists pushes to make;
+    /// the third says the peer passed the misbehaviour limit and must be disconnected.
+    pub fn handle_request(
+        &mut self,
+        peer: &IdentityKey,
+        req: SyncRequest,
+        now: UnixSeconds,
+    ) -> (SyncResponse, Vec<Push>, bool) {
+        let role = match self.role(peer, &req.doc, now) {
+            Ok(r) => r,
+            Err((code, detail)) => {
+                return (SyncResponse::Refused { code, detail }, Vec::new(), false);
+            }
+        };
+        let received = match self.receive(peer, &req.doc, role, req.changes, now) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(%peer, "sync request failed: {e}");
+                return (
+                    SyncResponse::Refused {
+                        code: RefusalCode::Unavailable,
+                        detail: "this node could not store the changes; try again later".into(),
+                    },
+                    Vec::new(),
+                    false,
+                );
+            }
+        };
+        if received.discarded {
+            return (
+                SyncResponse::Refused {
+                    code: RefusalCode::Forbidden,
+                    detail: "that relationship does not name this node as a member".into(),
+                },
+                received.pushes,
+                received.disconnect,
+            );
+        }
+        let id = req.doc.doc_id();
+        let just: HashSet<ChangeHash> = received.applied.iter().copied().collect();
+        let missing = if self.holds(&id) {
+            self.encoded_missing(&id, &req.heads, &just)
+        } else {
+            Vec::new()
+        };
+        let (changes, more) = chunk(missing);
+        let heads = self.heads_of(&id);
+        // Once the peer applies this answer it holds everything we hold, unless the answer
+        // was cut short; remember the most we can be sure of.
+        let known = if more {
+            req.heads.clone()
+        } else {
+            heads.clone()
+        };
+        if self.holds(&id)
+            && let Err(e) = self.store().put_peer_heads(&id, peer, &known)
+        {
+            tracing::warn!("could not record peer heads: {e}");
+        }
+        (
+            SyncResponse::Sync {
+                heads,
+                changes,
+                more,
+                refused: received.refused,
+            },
+            received.pushes,
+            received.disconnect,
+        )
+    }
+
+    /// Takes the peer's answer to a request of ours. `sent` lists the changes the request
+    /// carried, so changes of ours the peer refused are rolled back here.
+    pub fn handle_response(
+        &mut self,
+        peer: &IdentityKey,
+        doc: &DocRef,
+        sent: &[ChangeHash],
+        resp: SyncResponse,
+        now: UnixSeconds,
+    ) -> Result<(RoundOutcome, Vec<Push>), EngineError> {
+        let mut out = RoundOutcome::default();
+        let (heads, changes, more, refused) = match resp {
+            SyncResponse::Refused { code, detail } => {
+                tracing::info!(%peer, doc = %doc.doc_id(), ?code, "peer refused sync: {detail}");
+                self.emit(Event::PeerRefused {
+                    peer: *peer,
+                    doc: doc.doc_id(),
+                    change: None,
+                    reason: detail.clone(),
+                });
+                out.refused.push(detail);
+                return Ok((out, Vec::new()));
+            }
+            SyncResponse::Sync {
+                heads,
+                changes,
+                more,
+                refused,
+            } => (heads, changes, more, refused),
+        };
+        let Ok(role) = self.role(peer, doc, now) else {
+            // Access ended while the round was under way (a revocation): take nothing.
+            return Ok((out, Vec::new()));
+        };
+        let received = self.receive(peer, doc, role, changes, now)?;
+        out.received = received.applied.len();
+        out.disconnect = received.disconnect;
+        let mut pushes = received.pushes;
+        let id = doc.doc_id();
+        let sent: HashSet<&ChangeHash> = sent.iter().collect();
+        let mut ours_refused = Vec::new();
+        for (hash, reason) in refused {
+            if sent.contains(&hash) {
+                self.emit(Event::PeerRefused {
+                    peer: *peer,
+                    doc: id,
+                    change: Some(hash.to_string()),
+                    reason: reason.clone(),
+                });
+                out.refused.push(reason);
+                ours_refused.push(hash);
+            }
+        }
+        if !ours_refused.is_empty() {
+            pushes.extend(self.roll_back(doc, &ours_refused)?);
+        }
+        if !self.holds(&id) {
+            return Ok((out, pushes));
+        }
+        let before = self.store().peer_heads(&id, peer)?;
+        out.peer_moved = before.as_deref() != Some(&heads[..]);
+        self.store().put_peer_heads(&id, peer, &heads)?;
+        let unsent = self.encoded_missing(&id, &heads, &HashSet::new());
+        out.again = more || (!unsent.is_empty() && ours_refused.is_empty());
+        Ok((out, pushes))
+    }
+
+    fn encoded_missing(
+        &self,
+        id: &rapport_protocol::DocId,
+        heads: &[ChangeHash],
+        skip: &HashSet<ChangeHash>,
+    ) -> Vec<Vec<u8>> {
+        let list: Vec<&SignedChange> = match self.docs.get(id) {
+            Some(Doc::Consent(c)) => c.changes_missing_from(heads),
+            Some(Doc::Rel(r)) => r.changes_missing_from(heads),
+            None => Vec::new(),
+        };
+        list.into_iter()
+            .filter(|c| !skip.contains(&c.hash()))
+            .map(SignedChange::encode)
+            .collect()
+    }
+
+    fn heads_of(&self, id: &rapport_protocol::DocId) -> Vec<ChangeHash> {
+        match self.docs.get(id) {
+            Some(Doc::Consent(c)) => c.heads(),
+            Some(Doc::Rel(r)) => r.heads(),
+            None => Vec::new(),
+        }
+    }
+
+    fn holds(&self, id: &rapport_protocol::DocId) -> bool {
+        self.docs.contains_key(id)
+    }
+
+    /// Verifies, checks, applies and stores changes from `peer`; records refusals.
+    fn receive(
+        &mut self,
+        peer: &IdentityKey,
+        doc: &DocRef,
+        role: Role,
+        raw: Vec<Vec<u8>>,
+        now: UnixSeconds,
+    ) -> Result<Received, EngineError> {
+        let mut out = Received::default();
+        if raw.is_empty() {
+            return Ok(out);
+        }
+        let id = doc.doc_id();
+        let mut changes = Vec::with_capacity(raw.len());
+        for bytes in &raw {
+            match SignedChange::decode(bytes) {
+                Ok(c) => changes.push(c),
+                Err(e) => {
+                    let reason = format!("undecodable change: {e}");
+                    self.refuse(peer, doc, None, &reason, now, &mut out)?;
+                    out.refused.push((ChangeHash([0; 32]), reason));
+                }
+            }
+        }
+        let by_hash: std::collections::HashMap<ChangeHash, SignedChange> =
+            changes.iter().map(|c| (c.hash(), c.clone())).collect();
+        let rejected: Vec<(ChangeHash, String)> = match (doc, role) {
+            (DocRef::Consent(h), _) => {
+                let mut c = match self.docs.remove(&id) {
+                    Some(Doc::Consent(c)) => c,
+                    _ => ConsentDoc::new(*h).map_err(|e| EngineError::Invalid(e.to_string()))?,
+                };
+                let report = c.apply(changes);
+                out.applied = report.applied;
+                self.docs.insert(id, Doc::Consent(c));
+                report
+                    .rejected
+                    .into_iter()
+                    .map(|(h, e)| (h, e.to_string()))
+                    .collect()
+            }
+            (DocRef::Relationship(h), Role::Owner) => {
+                let Some(Doc::Rel(mut r)) = self.docs.remove(&id) else {
+                    return Ok(out);
+                };
+                let me = self.me();
+                let members: HashSet<IdentityKey> = r
+                    .members()
+                    .filter(|m| m.removed_at.is_none())
+                    .map(|m| m.identity)
+                    .collect();
+                let report = r.apply_gated(changes, |author, entries| {
+                    if *author == me {
+                        return Ok(());
+                    }
+                    if !members.contains(author) {
+                        return Err(format!("{author} is no longer a member"));
+                    }
+                    let list: Vec<&RelEntry> = entries.iter().map(|(_, e)| e).collect();
+                    may_write(self.ledger(me, *author), author, &list, now)
+                        .map_err(|e| e.to_string())
+                });
+                out.applied = report.applied;
+                self.docs.insert(id, Doc::Rel(r));
+                let _ = h;
+                rel_rejections(report.rejected)
+            }
+            (DocRef::Relationship(h), _) => {
+                let existed = self.holds(&id);
+                let mut r = match self.docs.remove(&id) {
+                    Some(Doc::Rel(r)) => r,
+                    _ => RelationshipDoc::new(*h),
+                };
+                let report = r.apply(changes);
+                if !existed && !r.is_member(&self.me()) {
+                    // Not ours to keep: a relationship only its members hold.
+                    out.discarded = true;
+                    out.applied.clear();
+                    return Ok(out);
+                }
+                out.applied = report.applied;
+                if !r.changes().is_empty() {
+                    self.docs.insert(id, Doc::Rel(r));
+                }
+                if !existed && !out.applied.is_empty() {
+                    self.emit(Event::Relationship {
+                        rel: id,
+                        owner: h.owner,
+                    });
+                }
+                rel_rejections(report.rejected)
+            }
+        };
+        self.persist(doc, &out.applied)?;
+        for (hash, reason) in rejected {
+            let change = by_hash.get(&hash);
+            self.refuse(peer, doc, change, &reason, now, &mut out)?;
+            out.refused.push((hash, reason));
+        }
+        if out.applied.is_empty() {
+            return Ok(out);
+        }
+        match doc {
+            DocRef::Consent(h) => {
+                let pushes = self.after_consent(*h, now)?;
+                out.pushes.extend(pushes);
+            }
+            DocRef::Relationship(h) => {
+                if let Some(r) = self.rel(&id) {
+                    let mut msgs = Vec::new();
+                    for hash in &out.applied {
+                        for (eid, e) in r.entries_of_change(hash) {
+                            if matches!(e.body, RelBody::Message { .. }) {
+                                msgs.push(eid);
+                            }
+                        }
+                    }
+                    for m in msgs {
+                        if let Some(v) = self.rel(&id).and_then(|r| self.message_view(r, m)) {
+                            self.emit(Event::Message(v));
+                        }
+                    }
+                }
+                if role == Role::Owner {
+                    out.pushes.extend(self.rel_pushes(h, Some(*peer), now));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records one refused change as evidence and counts it against the peer.
+    fn refuse(
+        &mut self,
+        peer: &IdentityKey,
+        doc: &DocRef,
+        change: Option<&SignedChange>,
+        reason: &str,
+        now: UnixSeconds,
+        out: &mut Received,
+    ) -> Result<(), EngineError> {
+        let missing_deps = reason.contains("depends on");
+        let record = Refusal {
+            at: now,
+            peer: *peer,
+            doc: doc.doc_id(),
+            change: change.map(|c| c.hash().to_string()).unwrap_or_default(),
+            author: change.and_then(|c| {
+                IdentityKey::from_bytes(c.author_bytes())
+                    .ok()
+                    .map(|k| k.to_string())
+            }),
+            reason: reason.to_owned(),
+            entries: change.map(entry_texts).unwrap_or_default(),
+            signed_change: change
+                .map(SignedChange::encode)
+                .filter(|b| b.len() <= 64 * 1024)
+                .map(hex::encode),
+        };
+        tracing::info!(%peer, doc = %record.doc, "refused change {}: {reason}", record.change);
+        if !missing_deps {
+            self.store().add_refusal(&record)?;
+            self.emit(Event::Refused(record));
+        }
+        // A change waiting for dependencies can be honest (they come in a later round); all
+        // else counts against the peer.
+        if !missing_deps && self.strike(peer, now) {
+            out.disconnect = true;
+        }
+        Ok(())
+    }
+
+    fn strike(&mut self, peer: &IdentityKey, now: UnixSeconds) -> bool {
+        let s = self.strikes.entry(*peer).or_insert(Strikes {
+            since: now,
+            count: 0,
+        });
+        if now.saturating_sub(s.since) > STRIKE_WINDOW {
+            *s = Strikes {
+                since: now,
+                count: 0,
+            };
+        }
+        s.count += 1;
+        s.count > MAX_STRIKES
+    }
+
+    /// Forgets changes of ours the peer refused, and every change built on them, in memory
+    /// and in the store. Returns pushes (none today; kept for symmetry with writes).
+    fn roll_back(
+        &mut self,
+        doc: &DocRef,
+        refused: &[ChangeHash],
+    ) -> Result<Vec<Push>, EngineError> {
+        let id = doc.doc_id();
+        let me = *self.me().as_bytes();
+        let all: Vec<SignedChange> = match self.docs.get(&id) {
+            Some(Doc::Consent(c)) => c.ledger().changes().to_vec(),
+            Some(Doc::Rel(r)) => r.changes().to_vec(),
+            None => return Ok(Vec::new()),
+        };
+        let mut gone: HashSet<ChangeHash> = refused
+            .iter()
+            .copied()
+            .filter(|h| {
+                all.iter()
+                    .any(|c| c.hash() == *h && c.author_bytes() == &me)
+            })
+            .collect();
+        if gone.is_empty() {
+            return Ok(Vec::new());
+        }
+        for c in &all {
+            if c.change().deps().iter().any(|d| gone.contains(d)) {
+                gone.insert(c.hash());
+            }
+        }
+        let keep: Vec<SignedChange> = all
+            .into_iter()
+            .filter(|c| !gone.contains(&c.hash()))
+            .collect();
+        let rebuilt = match doc {
+            DocRef::Consent(h) => Doc::Consent(
+                ConsentDoc::load(*h, keep).map_err(|e| EngineError::Invalid(e.to_string()))?,
+            ),
+            DocRef::Relationship(h) => Doc::Rel(
+                RelationshipDoc::load(*h, keep).map_err(|e| EngineError::Invalid(e.to_string()))?,
+            ),
+        };
+        let gone: Vec<ChangeHash> = gone.into_iter().collect();
+        self.store().remove_changes(&id, &gone)?;
+        self.docs.insert(id, rebuilt);
+        tracing::info!(doc = %id, "rolled back {} change(s) the peer refused", gone.len());
+        Ok(Vec::new())
+    }
+
+    /// Whether the customer's grants let `member` read now (used by the API for views).
+    pub fn member_reads(&self, member: &IdentityKey, now: UnixSeconds) -> bool {
+        may_read(self.ledger(self.me(), *member), member, now).is_ok()
+    }
+}
+
+fn rel_rejections(rejected: Vec<(ChangeHash, RelError)>) -> Vec<(ChangeHash, String)> {
+    rejected
+        .into_iter()
+        .map(|(h, e)| {
+            let text = match e {
+                RelError::Denied { reason, .. } => reason,
+                other => other.to_string(),
+            };
+            (h, text)
+        })
+        .collect()
+}

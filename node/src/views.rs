@@ -1,0 +1,254 @@
+//! What the node shows: the JSON shapes of the local API and its event stream. The CLI
+//! reads the same types back.
+
+use std::collections::BTreeMap;
+
+use rapport_protocol::{DocId, EntryId, GrantView, IdentityKey, UnixSeconds};
+use serde::{Deserialize, Serialize};
+
+use crate::store::Refusal;
+
+/// One grant as listed by `rapport consent list --json` and `GET /v1/consent`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantRow {
+    /// The grant id (hex).
+    pub grant: EntryId,
+    /// `granted` (this node gave it) or `held` (this node holds it).
+    pub role: String,
+    /// The other party.
+    pub peer: IdentityKey,
+    /// `pending`, `active`, `expired` or `revoked`.
+    pub status: String,
+    /// Scopes in effect.
+    pub scopes: Vec<String>,
+    /// Purpose.
+    pub purpose: String,
+    /// Legal basis.
+    pub legal_basis: String,
+    /// Terms id.
+    pub terms: String,
+    /// When granted.
+    pub granted_at: UnixSeconds,
+    /// When it ends.
+    pub expires: Option<UnixSeconds>,
+    /// When accepted.
+    pub accepted_at: Option<UnixSeconds>,
+    /// When revoked.
+    pub revoked_at: Option<UnixSeconds>,
+    /// When the grantee acknowledged erasure.
+    pub erasure_acked_at: Option<UnixSeconds>,
+    /// SHA-256 of the notice shown.
+    pub notice_sha256: String,
+}
+
+impl GrantRow {
+    /// A row for grant `g` seen from `role` with `peer`.
+    pub fn new(role: &str, peer: IdentityKey, g: &GrantView) -> Self {
+        Self {
+            grant: g.id,
+            role: role.into(),
+            peer,
+            status: g.status.as_str().into(),
+            scopes: g.scopes.iter().map(ToString::to_string).collect(),
+            purpose: g.purpose.clone(),
+            legal_basis: g.legal_basis.as_str().into(),
+            terms: g.terms.id.clone(),
+            granted_at: g.granted_at,
+            expires: g.expires,
+            accepted_at: g.accepted.map(|a| a.1),
+            revoked_at: g.revoked.map(|r| r.1),
+            erasure_acked_at: g.erasure_acked.map(|e| e.1),
+            notice_sha256: g.notice_sha256.clone(),
+        }
+    }
+}
+
+/// What a write did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WriteOutcome {
+    /// The entry written, if the write was one entry.
+    pub entry: Option<EntryId>,
+    /// The document written to.
+    pub doc: DocId,
+    /// The relationship, for relationship writes.
+    pub rel: Option<DocId>,
+    /// The grant concerned, for consent writes that name one.
+    pub grant: Option<EntryId>,
+    /// The other party.
+    pub peer: IdentityKey,
+    /// Where the write went: `delivered`, `stored` (the peer is not reachable now; it
+    /// syncs when it is), or `refused: …` by the peer.
+    pub delivery: Option<String>,
+    /// Anything the user should know.
+    pub note: Option<String>,
+}
+
+impl WriteOutcome {
+    /// The outcome of writing entry `entry` to `doc`.
+    pub fn entry(entry: EntryId, doc: DocId, peer: IdentityKey) -> Self {
+        Self {
+            entry: Some(entry),
+            doc,
+            rel: None,
+            grant: None,
+            peer,
+            delivery: None,
+            note: None,
+        }
+    }
+
+    /// The outcome of creating `doc`.
+    pub fn doc(doc: DocId, peer: IdentityKey) -> Self {
+        Self {
+            entry: None,
+            doc,
+            rel: Some(doc),
+            grant: None,
+            peer,
+            delivery: None,
+            note: None,
+        }
+    }
+}
+
+/// A member as listed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberRow {
+    /// Identity.
+    pub identity: IdentityKey,
+    /// The owner's name for it.
+    pub name: String,
+    /// Removed by the owner.
+    pub removed: bool,
+}
+
+/// One message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageView {
+    /// The relationship.
+    pub rel: DocId,
+    /// The message entry id.
+    pub id: EntryId,
+    /// The author.
+    pub by: IdentityKey,
+    /// The author's name as this node knows it.
+    pub by_name: String,
+    /// The author's time.
+    pub at: UnixSeconds,
+    /// The text.
+    pub text: String,
+    /// The purpose, if stated.
+    pub purpose: Option<String>,
+    /// The thread, if not the main one.
+    pub thread: Option<EntryId>,
+    /// Written by this node.
+    pub mine: bool,
+}
+
+/// A thread.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThreadView {
+    /// The thread entry id.
+    pub id: EntryId,
+    /// Title.
+    pub title: String,
+    /// Who started it.
+    pub by: IdentityKey,
+    /// When.
+    pub at: UnixSeconds,
+}
+
+/// A relationship as listed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelSummary {
+    /// The relationship id.
+    pub id: DocId,
+    /// The owner (a customer).
+    pub owner: IdentityKey,
+    /// The owner's name, as disclosed.
+    pub owner_name: String,
+    /// This node owns it.
+    pub mine: bool,
+    /// Title.
+    pub title: Option<String>,
+    /// Members.
+    pub members: Vec<MemberRow>,
+    /// How many messages.
+    pub messages: usize,
+    /// Time of the last message, 0 if none.
+    pub last_at: UnixSeconds,
+    /// The last message.
+    pub last: Option<MessageView>,
+}
+
+/// A relationship in full.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelDetail {
+    /// The summary.
+    #[serde(flatten)]
+    pub summary: RelSummary,
+    /// For the owner: per member, `reads` or why it may not read now.
+    pub access: BTreeMap<String, String>,
+    /// The disclosed profile.
+    pub profile: BTreeMap<String, String>,
+    /// Threads.
+    pub threads: Vec<ThreadView>,
+    /// Messages, oldest first.
+    pub messages: Vec<MessageView>,
+}
+
+/// Something that happened, as sent on the event stream (`GET /v1/events`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    /// A new message, received or written here.
+    Message(MessageView),
+    /// A relationship arrived from its owner.
+    Relationship {
+        /// Its id.
+        rel: DocId,
+        /// Its owner.
+        owner: IdentityKey,
+    },
+    /// A consent document changed.
+    Consent {
+        /// The document.
+        doc: DocId,
+        /// The customer.
+        customer: IdentityKey,
+        /// The grantee.
+        grantee: IdentityKey,
+    },
+    /// This node refused a peer's change (kept as evidence).
+    Refused(Refusal),
+    /// A peer refused a request or a change of ours.
+    PeerRefused {
+        /// The peer.
+        peer: IdentityKey,
+        /// The document.
+        doc: DocId,
+        /// The change, if one was named.
+        change: Option<String>,
+        /// The peer's reason.
+        reason: String,
+    },
+    /// As a grantee, this node erased what a revocation covers and signed its receipt.
+    Erased {
+        /// The customer who revoked.
+        customer: IdentityKey,
+        /// Relationship documents deleted.
+        documents: usize,
+        /// Messages they held.
+        messages: usize,
+    },
+    /// A peer connected.
+    PeerConnected {
+        /// The peer.
+        peer: String,
+    },
+    /// A peer disconnected.
+    PeerDisconnected {
+        /// The peer.
+        peer: String,
+    },
+}
