@@ -1,209 +1,368 @@
-//! `rapport demo`: the consent story on temporary stores, through the same code paths as
-//! the commands, checking each step. Exits non-zero if any step does not hold.
+//! `rapport demo`: a customer and two companies as real nodes in this process, on loopback,
+//! with temporary stores, syncing consent and conversations over libp2p. Each step is
+//! checked; the demo exits non-zero if any does not hold.
 
-use std::path::Path;
+use std::time::{Duration, Instant};
 
-use anyhow::{Result, ensure};
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD as B64;
-use rapport_node::Store;
-use rapport_protocol::GrantStatus;
+use anyhow::{Context, Result, bail, ensure};
+use rapport_node::{GrantArgs, NetConfig, Node, NodeConfig, NodeHandle, Store, now};
+use rapport_protocol::{IdentityKey, Kind, Ledger, read_ledger_file};
 
-use crate::{ConsentCmd, KindArg, consent, init, ledger_verify, now};
+const WAIT: Duration = Duration::from_secs(10);
 
 fn step(n: u32, text: &str) {
     println!("\n── {n}. {text}");
 }
 
-fn status(dir: &Path) -> Result<Vec<(String, GrantStatus, bool)>> {
-    let store = Store::open(dir)?;
-    let mut out = Vec::new();
-    for h in store.consent_headers()? {
-        for g in store.load_consent(&h.doc_id())?.ledger().grants(now()) {
-            out.push((g.id.to_hex(), g.status, g.erasure_acked.is_some()));
-        }
-    }
-    Ok(out)
+async fn start(dir: &std::path::Path, kind: Kind, name: &str) -> Result<Node> {
+    Store::create(dir, kind, name, now())?;
+    Ok(Node::start(NodeConfig {
+        data_dir: dir.to_path_buf(),
+        net: NetConfig {
+            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("multiaddr")],
+            bootstrap: Vec::new(),
+            mdns: false,
+        },
+        api: None,
+        auto_accept: false,
+    })
+    .await?)
 }
 
-fn identity(dir: &Path) -> Result<String> {
-    Ok(Store::open(dir)?.profile()?.identity.to_string())
+/// Polls `check` until it holds or 10 seconds pass.
+async fn until<F, Fut>(what: &str, mut check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + WAIT;
+    while !check().await {
+        if Instant::now() > deadline {
+            bail!(
+                "step failed: {what} did not happen within {}s",
+                WAIT.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+async fn grant_status(h: &NodeHandle, grant: &str) -> (String, bool) {
+    let g = grant.to_owned();
+    h.read(move |e| {
+        e.grants(now())
+            .into_iter()
+            .find(|r| r.grant.to_hex() == g)
+            .map(|r| (r.status, r.erasure_acked_at.is_some()))
+            .unwrap_or_default()
+    })
+    .await
+}
+
+async fn grant(h: &NodeHandle, to: IdentityKey, scopes: &[&str], purpose: &str) -> Result<String> {
+    let args = GrantArgs {
+        grantee: to,
+        scopes: scopes.iter().map(|s| s.parse().expect("scope")).collect(),
+        purpose: purpose.into(),
+        expires: Some(now() + 365 * 86_400),
+        terms: Some("SD-BASE".into()),
+        legal_basis: None,
+        notice_sha256: None,
+    };
+    let (out, delivery) = h.write(WAIT, move |e| e.grant(args, now())).await?;
+    let id = out.entry.context("a grant entry")?.to_hex();
+    println!(
+        "   grant {} to {}: {}",
+        &id[..8],
+        to.short(),
+        scopes.join(", ")
+    );
+    println!("   {}", delivery.unwrap_or_default());
+    Ok(id)
+}
+
+async fn say(
+    h: &NodeHandle,
+    who: &str,
+    rel: &str,
+    text: &str,
+    purpose: Option<&str>,
+) -> Result<String> {
+    let (r, t, p) = (rel.to_owned(), text.to_owned(), purpose.map(str::to_owned));
+    let (_, delivery) = h
+        .write(WAIT, move |e| e.send_message(&r, t, p, None, now()))
+        .await?;
+    let delivery = delivery.unwrap_or_else(|| "kept here only: no member may read it now".into());
+    println!(
+        "   {who}{}: {text:?}\n     → {delivery}",
+        purpose.map(|p| format!(" [{p}]")).unwrap_or_default()
+    );
+    Ok(delivery)
+}
+
+async fn messages(h: &NodeHandle, rel: &str) -> usize {
+    let r = rel.to_owned();
+    h.read(move |e| {
+        e.relationship(&r, now())
+            .map(|d| d.messages.len())
+            .unwrap_or(0)
+    })
+    .await
+}
+
+async fn rel_count(h: &NodeHandle) -> usize {
+    h.read(|e| e.relationships().len()).await
+}
+
+/// Verifies every consent ledger a node holds, from its exported files.
+async fn verify_ledgers(h: &NodeHandle, who: &str) -> Result<Vec<String>> {
+    let files = h.read(rapport_node::Engine::ledger_files).await;
+    for f in &files {
+        let (header, changes) = read_ledger_file(f.as_bytes())?;
+        let n = changes.len();
+        let ledger = Ledger::verify(header, changes)?;
+        println!(
+            "   {who}: ledger {} verified: {n} signed changes, {} entries",
+            &ledger.id().to_hex()[..8],
+            ledger.entries().len()
+        );
+    }
+    Ok(files)
 }
 
 /// Runs the demo.
 pub(crate) fn run() -> Result<()> {
-    let tmp = tempfile::tempdir()?;
-    let alice = tmp.path().join("alice");
-    let acme = tmp.path().join("acme");
-    let file = |name: &str| tmp.path().join(name);
-    println!("Rapport demo: a customer (Alice) and a company (Acme) on two temporary stores.");
-    println!("Consent travels between them as signed ledger files.");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(story())
+}
 
-    step(1, "Alice and Acme create their identities");
-    init(&alice, KindArg::Person, "Alice")?;
-    init(&acme, KindArg::Org, "Acme Ltd")?;
-    let (alice_id, acme_id) = (identity(&alice)?, identity(&acme)?);
+async fn story() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    println!("Rapport demo: a customer (Alice) and two companies (Acme, Globex), each a real");
+    println!("node on 127.0.0.1 with its own temporary store, syncing over libp2p.");
+
+    step(1, "Three nodes start and Alice connects to both companies");
+    let alice = start(&tmp.path().join("alice"), Kind::Person, "Alice").await?;
+    let acme = start(&tmp.path().join("acme"), Kind::Org, "Acme Ltd").await?;
+    let globex = start(&tmp.path().join("globex"), Kind::Org, "Globex").await?;
+    let (a, ac, gx) = (alice.handle(), acme.handle(), globex.handle());
+    for (name, node) in [("Acme", &acme), ("Globex", &globex)] {
+        let addr = node
+            .listening()
+            .await
+            .into_iter()
+            .next()
+            .context("listening")?;
+        a.net()
+            .dial(addr.clone())
+            .await
+            .map_err(|e| anyhow::anyhow!(e))?;
+        println!(
+            "   Alice {} connected to {name} at {addr}",
+            a.identity().short()
+        );
+    }
 
     step(
         2,
-        "Alice grants Acme conversation access and support contact, on her terms",
+        "Alice grants each company conversation access and support contact, on her terms",
     );
-    consent(
-        &alice,
-        ConsentCmd::Grant {
-            identity: acme_id.clone(),
-            scopes: vec![
-                "conversation:read".into(),
-                "conversation:write".into(),
-                "contact:support".into(),
-            ],
-            purpose: "support for order 1234".into(),
-            expires: Some("2099-12-31".into()),
-            terms: Some("SD-BASE".into()),
-            legal_basis: "consent".into(),
-            notice: None,
-            notice_sha256: None,
-        },
-    )?;
-    let grants = status(&alice)?;
-    ensure!(
-        grants.len() == 1 && grants[0].1 == GrantStatus::Pending,
-        "the grant should be pending"
-    );
-    let grant = grants[0].0.clone();
+    let scopes = ["conversation:read", "conversation:write", "contact:support"];
+    let g_acme = grant(&a, acme.identity(), &scopes, "support for order 1234").await?;
+    let g_globex = grant(&a, globex.identity(), &scopes, "warranty claims").await?;
 
     step(
         3,
-        "Alice exports the ledger; Acme verifies it and accepts on Alice's terms",
+        "The grants reach the companies' nodes; each accepts on Alice's terms",
     );
-    consent(
-        &alice,
-        ConsentCmd::Export {
-            identity: acme_id.clone(),
-            out: file("1-grant.json"),
-        },
-    )?;
-    ledger_verify(&file("1-grant.json"))?;
-    consent(
-        &acme,
-        ConsentCmd::Accept {
-            file: file("1-grant.json"),
-            grant: None,
-        },
-    )?;
-    ensure!(
-        status(&acme)?[0].1 == GrantStatus::Active,
-        "Acme should hold an active grant"
-    );
-
-    step(4, "Acme's signed acceptance reaches Alice");
-    consent(
-        &acme,
-        ConsentCmd::Export {
-            identity: alice_id.clone(),
-            out: file("2-accept.json"),
-        },
-    )?;
-    consent(
-        &alice,
-        ConsentCmd::Import {
-            file: file("2-accept.json"),
-        },
-    )?;
-    ensure!(
-        status(&alice)?[0].1 == GrantStatus::Active,
-        "Alice should see the grant active"
-    );
-    consent(&alice, ConsentCmd::List { json: false })?;
-
-    step(
-        5,
-        "Someone tampers with a ledger file in transit: it is refused",
-    );
-    // Change "support" to "selling" inside the signed grant, keeping the file well formed.
-    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(file("2-accept.json"))?)?;
-    let mut raw = B64.decode(v["changes"][0].as_str().unwrap_or_default())?;
-    let at = raw
-        .windows(7)
-        .position(|w| w == b"support")
-        .ok_or_else(|| anyhow::anyhow!("the grant text was not found"))?;
-    raw[at..at + 7].copy_from_slice(b"selling");
-    v["changes"][0] = serde_json::Value::String(B64.encode(&raw));
-    std::fs::write(file("tampered.json"), serde_json::to_vec(&v)?)?;
-    match consent(
-        &alice,
-        ConsentCmd::Import {
-            file: file("tampered.json"),
-        },
-    ) {
-        Ok(()) => anyhow::bail!("a tampered file was accepted"),
-        Err(e) => println!("refused: {e:#}"),
+    for (name, h, g) in [("Acme", &ac, &g_acme), ("Globex", &gx, &g_globex)] {
+        until("the grant arriving", || async {
+            grant_status(h, g).await.0 == "pending"
+        })
+        .await?;
+        let (rows, delivery) = h.write(WAIT, |e| e.accept(None, None, now())).await?;
+        ensure!(rows.len() == 1, "{name} should accept one grant");
+        println!(
+            "   {name} signs its acceptance: {}",
+            delivery.unwrap_or_default()
+        );
+        until("Alice seeing the acceptance", || async {
+            grant_status(&a, g).await.0 == "active"
+        })
+        .await?;
     }
+    println!("   Alice: both grants active");
 
-    step(6, "Alice revokes in one step");
-    consent(
-        &alice,
-        ConsentCmd::Revoke {
-            grant: grant[..8].to_owned(),
-            reason: Some("I closed my account".into()),
-        },
-    )?;
+    step(4, "Alice opens a relationship with each company");
+    let mut rels = Vec::new();
+    for (name, id) in [("Acme", acme.identity()), ("Globex", globex.identity())] {
+        let title = format!("{name} and Alice");
+        let (out, delivery) = a
+            .write(WAIT, move |e| {
+                e.open_relationship(id, Some(name.into()), Some(title), now())
+            })
+            .await?;
+        let rel = out.rel.context("a relationship")?.to_hex();
+        println!(
+            "   relationship {} with {name}: {}",
+            &rel[..8],
+            delivery.unwrap_or_default()
+        );
+        rels.push(rel);
+    }
+    let (r_acme, r_globex) = (rels[0].clone(), rels[1].clone());
+    until("both companies holding their relationship", || async {
+        rel_count(&ac).await == 1 && rel_count(&gx).await == 1
+    })
+    .await?;
+
+    step(5, "A conversation, synced both ways");
+    let d = say(&a, "Alice", &r_acme, "My order 1234 has not arrived.", None).await?;
+    ensure!(d.contains("delivered"), "Alice's message should reach Acme");
+    let d = say(
+        &ac,
+        "Acme",
+        &r_acme,
+        "Sorry, Alice! It ships today.",
+        Some("support"),
+    )
+    .await?;
+    ensure!(d.contains("delivered"), "Acme's reply should reach Alice");
+    until("both holding both messages", || async {
+        messages(&a, &r_acme).await == 2 && messages(&ac, &r_acme).await == 2
+    })
+    .await?;
+    println!("   Alice and Acme each hold the same 2 messages");
+
+    step(
+        6,
+        "Acme sends an unsolicited marketing message: Alice's node refuses it",
+    );
+    let d = say(
+        &ac,
+        "Acme",
+        &r_acme,
+        "50% off everything this weekend!",
+        Some("marketing"),
+    )
+    .await?;
     ensure!(
-        status(&alice)?[0].1 == GrantStatus::Revoked,
-        "the grant should be revoked"
+        d.contains("refused"),
+        "the marketing message should be refused"
+    );
+    ensure!(
+        messages(&a, &r_acme).await == 2,
+        "Alice should not hold the refused message"
+    );
+    until("Acme rolling the refused message back", || async {
+        messages(&ac, &r_acme).await == 2
+    })
+    .await?;
+    let refusals = a.read(|e| e.refusals(10)).await?;
+    ensure!(
+        refusals.len() == 1,
+        "Alice should keep one refusal as evidence"
+    );
+    println!(
+        "   kept as evidence at Alice's node: change {} from {}: {}",
+        &refusals[0].change[..8],
+        refusals[0].peer.short(),
+        refusals[0].reason
+    );
+    println!(
+        "   with Acme's signed change ({} bytes) and its text",
+        refusals[0]
+            .signed_change
+            .as_ref()
+            .map_or(0, |s| s.len() / 2)
+    );
+
+    step(7, "Alice revokes Acme's grant");
+    let g = g_acme.clone();
+    let (_, delivery) = a
+        .write(WAIT, move |e| {
+            e.revoke(&g, Some("closed my account".into()), now())
+        })
+        .await?;
+    println!("   revocation: {}", delivery.unwrap_or_default());
+
+    step(
+        8,
+        "Acme's node erases what the revocation covers and signs its erasure receipt",
+    );
+    until("Acme erasing the relationship", || async {
+        rel_count(&ac).await == 0
+    })
+    .await?;
+    until("the erasure receipt reaching Alice", || async {
+        grant_status(&a, &g_acme).await == ("revoked".into(), true)
+    })
+    .await?;
+    println!("   Acme holds no relationship data; Alice holds Acme's signed ErasureAck");
+
+    step(9, "Acme is cut off: nothing Alice writes now reaches it");
+    let d = say(
+        &a,
+        "Alice",
+        &r_acme,
+        "Note to self: find a new supplier.",
+        None,
+    )
+    .await?;
+    ensure!(
+        !d.contains("delivered"),
+        "nothing should be delivered to a revoked company"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ensure!(rel_count(&ac).await == 0, "Acme should hold nothing");
+    println!("   Acme still holds 0 relationships; it keeps the consent ledger as its proof");
+
+    step(10, "Globex is unaffected");
+    let d = say(
+        &a,
+        "Alice",
+        &r_globex,
+        "My kettle broke after a week.",
+        None,
+    )
+    .await?;
+    ensure!(d.contains("delivered"), "Globex should still be served");
+    let d = say(
+        &gx,
+        "Globex",
+        &r_globex,
+        "We will send a new one.",
+        Some("support"),
+    )
+    .await?;
+    ensure!(d.contains("delivered"), "Globex's reply should reach Alice");
+    ensure!(
+        grant_status(&a, &g_globex).await.0 == "active",
+        "Globex's grant stays active"
     );
 
     step(
-        7,
-        "The revocation reaches Acme, which erases and signs an erasure receipt",
+        11,
+        "Every ledger verifies, and both sides hold the same ones",
     );
-    consent(
-        &alice,
-        ConsentCmd::Export {
-            identity: acme_id.clone(),
-            out: file("3-revoke.json"),
-        },
-    )?;
-    consent(
-        &acme,
-        ConsentCmd::Import {
-            file: file("3-revoke.json"),
-        },
-    )?;
-    ensure!(
-        status(&acme)?[0].1 == GrantStatus::Revoked,
-        "Acme should see the revocation"
-    );
-    consent(
-        &acme,
-        ConsentCmd::AckErasure {
-            grant: grant.clone(),
-            erased: "conversation copy and support notes".into(),
-        },
-    )?;
-    consent(
-        &acme,
-        ConsentCmd::Export {
-            identity: alice_id.clone(),
-            out: file("4-erasure.json"),
-        },
-    )?;
-    consent(
-        &alice,
-        ConsentCmd::Import {
-            file: file("4-erasure.json"),
-        },
-    )?;
-    let s = status(&alice)?;
-    ensure!(
-        s[0].1 == GrantStatus::Revoked && s[0].2,
-        "Alice should hold Acme's erasure receipt"
-    );
+    let la = verify_ledgers(&a, "Alice").await?;
+    let lac = verify_ledgers(&ac, "Acme").await?;
+    let lgx = verify_ledgers(&gx, "Globex").await?;
+    for l in lac.iter().chain(&lgx) {
+        ensure!(
+            la.contains(l),
+            "a company's ledger should equal Alice's copy"
+        );
+    }
+    println!("   Acme's and Globex's ledgers are identical to Alice's copies");
 
-    step(8, "Both ledgers verify, entry by entry");
-    ledger_verify(&file("4-erasure.json"))?;
-    crate::ledger_show(&alice, None, false)?;
-
+    for n in [alice, acme, globex] {
+        n.shutdown().await;
+    }
     println!("\nEvery step held.");
     Ok(())
 }

@@ -9,15 +9,20 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use rapport_node::{Profile, Store};
+use rapport_node::Store;
 use rapport_protocol::{
-    ConsentDoc, ConsentHeader, ControllerInfo, EntryBody, EntryId, GrantStatus, GrantView,
-    IdentityKey, Kind, Ledger, LegalBasis, MAX_LEDGER_FILE_BYTES, RecordContext, Scope, SecretKey,
-    Terms, UnixSeconds, iso27560_records, kantara_receipts, read_ledger_file, write_ledger_file,
+    ControllerInfo, EntryBody, GrantStatus, IdentityKey, Kind, Ledger, LegalBasis,
+    MAX_LEDGER_FILE_BYTES, RecordContext, Scope, Terms, UnixSeconds, iso27560_records,
+    kantara_receipts, read_ledger_file,
 };
 use sha2::{Digest, Sha256};
 
+mod backend;
+mod bench;
 mod demo;
+mod node_cmd;
+
+use backend::Backend;
 
 #[derive(Parser)]
 #[command(
@@ -57,9 +62,139 @@ enum Command {
     /// Inspect and verify consent ledgers.
     #[command(subcommand)]
     Ledger(LedgerCmd),
-    /// Run the whole consent story between a customer and a company on temporary stores,
-    /// narrated, checking every step.
+    /// Run this node: sync with peers and serve the local API (Ctrl-C stops it cleanly).
+    #[command(subcommand)]
+    Node(NodeCmd),
+    /// Open and list relationships.
+    #[command(subcommand)]
+    Rel(RelCmd),
+    /// Send messages (needs a running node).
+    #[command(subcommand)]
+    Msg(MsgCmd),
+    /// Messages from others across every relationship, newest first.
+    Inbox {
+        /// How many.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One relationship's conversation, oldest first.
+    Thread {
+        /// The relationship id (or a unique prefix of at least 4 hex digits).
+        rel: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Peers the running node knows and is connected to.
+    Peers {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Connect the running node to a peer.
+    Connect {
+        /// The peer's address, e.g. /ip4/192.0.2.7/tcp/4001/p2p/12D3KooW…
+        addr: String,
+    },
+    /// Changes this node refused (unsolicited, forged, over-scoped), kept as evidence.
+    Refusals {
+        /// How many, newest first.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Benchmarks on this machine.
+    #[command(subcommand)]
+    Bench(bench::BenchCmd),
+    /// Run the whole story, narrated, on temporary stores: a customer and two companies as
+    /// real nodes on loopback, syncing consent and a conversation; exits 0 only if every
+    /// step held.
     Demo,
+}
+
+#[derive(Subcommand)]
+enum NodeCmd {
+    /// Run the node in the foreground until Ctrl-C or SIGTERM.
+    Run {
+        /// A libp2p address to listen on; repeat for more [default: TCP and QUIC on all
+        /// interfaces, OS-chosen ports].
+        #[arg(long, value_name = "MULTIADDR")]
+        listen: Vec<String>,
+        /// A peer to dial at start (and to seed Kademlia with, if it ends in /p2p/<id>).
+        #[arg(long, value_name = "MULTIADDR")]
+        bootstrap: Vec<String>,
+        /// Do not discover peers on the local network.
+        #[arg(long)]
+        no_mdns: bool,
+        /// Where the local API listens (loopback only).
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
+        api: std::net::SocketAddr,
+        /// Accept every grant made to this node on the customer's terms as it arrives.
+        #[arg(long)]
+        accept_grants: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum RelCmd {
+    /// Open a relationship with a company or person (you own it).
+    Open {
+        /// Their identity (12D3KooW…).
+        identity: String,
+        /// Their address, if known (the node connects at once).
+        #[arg(long, value_name = "MULTIADDR")]
+        addr: Option<String>,
+        /// How you name them.
+        #[arg(long)]
+        name: Option<String>,
+        /// A title for the relationship.
+        #[arg(long)]
+        title: Option<String>,
+    },
+    /// List relationships, newest activity first.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add another member to a relationship you own (many-to-many).
+    Add {
+        /// The relationship id (or prefix).
+        rel: String,
+        /// The new member's identity.
+        identity: String,
+        /// How you name them.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Disclose a profile field to a relationship's members.
+    Disclose {
+        /// The relationship id (or prefix).
+        rel: String,
+        /// The field (e.g. email).
+        field: String,
+        /// Its value.
+        value: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum MsgCmd {
+    /// Send a message in a relationship.
+    Send {
+        /// The relationship id (or prefix).
+        rel: String,
+        /// The text.
+        text: String,
+        /// Why you write (a member needs contact:<purpose>; default: the one its grants allow).
+        #[arg(long)]
+        purpose: Option<String>,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -126,11 +261,11 @@ enum ConsentCmd {
         #[arg(long)]
         terms: String,
     },
-    /// Import a consent file a customer sent and accept its pending grants on the
-    /// customer's terms (run by the company).
+    /// Accept pending grants on the customer's terms (run by the company): those that
+    /// arrived over the network, or those in a ledger file the customer sent.
     Accept {
-        /// The ledger file the customer exported.
-        file: PathBuf,
+        /// A ledger file the customer exported (not needed when grants came over the network).
+        file: Option<PathBuf>,
         /// Accept only this grant (id or prefix) [default: every pending grant].
         #[arg(long)]
         grant: Option<String>,
@@ -255,16 +390,11 @@ fn data_dir(cli: &Option<PathBuf>) -> Result<PathBuf> {
     })
 }
 
-/// One writer session per process: the actor nonce names it.
-fn nonce() -> Result<[u8; 16]> {
-    let mut n = [0u8; 16];
-    getrandom::fill(&mut n).map_err(|e| anyhow!("the OS random source failed: {e}"))?;
-    Ok(n)
-}
-
 fn run(cli: Cli) -> Result<()> {
-    if let Command::Demo = cli.command {
-        return demo::run();
+    match cli.command {
+        Command::Demo => return demo::run(),
+        Command::Bench(cmd) => return bench::run(cmd),
+        _ => {}
     }
     let dir = data_dir(&cli.data_dir)?;
     match cli.command {
@@ -273,7 +403,23 @@ fn run(cli: Cli) -> Result<()> {
         Command::Consent(cmd) => consent(&dir, cmd),
         Command::Ledger(LedgerCmd::Verify { file }) => ledger_verify(&file),
         Command::Ledger(LedgerCmd::Show { identity, json }) => ledger_show(&dir, identity, json),
-        Command::Demo => unreachable!("handled above"),
+        Command::Node(NodeCmd::Run {
+            listen,
+            bootstrap,
+            no_mdns,
+            api,
+            accept_grants,
+        }) => node_cmd::run(&dir, listen, bootstrap, !no_mdns, api, accept_grants),
+        Command::Rel(cmd) => node_cmd::rel(&dir, cmd),
+        Command::Msg(MsgCmd::Send { rel, text, purpose }) => {
+            node_cmd::send(&dir, &rel, &text, purpose)
+        }
+        Command::Inbox { limit, json } => node_cmd::inbox(&dir, limit, json),
+        Command::Thread { rel, json } => node_cmd::thread(&dir, &rel, json),
+        Command::Peers { json } => node_cmd::peers(&dir, json),
+        Command::Connect { addr } => node_cmd::connect(&dir, &addr),
+        Command::Refusals { limit, json } => node_cmd::refusals(&dir, limit, json),
+        Command::Demo | Command::Bench(_) => unreachable!("handled above"),
     }
 }
 
@@ -296,6 +442,23 @@ fn init(dir: &Path, kind: KindArg, name: &str) -> Result<()> {
 }
 
 fn id(dir: &Path, json: bool) -> Result<()> {
+    if let Some(api) = backend::Api::find(dir) {
+        let v: serde_json::Value = api.get("/v1/status")?;
+        if json {
+            println!("{v}");
+        } else {
+            println!("{}", v["identity"].as_str().unwrap_or_default());
+            println!(
+                "kind: {}  name: {}",
+                v["kind"].as_str().unwrap_or_default(),
+                v["name"].as_str().unwrap_or_default()
+            );
+            for a in v["listen"].as_array().into_iter().flatten() {
+                println!("listening: {}", a.as_str().unwrap_or_default());
+            }
+        }
+        return Ok(());
+    }
     let store = Store::open(dir)?;
     let p = store.profile()?;
     if json {
@@ -314,114 +477,6 @@ fn id(dir: &Path, json: bool) -> Result<()> {
         println!("kind: {}  name: {}", p.kind, p.name);
     }
     Ok(())
-}
-
-struct Node {
-    store: Store,
-    profile: Profile,
-    key: SecretKey,
-}
-
-impl Node {
-    fn open(dir: &Path) -> Result<Self> {
-        let store = Store::open(dir)?;
-        let profile = store.profile()?;
-        let key = store.secret_key()?;
-        Ok(Self {
-            store,
-            profile,
-            key,
-        })
-    }
-
-    fn me(&self) -> IdentityKey {
-        self.profile.identity
-    }
-
-    fn docs(&self) -> Result<Vec<ConsentDoc>> {
-        self.store
-            .consent_headers()?
-            .iter()
-            .map(|h| Ok(self.store.load_consent(&h.doc_id())?))
-            .collect()
-    }
-
-    fn doc_with(&self, header: ConsentHeader) -> Result<ConsentDoc> {
-        match self.store.consent_header(&header.doc_id())? {
-            Some(_) => Ok(self.store.load_consent(&header.doc_id())?),
-            None => Ok(ConsentDoc::new(header)?),
-        }
-    }
-
-    /// Finds the one grant whose id starts with `prefix`, in any document held.
-    fn find_grant(&self, prefix: &str) -> Result<(ConsentDoc, EntryId)> {
-        let prefix = prefix.trim().to_ascii_lowercase();
-        if prefix.len() < 4 || !prefix.bytes().all(|b| b.is_ascii_hexdigit()) {
-            bail!(
-                "{prefix:?} is not a grant id: give at least 4 hex digits of the id shown by `rapport consent list`"
-            );
-        }
-        let mut found = Vec::new();
-        for doc in self.docs()? {
-            let ids: Vec<EntryId> = doc
-                .ledger()
-                .grants(UnixSeconds::MAX)
-                .iter()
-                .filter(|g| g.id.to_hex().starts_with(&prefix))
-                .map(|g| g.id)
-                .collect();
-            for id in ids {
-                found.push((doc.clone(), id));
-            }
-        }
-        match found.len() {
-            0 => bail!("no grant {prefix} in this node's ledgers (see `rapport consent list`)"),
-            1 => Ok(found.pop().expect("one")),
-            n => bail!("{n} grants start with {prefix}: give more digits"),
-        }
-    }
-
-    /// Appends one entry and stores the new change durably.
-    fn append(&self, doc: &mut ConsentDoc, body: EntryBody) -> Result<EntryId> {
-        let (id, change) = doc.append(&self.key, nonce()?, now(), body)?;
-        self.store
-            .put_consent_changes(doc.ledger().header(), &[change])?;
-        Ok(id)
-    }
-
-    /// Reads and verifies a ledger file addressed to this node, merged with what it holds.
-    /// Nothing is stored.
-    fn read_file(&self, file: &Path) -> Result<(ConsentDoc, usize)> {
-        let bytes = read_bounded(file)?;
-        let (header, changes) =
-            read_ledger_file(&bytes).with_context(|| format!("{} was refused", file.display()))?;
-        // The whole file is verified on its own first, so a file with any bad change is refused
-        // even where the bad change has the hash of one we already hold (a swapped signature),
-        // which merging alone would skip as a duplicate.
-        Ledger::verify(header, changes.clone())
-            .with_context(|| format!("{} was refused", file.display()))?;
-        if header.customer != self.me() && header.grantee != self.me() {
-            bail!(
-                "{} is a consent document between {} and {}, not with you ({})",
-                file.display(),
-                header.customer,
-                header.grantee,
-                self.me()
-            );
-        }
-        let mut doc = self.doc_with(header)?;
-        let report = doc.apply(changes);
-        if let Some((_, e)) = report.rejected.into_iter().next() {
-            return Err(anyhow!(e).context(format!("{} was refused", file.display())));
-        }
-        Ok((doc, report.applied.len()))
-    }
-
-    fn store_doc(&self, doc: &ConsentDoc) -> Result<usize> {
-        Ok(self
-            .store
-            .put_consent_changes(doc.ledger().header(), doc.ledger().changes())?)
-    }
 }
 
 fn read_bounded(file: &Path) -> Result<Vec<u8>> {
@@ -492,7 +547,7 @@ fn consent(dir: &Path, cmd: ConsentCmd) -> Result<()> {
         }
         return Ok(());
     }
-    let node = Node::open(dir)?;
+    let mut node = Backend::open(dir)?;
     match cmd {
         ConsentCmd::Grant {
             identity,
@@ -508,198 +563,158 @@ fn consent(dir: &Path, cmd: ConsentCmd) -> Result<()> {
             let scopes = parse_scopes(&scopes)?;
             let expires = expires.as_deref().map(parse_date).transpose()?;
             let legal_basis: LegalBasis = legal_basis.parse().map_err(|e: String| anyhow!(e))?;
-            let header = ConsentHeader {
-                customer: node.me(),
-                grantee,
-            };
-            if grantee == node.me() {
-                bail!("you cannot grant consent to yourself");
+            if let Some(t) = &terms {
+                terms_named(t)?;
             }
-            let mut doc = node.doc_with(header)?;
-            let terms = match terms {
-                Some(t) => terms_named(&t)?.reference(),
-                None => doc
-                    .ledger()
-                    .proffered_terms()
-                    .cloned()
-                    .unwrap_or_else(|| Terms::by_id("SD-BASE").expect("in roster").reference()),
-            };
             let notice_sha256 = match (notice, notice_sha256) {
-                (Some(path), _) => hex::encode(Sha256::digest(read_bounded(&path)?)),
-                (None, Some(h)) => h.trim().to_ascii_lowercase(),
-                // Without a company notice, what the customer saw is this command's own
-                // statement of the grant; record the hash of exactly that text.
-                (None, None) => hex::encode(Sha256::digest(
-                    format!(
-                        "You grant {grantee} the scopes {} for the purpose {purpose:?} on terms {} v{}.",
-                        scopes.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
-                        terms.id,
-                        terms.version
-                    )
-                    .as_bytes(),
-                )),
+                (Some(path), _) => Some(hex::encode(Sha256::digest(read_bounded(&path)?))),
+                (None, h) => h,
             };
-            let id = node.append(
-                &mut doc,
-                EntryBody::Grant {
-                    scopes,
-                    purpose,
-                    legal_basis,
-                    notice_sha256,
-                    terms,
-                    expires,
-                },
-            )?;
-            println!("granted {} to {grantee}", id);
-            println!(
-                "status: pending until {} accepts; send it with `rapport consent export {grantee} --out FILE`",
-                grantee.short()
-            );
+            let out = node.grant(rapport_node::GrantArgs {
+                grantee,
+                scopes,
+                purpose,
+                expires,
+                terms,
+                legal_basis: Some(legal_basis),
+                notice_sha256,
+            })?;
+            println!("granted {} to {grantee}", out.entry.expect("a grant entry"));
+            match out.delivery {
+                Some(d) => println!("status: pending until {} accepts; {d}", grantee.short()),
+                None => println!(
+                    "status: pending until {} accepts; it reaches them when your node runs (`rapport node run`), or send it with `rapport consent export {grantee} --out FILE`",
+                    grantee.short()
+                ),
+            }
         }
         ConsentCmd::Amend {
             grant,
             scopes,
             expires,
         } => {
-            let (mut doc, gid) = node.find_grant(&grant)?;
             let scopes = parse_scopes(&scopes)?;
             let expires = expires.as_deref().map(parse_date).transpose()?;
-            let id = node.append(
-                &mut doc,
-                EntryBody::Amend {
-                    grant: gid,
-                    scopes,
-                    expires,
-                },
-            )?;
-            println!("amended grant {} (amendment {})", gid.short(), id.short());
+            let out = node.amend(&grant, scopes, expires)?;
+            println!(
+                "amended grant {} (amendment {})",
+                out.grant.expect("named").short(),
+                out.entry.expect("an entry").short()
+            );
+            delivery_line(&out);
         }
         ConsentCmd::Revoke { grant, reason } => {
-            let (mut doc, gid) = node.find_grant(&grant)?;
-            let id = node.append(&mut doc, EntryBody::Revoke { grant: gid, reason })?;
-            let grantee = doc.ledger().header().grantee;
-            println!("revoked grant {} (revocation {})", gid, id.short());
-            println!("send it with `rapport consent export {grantee} --out FILE`");
+            let out = node.revoke(&grant, reason)?;
+            println!(
+                "revoked grant {} (revocation {})",
+                out.grant.expect("named"),
+                out.entry.expect("an entry").short()
+            );
+            match &out.delivery {
+                Some(_) => delivery_line(&out),
+                None => println!(
+                    "it reaches {} when your node runs, or send it with `rapport consent export {} --out FILE`",
+                    out.peer.short(),
+                    out.peer
+                ),
+            }
         }
         ConsentCmd::Proffer { identity, terms } => {
             let grantee = parse_identity(&identity)?;
-            let mut doc = node.doc_with(ConsentHeader {
-                customer: node.me(),
-                grantee,
-            })?;
-            let terms = terms_named(&terms)?.reference();
-            let id = node.append(
-                &mut doc,
-                EntryBody::TermsProffer {
-                    terms: terms.clone(),
-                },
-            )?;
-            println!("proffered {} to {grantee} ({})", terms.id, id.short());
+            let out = node.proffer(grantee, &terms)?;
+            println!(
+                "proffered {} to {grantee} ({})",
+                terms_named(&terms)?.id,
+                out.entry.expect("an entry").short()
+            );
+            delivery_line(&out);
         }
         ConsentCmd::Accept { file, grant } => {
-            let (mut doc, _) = node.read_file(&file)?;
-            if doc.ledger().header().grantee != node.me() {
-                bail!(
-                    "{} holds grants you gave, not grants to you: nothing to accept",
-                    file.display()
-                );
+            let mut customer = None;
+            if let Some(file) = &file {
+                let bytes = read_bounded(file)?;
+                let (header, changes) = read_ledger_file(&bytes)
+                    .with_context(|| format!("{} was refused", file.display()))?;
+                let ledger = Ledger::verify(header, changes)
+                    .with_context(|| format!("{} was refused", file.display()))?;
+                let me = node.me()?;
+                if header.customer == me {
+                    bail!(
+                        "{} holds grants you gave, not grants to you: nothing to accept",
+                        file.display()
+                    );
+                }
+                if header.grantee != me {
+                    bail!(
+                        "{} is a consent document between {} and {}, not with you ({me})",
+                        file.display(),
+                        header.customer,
+                        header.grantee
+                    );
+                }
+                let pending = ledger.grants(now()).into_iter().any(|g| {
+                    g.status == GrantStatus::Pending
+                        && grant
+                            .as_deref()
+                            .is_none_or(|p| g.id.to_hex().starts_with(&p.to_ascii_lowercase()))
+                });
+                if !pending {
+                    bail!("{} holds no pending grant to accept", file.display());
+                }
+                node.import(&bytes)
+                    .with_context(|| format!("{} was refused", file.display()))?;
+                customer = Some(header.customer);
             }
-            let pending: Vec<GrantView> = doc
-                .ledger()
-                .grants(now())
-                .into_iter()
-                .filter(|g| g.status == GrantStatus::Pending)
-                .filter(|g| {
-                    grant
-                        .as_deref()
-                        .is_none_or(|p| g.id.to_hex().starts_with(&p.to_ascii_lowercase()))
-                })
-                .collect();
-            if pending.is_empty() {
-                bail!("{} holds no pending grant to accept", file.display());
-            }
-            let mut accepted = Vec::new();
-            for g in &pending {
-                let (_, change) = doc.append(
-                    &node.key,
-                    nonce()?,
-                    now(),
-                    EntryBody::Accept {
-                        grant: g.id,
-                        terms: g.terms.clone(),
-                    },
-                )?;
-                accepted.push(change);
-            }
-            // The customer's changes and our acceptances land in one durable write.
-            node.store_doc(&doc)?;
-            let customer = doc.ledger().header().customer;
-            for g in &pending {
+            let rows = node.accept(grant.as_deref(), customer)?;
+            for g in &rows {
                 println!(
                     "accepted grant {} from {}: {} for {:?} on terms {}",
-                    g.id,
-                    customer.short(),
-                    g.scopes
-                        .iter()
-                        .map(ToString::to_string)
-                        .collect::<Vec<_>>()
-                        .join(", "),
+                    g.grant,
+                    g.peer.short(),
+                    g.scopes.join(", "),
                     g.purpose,
-                    g.terms.id
+                    g.terms
                 );
             }
-            println!(
-                "send your acceptance back with `rapport consent export {customer} --out FILE`"
-            );
+            if let (Backend::Local(_), Some(g)) = (&node, rows.first()) {
+                println!(
+                    "send your acceptance back with `rapport consent export {} --out FILE`, or run your node",
+                    g.peer
+                );
+            }
         }
         ConsentCmd::AckErasure { grant, erased } => {
-            let (mut doc, gid) = node.find_grant(&grant)?;
-            let view = doc.ledger().grant(&gid, UnixSeconds::MAX).expect("found");
-            let Some((rid, _)) = view.revoked else {
-                bail!(
-                    "grant {} is not revoked: there is nothing to erase",
-                    gid.short()
-                );
-            };
-            let id = node.append(
-                &mut doc,
-                EntryBody::ErasureAck {
-                    revoke: rid,
-                    grant: gid,
-                    erased,
-                },
-            )?;
+            let out = node.ack_erasure(&grant, erased)?;
             println!(
                 "acknowledged erasure for grant {} ({})",
-                gid.short(),
-                id.short()
+                out.grant.expect("named").short(),
+                out.entry.expect("an entry").short()
             );
+            delivery_line(&out);
         }
         ConsentCmd::List { json } => list(&node, json)?,
         ConsentCmd::Export { identity, out } => {
             let peer = parse_identity(&identity)?;
-            let doc = node
-                .docs()?
-                .into_iter()
-                .find(|d| {
-                    let h = d.ledger().header();
-                    (h.customer == node.me() && h.grantee == peer)
-                        || (h.grantee == node.me() && h.customer == peer)
-                })
-                .ok_or_else(|| anyhow!("you share no consent document with {peer}"))?;
-            write_new_file(&out, write_ledger_file(doc.ledger()).as_bytes())?;
-            println!(
-                "wrote {} changes to {}",
-                doc.ledger().changes().len(),
-                out.display()
-            );
+            let text = node.export(&peer)?;
+            let n = read_ledger_file(text.as_bytes())
+                .map(|(_, c)| c.len())
+                .unwrap_or(0);
+            write_new_file(&out, text.as_bytes())?;
+            println!("wrote {n} changes to {}", out.display());
         }
         ConsentCmd::Import { file } => {
-            let (doc, applied) = node.read_file(&file)?;
-            node.store_doc(&doc)?;
+            let bytes = read_bounded(&file)?;
+            let applied = node
+                .import(&bytes)
+                .with_context(|| format!("{} was refused", file.display()))?;
             println!("imported {applied} new change(s) from {}", file.display());
-            for g in doc.ledger().grants(now()) {
-                println!("  grant {}  {}", g.id.short(), g.status.as_str());
+            let (header, _) = read_ledger_file(&bytes)?;
+            for g in node.grants()? {
+                let in_file = (g.peer == header.customer || g.peer == header.grantee)
+                    && (g.role == "granted") == (header.customer != g.peer);
+                if in_file {
+                    println!("  grant {}  {}", g.grant.short(), g.status);
+                }
             }
         }
         ConsentCmd::ExportRecords {
@@ -714,9 +729,10 @@ fn consent(dir: &Path, cmd: ConsentCmd) -> Result<()> {
             jurisdiction,
             policy_url,
         } => {
+            let me = node.me()?;
+            let my_name = node.name()?;
             let mut all = Vec::new();
-            for doc in node.docs()? {
-                let ledger = doc.ledger();
+            for ledger in ledgers(&node)? {
                 let controller = ControllerInfo {
                     name: controller_name
                         .clone()
@@ -733,12 +749,11 @@ fn consent(dir: &Path, cmd: ConsentCmd) -> Result<()> {
                     policy_url: policy_url.clone(),
                     collection_method: "Rapport signed consent ledger".into(),
                     controller,
-                    customer_name: (ledger.header().customer == node.me())
-                        .then(|| node.profile.name.clone()),
+                    customer_name: (ledger.header().customer == me).then(|| my_name.clone()),
                 };
                 let records = match format {
-                    RecordFormat::Iso27560 => iso27560_records(ledger, &ctx),
-                    RecordFormat::Kantara => kantara_receipts(ledger, &ctx),
+                    RecordFormat::Iso27560 => iso27560_records(&ledger, &ctx),
+                    RecordFormat::Kantara => kantara_receipts(&ledger, &ctx),
                 }
                 .map_err(|e| anyhow!("{e}"))?;
                 all.extend(records);
@@ -757,6 +772,23 @@ fn consent(dir: &Path, cmd: ConsentCmd) -> Result<()> {
     Ok(())
 }
 
+fn delivery_line(out: &rapport_node::WriteOutcome) {
+    if let Some(d) = &out.delivery {
+        println!("{d}");
+    }
+}
+
+/// Every consent ledger the node holds, verified again here.
+fn ledgers(node: &Backend) -> Result<Vec<Ledger>> {
+    node.ledger_files()?
+        .iter()
+        .map(|f| {
+            let (h, c) = read_ledger_file(f.as_bytes())?;
+            Ok(Ledger::verify(h, c)?)
+        })
+        .collect()
+}
+
 /// Writes a file through a temporary sibling and a rename, so a failed write leaves no
 /// half-written file behind.
 fn write_new_file(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -765,43 +797,10 @@ fn write_new_file(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
 }
 
-fn list(node: &Node, json: bool) -> Result<()> {
-    let t = now();
-    let mut rows = Vec::new();
-    for doc in node.docs()? {
-        let h = *doc.ledger().header();
-        let (role, peer) = if h.customer == node.me() {
-            ("granted", h.grantee)
-        } else {
-            ("held", h.customer)
-        };
-        for g in doc.ledger().grants(t) {
-            rows.push((role, peer, g));
-        }
-    }
+fn list(node: &Backend, json: bool) -> Result<()> {
+    let rows = node.grants()?;
     if json {
-        let v: Vec<serde_json::Value> = rows
-            .iter()
-            .map(|(role, peer, g)| {
-                serde_json::json!({
-                    "grant": g.id.to_hex(),
-                    "role": role,
-                    "peer": peer.to_string(),
-                    "status": g.status.as_str(),
-                    "scopes": g.scopes.iter().map(ToString::to_string).collect::<Vec<_>>(),
-                    "purpose": g.purpose,
-                    "legal_basis": g.legal_basis.as_str(),
-                    "terms": g.terms.id,
-                    "granted_at": g.granted_at,
-                    "expires": g.expires,
-                    "accepted_at": g.accepted.map(|a| a.1),
-                    "revoked_at": g.revoked.map(|r| r.1),
-                    "erasure_acked_at": g.erasure_acked.map(|e| e.1),
-                    "notice_sha256": g.notice_sha256,
-                })
-            })
-            .collect();
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }
     if rows.is_empty() {
@@ -812,24 +811,21 @@ fn list(node: &Node, json: bool) -> Result<()> {
         "{:<10} {:<8} {:<12} {:<9} {:<12} {:<18} {:<30} purpose",
         "grant", "role", "peer", "status", "terms", "expires", "scopes"
     );
-    for (role, peer, g) in rows {
-        let status = match (g.status, g.erasure_acked) {
-            (GrantStatus::Revoked, Some(_)) => "erased".to_string(),
-            (s, _) => s.as_str().to_string(),
+    for g in rows {
+        let status = if g.status == "revoked" && g.erasure_acked_at.is_some() {
+            "erased".to_string()
+        } else {
+            g.status.clone()
         };
         println!(
             "{:<10} {:<8} {:<12} {:<9} {:<12} {:<18} {:<30} {}",
-            g.id.short(),
-            role,
-            peer.short(),
+            g.grant.short(),
+            g.role,
+            g.peer.short(),
             status,
-            g.terms.id,
+            g.terms,
             g.expires.map(show_time).unwrap_or_else(|| "never".into()),
-            g.scopes
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(","),
+            g.scopes.join(","),
             g.purpose
         );
     }
@@ -858,28 +854,28 @@ fn ledger_verify(file: &Path) -> Result<()> {
 }
 
 fn ledger_show(dir: &Path, identity: Option<String>, json: bool) -> Result<()> {
-    let node = Node::open(dir)?;
+    let backend = Backend::open(dir)?;
     let peer = identity.as_deref().map(parse_identity).transpose()?;
     let mut out = Vec::new();
-    for doc in node.docs()? {
-        let h = *doc.ledger().header();
+    for ledger in ledgers(&backend)? {
+        let h = *ledger.header();
         if peer.is_some_and(|p| p != h.customer && p != h.grantee) {
             continue;
         }
-        let entries: Vec<_> = doc.ledger().entries_in_order().collect();
+        let entries: Vec<_> = ledger.entries_in_order().collect();
         if json {
             out.push(serde_json::json!({
-                "document": doc.ledger().id(),
+                "document": ledger.id(),
                 "customer": h.customer,
                 "grantee": h.grantee,
-                "changes": doc.ledger().changes().len(),
+                "changes": ledger.changes().len(),
                 "entries": entries.iter().map(|(id, e)| serde_json::json!({"id": id, "entry": e})).collect::<Vec<_>>(),
             }));
             continue;
         }
         println!(
             "ledger {}  customer {}  grantee {}",
-            doc.ledger().id(),
+            ledger.id(),
             h.customer,
             h.grantee
         );

@@ -335,6 +335,19 @@ impl Engine {
 
     // ----- queries -----
 
+    /// How many changes a document holds, if held (cheap: for progress checks).
+    pub fn change_count(&self, id: &DocId) -> Option<usize> {
+        match self.docs.get(id)? {
+            Doc::Consent(c) => Some(c.ledger().changes().len()),
+            Doc::Rel(r) => Some(r.changes().len()),
+        }
+    }
+
+    /// How many documents this node holds.
+    pub fn doc_count(&self) -> usize {
+        self.docs.len()
+    }
+
     /// Every grant this node gave or holds, at `now`.
     pub fn grants(&self, now: UnixSeconds) -> Vec<GrantRow> {
         let mut rows = Vec::new();

@@ -11,7 +11,9 @@ use std::collections::HashSet;
 
 use rapport_protocol::access::{may_read, may_write};
 use rapport_protocol::automerge::ChangeHash;
-use rapport_protocol::wire::{DocRef, RefusalCode, SyncRequest, SyncResponse, chunk};
+use rapport_protocol::wire::{
+    CHUNK_BYTES, DocRef, MAX_CHANGES_PER_MESSAGE, RefusalCode, SyncRequest, SyncResponse,
+};
 use rapport_protocol::{
     ConsentDoc, IdentityKey, RelBody, RelEntry, RelError, RelationshipDoc, SignedChange,
     UnixSeconds, entry_texts,
@@ -117,10 +119,9 @@ impl Engine {
         }
         let known = self.store().peer_heads(&id, peer)?;
         let changes = match &known {
-            Some(h) => self.encoded_missing(&id, h, &HashSet::new()),
+            Some(h) => self.encoded_missing(&id, h, &HashSet::new()).0,
             None => Vec::new(),
         };
-        let (changes, _) = chunk(changes);
         Ok(Some(SyncRequest {
             doc: *doc,
             heads: self.heads_of(&id),
@@ -169,12 +170,11 @@ impl Engine {
         }
         let id = req.doc.doc_id();
         let just: HashSet<ChangeHash> = received.applied.iter().copied().collect();
-        let missing = if self.holds(&id) {
+        let (changes, more) = if self.holds(&id) {
             self.encoded_missing(&id, &req.heads, &just)
         } else {
-            Vec::new()
+            (Vec::new(), false)
         };
-        let (changes, more) = chunk(missing);
         let heads = self.heads_of(&id);
         // Once the peer applies this answer it holds everything we hold, unless the answer
         // was cut short; remember the most we can be sure of.
@@ -262,26 +262,41 @@ impl Engine {
         let before = self.store().peer_heads(&id, peer)?;
         out.peer_moved = before.as_deref() != Some(&heads[..]);
         self.store().put_peer_heads(&id, peer, &heads)?;
-        let unsent = self.encoded_missing(&id, &heads, &HashSet::new());
-        out.again = more || (!unsent.is_empty() && ours_refused.is_empty());
+        let unsent = match self.docs.get(&id) {
+            Some(Doc::Consent(c)) => !c.changes_missing_from(&heads).is_empty(),
+            Some(Doc::Rel(r)) => !r.changes_missing_from(&heads).is_empty(),
+            None => false,
+        };
+        out.again = more || (unsent && ours_refused.is_empty());
         Ok((out, pushes))
     }
 
+    /// The changes of `id` not in the history of `heads` (minus `skip`), encoded, cut to one
+    /// message's worth ([`CHUNK_BYTES`], at least one change). The flag says more remain.
     fn encoded_missing(
         &self,
         id: &rapport_protocol::DocId,
         heads: &[ChangeHash],
         skip: &HashSet<ChangeHash>,
-    ) -> Vec<Vec<u8>> {
+    ) -> (Vec<Vec<u8>>, bool) {
         let list: Vec<&SignedChange> = match self.docs.get(id) {
             Some(Doc::Consent(c)) => c.changes_missing_from(heads),
             Some(Doc::Rel(r)) => r.changes_missing_from(heads),
             None => Vec::new(),
         };
-        list.into_iter()
-            .filter(|c| !skip.contains(&c.hash()))
-            .map(SignedChange::encode)
-            .collect()
+        let mut out = Vec::new();
+        let mut size = 0;
+        let mut rest = list.into_iter().filter(|c| !skip.contains(&c.hash()));
+        for c in rest.by_ref() {
+            let bytes = c.encode();
+            size += bytes.len() + 4;
+            out.push(bytes);
+            if size >= CHUNK_BYTES || out.len() >= MAX_CHANGES_PER_MESSAGE {
+                break;
+            }
+        }
+        let more = rest.next().is_some();
+        (out, more)
     }
 
     fn heads_of(&self, id: &rapport_protocol::DocId) -> Vec<ChangeHash> {

@@ -93,8 +93,12 @@ fn grant_accept_revoke_erase_and_verify() {
     std::fs::remove_file(&to_acme).unwrap();
     alice.ok(&["consent", "export", &acme_id, "--out", path(&to_acme)]);
     acme.ok(&["consent", "import", path(&to_acme)]);
+    // Importing the revocation erases and signs the receipt at once, as over the network;
+    // acknowledging again by hand is refused.
     assert_eq!(grants(&acme)[0]["status"], "revoked");
-    acme.ok(&["consent", "ack-erasure", &grant_id]);
+    assert!(grants(&acme)[0]["erasure_acked_at"].is_u64());
+    let err = acme.fails(&["consent", "ack-erasure", &grant_id]);
+    assert!(err.contains("already acknowledged"), "{err}");
     std::fs::remove_file(&to_alice).unwrap();
     acme.ok(&["consent", "export", &alice_id, "--out", path(&to_alice)]);
     alice.ok(&["consent", "import", path(&to_alice)]);

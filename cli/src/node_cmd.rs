@@ -1,0 +1,370 @@
+//! `rapport node run` and the commands that talk to a running node.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use anyhow::{Context, Result, anyhow, bail};
+use rapport_node::{MessageView, NetConfig, Node, NodeConfig, PeerInfo, RelSummary, WriteOutcome};
+use serde_json::{Value, json};
+
+use crate::backend::{Api, Backend};
+use crate::{RelCmd, parse_identity, show_time};
+
+fn multiaddrs(list: &[String], what: &str) -> Result<Vec<libp2p::Multiaddr>> {
+    list.iter()
+        .map(|a| {
+            a.trim()
+                .parse()
+                .map_err(|e| anyhow!("{what} {a:?} is not a multiaddr: {e}"))
+        })
+        .collect()
+}
+
+/// Runs the node in the foreground until Ctrl-C or SIGTERM.
+pub(crate) fn run(
+    dir: &Path,
+    listen: Vec<String>,
+    bootstrap: Vec<String>,
+    mdns: bool,
+    api: SocketAddr,
+    accept_grants: bool,
+) -> Result<()> {
+    if !api.ip().is_loopback() {
+        bail!("the local API listens on loopback only; {api} is not a loopback address");
+    }
+    let listen = if listen.is_empty() {
+        vec![
+            "/ip4/0.0.0.0/tcp/0".to_string(),
+            "/ip4/0.0.0.0/udp/0/quic-v1".to_string(),
+        ]
+    } else {
+        listen
+    };
+    let config = NodeConfig {
+        data_dir: dir.to_path_buf(),
+        net: NetConfig {
+            listen: multiaddrs(&listen, "--listen")?,
+            bootstrap: multiaddrs(&bootstrap, "--bootstrap")?,
+            mdns,
+        },
+        api: Some(api),
+        auto_accept: accept_grants,
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("RAPPORT_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(async {
+        let node = Node::start(config).await?;
+        println!("rapport node {} running", node.identity());
+        for a in node.listening().await {
+            println!("listening: {a}");
+        }
+        if let Some(a) = node.api_addr() {
+            println!(
+                "api: http://{a}  (token in {})",
+                dir.join(rapport_node::TOKEN_FILE).display()
+            );
+        }
+        println!("stop with Ctrl-C");
+        wait_for_signal().await;
+        println!("stopping…");
+        node.shutdown().await;
+        println!("stopped; every acknowledged change is on disk");
+        Ok::<(), anyhow::Error>(())
+    })
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut term) = signal(SignalKind::terminate()) else {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn print_delivery(out: &WriteOutcome) {
+    if let Some(n) = &out.note {
+        println!("note: {n}");
+    }
+    if let Some(d) = &out.delivery {
+        println!("{d}");
+    }
+}
+
+pub(crate) fn rel(dir: &Path, cmd: RelCmd) -> Result<()> {
+    match cmd {
+        RelCmd::List { json } => {
+            let rels = Backend::open(dir)?.relationships()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rels)?);
+            } else {
+                print_rels(&rels);
+            }
+        }
+        RelCmd::Open {
+            identity,
+            addr,
+            name,
+            title,
+        } => {
+            let peer = parse_identity(&identity)?;
+            let api = Backend::running(dir)?;
+            let out: WriteOutcome = api.post(
+                "/v1/relationships",
+                json!({"peer": peer, "addr": addr, "name": name, "title": title}),
+            )?;
+            println!("opened relationship {} with {peer}", out.doc);
+            print_delivery(&out);
+        }
+        RelCmd::Add {
+            rel,
+            identity,
+            name,
+        } => {
+            let peer = parse_identity(&identity)?;
+            let api = Backend::running(dir)?;
+            let out: WriteOutcome = api.post(
+                &format!("/v1/relationships/{}/members", seg(&rel)?),
+                json!({"peer": peer, "name": name}),
+            )?;
+            println!("added {peer} to relationship {}", out.doc.to_hex());
+            print_delivery(&out);
+        }
+        RelCmd::Disclose { rel, field, value } => {
+            let api = Backend::running(dir)?;
+            let out: WriteOutcome = api.post(
+                &format!("/v1/relationships/{}/profile", seg(&rel)?),
+                json!({"field": field, "value": value}),
+            )?;
+            println!("disclosed {field} in relationship {}", out.doc.to_hex());
+            print_delivery(&out);
+        }
+    }
+    Ok(())
+}
+
+fn seg(s: &str) -> Result<String> {
+    let s = s.trim().to_ascii_lowercase();
+    if s.len() < 4 || s.len() > 64 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        bail!(
+            "{s:?} is not a relationship id: give at least 4 hex digits of an id from `rapport rel list`"
+        );
+    }
+    Ok(s)
+}
+
+fn print_rels(rels: &[RelSummary]) {
+    if rels.is_empty() {
+        println!("no relationships yet");
+        return;
+    }
+    println!(
+        "{:<10} {:<6} {:<24} {:<28} {:>4}  last",
+        "rel", "role", "title", "members", "msgs"
+    );
+    for r in rels {
+        let members: Vec<String> = r
+            .members
+            .iter()
+            .map(|m| {
+                if m.removed {
+                    format!("{} (removed)", m.name)
+                } else {
+                    m.name.clone()
+                }
+            })
+            .collect();
+        println!(
+            "{:<10} {:<6} {:<24} {:<28} {:>4}  {}",
+            &r.id.to_hex()[..8],
+            if r.mine { "owner" } else { "member" },
+            r.title
+                .clone()
+                .unwrap_or_default()
+                .chars()
+                .take(24)
+                .collect::<String>(),
+            members.join(", ").chars().take(28).collect::<String>(),
+            r.messages,
+            r.last
+                .as_ref()
+                .map(|m| format!(
+                    "{} {}: {}",
+                    show_time(m.at),
+                    m.by_name,
+                    m.text.chars().take(40).collect::<String>()
+                ))
+                .unwrap_or_default()
+        );
+    }
+}
+
+pub(crate) fn send(dir: &Path, rel: &str, text: &str, purpose: Option<String>) -> Result<()> {
+    let api = Backend::running(dir)?;
+    let out: WriteOutcome = api.post(
+        &format!("/v1/relationships/{}/messages", seg(rel)?),
+        json!({"text": text, "purpose": purpose}),
+    )?;
+    println!(
+        "sent message {} in relationship {}",
+        out.entry.map(|e| e.short()).unwrap_or_default(),
+        &out.doc.to_hex()[..8]
+    );
+    print_delivery(&out);
+    if out
+        .delivery
+        .as_deref()
+        .is_some_and(|d| d.contains("refused") && !d.contains("delivered"))
+    {
+        bail!("the message was refused and is not kept");
+    }
+    Ok(())
+}
+
+fn print_messages(msgs: &[MessageView]) {
+    for m in msgs {
+        println!(
+            "{}  {:<16} {}{}",
+            show_time(m.at),
+            m.by_name.chars().take(16).collect::<String>(),
+            m.purpose
+                .as_ref()
+                .map(|p| format!("[{p}] "))
+                .unwrap_or_default(),
+            m.text
+        );
+    }
+}
+
+pub(crate) fn inbox(dir: &Path, limit: usize, json: bool) -> Result<()> {
+    let msgs = Backend::open(dir)?.inbox(limit)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&msgs)?);
+    } else if msgs.is_empty() {
+        println!("inbox empty");
+    } else {
+        for m in &msgs {
+            print!("{}  ", &m.rel.to_hex()[..8]);
+            print_messages(std::slice::from_ref(m));
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn thread(dir: &Path, rel: &str, json: bool) -> Result<()> {
+    let d = Backend::open(dir)?.relationship(rel)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&d)?);
+        return Ok(());
+    }
+    println!(
+        "relationship {}  {}",
+        d.summary.id,
+        d.summary.title.clone().unwrap_or_default()
+    );
+    println!("owner: {} ({})", d.summary.owner_name, d.summary.owner);
+    for m in &d.summary.members {
+        let access = d
+            .access
+            .get(&m.identity.to_string())
+            .map(|a| format!("  [{a}]"))
+            .unwrap_or_default();
+        println!(
+            "member: {} ({}){}{}",
+            m.name,
+            m.identity,
+            if m.removed { " removed" } else { "" },
+            if access == "  []" {
+                String::new()
+            } else {
+                access
+            }
+        );
+    }
+    for (f, v) in &d.profile {
+        println!("profile: {f} = {v}");
+    }
+    println!();
+    if d.messages.is_empty() {
+        println!("no messages yet");
+    }
+    print_messages(&d.messages);
+    Ok(())
+}
+
+pub(crate) fn peers(dir: &Path, json: bool) -> Result<()> {
+    let peers: Vec<PeerInfo> = Backend::running(dir)?.get("/v1/peers")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&peers)?);
+        return Ok(());
+    }
+    if peers.is_empty() {
+        println!("no peers known yet");
+    }
+    for p in peers {
+        println!(
+            "{} {}  {}{}",
+            if p.connected {
+                "connected"
+            } else {
+                "known    "
+            },
+            p.peer,
+            p.addrs.first().cloned().unwrap_or_default(),
+            p.rtt_ms
+                .map(|r| format!("  rtt {r} ms"))
+                .unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+pub(crate) fn connect(dir: &Path, addr: &str) -> Result<()> {
+    let api: Api = Backend::running(dir)?;
+    let v: Value = api.post("/v1/peers", json!({"addr": addr}))?;
+    println!("connected to {}", v["peer"].as_str().unwrap_or_default());
+    Ok(())
+}
+
+pub(crate) fn refusals(dir: &Path, limit: usize, json: bool) -> Result<()> {
+    let list = Backend::open(dir)?.refusals(limit)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(());
+    }
+    if list.is_empty() {
+        println!("nothing refused");
+    }
+    for r in list {
+        println!(
+            "{}  from {}  change {}  {}",
+            show_time(r.at),
+            r.peer.short(),
+            r.change.chars().take(8).collect::<String>(),
+            r.reason
+        );
+        for e in &r.entries {
+            println!("    {}", e.chars().take(200).collect::<String>());
+        }
+    }
+    Ok(())
+}
