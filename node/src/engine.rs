@@ -343,6 +343,20 @@ impl Engine {
         }
     }
 
+    /// A relationship's heads (sorted hex), by id or prefix: for tests and diagnostics.
+    pub fn heads(&self, rel: &str) -> Result<Vec<String>> {
+        let id = self.find_rel(rel)?;
+        let mut h: Vec<String> = self
+            .rel(&id)
+            .expect("found")
+            .heads()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        h.sort();
+        Ok(h)
+    }
+
     /// How many documents this node holds.
     pub fn doc_count(&self) -> usize {
         self.docs.len()

@@ -131,6 +131,22 @@ pub struct TestNode {
     _tmp: Option<tempfile::TempDir>,
 }
 
+/// A node that was stopped; its store is kept.
+pub struct StoppedNode {
+    /// The data directory.
+    pub dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl StoppedNode {
+    /// Starts the node again on its store (same identity, new ports).
+    pub async fn start(self) -> TestNode {
+        let mut n = TestNode::start(&self.dir).await;
+        n._tmp = self._tmp;
+        n
+    }
+}
+
 /// Listen on loopback TCP with an OS-chosen port.
 pub fn loopback() -> libp2p::Multiaddr {
     "/ip4/127.0.0.1/tcp/0".parse().expect("multiaddr")
@@ -173,14 +189,18 @@ impl TestNode {
         }
     }
 
+    /// Stops the node cleanly, keeping its store for a restart.
+    pub async fn stop(self) -> StoppedNode {
+        self.node.shutdown().await;
+        StoppedNode {
+            dir: self.dir,
+            _tmp: self._tmp,
+        }
+    }
+
     /// Stops the node and starts it again on the same store (same identity); new ports.
     pub async fn restart(self) -> Self {
-        let tmp = self._tmp;
-        let dir = self.dir.clone();
-        self.node.shutdown().await;
-        let mut n = Self::start(&dir).await;
-        n._tmp = tmp;
-        n
+        self.stop().await.start().await
     }
 
     /// The node's identity.
@@ -216,4 +236,135 @@ where
         );
         tokio::time::sleep(std::time::Duration::from_millis(25)).await;
     }
+}
+
+/// How long a test write waits for the peers it concerns.
+pub const WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The customer grants `scopes` to `grantee` (expiring in a day); returns the grant id.
+pub async fn grant(
+    customer: &rapport_node::NodeHandle,
+    grantee: rapport_protocol::IdentityKey,
+    scopes: &[&str],
+) -> String {
+    let args = rapport_node::GrantArgs {
+        grantee,
+        scopes: scopes.iter().map(|s| s.parse().expect("scope")).collect(),
+        purpose: "support for order 1234".into(),
+        expires: Some(rapport_node::now() + 86_400),
+        terms: Some("SD-BASE".into()),
+        legal_basis: None,
+        notice_sha256: None,
+    };
+    let (out, _) = customer
+        .write(WAIT, move |e| e.grant(args, rapport_node::now()))
+        .await
+        .expect("grant");
+    out.entry.expect("grant entry").to_hex()
+}
+
+/// The status of a grant at a node (empty if it does not hold it).
+pub async fn status(h: &rapport_node::NodeHandle, grant: &str) -> String {
+    let g = grant.to_owned();
+    h.read(move |e| {
+        e.grants(rapport_node::now())
+            .into_iter()
+            .find(|r| r.grant.to_hex() == g)
+            .map(|r| r.status)
+            .unwrap_or_default()
+    })
+    .await
+}
+
+/// The texts of a relationship's messages at a node, oldest first (empty if not held).
+pub async fn messages(h: &rapport_node::NodeHandle, rel: &str) -> Vec<String> {
+    let rel = rel.to_owned();
+    h.read(move |e| {
+        e.relationship(&rel, rapport_node::now())
+            .map(|d| d.messages.into_iter().map(|m| m.text).collect())
+            .unwrap_or_default()
+    })
+    .await
+}
+
+/// Sends a message; returns the delivery summary.
+pub async fn send(
+    h: &rapport_node::NodeHandle,
+    rel: &str,
+    text: &str,
+    purpose: Option<&str>,
+) -> String {
+    let (rel, text, purpose) = (rel.to_owned(), text.to_owned(), purpose.map(str::to_owned));
+    let (_, delivery) = h
+        .write(WAIT, move |e| {
+            e.send_message(&rel, text, purpose, None, rapport_node::now())
+        })
+        .await
+        .expect("send");
+    delivery.unwrap_or_default()
+}
+
+/// Grants the usual support scopes to each company and has it accept; waits until the
+/// customer sees every grant active. Returns the grant ids.
+pub async fn consent_to(customer: &TestNode, companies: &[&TestNode]) -> Vec<String> {
+    let mut ids = Vec::new();
+    for c in companies {
+        let g = grant(
+            &customer.handle,
+            c.id(),
+            &["conversation:read", "conversation:write", "contact:support"],
+        )
+        .await;
+        eventually(10, "the grant reaching the company", || async {
+            status(&c.handle, &g).await == "pending"
+        })
+        .await;
+        c.handle
+            .write(WAIT, |e| e.accept(None, None, rapport_node::now()))
+            .await
+            .expect("accept");
+        eventually(10, "the customer seeing the acceptance", || async {
+            status(&customer.handle, &g).await == "active"
+        })
+        .await;
+        ids.push(g);
+    }
+    ids
+}
+
+/// The customer opens a relationship with `members` (the first is named at opening, the
+/// rest are added); returns its id.
+pub async fn open(customer: &TestNode, members: &[&TestNode]) -> String {
+    let first = members[0].id();
+    let (out, _) = customer
+        .handle
+        .write(WAIT, move |e| {
+            e.open_relationship(first, None, Some("test".into()), rapport_node::now())
+        })
+        .await
+        .expect("open");
+    let rel = out.rel.expect("relationship").to_hex();
+    for m in &members[1..] {
+        let (id, r) = (m.id(), rel.clone());
+        customer
+            .handle
+            .write(WAIT, move |e| {
+                e.add_member(&r, id, None, rapport_node::now())
+            })
+            .await
+            .expect("add member");
+    }
+    for m in members {
+        eventually(10, "a member receiving the relationship", || async {
+            m.handle.read(|e| e.relationships().len()).await == 1
+        })
+        .await;
+    }
+    rel
+}
+
+/// A node's sorted heads for a relationship, as hex.
+pub async fn heads(h: &rapport_node::NodeHandle, rel: &str) -> Vec<String> {
+    let rel = rel.to_owned();
+    h.read(move |e| e.heads(&rel).unwrap_or_default()).await
 }
