@@ -590,11 +590,15 @@ impl Ledger {
         mut on_apply: impl FnMut(&SignedChange, &[(EntryId, Entry)]) -> Result<(), ConsentError>,
     ) -> ApplyReport {
         let mut report = ApplyReport::default();
+        // Exact copies are dropped here; copies of one change hash with different
+        // signatures all go to verification, so a forged copy sent first cannot shadow the
+        // honest one (only the first copy that verifies is kept, below).
         let mut seen = HashSet::new();
         let fresh: Vec<SignedChange> = changes
             .into_iter()
             .filter(|c| {
-                let new = !self.known.contains(&c.hash()) && seen.insert(c.hash());
+                let new =
+                    !self.known.contains(&c.hash()) && seen.insert((c.hash(), c.signature_bytes()));
                 if !new {
                     report.duplicates += 1;
                 }
@@ -603,8 +607,10 @@ impl Ledger {
             .collect();
         let verdicts = verify_all(&self.id, &fresh, &self.header.parties());
         let mut verified: Vec<(SignedChange, IdentityKey)> = Vec::with_capacity(fresh.len());
+        let mut kept = HashSet::new();
         for (c, verdict) in fresh.into_iter().zip(verdicts) {
             match verdict {
+                Ok(_) if !kept.insert(c.hash()) => report.duplicates += 1,
                 Ok(author) => verified.push((c, author)),
                 Err(e) => report.rejected.push((c.hash(), e.into())),
             }

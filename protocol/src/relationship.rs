@@ -461,11 +461,15 @@ impl RelationshipDoc {
         mut gate: impl FnMut(&IdentityKey, &[(EntryId, RelEntry)]) -> Result<(), String>,
     ) -> RelApplyReport {
         let mut report = RelApplyReport::default();
+        // Exact copies are dropped here; copies of one change hash with different
+        // signatures all go to verification, so a forged copy sent first cannot shadow the
+        // honest one (only the first copy that verifies is kept, below).
         let mut seen = HashSet::new();
         let fresh: Vec<SignedChange> = changes
             .into_iter()
             .filter(|c| {
-                let new = !self.index.contains_key(&c.hash()) && seen.insert(c.hash());
+                let new = !self.index.contains_key(&c.hash())
+                    && seen.insert((c.hash(), c.signature_bytes()));
                 if !new {
                     report.duplicates += 1;
                 }
@@ -485,8 +489,10 @@ impl RelationshipDoc {
         }
         let verdicts = verify_all(&self.id, &fresh, &named);
         let mut verified = Vec::with_capacity(fresh.len());
+        let mut kept = HashSet::new();
         for (c, verdict) in fresh.into_iter().zip(verdicts) {
             match verdict {
+                Ok(_) if !kept.insert(c.hash()) => report.duplicates += 1,
                 Ok(author) => verified.push((c, author)),
                 Err(e) => report.rejected.push((c.hash(), e.into())),
             }

@@ -180,6 +180,11 @@ impl SignedChange {
         self.change.hash()
     }
 
+    /// The 64 signature bytes.
+    pub fn signature_bytes(&self) -> [u8; 64] {
+        self.signature.to_bytes()
+    }
+
     /// The 32 key bytes of the author named by the change's actor id (not yet verified).
     pub fn author_bytes(&self) -> &[u8; 32] {
         &self.author

@@ -468,3 +468,33 @@ proptest! {
         prop_assert_eq!(EntryId::of(&json), EntryId::of(&serde_json::to_string(&back).unwrap()));
     }
 }
+
+#[test]
+fn a_forged_copy_sent_first_does_not_shadow_the_honest_change() {
+    let (_, acme, doc) = opened();
+    let mut writer = doc.clone();
+    let (_, honest) = writer
+        .append(&acme, [2; 16], T0 + 1, msg("honest", Some("support")))
+        .unwrap();
+    let mut bytes = honest.encode();
+    bytes[10] ^= 1;
+    let forged = SignedChange::decode(&bytes).unwrap();
+    assert_eq!(forged.hash(), honest.hash());
+    let mut target = doc.clone();
+    let r = target.apply(vec![forged.clone(), honest.clone()]);
+    assert_eq!(r.applied, vec![honest.hash()]);
+    assert_eq!(r.rejected.len(), 1);
+    // The same holds for the consent ledger.
+    let mut c = consent_with(&["contact:support"], false, false);
+    let (k, t) = (key(2), Terms::by_id("SD-BASE").unwrap().reference());
+    let grant = c.ledger().grants(u64::MAX)[0].id;
+    let mut writer = c.clone();
+    let (_, accept) = writer
+        .append(&k, [2; 16], T0 + 1, EntryBody::Accept { grant, terms: t })
+        .unwrap();
+    let mut bytes = accept.encode();
+    bytes[10] ^= 1;
+    let forged = SignedChange::decode(&bytes).unwrap();
+    let r = c.apply(vec![forged, accept.clone()]);
+    assert_eq!(r.applied, vec![accept.hash()]);
+}
