@@ -115,8 +115,7 @@ impl Backend {
     pub(crate) fn running(dir: &Path) -> Result<Api> {
         Api::find(dir).ok_or_else(|| {
             anyhow!(
-                "no rapport node is running for {}: start one with `rapport --data-dir {} node run`",
-                dir.display(),
+                "no rapport node is running for {}: start one with `rapport node run` (same data directory)",
                 dir.display()
             )
         })

@@ -204,7 +204,7 @@ fn print_rels(rels: &[RelSummary]) {
                 .take(24)
                 .collect::<String>(),
             members.join(", ").chars().take(28).collect::<String>(),
-            r.messages,
+            r.message_count,
             r.last
                 .as_ref()
                 .map(|m| format!(

@@ -432,7 +432,7 @@ impl Engine {
                     removed: m.removed_at.is_some(),
                 })
                 .collect(),
-            messages: msgs.len(),
+            message_count: msgs.len(),
             last_at: last.as_ref().map_or(0, |m| m.at),
             last,
         }

@@ -174,7 +174,7 @@ pub struct RelSummary {
     /// Members.
     pub members: Vec<MemberRow>,
     /// How many messages.
-    pub messages: usize,
+    pub message_count: usize,
     /// Time of the last message, 0 if none.
     pub last_at: UnixSeconds,
     /// The last message.

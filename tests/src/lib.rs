@@ -368,3 +368,80 @@ pub async fn heads(h: &rapport_node::NodeHandle, rel: &str) -> Vec<String> {
     let rel = rel.to_owned();
     h.read(move |e| e.heads(&rel).unwrap_or_default()).await
 }
+
+/// A `rapport node run` process on loopback (no mDNS); killed on drop if still running.
+pub struct NodeProcess {
+    child: std::process::Child,
+}
+
+impl Party {
+    /// Starts `rapport node run` for this party and waits (at most 30 s) until its API
+    /// answers.
+    pub fn run_node(&self) -> NodeProcess {
+        let child = Command::new(rapport_bin())
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .args([
+                "node",
+                "run",
+                "--listen",
+                "/ip4/127.0.0.1/tcp/0",
+                "--no-mdns",
+            ])
+            .env_remove("RAPPORT_HOME")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn rapport node run");
+        let proc = NodeProcess { child };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            if self.dir.join(rapport_node::NODE_FILE).exists() && self.run(&["peers"]).ok {
+                return proc;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "rapport node run did not come up"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// The running node's first listen address (from `rapport id --json`).
+    pub fn listen_addr(&self) -> String {
+        let v: serde_json::Value =
+            serde_json::from_str(&self.ok(&["id", "--json"])).expect("id --json");
+        v["listen"][0]
+            .as_str()
+            .expect("a listen address")
+            .to_owned()
+    }
+}
+
+impl NodeProcess {
+    /// Sends SIGTERM and waits (at most 20 s) for the exit; returns whether it exited 0.
+    pub fn terminate(mut self) -> bool {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.success();
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = self.child.kill();
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

@@ -1,0 +1,211 @@
+//! The real `rapport` binary against running `rapport node run` processes: a customer and
+//! a company on loopback, driven only through the CLI.
+
+use rapport_tests::Party;
+use serde_json::Value;
+
+fn json(p: &Party, args: &[&str]) -> Value {
+    serde_json::from_str(&p.ok(args)).unwrap()
+}
+
+/// Polls a CLI query until `check` holds (at most 20 s).
+fn until(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !check() {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn customer_and_company_through_the_cli() {
+    let tmp = tempfile::tempdir().unwrap();
+    let alice = Party::new(tmp.path().join("alice"));
+    let acme = Party::new(tmp.path().join("acme"));
+    alice.ok(&["init", "--kind", "person", "--name", "Alice"]);
+    acme.ok(&["init", "--kind", "org", "--name", "Acme Ltd"]);
+    let (alice_id, acme_id) = (alice.identity(), acme.identity());
+
+    // Without a running node, network commands say so.
+    let err = alice.fails(&["msg", "send", "abcd", "hi"]);
+    assert!(err.contains("no rapport node is running"), "{err}");
+    assert!(alice.fails(&["peers"]).contains("rapport node run"));
+
+    let alice_node = alice.run_node();
+    let acme_node = acme.run_node();
+    // While a node runs, the CLI works through its API (the store is the node's).
+    assert!(alice.ok(&["id"]).contains("listening: /ip4/127.0.0.1/tcp/"));
+    let acme_addr = acme.listen_addr();
+    let out = alice.ok(&["connect", &acme_addr]);
+    assert!(out.contains(&acme_id), "{out}");
+    let peers = json(&alice, &["peers", "--json"]);
+    assert!(
+        peers
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["peer"] == acme_id.as_str() && p["connected"] == true)
+    );
+
+    // Consent over the network: grant, accept, and the acceptance comes back.
+    let out = alice.ok(&[
+        "consent",
+        "grant",
+        &acme_id,
+        "--scope",
+        "conversation:read",
+        "--scope",
+        "conversation:write",
+        "--scope",
+        "contact:support",
+        "--purpose",
+        "support for order 1234",
+    ]);
+    assert!(out.contains("delivered"), "{out}");
+    until("the grant reaching Acme", || {
+        json(&acme, &["consent", "list", "--json"])[0]["status"] == "pending"
+    });
+    let out = acme.ok(&["consent", "accept"]);
+    assert!(out.contains("accepted grant"), "{out}");
+    until("Alice seeing the acceptance", || {
+        json(&alice, &["consent", "list", "--json"])[0]["status"] == "active"
+    });
+
+    // A relationship and a conversation.
+    let out = alice.ok(&[
+        "rel",
+        "open",
+        &acme_id,
+        "--name",
+        "Acme",
+        "--title",
+        "Order 1234",
+    ]);
+    assert!(out.contains("delivered"), "{out}");
+    let rel = json(&alice, &["rel", "list", "--json"])[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    until("Acme holding the relationship", || {
+        json(&acme, &["rel", "list", "--json"])
+            .as_array()
+            .unwrap()
+            .len()
+            == 1
+    });
+    let out = alice.ok(&["msg", "send", &rel[..8], "Where is my order?"]);
+    assert!(out.contains("delivered"), "{out}");
+    let out = acme.ok(&["msg", "send", &rel[..8], "It ships today."]);
+    assert!(out.contains("delivered"), "{out}");
+    let inbox = alice.ok(&["inbox"]);
+    assert!(inbox.contains("It ships today."), "{inbox}");
+    let thread = acme.ok(&["thread", &rel[..8]]);
+    assert!(
+        thread.contains("Where is my order?") && thread.contains("It ships today."),
+        "{thread}"
+    );
+
+    // Unsolicited marketing is refused, and Alice sees the evidence.
+    let err = acme.fails(&[
+        "msg",
+        "send",
+        &rel[..8],
+        "50% off!",
+        "--purpose",
+        "marketing",
+    ]);
+    assert!(err.contains("refused"), "{err}");
+    let refusals = alice.ok(&["refusals"]);
+    assert!(
+        refusals.contains("unsolicited") && refusals.contains("50% off!"),
+        "{refusals}"
+    );
+
+    // Revocation: Acme erases and its receipt arrives; Acme's writes are refused.
+    let gid = json(&alice, &["consent", "list", "--json"])[0]["grant"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    alice.ok(&[
+        "consent",
+        "revoke",
+        &gid[..8],
+        "--reason",
+        "closed my account",
+    ]);
+    until("Acme's erasure receipt reaching Alice", || {
+        json(&alice, &["consent", "list", "--json"])[0]["erasure_acked_at"].is_u64()
+    });
+    assert_eq!(
+        json(&acme, &["rel", "list", "--json"])
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+    assert!(alice.ok(&["consent", "list"]).contains("erased"));
+    let err = acme.fails(&["msg", "send", &rel[..8], "still there?"]);
+    assert!(err.contains("no relationship"), "{err}");
+
+    // Both nodes stop cleanly on SIGTERM and leave no node.json behind; the store then
+    // opens directly and holds everything.
+    assert!(alice_node.terminate(), "alice's node exits 0 on SIGTERM");
+    assert!(acme_node.terminate(), "acme's node exits 0 on SIGTERM");
+    assert!(!alice.dir.join(rapport_node::NODE_FILE).exists());
+    let thread = alice.ok(&["thread", &rel[..8]]);
+    assert!(thread.contains("It ships today."), "{thread}");
+    let show = json(&acme, &["ledger", "show", &alice_id, "--json"]);
+    let kinds: Vec<&str> = show[0]["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["entry"]["body"]["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["grant", "accept", "revoke", "erasure_ack"]);
+}
+
+#[cfg(unix)]
+#[test]
+fn the_api_token_is_private_and_required() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let alice = Party::new(tmp.path().join("alice"));
+    alice.ok(&["init", "--kind", "person", "--name", "Alice"]);
+    let node = alice.run_node();
+    let token = alice.dir.join(rapport_node::TOKEN_FILE);
+    let mode = std::fs::metadata(&token).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let file: rapport_node::NodeFile = serde_json::from_str(
+        &std::fs::read_to_string(alice.dir.join(rapport_node::NODE_FILE)).unwrap(),
+    )
+    .unwrap();
+    assert!(file.api.ip().is_loopback());
+    // A request without the token is refused; the OpenAPI document is public.
+    let resp = raw_get(file.api, "/v1/status", None);
+    assert!(resp.starts_with("HTTP/1.1 401"), "{resp}");
+    let resp = raw_get(file.api, "/v1/status", Some("wrong"));
+    assert!(resp.starts_with("HTTP/1.1 401"), "{resp}");
+    let t = std::fs::read_to_string(&token).unwrap();
+    let resp = raw_get(file.api, "/v1/status", Some(t.trim()));
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    let resp = raw_get(file.api, rapport_node::OPENAPI_PATH, None);
+    assert!(resp.starts_with("HTTP/1.1 200") && resp.contains("\"openapi\":\"3.1.0\""));
+    assert!(node.terminate());
+}
+
+/// A plain HTTP/1.1 GET on loopback; returns the whole response text.
+fn raw_get(addr: std::net::SocketAddr, path: &str, token: Option<&str>) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
