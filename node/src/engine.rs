@@ -299,10 +299,8 @@ impl Engine {
         }
         if *who == rel.header().owner {
             return rel
-                .profile()
-                .get("name")
-                .cloned()
-                .unwrap_or_else(|| who.short());
+                .profile_field("name")
+                .map_or_else(|| who.short(), str::to_owned);
         }
         rel.members()
             .find(|m| m.identity == *who)

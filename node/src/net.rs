@@ -3,7 +3,7 @@
 //! per peer and document), answers peers' requests through the engine, keeps peers'
 //! addresses in the store and redials the peers it shares documents with.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -35,6 +35,8 @@ pub(crate) const MAX_ROUNDS: u32 = 10_000;
 pub(crate) const REDIAL_EVERY: Duration = Duration::from_secs(20);
 /// How long a peer that passed the misbehaviour limit stays disconnected.
 pub(crate) const BAN_FOR: Duration = Duration::from_secs(300);
+/// Sync sessions run at once with one peer; more wait in a queue.
+pub(crate) const MAX_SESSIONS_PER_PEER: usize = 16;
 /// Undecodable requests a peer may send before it is disconnected.
 pub(crate) const MAX_BAD_REQUESTS: u32 = 16;
 
@@ -185,6 +187,9 @@ pub struct PeerInfo {
     /// The last ping round trip, in milliseconds.
     pub rtt_ms: Option<u64>,
 }
+
+/// A session waiting for a free slot: the document and who wants to hear how it ended.
+type Queued = (DocRef, Vec<oneshot::Sender<SyncResult>>);
 
 /// A sync waiting for a connection: the document and who wants to hear how it ended.
 type Waiting = (DocRef, Option<oneshot::Sender<SyncResult>>);
@@ -344,6 +349,8 @@ struct Loop {
     requests: HashMap<OutboundRequestId, (PeerId, DocRef, Vec<ChangeHash>)>,
     /// Syncs waiting for a connection to the peer.
     waiting: HashMap<PeerId, Vec<Waiting>>,
+    /// Sessions waiting for a free slot with a connected peer.
+    queued: HashMap<PeerId, VecDeque<Queued>>,
     dials: HashMap<PeerId, Vec<oneshot::Sender<Result<String, String>>>>,
     addr_dials: Vec<(Multiaddr, oneshot::Sender<Result<String, String>>)>,
     banned: HashMap<PeerId, Instant>,
@@ -478,6 +485,7 @@ pub(crate) fn start(
         sessions: HashMap::new(),
         requests: HashMap::new(),
         waiting: HashMap::new(),
+        queued: HashMap::new(),
         dials: HashMap::new(),
         addr_dials: Vec::new(),
         banned: HashMap::new(),
@@ -642,6 +650,17 @@ impl Loop {
             s.waiters.extend(reply);
             return;
         }
+        // A bounded number of sessions per peer run at once; the rest wait their turn (a
+        // node with a thousand relationships must not open a thousand streams at once).
+        let active = self.sessions.keys().filter(|(p, _)| *p == pid).count();
+        if active >= MAX_SESSIONS_PER_PEER {
+            let queue = self.queued.entry(pid).or_default();
+            match queue.iter_mut().find(|(d, _)| d.doc_id() == doc.doc_id()) {
+                Some((_, waiters)) => waiters.extend(reply),
+                None => queue.push_back((doc, reply.into_iter().collect())),
+            }
+            return;
+        }
         self.sessions.insert(
             key,
             Session {
@@ -672,6 +691,20 @@ impl Loop {
         if let Some(s) = self.sessions.remove(&(peer, doc)) {
             for w in s.waiters {
                 let _ = w.send(result.clone());
+            }
+        }
+        // Start the next waiting session with this peer, if any.
+        let next = self.queued.get_mut(&peer).and_then(VecDeque::pop_front);
+        if self.queued.get(&peer).is_some_and(VecDeque::is_empty) {
+            self.queued.remove(&peer);
+        }
+        if let Some((d, waiters)) = next
+            && let Some(id) = identity_of(&peer)
+        {
+            let mut waiters = waiters.into_iter();
+            self.sync(id, d, waiters.next());
+            if let Some(s) = self.sessions.get_mut(&(peer, d.doc_id())) {
+                s.waiters.extend(waiters);
             }
         }
     }
@@ -883,6 +916,12 @@ impl Loop {
                     .filter(|(p, _)| *p == peer_id)
                     .map(|(_, d)| *d)
                     .collect();
+                // Queued sessions end too; they run again when the peer reconnects.
+                for (_, waiters) in self.queued.remove(&peer_id).unwrap_or_default() {
+                    for w in waiters {
+                        let _ = w.send(SyncResult::Offline("the peer disconnected".into()));
+                    }
+                }
                 for d in ended {
                     self.end_session(
                         peer_id,

@@ -170,8 +170,18 @@ impl Engine {
         }
         let id = req.doc.doc_id();
         let just: HashSet<ChangeHash> = received.applied.iter().copied().collect();
+        // The requester holds at least the history of the heads it reports. When it reports
+        // heads we do not know (it holds changes we lack), that history is partly unknown
+        // to us, so also count what we recorded it holding before; otherwise a cold sync in
+        // several rounds would send earlier rounds' changes back.
+        let mut basis = req.heads.clone();
+        if req.heads.iter().any(|h| !self.has_change(&id, h))
+            && let Ok(Some(before)) = self.store().peer_heads(&id, peer)
+        {
+            basis.extend(before);
+        }
         let (changes, more) = if self.holds(&id) {
-            self.encoded_missing(&id, &req.heads, &just)
+            self.encoded_missing(&id, &basis, &just)
         } else {
             (Vec::new(), false)
         };
@@ -304,6 +314,14 @@ impl Engine {
             Some(Doc::Consent(c)) => c.heads(),
             Some(Doc::Rel(r)) => r.heads(),
             None => Vec::new(),
+        }
+    }
+
+    fn has_change(&self, id: &rapport_protocol::DocId, h: &ChangeHash) -> bool {
+        match self.docs.get(id) {
+            Some(Doc::Consent(c)) => c.ledger().has_change(h),
+            Some(Doc::Rel(r)) => r.has_change(h),
+            None => false,
         }
     }
 

@@ -40,11 +40,28 @@ pub struct IdentityKey(VerifyingKey);
 impl IdentityKey {
     /// Reads an identity from its 32 raw public-key bytes, refusing weak keys.
     pub fn from_bytes(bytes: &[u8; 32]) -> Result<Self, IdentityError> {
+        // Decompressing a key costs about as much as half a signature check, and a ledger
+        // names the same few keys in every entry: remember the last keys seen on this
+        // thread (valid ones only; a pure cache, it changes no answer).
+        thread_local! {
+            static SEEN: std::cell::RefCell<std::collections::HashMap<[u8; 32], VerifyingKey>> =
+                std::cell::RefCell::new(std::collections::HashMap::new());
+        }
+        if let Some(key) = SEEN.with(|m| m.borrow().get(bytes).copied()) {
+            return Ok(Self(key));
+        }
         let key = VerifyingKey::from_bytes(bytes)
             .map_err(|_| IdentityError::InvalidKey(hex::encode(bytes)))?;
         if key.is_weak() {
             return Err(IdentityError::InvalidKey(hex::encode(bytes)));
         }
+        SEEN.with(|m| {
+            let mut m = m.borrow_mut();
+            if m.len() >= 256 {
+                m.clear();
+            }
+            m.insert(*bytes, key);
+        });
         Ok(Self(key))
     }
 

@@ -40,6 +40,8 @@ pub const MAX_MEMBERS: usize = 1024;
 pub const REL_ENTRY_VERSION: u8 = 1;
 
 const REL_DOC_DOMAIN: &[u8] = b"rapport/relationship-doc/v1\0";
+/// Batches larger than this rebuild the Automerge document instead of applying onto it.
+const REBUILD_BATCH: usize = 1024;
 
 /// What names a relationship document: its owner and a random nonce the owner picked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -308,6 +310,10 @@ pub struct RelationshipDoc {
     by_change: HashMap<ChangeHash, Vec<EntryId>>,
     /// Everyone the owner ever added, with the latest membership state.
     members: BTreeMap<IdentityKey, MemberView>,
+    /// The latest value of each profile field, with its (time, id) order key.
+    profile: BTreeMap<String, ((UnixSeconds, EntryId), String)>,
+    /// The latest title, with its order key.
+    title: Option<((UnixSeconds, EntryId), String)>,
     doc: Automerge,
 }
 
@@ -326,6 +332,8 @@ impl RelationshipDoc {
             index: HashMap::new(),
             by_change: HashMap::new(),
             members: BTreeMap::new(),
+            profile: BTreeMap::new(),
+            title: None,
             doc: Automerge::new(),
         }
     }
@@ -392,14 +400,7 @@ impl RelationshipDoc {
 
     /// The title: the latest `title` entry by time then id, if any.
     pub fn title(&self) -> Option<&str> {
-        self.entries
-            .iter()
-            .filter_map(|(id, e)| match &e.body {
-                RelBody::Title { title } => Some(((e.at, *id), title.as_str())),
-                _ => None,
-            })
-            .max_by_key(|(k, _)| *k)
-            .map(|(_, t)| t)
+        self.title.as_ref().map(|(_, t)| t.as_str())
     }
 
     /// Everyone the owner ever added, with their current state.
@@ -416,16 +417,15 @@ impl RelationshipDoc {
 
     /// The disclosed profile: the latest value of each field.
     pub fn profile(&self) -> BTreeMap<String, String> {
-        let mut latest: BTreeMap<String, ((UnixSeconds, EntryId), String)> = BTreeMap::new();
-        for (id, e) in &self.entries {
-            if let RelBody::Profile { field, value } = &e.body {
-                let key = (e.at, *id);
-                if latest.get(field).is_none_or(|(k, _)| *k < key) {
-                    latest.insert(field.clone(), (key, value.clone()));
-                }
-            }
-        }
-        latest.into_iter().map(|(f, (_, v))| (f, v)).collect()
+        self.profile
+            .iter()
+            .map(|(f, (_, v))| (f.clone(), v.clone()))
+            .collect()
+    }
+
+    /// One disclosed profile field's latest value.
+    pub fn profile_field(&self, field: &str) -> Option<&str> {
+        self.profile.get(field).map(|(_, v)| v.as_str())
     }
 
     /// Every message, oldest first (by the author's time, then id).
@@ -549,11 +549,7 @@ impl RelationshipDoc {
                 },
             ));
         }
-        let fresh: Vec<automerge::Change> = self.changes[before..]
-            .iter()
-            .map(|c| c.change().clone())
-            .collect();
-        if !fresh.is_empty() && self.doc.apply_changes(fresh).is_err() {
+        if !self.changes[before..].is_empty() && self.materialise(before).is_err() {
             // Automerge refused what every rule accepted; it should not. Keep the document
             // as it was and refuse the batch rather than hold a ledger it cannot show.
             let refused: Vec<SignedChange> = self.changes[before..].to_vec();
@@ -571,6 +567,22 @@ impl RelationshipDoc {
             }
         }
         report
+    }
+
+    /// Brings the Automerge document up to date with the changes recorded from index
+    /// `before` on. Automerge 0.12 applies a large batch onto a non-empty document far more
+    /// slowly (and with far more memory) than it builds a document from scratch, so a
+    /// large batch rebuilds the document from every change in one call.
+    fn materialise(&mut self, before: usize) -> Result<(), automerge::AutomergeError> {
+        if before > 0 && self.changes.len() - before > REBUILD_BATCH {
+            let mut doc = Automerge::new();
+            doc.apply_changes(self.changes.iter().map(|c| c.change().clone()))?;
+            doc.set_actor(self.doc.get_actor().clone());
+            self.doc = doc;
+            return Ok(());
+        }
+        self.doc
+            .apply_changes(self.changes[before..].iter().map(|c| c.change().clone()))
     }
 
     /// Writes one entry as `key`'s identity at time `at`, signing the change. Returns the
@@ -722,6 +734,18 @@ impl RelationshipDoc {
                         m.removed_at = None;
                         m.added_at = e.at;
                         m.name = name.clone();
+                    }
+                }
+                RelBody::Title { title } => {
+                    let key = (e.at, id);
+                    if self.title.as_ref().is_none_or(|(k, _)| *k < key) {
+                        self.title = Some((key, title.clone()));
+                    }
+                }
+                RelBody::Profile { field, value } => {
+                    let key = (e.at, id);
+                    if self.profile.get(field).is_none_or(|(k, _)| *k < key) {
+                        self.profile.insert(field.clone(), (key, value.clone()));
                     }
                 }
                 RelBody::Remove { member } => {

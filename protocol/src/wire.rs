@@ -33,9 +33,9 @@ use crate::signed::{DocId, MAX_SIGNED_CHANGE_BYTES};
 pub const SYNC_PROTOCOL: &str = "/rapport/sync/1";
 /// The largest encoded message (request or response) either side accepts: 32 MiB.
 pub const MAX_WIRE_MESSAGE: usize = 32 << 20;
-/// The changes a sender puts in one message stop once they pass this size: 4 MiB. The
+/// The changes a sender puts in one message stop once they pass this size: 16 MiB. The
 /// rest follow in later rounds.
-pub const CHUNK_BYTES: usize = 4 << 20;
+pub const CHUNK_BYTES: usize = 16 << 20;
 /// The most heads a message may list.
 pub const MAX_HEADS: usize = 1024;
 /// The most changes one message may carry.
