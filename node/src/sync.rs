@@ -102,7 +102,8 @@ impl Engine {
     }
 
     /// Builds the first (or next) request of a round with `peer` for `doc`: this node's
-    /// heads, and the changes the peer lacks by the heads it last reported. `None` when this
+    /// heads, and the changes the peer lacks by the heads it last reported (all of them,
+    /// cut to one message, on first contact). `None` when this
     /// node may not or need not sync the document with the peer.
     pub fn start_round(
         &mut self,
@@ -118,10 +119,10 @@ impl Engine {
             return Ok(None);
         }
         let known = self.store().peer_heads(&id, peer)?;
-        let changes = match &known {
-            Some(h) => self.encoded_missing(&id, h, &HashSet::new()).0,
-            None => Vec::new(),
-        };
+        // Never synced with this peer: it most likely lacks the document, so the first
+        // round carries its first chunk instead of costing a round trip to find out.
+        let known = known.unwrap_or_default();
+        let changes = self.encoded_missing(&id, &known, &HashSet::new()).0;
         Ok(Some(SyncRequest {
             doc: *doc,
             heads: self.heads_of(&id),

@@ -168,3 +168,41 @@ fn changes_are_durable_deduplicated_and_kept_in_order() {
     // After deletion the same changes can be stored again from scratch.
     assert_eq!(store.put_consent_changes(&header, &all).unwrap(), 5);
 }
+
+#[test]
+fn a_schema_1_store_is_migrated_in_place_and_keeps_its_documents() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (header, all) = changes(3);
+    let identity = {
+        let store = Store::create(tmp.path(), Kind::Person, "A", T0).unwrap();
+        store.put_consent_changes(&header, &all).unwrap();
+        store.profile().unwrap().identity
+    };
+    // Make it exactly what the previous release wrote: schema 1, without the new tables.
+    {
+        let db = redb::Database::open(tmp.path().join(Store::FILE_NAME)).unwrap();
+        let tx = db.begin_write().unwrap();
+        for name in ["peers-1", "peer-heads-1", "refusals-1"] {
+            assert!(
+                tx.delete_table(redb::TableDefinition::<&str, &[u8]>::new(name))
+                    .unwrap()
+            );
+        }
+        let meta: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("meta-1");
+        tx.open_table(meta)
+            .unwrap()
+            .insert("schema", &1u32.to_be_bytes()[..])
+            .unwrap();
+        tx.commit().unwrap();
+    }
+    let store = Store::open(tmp.path()).unwrap();
+    assert_eq!(store.schema_version().unwrap(), 2);
+    assert_eq!(store.profile().unwrap().identity, identity);
+    assert_eq!(store.consent_changes(&header.doc_id()).unwrap(), all);
+    // The new tables work.
+    store
+        .put_peer(&identity, &["/ip4/127.0.0.1/tcp/1".into()], T0)
+        .unwrap();
+    assert_eq!(store.peers().unwrap().len(), 1);
+    assert!(store.refusals(10).unwrap().is_empty());
+}
