@@ -171,6 +171,8 @@ pub enum SyncResult {
     Refused(String),
     /// The peer could not be reached now; the document syncs when it connects.
     Offline(String),
+    /// This node does not share the document with the peer now (no access, or not held).
+    NotShared,
 }
 
 /// A connected peer, as listed by `rapport peers`.

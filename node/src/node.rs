@@ -329,6 +329,7 @@ impl NodeHandle {
                 SyncResult::Delivered => format!("delivered to {peer}"),
                 SyncResult::Refused(why) => format!("refused by {peer}: {why}"),
                 SyncResult::Offline(why) => format!("stored; {peer} not reached ({why})"),
+                SyncResult::NotShared => format!("not sent to {peer}: it may not read this now"),
             })
             .collect();
         Some(parts.join("; "))

@@ -248,7 +248,7 @@ impl Engine {
         let received = self.receive(peer, doc, role, changes, now)?;
         out.received = received.applied.len();
         out.disconnect = received.disconnect;
-        let mut pushes = received.pushes;
+        let pushes = received.pushes;
         let id = doc.doc_id();
         let sent: HashSet<&ChangeHash> = sent.iter().collect();
         let mut ours_refused = Vec::new();
@@ -265,7 +265,7 @@ impl Engine {
             }
         }
         if !ours_refused.is_empty() {
-            pushes.extend(self.roll_back(doc, &ours_refused)?);
+            self.roll_back(doc, &ours_refused)?;
         }
         if !self.holds(&id) {
             return Ok((out, pushes));
@@ -372,7 +372,7 @@ impl Engine {
                     .map(|(h, e)| (h, e.to_string()))
                     .collect()
             }
-            (DocRef::Relationship(h), Role::Owner) => {
+            (DocRef::Relationship(_), Role::Owner) => {
                 let Some(Doc::Rel(mut r)) = self.docs.remove(&id) else {
                     return Ok(out);
                 };
@@ -395,7 +395,6 @@ impl Engine {
                 });
                 out.applied = report.applied;
                 self.docs.insert(id, Doc::Rel(r));
-                let _ = h;
                 rel_rejections(report.rejected)
             }
             (DocRef::Relationship(h), _) => {
@@ -519,18 +518,14 @@ impl Engine {
     }
 
     /// Forgets changes of ours the peer refused, and every change built on them, in memory
-    /// and in the store. Returns pushes (none today; kept for symmetry with writes).
-    fn roll_back(
-        &mut self,
-        doc: &DocRef,
-        refused: &[ChangeHash],
-    ) -> Result<Vec<Push>, EngineError> {
+    /// and in the store.
+    fn roll_back(&mut self, doc: &DocRef, refused: &[ChangeHash]) -> Result<(), EngineError> {
         let id = doc.doc_id();
         let me = *self.me().as_bytes();
         let all: Vec<SignedChange> = match self.docs.get(&id) {
             Some(Doc::Consent(c)) => c.ledger().changes().to_vec(),
             Some(Doc::Rel(r)) => r.changes().to_vec(),
-            None => return Ok(Vec::new()),
+            None => return Ok(()),
         };
         let mut gone: HashSet<ChangeHash> = refused
             .iter()
@@ -541,7 +536,7 @@ impl Engine {
             })
             .collect();
         if gone.is_empty() {
-            return Ok(Vec::new());
+            return Ok(());
         }
         for c in &all {
             if c.change().deps().iter().any(|d| gone.contains(d)) {
@@ -564,7 +559,7 @@ impl Engine {
         self.store().remove_changes(&id, &gone)?;
         self.docs.insert(id, rebuilt);
         tracing::info!(doc = %id, "rolled back {} change(s) the peer refused", gone.len());
-        Ok(Vec::new())
+        Ok(())
     }
 
     /// Whether the customer's grants let `member` read now (used by the API for views).
