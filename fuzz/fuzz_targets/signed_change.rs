@@ -7,7 +7,11 @@ use rapport_protocol::{DocId, SecretKey, SignedChange, verify_all};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(c) = SignedChange::decode(data) {
-        assert_eq!(c.encode(), data, "a decoded change re-encodes to other bytes");
+        assert_eq!(
+            c.encode(),
+            data,
+            "a decoded change re-encodes to other bytes"
+        );
         let key = SecretKey::from_seed([1; 32]).identity();
         let _ = verify_all(&DocId([0; 32]), &[c], &[key]);
     }

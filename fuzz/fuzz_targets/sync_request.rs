@@ -7,6 +7,10 @@ use rapport_protocol::wire::SyncRequest;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(req) = SyncRequest::decode(data) {
-        assert_eq!(req.encode(), data, "a decoded request re-encodes to other bytes");
+        assert_eq!(
+            req.encode(),
+            data,
+            "a decoded request re-encodes to other bytes"
+        );
     }
 });

@@ -7,6 +7,10 @@ use rapport_protocol::wire::SyncResponse;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(resp) = SyncResponse::decode(data) {
-        assert_eq!(resp.encode(), data, "a decoded response re-encodes to other bytes");
+        assert_eq!(
+            resp.encode(),
+            data,
+            "a decoded response re-encodes to other bytes"
+        );
     }
 });
