@@ -5,8 +5,8 @@
 //! is overwritten or deleted), and each key is the [`EntryId`] of its text. What the text
 //! must say is up to each document type.
 
-use automerge::ScalarValue;
 use automerge::legacy::{Key, ObjectId, OpType};
+use automerge::{ChangeHash, ScalarValue};
 
 use crate::consent::EntryId;
 use crate::signed::SignedChange;
@@ -99,4 +99,58 @@ pub fn entry_texts(sc: &SignedChange) -> Vec<String> {
     appended_entries(sc, usize::MAX)
         .map(|v| v.into_iter().map(|(_, t)| t).collect())
         .unwrap_or_default()
+}
+
+/// A document that takes checked changes, one at a time, once their dependencies are in.
+pub(crate) trait CausalSink {
+    /// What the per-change checks produced for a change (its entries, its author …).
+    type Item;
+    /// Why a change is refused.
+    type Error;
+    /// Whether the document holds this change.
+    fn holds(&self, hash: &ChangeHash) -> bool;
+    /// Checks a change against the document's state and records it, or says why not.
+    fn take(&mut self, change: SignedChange, item: Self::Item) -> Result<(), Self::Error>;
+    /// The refusal of a change whose dependencies never arrived (`missing` of them).
+    fn missing(&self, change: &SignedChange, missing: usize) -> Self::Error;
+}
+
+/// A change waiting to be taken, with what its per-change checks said.
+pub(crate) type Pending<S> = (
+    SignedChange,
+    Result<<S as CausalSink>::Item, <S as CausalSink>::Error>,
+);
+
+/// Applies changes received in any order: each pass takes every change whose dependencies
+/// are in, until a pass takes none (honest input in causal order goes through in one
+/// pass). Changes whose dependencies never arrive are refused as missing them.
+pub(crate) fn apply_causally<S: CausalSink>(
+    sink: &mut S,
+    mut waiting: Vec<Pending<S>>,
+    applied: &mut Vec<ChangeHash>,
+    rejected: &mut Vec<(ChangeHash, S::Error)>,
+) {
+    loop {
+        let before = waiting.len();
+        let mut still = Vec::new();
+        for (c, item) in waiting {
+            if !c.change().deps().iter().all(|d| sink.holds(d)) {
+                still.push((c, item));
+                continue;
+            }
+            let hash = c.hash();
+            match item.and_then(|i| sink.take(c, i)) {
+                Ok(()) => applied.push(hash),
+                Err(e) => rejected.push((hash, e)),
+            }
+        }
+        waiting = still;
+        if waiting.is_empty() || waiting.len() == before {
+            break;
+        }
+    }
+    for (c, _) in waiting {
+        let missing = c.change().deps().iter().filter(|d| !sink.holds(d)).count();
+        rejected.push((c.hash(), sink.missing(&c, missing)));
+    }
 }

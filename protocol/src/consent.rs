@@ -16,7 +16,7 @@ use automerge::{Automerge, ChangeHash, ROOT};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::append::{AppendViolation, appended_entries, par_map};
+use crate::append::{AppendViolation, CausalSink, appended_entries, apply_causally, par_map};
 use crate::identity::{IdentityKey, SecretKey};
 use crate::scope::Scope;
 use crate::signed::{ChangeError, DocId, SignedChange, actor_for, verify_all};
@@ -437,6 +437,38 @@ fn check_ops(
 /// The entries a change adds, or why it is refused.
 type Checked = Result<Vec<(EntryId, Entry)>, ConsentError>;
 
+/// A ledger taking checked changes in causal order, with one more check from the caller.
+struct LedgerSink<'a, F> {
+    ledger: &'a mut Ledger,
+    on_apply: F,
+}
+
+impl<F> CausalSink for LedgerSink<'_, F>
+where
+    F: FnMut(&SignedChange, &[(EntryId, Entry)]) -> Result<(), ConsentError>,
+{
+    type Item = Vec<(EntryId, Entry)>;
+    type Error = ConsentError;
+
+    fn holds(&self, hash: &ChangeHash) -> bool {
+        self.ledger.known.contains(hash)
+    }
+
+    fn take(&mut self, c: SignedChange, entries: Self::Item) -> Result<(), ConsentError> {
+        let entries = self.ledger.check_new(&c, entries)?;
+        (self.on_apply)(&c, &entries)?;
+        self.ledger.record(c, entries);
+        Ok(())
+    }
+
+    fn missing(&self, c: &SignedChange, missing: usize) -> ConsentError {
+        ConsentError::MissingDeps {
+            hash: c.hash().to_string(),
+            missing,
+        }
+    }
+}
+
 /// The state of one grant at one moment, as folded from the ledger.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct GrantView {
@@ -587,7 +619,7 @@ impl Ledger {
     fn apply_all_with(
         &mut self,
         changes: Vec<SignedChange>,
-        mut on_apply: impl FnMut(&SignedChange, &[(EntryId, Entry)]) -> Result<(), ConsentError>,
+        on_apply: impl FnMut(&SignedChange, &[(EntryId, Entry)]) -> Result<(), ConsentError>,
     ) -> ApplyReport {
         let mut report = ApplyReport::default();
         // Exact copies are dropped here; copies of one change hash with different
@@ -619,51 +651,18 @@ impl Ledger {
         // the checks against the ledger's state run in order below.
         let header = self.header;
         let checked = par_map(&verified, |(c, author)| check_ops(&header, c, author));
-        let mut waiting: Vec<(SignedChange, Checked)> =
+        let waiting: Vec<(SignedChange, Checked)> =
             verified.into_iter().map(|(c, _)| c).zip(checked).collect();
-        // Apply in causal order: each pass applies every change whose dependencies are in.
-        // Honest input in causal order goes through in one pass.
-        loop {
-            let before = waiting.len();
-            let mut still = Vec::new();
-            for (c, entries) in waiting {
-                if !c.change().deps().iter().all(|d| self.known.contains(d)) {
-                    still.push((c, entries));
-                    continue;
-                }
-                match entries
-                    .and_then(|entries| self.check_new(&c, entries))
-                    .and_then(|entries| {
-                        on_apply(&c, &entries)?;
-                        Ok(entries)
-                    }) {
-                    Ok(entries) => {
-                        report.applied.push(c.hash());
-                        self.record(c, entries);
-                    }
-                    Err(e) => report.rejected.push((c.hash(), e)),
-                }
-            }
-            waiting = still;
-            if waiting.is_empty() || waiting.len() == before {
-                break;
-            }
-        }
-        for (c, _) in waiting {
-            let missing = c
-                .change()
-                .deps()
-                .iter()
-                .filter(|d| !self.known.contains(d))
-                .count();
-            report.rejected.push((
-                c.hash(),
-                ConsentError::MissingDeps {
-                    hash: c.hash().to_string(),
-                    missing,
-                },
-            ));
-        }
+        let mut sink = LedgerSink {
+            ledger: self,
+            on_apply,
+        };
+        apply_causally(
+            &mut sink,
+            waiting,
+            &mut report.applied,
+            &mut report.rejected,
+        );
         report
     }
 

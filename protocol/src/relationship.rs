@@ -22,7 +22,7 @@ use automerge::{Automerge, ChangeHash, ROOT};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::append::{AppendViolation, appended_entries, par_map};
+use crate::append::{AppendViolation, CausalSink, appended_entries, apply_causally, par_map};
 use crate::consent::{EntryId, UnixSeconds};
 use crate::identity::{IdentityKey, SecretKey};
 use crate::scope::valid_name;
@@ -317,8 +317,8 @@ pub struct RelationshipDoc {
     doc: Automerge,
 }
 
-/// The entries a change adds, or why it is refused.
-type Checked = Result<Vec<(EntryId, RelEntry)>, RelError>;
+/// A change's author and the entries it adds, or why it is refused.
+type Checked = Result<(IdentityKey, Vec<(EntryId, RelEntry)>), RelError>;
 
 impl RelationshipDoc {
     /// An empty relationship.
@@ -458,7 +458,7 @@ impl RelationshipDoc {
     pub fn apply_gated(
         &mut self,
         changes: Vec<SignedChange>,
-        mut gate: impl FnMut(&IdentityKey, &[(EntryId, RelEntry)]) -> Result<(), String>,
+        gate: impl FnMut(&IdentityKey, &[(EntryId, RelEntry)]) -> Result<(), String>,
     ) -> RelApplyReport {
         let mut report = RelApplyReport::default();
         // Exact copies are dropped here; copies of one change hash with different
@@ -499,56 +499,19 @@ impl RelationshipDoc {
         }
         let owner = self.header.owner;
         let checked = par_map(&verified, |(c, author)| check_ops(&owner, c, author));
-        let mut waiting: Vec<(SignedChange, IdentityKey, Checked)> = verified
+        let waiting: Vec<(SignedChange, Checked)> = verified
             .into_iter()
             .zip(checked)
-            .map(|((c, a), r)| (c, a, r))
+            .map(|((c, a), r)| (c, r.map(|entries| (a, entries))))
             .collect();
         let before = self.changes.len();
-        loop {
-            let pending = waiting.len();
-            let mut still = Vec::new();
-            for (c, author, entries) in waiting {
-                if !c.change().deps().iter().all(|d| self.index.contains_key(d)) {
-                    still.push((c, author, entries));
-                    continue;
-                }
-                let verdict = entries.and_then(|entries| {
-                    self.check_state(&c, &author, &entries)?;
-                    gate(&author, &entries).map_err(|reason| RelError::Denied {
-                        hash: c.hash().to_string(),
-                        reason,
-                    })?;
-                    Ok(entries)
-                });
-                match verdict {
-                    Ok(entries) => {
-                        report.applied.push(c.hash());
-                        self.record(c, entries);
-                    }
-                    Err(e) => report.rejected.push((c.hash(), e)),
-                }
-            }
-            waiting = still;
-            if waiting.is_empty() || waiting.len() == pending {
-                break;
-            }
-        }
-        for (c, _, _) in waiting {
-            let missing = c
-                .change()
-                .deps()
-                .iter()
-                .filter(|d| !self.index.contains_key(d))
-                .count();
-            report.rejected.push((
-                c.hash(),
-                RelError::MissingDeps {
-                    hash: c.hash().to_string(),
-                    missing,
-                },
-            ));
-        }
+        let mut sink = RelSink { doc: self, gate };
+        apply_causally(
+            &mut sink,
+            waiting,
+            &mut report.applied,
+            &mut report.rejected,
+        );
         if !self.changes[before..].is_empty() && self.materialise(before).is_err() {
             // Automerge refused what every rule accepted; it should not. Keep the document
             // as it was and refuse the batch rather than hold a ledger it cannot show.
@@ -763,6 +726,41 @@ impl RelationshipDoc {
             self.entries.insert(id, e);
         }
         self.by_change.insert(hash, ids);
+    }
+}
+
+/// A relationship taking checked changes in causal order, with the caller's gate.
+struct RelSink<'a, G> {
+    doc: &'a mut RelationshipDoc,
+    gate: G,
+}
+
+impl<G> CausalSink for RelSink<'_, G>
+where
+    G: FnMut(&IdentityKey, &[(EntryId, RelEntry)]) -> Result<(), String>,
+{
+    type Item = (IdentityKey, Vec<(EntryId, RelEntry)>);
+    type Error = RelError;
+
+    fn holds(&self, hash: &ChangeHash) -> bool {
+        self.doc.index.contains_key(hash)
+    }
+
+    fn take(&mut self, c: SignedChange, (author, entries): Self::Item) -> Result<(), RelError> {
+        self.doc.check_state(&c, &author, &entries)?;
+        (self.gate)(&author, &entries).map_err(|reason| RelError::Denied {
+            hash: c.hash().to_string(),
+            reason,
+        })?;
+        self.doc.record(c, entries);
+        Ok(())
+    }
+
+    fn missing(&self, c: &SignedChange, missing: usize) -> RelError {
+        RelError::MissingDeps {
+            hash: c.hash().to_string(),
+            missing,
+        }
     }
 }
 
