@@ -6,10 +6,13 @@
 //! must say is up to each document type.
 
 use automerge::legacy::{Key, ObjectId, OpType};
-use automerge::{ChangeHash, ScalarValue};
+use automerge::transaction::{CommitOptions, Transactable};
+use automerge::{Automerge, ChangeHash, ROOT, ScalarValue};
 
 use crate::consent::EntryId;
-use crate::signed::SignedChange;
+use crate::consent::UnixSeconds;
+use crate::identity::SecretKey;
+use crate::signed::{ChangeError, DocId, SignedChange, actor_for};
 
 /// Why a change is not a plain append of entries.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -153,4 +156,30 @@ pub(crate) fn apply_causally<S: CausalSink>(
         let missing = c.change().deps().iter().filter(|d| !sink.holds(d)).count();
         rejected.push((c.hash(), sink.missing(&c, missing)));
     }
+}
+
+/// Writes one entry text at its id into `doc`, as `key`'s writer session `nonce` at time
+/// `at`, and signs the change for document `doc_id`. Callers check every rule first;
+/// writing in place (not on a fork) keeps an append O(1) in the size of the document.
+pub(crate) fn write_entry(
+    doc: &mut Automerge,
+    doc_id: &DocId,
+    key: &SecretKey,
+    nonce: [u8; 16],
+    at: UnixSeconds,
+    id: &EntryId,
+    text: String,
+) -> Result<SignedChange, ChangeError> {
+    let actor = actor_for(&key.identity(), nonce);
+    if doc.get_actor() != &actor {
+        doc.set_actor(actor);
+    }
+    let mut tx = doc.transaction();
+    tx.put(ROOT, id.to_hex(), text)
+        .map_err(|e| ChangeError::BadChange(e.to_string()))?;
+    tx.commit_with(CommitOptions::default().with_time(at as i64));
+    let change = doc
+        .get_last_local_change()
+        .expect("a change was just committed");
+    SignedChange::sign(doc_id, change, key)
 }

@@ -11,15 +11,16 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 
-use automerge::transaction::{CommitOptions, Transactable};
-use automerge::{Automerge, ChangeHash, ROOT};
+use automerge::{Automerge, ChangeHash};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::append::{AppendViolation, CausalSink, appended_entries, apply_causally, par_map};
+use crate::append::{
+    AppendViolation, CausalSink, appended_entries, apply_causally, par_map, write_entry,
+};
 use crate::identity::{IdentityKey, SecretKey};
 use crate::scope::Scope;
-use crate::signed::{ChangeError, DocId, SignedChange, actor_for, verify_all};
+use crate::signed::{ChangeError, DocId, SignedChange, verify_all};
 use crate::terms::TermsRef;
 
 /// Seconds since the Unix epoch, UTC. Always passed in; this crate never reads a clock.
@@ -1116,21 +1117,8 @@ impl ConsentDoc {
                 id.short()
             )));
         }
-        // Every rule was checked above, so the write below cannot be refused; writing in
-        // place (not on a fork) keeps an append O(1) in the size of the document.
-        let actor = actor_for(&author, nonce);
-        if self.doc.get_actor() != &actor {
-            self.doc.set_actor(actor);
-        }
-        let mut tx = self.doc.transaction();
-        tx.put(ROOT, id.to_hex(), text)
-            .map_err(|e| ConsentError::Refused(e.to_string()))?;
-        tx.commit_with(CommitOptions::default().with_time(at as i64));
-        let change = self
-            .doc
-            .get_last_local_change()
-            .expect("a change was just committed");
-        let signed = SignedChange::sign(&self.ledger.id, change, key)?;
+        // Every rule was checked above, so the write below cannot be refused.
+        let signed = write_entry(&mut self.doc, &self.ledger.id, key, nonce, at, &id, text)?;
         let entries = self.ledger.check(&signed, &author)?;
         self.ledger.record(signed.clone(), entries);
         Ok((id, signed))

@@ -17,16 +17,17 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use automerge::transaction::{CommitOptions, Transactable};
-use automerge::{Automerge, ChangeHash, ROOT};
+use automerge::{Automerge, ChangeHash};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::append::{AppendViolation, CausalSink, appended_entries, apply_causally, par_map};
+use crate::append::{
+    AppendViolation, CausalSink, appended_entries, apply_causally, par_map, write_entry,
+};
 use crate::consent::{EntryId, UnixSeconds};
 use crate::identity::{IdentityKey, SecretKey};
 use crate::scope::valid_name;
-use crate::signed::{ChangeError, DocId, SignedChange, actor_for, verify_all};
+use crate::signed::{ChangeError, DocId, SignedChange, verify_all};
 
 /// The largest relationship entry text accepted (32 KiB).
 pub const MAX_REL_ENTRY_BYTES: usize = 32 * 1024;
@@ -621,19 +622,7 @@ impl RelationshipDoc {
                 id.short()
             )));
         }
-        let actor = actor_for(&author, nonce);
-        if self.doc.get_actor() != &actor {
-            self.doc.set_actor(actor);
-        }
-        let mut tx = self.doc.transaction();
-        tx.put(ROOT, id.to_hex(), text)
-            .map_err(|e| RelError::Refused(e.to_string()))?;
-        tx.commit_with(CommitOptions::default().with_time(at as i64));
-        let change = self
-            .doc
-            .get_last_local_change()
-            .expect("a change was just committed");
-        let signed = SignedChange::sign(&self.id, change, key)?;
+        let signed = write_entry(&mut self.doc, &self.id, key, nonce, at, &id, text)?;
         let entries = check_ops(&self.header.owner, &signed, &author)?;
         self.check_state(&signed, &author, &entries)?;
         self.record(signed.clone(), entries);
