@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
-use rapport_node::{NetConfig, Node, NodeConfig, Store};
+use rapport_node::{Node, NodeConfig, Store};
 use rapport_protocol::automerge::Automerge;
 use rapport_protocol::wire::DocRef;
 use rapport_protocol::{
@@ -175,18 +175,8 @@ async fn case(label: &str, rels: usize, per_rel: usize) -> Result<()> {
     }
     let automerge = start.elapsed();
 
-    let config = |dir: &Path| NodeConfig {
-        data_dir: dir.to_path_buf(),
-        net: NetConfig {
-            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("multiaddr")],
-            bootstrap: Vec::new(),
-            mdns: false,
-        },
-        api: None,
-        auto_accept: false,
-    };
-    let customer = Node::start(config(&cdir)).await?;
-    let company = Node::start(config(&gdir)).await?;
+    let customer = Node::start(NodeConfig::loopback(&cdir)).await?;
+    let company = Node::start(NodeConfig::loopback(&gdir)).await?;
     let addr = customer
         .listening()
         .await

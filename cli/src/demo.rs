@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use rapport_node::{GrantArgs, NetConfig, Node, NodeConfig, NodeHandle, Store, now};
+use rapport_node::{GrantArgs, Node, NodeConfig, NodeHandle, Store, now};
 use rapport_protocol::{IdentityKey, Kind, Ledger, read_ledger_file};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -16,17 +16,7 @@ fn step(n: u32, text: &str) {
 
 async fn start(dir: &std::path::Path, kind: Kind, name: &str) -> Result<Node> {
     Store::create(dir, kind, name, now())?;
-    Ok(Node::start(NodeConfig {
-        data_dir: dir.to_path_buf(),
-        net: NetConfig {
-            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("multiaddr")],
-            bootstrap: Vec::new(),
-            mdns: false,
-        },
-        api: None,
-        auto_accept: false,
-    })
-    .await?)
+    Ok(Node::start(NodeConfig::loopback(dir)).await?)
 }
 
 /// Polls `check` until it holds or 10 seconds pass.

@@ -35,6 +35,23 @@ pub struct NodeConfig {
     pub auto_accept: bool,
 }
 
+impl NodeConfig {
+    /// A node on `dir` listening on loopback TCP with an OS-chosen port, no mDNS, no API,
+    /// accepting nothing by itself: for the demo, benchmarks and tests.
+    pub fn loopback(dir: &Path) -> Self {
+        NodeConfig {
+            data_dir: dir.to_path_buf(),
+            net: NetConfig {
+                listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("a valid multiaddr")],
+                bootstrap: Vec::new(),
+                mdns: false,
+            },
+            api: None,
+            auto_accept: false,
+        }
+    }
+}
+
 /// What `node.json` says.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeFile {

@@ -147,11 +147,6 @@ impl StoppedNode {
     }
 }
 
-/// Listen on loopback TCP with an OS-chosen port.
-pub fn loopback() -> libp2p::Multiaddr {
-    "/ip4/127.0.0.1/tcp/0".parse().expect("multiaddr")
-}
-
 impl TestNode {
     /// Creates a store of `kind` named `name` and starts a node on it (no mDNS, API on
     /// loopback).
@@ -167,14 +162,8 @@ impl TestNode {
     /// Starts a node on an existing data directory.
     pub async fn start(dir: &Path) -> Self {
         let node = rapport_node::Node::start(rapport_node::NodeConfig {
-            data_dir: dir.to_path_buf(),
-            net: rapport_node::NetConfig {
-                listen: vec![loopback()],
-                bootstrap: Vec::new(),
-                mdns: false,
-            },
             api: Some("127.0.0.1:0".parse().expect("socket addr")),
-            auto_accept: false,
+            ..rapport_node::NodeConfig::loopback(dir)
         })
         .await
         .expect("node starts");
