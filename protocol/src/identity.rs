@@ -92,6 +92,12 @@ impl IdentityKey {
         &self.0
     }
 
+    /// The X25519 public key bound to this identity: the Montgomery form of the Ed25519
+    /// point (see [`crate::seal`]).
+    pub fn x25519_public(&self) -> [u8; 32] {
+        self.0.to_montgomery().to_bytes()
+    }
+
     /// A short form for tables and logs: the last 8 characters of the text form.
     pub fn short(&self) -> String {
         let s = self.to_string();
@@ -181,6 +187,12 @@ impl SecretKey {
     /// Signs raw bytes. Callers add their own domain separation.
     pub(crate) fn sign_raw(&self, message: &[u8]) -> Signature {
         self.0.sign(message)
+    }
+
+    /// The X25519 secret bound to this identity (see [`crate::seal`]): the same scalar as
+    /// the Ed25519 key, so no second key has to be published or trusted.
+    pub(crate) fn x25519_secret(&self) -> x25519_dalek::StaticSecret {
+        x25519_dalek::StaticSecret::from(self.0.to_scalar_bytes())
     }
 }
 

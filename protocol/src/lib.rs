@@ -1,5 +1,5 @@
 //! Rapport's pure core: identities, signed changes, the consent ledger, relationships, the
-//! consent rules that gate them, scopes, terms and the sync protocol's wire format.
+//! consent rules that gate them, scopes, terms, content encryption and the wire formats.
 //!
 //! Nothing here does I/O or reads the clock: time and randomness are passed in, so every
 //! rule is deterministic and testable.
@@ -9,9 +9,11 @@ mod append;
 mod consent;
 mod identity;
 mod ledger_file;
+pub mod mail;
 mod records;
 mod relationship;
 mod scope;
+pub mod seal;
 mod signed;
 mod terms;
 pub mod wire;
@@ -32,8 +34,8 @@ pub use records::{
     iso27560_records, kantara_receipts, rfc3339_utc,
 };
 pub use relationship::{
-    MAX_MEMBERS, MAX_MESSAGE_BYTES, MAX_REL_ENTRY_BYTES, MAX_TITLE, MemberView, REL_ENTRY_VERSION,
-    RelApplyReport, RelBody, RelEntry, RelError, RelHeader, RelationshipDoc,
+    EpochView, KeySlot, MAX_MEMBERS, MAX_MESSAGE_BYTES, MAX_REL_ENTRY_BYTES, MAX_TITLE, MemberView,
+    REL_ENTRY_VERSION, RelApplyReport, RelBody, RelEntry, RelError, RelHeader, RelationshipDoc,
 };
 pub use scope::{MAX_SCOPE_NAME, Scope, ScopeError};
 pub use signed::{

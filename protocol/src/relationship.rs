@@ -7,8 +7,8 @@
 //!
 //! - the author is the owner or a member the owner added;
 //! - an entry's `by` is the change's signer, so nobody writes words in another's name;
-//! - only the owner writes the title, membership and profile; members write threads and
-//!   their own messages;
+//! - only the owner writes the title, membership, profile and content-key epochs; members
+//!   write threads and their own messages;
 //! - sizes and shapes are bounded.
 //!
 //! Whether a member may write *now* (an active grant with `conversation:write`, and
@@ -26,11 +26,15 @@ use crate::append::{
 };
 use crate::consent::{EntryId, UnixSeconds};
 use crate::identity::{IdentityKey, SecretKey};
+use base64::Engine as _;
+
 use crate::scope::valid_name;
+use crate::seal::{SEALED_KEY_BYTES, SealedEpoch};
 use crate::signed::{ChangeError, DocId, SignedChange, verify_all};
 
-/// The largest relationship entry text accepted (32 KiB).
-pub const MAX_REL_ENTRY_BYTES: usize = 32 * 1024;
+/// The largest relationship entry text accepted (192 KiB: an epoch entry sealing a key to
+/// 1,025 recipients fits; every other entry type has a tighter bound of its own).
+pub const MAX_REL_ENTRY_BYTES: usize = 192 * 1024;
 /// The longest message text, in bytes of UTF-8 (16 KiB).
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024;
 /// The longest title, name or profile value, in characters.
@@ -124,6 +128,87 @@ pub enum RelBody {
         /// Why the author writes: a member's message needs `contact:<purpose>`.
         purpose: Option<String>,
     },
+    /// Starts a content-key epoch: the epoch's key sealed to each recipient (see
+    /// [`crate::seal`]). Owner only.
+    Epoch {
+        /// The epoch number; each is written once.
+        epoch: u32,
+        /// The epoch's ephemeral X25519 public key, hex.
+        eph: String,
+        /// The recipients and the key sealed to each.
+        slots: Vec<KeySlot>,
+    },
+}
+
+/// One recipient's sealed copy of an epoch key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeySlot {
+    /// The recipient.
+    pub member: IdentityKey,
+    /// The content key sealed to it, base64 (48 bytes).
+    pub key: String,
+}
+
+impl KeySlot {
+    /// The sealed key's bytes, if well formed.
+    pub fn sealed(&self) -> Option<[u8; SEALED_KEY_BYTES]> {
+        base64::engine::general_purpose::STANDARD
+            .decode(&self.key)
+            .ok()?
+            .try_into()
+            .ok()
+    }
+}
+
+/// An epoch entry, parsed: its number, ephemeral key and slots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EpochView {
+    /// The epoch.
+    pub epoch: u32,
+    /// Ephemeral public key.
+    pub eph: [u8; 32],
+    /// Recipients and sealed keys.
+    pub slots: Vec<(IdentityKey, [u8; SEALED_KEY_BYTES])>,
+}
+
+impl EpochView {
+    /// The slot sealed to `who`, if any.
+    pub fn slot_for(&self, who: &IdentityKey) -> Option<&[u8; SEALED_KEY_BYTES]> {
+        self.slots.iter().find(|(m, _)| m == who).map(|(_, k)| k)
+    }
+
+    /// The entry body that carries a sealed epoch.
+    pub fn body(epoch: u32, sealed: &SealedEpoch) -> RelBody {
+        RelBody::Epoch {
+            epoch,
+            eph: hex::encode(sealed.eph),
+            slots: sealed
+                .slots
+                .iter()
+                .map(|(m, k)| KeySlot {
+                    member: *m,
+                    key: base64::engine::general_purpose::STANDARD.encode(k),
+                })
+                .collect(),
+        }
+    }
+
+    fn parse(body: &RelBody) -> Option<Self> {
+        let RelBody::Epoch { epoch, eph, slots } = body else {
+            return None;
+        };
+        let eph: [u8; 32] = hex::decode(eph).ok()?.try_into().ok()?;
+        let slots = slots
+            .iter()
+            .map(|s| Some((s.member, s.sealed()?)))
+            .collect::<Option<Vec<_>>>()?;
+        Some(Self {
+            epoch: *epoch,
+            eph,
+            slots,
+        })
+    }
 }
 
 impl RelBody {
@@ -136,6 +221,7 @@ impl RelBody {
             RelBody::Profile { .. } => "profile",
             RelBody::Thread { .. } => "thread",
             RelBody::Message { .. } => "message",
+            RelBody::Epoch { .. } => "epoch",
         }
     }
 
@@ -147,6 +233,7 @@ impl RelBody {
                 | RelBody::Member { .. }
                 | RelBody::Remove { .. }
                 | RelBody::Profile { .. }
+                | RelBody::Epoch { .. }
         )
     }
 
@@ -162,6 +249,21 @@ impl RelBody {
             RelBody::Title { title } | RelBody::Thread { title } => short("a title", title),
             RelBody::Member { name, .. } => short("a member's name", name),
             RelBody::Remove { .. } => Ok(()),
+            RelBody::Epoch { slots, .. } => {
+                if EpochView::parse(self).is_none() {
+                    return Err(
+                        "an epoch entry needs a 32-byte hex key and 48-byte base64 slots".into(),
+                    );
+                }
+                if slots.is_empty() || slots.len() > MAX_MEMBERS + 1 {
+                    return Err(format!("an epoch has 1-{} recipients", MAX_MEMBERS + 1));
+                }
+                let mut seen = std::collections::HashSet::new();
+                if !slots.iter().all(|s| seen.insert(s.member)) {
+                    return Err("an epoch names a recipient twice".into());
+                }
+                Ok(())
+            }
             RelBody::Profile { field, value } => {
                 if !valid_name(field) {
                     return Err(format!(
@@ -315,6 +417,8 @@ pub struct RelationshipDoc {
     profile: BTreeMap<String, ((UnixSeconds, EntryId), String)>,
     /// The latest title, with its order key.
     title: Option<((UnixSeconds, EntryId), String)>,
+    /// The entry of each content-key epoch.
+    epochs: BTreeMap<u32, EntryId>,
     doc: Automerge,
 }
 
@@ -335,8 +439,29 @@ impl RelationshipDoc {
             members: BTreeMap::new(),
             profile: BTreeMap::new(),
             title: None,
+            epochs: BTreeMap::new(),
             doc: Automerge::new(),
         }
+    }
+
+    /// The content-key epochs written so far, oldest first.
+    pub fn epochs(&self) -> impl Iterator<Item = EpochView> + '_ {
+        self.epochs
+            .values()
+            .filter_map(|id| self.entries.get(id).and_then(|e| EpochView::parse(&e.body)))
+    }
+
+    /// One epoch, if written.
+    pub fn epoch(&self, n: u32) -> Option<EpochView> {
+        self.epochs
+            .get(&n)
+            .and_then(|id| self.entries.get(id))
+            .and_then(|e| EpochView::parse(&e.body))
+    }
+
+    /// The newest epoch's number, if any was written.
+    pub fn latest_epoch(&self) -> Option<u32> {
+        self.epochs.keys().next_back().copied()
     }
 
     /// Builds a relationship from stored changes, refusing it whole if any does not check.
@@ -649,6 +774,14 @@ impl RelationshipDoc {
                     detail: format!("entry {} already exists", id.short()),
                 });
             }
+            if let RelBody::Epoch { epoch, .. } = &e.body
+                && self.epochs.contains_key(epoch)
+            {
+                return Err(RelError::BadEntry {
+                    hash: sc.hash().to_string(),
+                    detail: format!("epoch {epoch} is already written"),
+                });
+            }
             if let RelBody::Member { member, .. } = &e.body {
                 if *member == self.header.owner {
                     return Err(RelError::BadEntry {
@@ -699,6 +832,9 @@ impl RelationshipDoc {
                     if self.profile.get(field).is_none_or(|(k, _)| *k < key) {
                         self.profile.insert(field.clone(), (key, value.clone()));
                     }
+                }
+                RelBody::Epoch { epoch, .. } => {
+                    self.epochs.insert(*epoch, id);
                 }
                 RelBody::Remove { member } => {
                     if let Some(m) = self.members.get_mut(member)

@@ -149,10 +149,10 @@ pub enum WireError {
     BadIdentity,
 }
 
-struct Writer(Vec<u8>);
+pub(crate) struct Writer(pub(crate) Vec<u8>);
 
 impl Writer {
-    fn new(kind: u8) -> Self {
+    pub(crate) fn new(kind: u8) -> Self {
         let mut v = Vec::with_capacity(64);
         v.extend_from_slice(MAGIC);
         v.push(VERSION);
@@ -160,7 +160,7 @@ impl Writer {
         Self(v)
     }
 
-    fn u32(&mut self, n: usize) {
+    pub(crate) fn u32(&mut self, n: usize) {
         self.0
             .extend_from_slice(&u32::try_from(n).expect("bounded by limits").to_be_bytes());
     }
@@ -172,7 +172,7 @@ impl Writer {
         }
     }
 
-    fn changes(&mut self, changes: &[Vec<u8>]) {
+    pub(crate) fn changes(&mut self, changes: &[Vec<u8>]) {
         self.u32(changes.len());
         for c in changes {
             self.u32(c.len());
@@ -180,7 +180,28 @@ impl Writer {
         }
     }
 
-    fn text(&mut self, s: &str) {
+    pub(crate) fn doc(&mut self, doc: &DocRef) {
+        match doc {
+            DocRef::Consent(h) => {
+                self.0.push(1);
+                self.0.extend_from_slice(h.customer.as_bytes());
+                self.0.extend_from_slice(h.grantee.as_bytes());
+            }
+            DocRef::Relationship(h) => {
+                self.0.push(2);
+                self.0.extend_from_slice(h.owner.as_bytes());
+                self.0.extend_from_slice(&h.nonce);
+            }
+        }
+    }
+
+    /// A length-prefixed byte string.
+    pub(crate) fn bytes(&mut self, b: &[u8]) {
+        self.u32(b.len());
+        self.0.extend_from_slice(b);
+    }
+
+    pub(crate) fn text(&mut self, s: &str) {
         let s = truncate(s, MAX_REASON_BYTES);
         self.0.extend_from_slice(&(s.len() as u16).to_be_bytes());
         self.0.extend_from_slice(s.as_bytes());
@@ -199,10 +220,10 @@ fn truncate(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
-struct Reader<'a>(&'a [u8]);
+pub(crate) struct Reader<'a>(pub(crate) &'a [u8]);
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
+    pub(crate) fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
         if self.0.len() < n {
             return Err(WireError::Malformed("message ends early"));
         }
@@ -211,20 +232,20 @@ impl<'a> Reader<'a> {
         Ok(a)
     }
 
-    fn u8(&mut self) -> Result<u8, WireError> {
+    pub(crate) fn u8(&mut self) -> Result<u8, WireError> {
         Ok(self.take(1)?[0])
     }
 
-    fn u32(&mut self) -> Result<usize, WireError> {
+    pub(crate) fn u32(&mut self) -> Result<usize, WireError> {
         let b = self.take(4)?;
         Ok(u32::from_be_bytes(b.try_into().expect("4 bytes")) as usize)
     }
 
-    fn arr<const N: usize>(&mut self) -> Result<[u8; N], WireError> {
+    pub(crate) fn arr<const N: usize>(&mut self) -> Result<[u8; N], WireError> {
         Ok(self.take(N)?.try_into().expect("N bytes"))
     }
 
-    fn identity(&mut self) -> Result<IdentityKey, WireError> {
+    pub(crate) fn identity(&mut self) -> Result<IdentityKey, WireError> {
         IdentityKey::from_bytes(&self.arr::<32>()?).map_err(|_| WireError::BadIdentity)
     }
 
@@ -239,7 +260,7 @@ impl<'a> Reader<'a> {
         (0..n).map(|_| Ok(ChangeHash(self.arr()?))).collect()
     }
 
-    fn changes(&mut self) -> Result<Vec<Vec<u8>>, WireError> {
+    pub(crate) fn changes(&mut self) -> Result<Vec<Vec<u8>>, WireError> {
         let n = self.u32()?;
         if n > MAX_CHANGES_PER_MESSAGE {
             return Err(WireError::OverLimit("changes"));
@@ -260,7 +281,34 @@ impl<'a> Reader<'a> {
         Ok(out)
     }
 
-    fn text(&mut self) -> Result<String, WireError> {
+    pub(crate) fn doc(&mut self) -> Result<DocRef, WireError> {
+        Ok(match self.u8()? {
+            1 => {
+                let customer = self.identity()?;
+                let grantee = self.identity()?;
+                if customer == grantee {
+                    return Err(WireError::Malformed("a consent document needs two parties"));
+                }
+                DocRef::Consent(ConsentHeader { customer, grantee })
+            }
+            2 => DocRef::Relationship(RelHeader {
+                owner: self.identity()?,
+                nonce: self.arr()?,
+            }),
+            _ => return Err(WireError::Malformed("unknown document kind")),
+        })
+    }
+
+    /// A length-prefixed byte string of at most `max` bytes.
+    pub(crate) fn bytes(&mut self, max: usize, what: &'static str) -> Result<&'a [u8], WireError> {
+        let n = self.u32()?;
+        if n > max {
+            return Err(WireError::OverLimit(what));
+        }
+        self.take(n)
+    }
+
+    pub(crate) fn text(&mut self) -> Result<String, WireError> {
         let b = self.take(2)?;
         let len = u16::from_be_bytes([b[0], b[1]]) as usize;
         if len > MAX_REASON_BYTES {
@@ -270,7 +318,7 @@ impl<'a> Reader<'a> {
         String::from_utf8(bytes.to_vec()).map_err(|_| WireError::Malformed("text is not UTF-8"))
     }
 
-    fn end(self) -> Result<(), WireError> {
+    pub(crate) fn end(self) -> Result<(), WireError> {
         if self.0.is_empty() {
             Ok(())
         } else {
@@ -279,7 +327,7 @@ impl<'a> Reader<'a> {
     }
 }
 
-fn open<'a>(bytes: &'a [u8], kinds: &[u8]) -> Result<(u8, Reader<'a>), WireError> {
+pub(crate) fn open<'a>(bytes: &'a [u8], kinds: &[u8]) -> Result<(u8, Reader<'a>), WireError> {
     if bytes.len() > MAX_WIRE_MESSAGE {
         return Err(WireError::TooLarge(bytes.len()));
     }
@@ -295,18 +343,7 @@ impl SyncRequest {
     /// Encodes the request.
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::new(1);
-        match &self.doc {
-            DocRef::Consent(h) => {
-                w.0.push(1);
-                w.0.extend_from_slice(h.customer.as_bytes());
-                w.0.extend_from_slice(h.grantee.as_bytes());
-            }
-            DocRef::Relationship(h) => {
-                w.0.push(2);
-                w.0.extend_from_slice(h.owner.as_bytes());
-                w.0.extend_from_slice(&h.nonce);
-            }
-        }
+        w.doc(&self.doc);
         w.heads(&self.heads);
         w.changes(&self.changes);
         w.0
@@ -315,21 +352,7 @@ impl SyncRequest {
     /// Decodes a request, checking every bound.
     pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
         let (_, mut r) = open(bytes, &[1])?;
-        let doc = match r.u8()? {
-            1 => {
-                let customer = r.identity()?;
-                let grantee = r.identity()?;
-                if customer == grantee {
-                    return Err(WireError::Malformed("a consent document needs two parties"));
-                }
-                DocRef::Consent(ConsentHeader { customer, grantee })
-            }
-            2 => DocRef::Relationship(RelHeader {
-                owner: r.identity()?,
-                nonce: r.arr()?,
-            }),
-            _ => return Err(WireError::Malformed("unknown document kind")),
-        };
+        let doc = r.doc()?;
         let heads = r.heads()?;
         let changes = r.changes()?;
         r.end()?;
