@@ -21,6 +21,7 @@ mod backend;
 mod bench;
 mod demo;
 mod node_cmd;
+mod relay_cmd;
 
 use backend::Backend;
 
@@ -108,6 +109,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run or manage a community relay (circuit relay, rendezvous point, mailbox).
+    #[command(subcommand)]
+    Relay(relay_cmd::RelayCmd),
     /// Benchmarks on this machine.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -121,8 +125,8 @@ enum Command {
 enum NodeCmd {
     /// Run the node in the foreground until Ctrl-C or SIGTERM.
     Run {
-        /// A libp2p address to listen on; repeat for more [default: TCP and QUIC on all
-        /// interfaces, OS-chosen ports].
+        /// A libp2p address to listen on; repeat for more, or `none` to be reachable only
+        /// through the relay [default: TCP and QUIC on all interfaces, OS-chosen ports].
         #[arg(long, value_name = "MULTIADDR")]
         listen: Vec<String>,
         /// A peer to dial at start (and to seed Kademlia with, if it ends in /p2p/<id>).
@@ -131,6 +135,11 @@ enum NodeCmd {
         /// Do not discover peers on the local network.
         #[arg(long)]
         no_mdns: bool,
+        /// A community relay, /…/p2p/<relay id>: reserve a circuit there (reachable
+        /// behind NAT), find members at its rendezvous point, and use its mailbox for peers
+        /// that are offline.
+        #[arg(long, value_name = "MULTIADDR")]
+        relay: Option<String>,
         /// Where the local API listens (loopback only).
         #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
         api: std::net::SocketAddr,
@@ -171,6 +180,13 @@ enum RelCmd {
         /// How you name them.
         #[arg(long)]
         name: Option<String>,
+    },
+    /// Remove a member from a relationship you own; a new content-key epoch starts at once.
+    Remove {
+        /// The relationship id (or prefix).
+        rel: String,
+        /// The member's identity.
+        identity: String,
     },
     /// Disclose a profile field to a relationship's members.
     Disclose {
@@ -407,9 +423,11 @@ fn run(cli: Cli) -> Result<()> {
             listen,
             bootstrap,
             no_mdns,
+            relay,
             api,
             accept_grants,
-        }) => node_cmd::run(&dir, listen, bootstrap, !no_mdns, api, accept_grants),
+        }) => node_cmd::run(&dir, listen, bootstrap, !no_mdns, relay, api, accept_grants),
+        Command::Relay(cmd) => relay_cmd::run(&dir, cmd),
         Command::Rel(cmd) => node_cmd::rel(&dir, cmd),
         Command::Msg(MsgCmd::Send { rel, text, purpose }) => {
             node_cmd::send(&dir, &rel, &text, purpose)

@@ -26,13 +26,17 @@ pub(crate) fn run(
     listen: Vec<String>,
     bootstrap: Vec<String>,
     mdns: bool,
+    relay: Option<String>,
     api: SocketAddr,
     accept_grants: bool,
 ) -> Result<()> {
     if !api.ip().is_loopback() {
         bail!("the local API listens on loopback only; {api} is not a loopback address");
     }
-    let listen = if listen.is_empty() {
+    let listen = if listen.iter().any(|l| l == "none") {
+        // Reachable only through the relay (a node behind NAT, or a test of one).
+        Vec::new()
+    } else if listen.is_empty() {
         vec![
             "/ip4/0.0.0.0/tcp/0".to_string(),
             "/ip4/0.0.0.0/udp/0/quic-v1".to_string(),
@@ -46,6 +50,9 @@ pub(crate) fn run(
             listen: multiaddrs(&listen, "--listen")?,
             bootstrap: multiaddrs(&bootstrap, "--bootstrap")?,
             mdns,
+            relay: relay
+                .map(|r| multiaddrs(&[r], "--relay").map(|mut v| v.remove(0)))
+                .transpose()?,
         },
         api: Some(api),
         auto_accept: accept_grants,
@@ -82,7 +89,7 @@ pub(crate) fn run(
     })
 }
 
-async fn wait_for_signal() {
+pub(crate) async fn wait_for_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
@@ -147,6 +154,19 @@ pub(crate) fn rel(dir: &Path, cmd: RelCmd) -> Result<()> {
                 json!({"peer": peer, "name": name}),
             )?;
             println!("added {peer} to relationship {}", out.doc.to_hex());
+            print_delivery(&out);
+        }
+        RelCmd::Remove { rel, identity } => {
+            let peer = parse_identity(&identity)?;
+            let api = Backend::running(dir)?;
+            let out: WriteOutcome = api.post(
+                &format!("/v1/relationships/{}/removals", seg(&rel)?),
+                json!({"peer": peer}),
+            )?;
+            println!(
+                "removed {peer} from relationship {}; a new content-key epoch excludes it",
+                out.doc.to_hex()
+            );
             print_delivery(&out);
         }
         RelCmd::Disclose { rel, field, value } => {

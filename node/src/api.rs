@@ -133,6 +133,11 @@ pub const ROUTES: &[(&str, &str, &str)] = &[
     ),
     (
         "post",
+        "/v1/relationships/{id}/removals",
+        "Remove a member (owner); starts a new content-key epoch: {\"peer\"}",
+    ),
+    (
+        "post",
         "/v1/relationships/{id}/profile",
         "Disclose a profile field (owner): {\"field\", \"value\"}",
     ),
@@ -268,6 +273,7 @@ pub fn router(node: NodeHandle, token: String) -> Router {
         .route("/v1/relationships/{id}", get(relationship))
         .route("/v1/relationships/{id}/messages", post(send_message))
         .route("/v1/relationships/{id}/members", post(add_member))
+        .route("/v1/relationships/{id}/removals", post(remove_member))
         .route("/v1/relationships/{id}/profile", post(set_profile))
         .route("/v1/relationships/{id}/threads", post(new_thread))
         .route("/v1/inbox", get(inbox))
@@ -433,6 +439,26 @@ async fn send_message(
         .write(q.wait(), move |e| {
             e.send_message(&id, b.text, b.purpose, thread, now())
         })
+        .await?;
+    out.delivery = delivery;
+    ok(out)
+}
+
+#[derive(Deserialize)]
+struct RemovalBody {
+    peer: String,
+}
+
+async fn remove_member(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<WaitQuery>,
+    Json(b): Json<RemovalBody>,
+) -> ApiResult {
+    let peer = identity(&b.peer)?;
+    let (mut out, delivery) = s
+        .node
+        .write(q.wait(), move |e| e.remove_member(&id, peer, now()))
         .await?;
     out.delivery = delivery;
     ok(out)
@@ -693,6 +719,7 @@ fn event_name(e: &Event) -> &'static str {
         Event::Refused(_) => "refused",
         Event::PeerRefused { .. } => "peer_refused",
         Event::Erased { .. } => "erased",
+        Event::MailRefused { .. } => "mail_refused",
         Event::PeerConnected { .. } => "peer_connected",
         Event::PeerDisconnected { .. } => "peer_disconnected",
     }

@@ -3,10 +3,11 @@
 //! and the local API call it, one call at a time (it sits behind a mutex and runs on
 //! blocking threads), and carry out the pushes it asks for.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use rapport_protocol::access::may_read;
 use rapport_protocol::automerge::ChangeHash;
+use rapport_protocol::seal::ContentKey;
 use rapport_protocol::wire::DocRef;
 use rapport_protocol::{
     ConsentDoc, ConsentError, ConsentHeader, DocId, EntryBody, EntryId, GrantStatus, GrantView,
@@ -114,7 +115,7 @@ pub(crate) struct Strikes {
 /// The node's documents and rules.
 pub struct Engine {
     store: Store,
-    key: SecretKey,
+    pub(crate) key: SecretKey,
     me: IdentityKey,
     profile: Profile,
     nonce: [u8; 16],
@@ -122,6 +123,11 @@ pub struct Engine {
     events: broadcast::Sender<Event>,
     pub(crate) strikes: HashMap<IdentityKey, Strikes>,
     auto_accept: bool,
+    /// Content keys held, by relationship and epoch (see [`rapport_protocol::seal`]).
+    pub(crate) keys: HashMap<DocId, BTreeMap<u32, ContentKey>>,
+    /// Heads of what was deposited in a peer's mailbox, per document and peer, so a
+    /// failed dial every few seconds does not deposit the same changes again.
+    pub(crate) deposited: HashMap<(DocId, IdentityKey), Vec<ChangeHash>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -134,7 +140,12 @@ impl std::fmt::Debug for Engine {
 }
 
 fn random16() -> Result<[u8; 16]> {
-    let mut n = [0u8; 16];
+    random()
+}
+
+/// `N` bytes from the OS random source.
+pub(crate) fn random<const N: usize>() -> Result<[u8; N]> {
+    let mut n = [0u8; N];
     getrandom::fill(&mut n)
         .map_err(|e| EngineError::Invalid(format!("the OS random source failed: {e}")))?;
     Ok(n)
@@ -155,7 +166,11 @@ impl Engine {
             docs.insert(id, doc);
         }
         let (events, _) = broadcast::channel(1024);
-        Ok(Self {
+        let mut keys: HashMap<DocId, BTreeMap<u32, ContentKey>> = HashMap::new();
+        for (doc, epoch, k) in store.epoch_keys()? {
+            keys.entry(doc).or_default().insert(epoch, k);
+        }
+        let mut engine = Self {
             me: profile.identity,
             store,
             key,
@@ -165,7 +180,16 @@ impl Engine {
             events,
             strikes: HashMap::new(),
             auto_accept: false,
-        })
+            keys,
+            deposited: HashMap::new(),
+        };
+        // Keys sealed to this node that it does not hold yet (a crash between storing a
+        // change and its key) are recovered from the documents.
+        let rels: Vec<DocId> = engine.rels().map(RelationshipDoc::id).collect();
+        for id in rels {
+            engine.learn_keys(&id)?;
+        }
+        Ok(engine)
     }
 
     /// Accept every grant made to this node on the customer's terms as soon as it arrives
@@ -638,7 +662,9 @@ impl Engine {
         });
         let mut pushes = Vec::new();
         if h.customer == self.me {
-            // A grantee's acceptance may open relationships to it: offer them.
+            // A grantee's acceptance may open relationships to it (and seal it the key of
+            // a new epoch): offer them.
+            pushes.extend(self.rotate_where_member(&peer, now)?);
             for d in self.shared_with(&peer, now) {
                 if matches!(d, DocRef::Relationship(_)) {
                     pushes.push((peer, d));
@@ -706,6 +732,7 @@ impl Engine {
             for (id, n) in covered {
                 self.store.delete_document(&id)?;
                 self.docs.remove(&id);
+                self.keys.remove(&id);
                 docs += 1;
                 messages += n;
             }
@@ -889,7 +916,11 @@ impl Engine {
         let id = self.append_consent(h, now, EntryBody::Revoke { grant: gid, reason })?;
         let mut out = WriteOutcome::entry(id, h.doc_id(), h.grantee);
         out.grant = Some(gid);
-        Ok((out, vec![(h.grantee, DocRef::Consent(h))]))
+        let mut pushes = vec![(h.grantee, DocRef::Consent(h))];
+        // A new epoch at once in every relationship the grantee was a member of, so it can
+        // decrypt nothing written from now on, wherever that travels.
+        pushes.extend(self.rotate_where_member(&h.grantee, now)?);
+        Ok((out, pushes))
     }
 
     /// Proffers standing terms to a grantee (as the customer).
@@ -1069,6 +1100,7 @@ impl Engine {
         self.store.put_changes(&d, &changes)?;
         let id = doc.id();
         self.docs.insert(id, Doc::Rel(doc));
+        self.ensure_epoch(&id, now)?;
         let mut out = WriteOutcome::doc(id, peer);
         out.note = match may_read(self.ledger(self.me, peer), &peer, now) {
             Ok(()) => None,
@@ -1089,8 +1121,39 @@ impl Engine {
     ) -> Result<(WriteOutcome, Vec<Push>)> {
         let id = self.find_rel(rel)?;
         let name = name.unwrap_or_else(|| peer.short());
-        let (entry, pushes) = self.write_rel(id, RelBody::Member { member: peer, name }, now)?;
+        let (entry, mut pushes) =
+            self.write_rel(id, RelBody::Member { member: peer, name }, now)?;
+        pushes.extend(self.ensure_epoch(&id, now)?);
         Ok((WriteOutcome::entry(entry, id, peer), pushes))
+    }
+
+    /// Removes a member from a relationship this node owns, and starts a new epoch at once
+    /// so the member can decrypt nothing written from now on.
+    pub fn remove_member(
+        &mut self,
+        rel: &str,
+        peer: IdentityKey,
+        now: UnixSeconds,
+    ) -> Result<(WriteOutcome, Vec<Push>)> {
+        let id = self.find_rel(rel)?;
+        let (entry, mut pushes) = self.write_rel(id, RelBody::Remove { member: peer }, now)?;
+        pushes.extend(self.ensure_epoch(&id, now)?);
+        Ok((WriteOutcome::entry(entry, id, peer), pushes))
+    }
+
+    /// As an owner: a new epoch in each relationship `member` belongs to whose readers
+    /// changed.
+    fn rotate_where_member(&mut self, member: &IdentityKey, now: UnixSeconds) -> Result<Vec<Push>> {
+        let ids: Vec<DocId> = self
+            .rels()
+            .filter(|r| r.header().owner == self.me && r.members().any(|m| m.identity == *member))
+            .map(RelationshipDoc::id)
+            .collect();
+        let mut pushes = Vec::new();
+        for id in ids {
+            pushes.extend(self.ensure_epoch(&id, now)?);
+        }
+        Ok(pushes)
     }
 
     /// Discloses a profile field in a relationship this node owns.
@@ -1189,7 +1252,7 @@ impl Engine {
     }
 
     /// Appends one entry to a relationship and stores it; returns whom to push it to.
-    fn write_rel(
+    pub(crate) fn write_rel(
         &mut self,
         id: DocId,
         body: RelBody,

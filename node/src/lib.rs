@@ -13,20 +13,25 @@
 //! ```
 
 mod api;
+mod crypt;
 mod engine;
 mod error;
+mod mailbox;
 mod net;
 mod node;
+pub mod relay;
 mod store;
 mod sync;
 mod views;
 
 pub use api::{DEFAULT_WAIT, OPENAPI_PATH, ROUTES, openapi, router};
+pub use crypt::{MailReport, Sealed};
 pub use engine::{
     Engine, EngineError, GrantArgs, MAX_RELS_PER_OWNER, MAX_STRIKES, Push, RoundOutcome,
     STRIKE_WINDOW,
 };
 pub use error::StoreError;
+pub use mailbox::{MailCodec, RELAY_DB, RelayStore, RelayStoreError, StoredMail};
 pub use net::{NetClient, NetConfig, PeerInfo, SharedEngine, SyncCodec, SyncResult, WireStats};
 pub use node::{NODE_FILE, Node, NodeConfig, NodeError, NodeFile, NodeHandle, TOKEN_FILE, now};
 pub use store::{MAX_PEER_ADDRS, MAX_REFUSALS, PeerRecord, Profile, Refusal, Store};

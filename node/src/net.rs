@@ -12,16 +12,26 @@ use std::time::{Duration, Instant};
 use futures::prelude::*;
 use libp2p::core::ConnectedPoint;
 use libp2p::kad::{self, store::MemoryStore};
+use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent, behaviour::toggle::Toggle, dial_opts::DialOpts};
-use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, identify, mdns, noise, ping, tcp, yamux};
+use libp2p::{
+    Multiaddr, PeerId, StreamProtocol, Swarm, dcutr, identify, mdns, noise, ping, relay,
+    rendezvous, tcp, yamux,
+};
 use rapport_protocol::automerge::ChangeHash;
+use rapport_protocol::mail::{
+    MAILBOX_PROTOCOL, MAX_ENVELOPES_PER_MESSAGE, MAX_MAIL_BATCH_BYTES, MailRequest, MailResponse,
+};
 use rapport_protocol::wire::{DocRef, MAX_WIRE_MESSAGE, SYNC_PROTOCOL, SyncRequest, SyncResponse};
 use rapport_protocol::{DocId, IdentityKey, SecretKey};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::crypt::{MailReport, Sealed};
 use crate::engine::{Engine, Push, RoundOutcome};
+use crate::mailbox::MailCodec;
+use crate::relay::RENDEZVOUS_NAMESPACE;
 use crate::views::Event;
 
 /// How long a connection with no open stream stays up. Long, on purpose: a conversation
@@ -60,7 +70,7 @@ pub struct SyncCodec {
     stats: Arc<WireStats>,
 }
 
-async fn read_frame<T: AsyncRead + Unpin + Send>(
+pub(crate) async fn read_frame<T: AsyncRead + Unpin + Send>(
     io: &mut T,
     stats: &WireStats,
 ) -> io::Result<Vec<u8>> {
@@ -79,7 +89,7 @@ async fn read_frame<T: AsyncRead + Unpin + Send>(
     Ok(buf)
 }
 
-async fn write_frame<T: AsyncWrite + Unpin + Send>(
+pub(crate) async fn write_frame<T: AsyncWrite + Unpin + Send>(
     io: &mut T,
     bytes: Vec<u8>,
     stats: &WireStats,
@@ -95,7 +105,7 @@ async fn write_frame<T: AsyncWrite + Unpin + Send>(
     Ok(())
 }
 
-fn invalid(e: impl std::fmt::Display) -> io::Error {
+pub(crate) fn invalid(e: impl std::fmt::Display) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e.to_string())
 }
 
@@ -148,6 +158,10 @@ struct Behaviour {
     kad: kad::Behaviour<MemoryStore>,
     mdns: Toggle<mdns::tokio::Behaviour>,
     sync: request_response::Behaviour<SyncCodec>,
+    relay_client: relay::client::Behaviour,
+    dcutr: dcutr::Behaviour,
+    rendezvous: rendezvous::client::Behaviour,
+    mailbox: request_response::Behaviour<MailCodec>,
 }
 
 /// How the network is set up.
@@ -159,6 +173,9 @@ pub struct NetConfig {
     pub bootstrap: Vec<Multiaddr>,
     /// Discover peers on the local network.
     pub mdns: bool,
+    /// A community relay (`/…/p2p/<relay id>`): reserve a circuit there, register at its
+    /// rendezvous point, and use its mailbox for peers that cannot be reached.
+    pub relay: Option<Multiaddr>,
 }
 
 /// How a sync with a peer ended, as told to whoever asked for it.
@@ -173,6 +190,9 @@ pub enum SyncResult {
     Offline(String),
     /// This node does not share the document with the peer now (no access, or not held).
     NotShared,
+    /// The peer could not be reached; the changes it lacks were sealed and left in its
+    /// mailbox at the relay.
+    Deposited(String),
 }
 
 /// A connected peer, as listed by `rapport peers`.
@@ -239,6 +259,35 @@ enum Internal {
         outcome: Result<RoundOutcome, String>,
     },
     Pushes(Vec<Push>),
+    /// Mail sealed for a peer that could not be reached.
+    Sealed {
+        peer: PeerId,
+        sealed: Vec<(DocRef, Sealed)>,
+        replies: Vec<oneshot::Sender<SyncResult>>,
+    },
+    /// Mail from the relay opened and applied, up to this sequence number.
+    MailOpened {
+        last: u64,
+        report: MailReport,
+    },
+}
+
+/// The relay this node uses.
+struct RelayLink {
+    /// Its address, ending in `/p2p/<relay>`.
+    addr: Multiaddr,
+    peer: PeerId,
+    /// A circuit listener was asked for on the current connection.
+    listening: bool,
+    /// A mailbox fetch is under way.
+    fetching: bool,
+}
+
+/// A deposit under way: for each document, the heads the peer has once it is stored.
+struct Deposit {
+    peer: PeerId,
+    docs: Vec<(DocRef, Vec<ChangeHash>)>,
+    replies: Vec<oneshot::Sender<SyncResult>>,
 }
 
 /// A handle on the network loop. Cheap to clone.
@@ -360,6 +409,8 @@ struct Loop {
     agents: HashMap<PeerId, String>,
     rtts: HashMap<PeerId, Duration>,
     listening: Vec<Multiaddr>,
+    relay: Option<RelayLink>,
+    deposits: HashMap<OutboundRequestId, Deposit>,
 }
 
 fn now() -> u64 {
@@ -369,11 +420,11 @@ fn now() -> u64 {
         .unwrap_or(0)
 }
 
-fn identity_of(peer: &PeerId) -> Option<IdentityKey> {
+pub(crate) fn identity_of(peer: &PeerId) -> Option<IdentityKey> {
     IdentityKey::from_peer_id_bytes(&peer.to_bytes()).ok()
 }
 
-fn peer_of(id: &IdentityKey) -> PeerId {
+pub(crate) fn peer_of(id: &IdentityKey) -> PeerId {
     PeerId::from_bytes(&id.peer_id_bytes()).expect("an Ed25519 identity is a PeerId")
 }
 
@@ -399,6 +450,23 @@ pub(crate) fn start(
         stats: stats.clone(),
     };
     let mdns_on = config.mdns;
+    let mail_stats = stats.clone();
+    let relay = match &config.relay {
+        None => None,
+        Some(addr) => {
+            let Some(Protocol::P2p(peer)) = addr.iter().last() else {
+                return Err(format!(
+                    "the relay address {addr} must end in /p2p/<relay id>"
+                ));
+            };
+            Some(RelayLink {
+                addr: addr.clone(),
+                peer,
+                listening: false,
+                fetching: false,
+            })
+        }
+    };
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_tcp(
@@ -408,7 +476,9 @@ pub(crate) fn start(
         )
         .map_err(|e| format!("TCP transport: {e}"))?
         .with_quic()
-        .with_behaviour(|key| {
+        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .map_err(|e| format!("relay client transport: {e}"))?
+        .with_behaviour(|key, relay_client| {
             let peer_id = key.public().to_peer_id();
             let mut kad_config = kad::Config::new(StreamProtocol::new("/rapport/kad/1.0.0"));
             kad_config.set_query_timeout(Duration::from_secs(30));
@@ -441,6 +511,21 @@ pub(crate) fn start(
                         .with_request_timeout(REQUEST_TIMEOUT)
                         .with_max_concurrent_streams(256),
                 ),
+                relay_client,
+                dcutr: dcutr::Behaviour::new(peer_id),
+                rendezvous: rendezvous::client::Behaviour::new(key.clone()),
+                mailbox: request_response::Behaviour::with_codec(
+                    MailCodec {
+                        stats: mail_stats.clone(),
+                    },
+                    [(
+                        StreamProtocol::new(MAILBOX_PROTOCOL),
+                        ProtocolSupport::Outbound,
+                    )],
+                    request_response::Config::default()
+                        .with_request_timeout(REQUEST_TIMEOUT)
+                        .with_max_concurrent_streams(16),
+                ),
             }
         })
         .map_err(|e| format!("behaviour: {e}"))?
@@ -464,6 +549,11 @@ pub(crate) fn start(
                 swarm.behaviour_mut().kad.add_address(&peer_of(&id), addr);
             }
         }
+    }
+    if let Some(link) = &relay
+        && let Err(e) = swarm.dial(link.addr.clone())
+    {
+        tracing::warn!("cannot dial the relay {}: {e}", link.addr);
     }
     for addr in &config.bootstrap {
         if let Some(libp2p::multiaddr::Protocol::P2p(peer)) = addr.iter().last() {
@@ -495,6 +585,8 @@ pub(crate) fn start(
         agents: HashMap::new(),
         rtts: HashMap::new(),
         listening: Vec::new(),
+        relay,
+        deposits: HashMap::new(),
     };
     let handle = tokio::spawn(lp.run(rx, internal_rx));
     Ok((NetClient { tx, stats }, handle))
@@ -631,7 +723,7 @@ impl Loop {
         if !self.swarm.is_connected(&pid) {
             let first = !self.waiting.contains_key(&pid);
             self.waiting.entry(pid).or_default().push((doc, reply));
-            if first && let Err(e) = self.swarm.dial(DialOpts::peer_id(pid).build()) {
+            if first && let Err(e) = self.swarm.dial(self.dial_opts(pid)) {
                 tracing::debug!(%pid, "cannot dial: {e}");
                 // No address known: ask the DHT; the sync waits for a connection.
                 self.swarm.behaviour_mut().kad.get_closest_peers(pid);
@@ -809,6 +901,347 @@ impl Loop {
                     self.sync(peer, doc, None);
                 }
             }
+            Internal::Sealed {
+                peer,
+                sealed,
+                replies,
+            } => self.send_deposit(peer, sealed, replies),
+            Internal::MailOpened { last, report } => {
+                if report.opened > 0 || report.refused > 0 {
+                    tracing::info!(
+                        opened = report.opened,
+                        applied = report.applied,
+                        refused = report.refused,
+                        "mail from the relay"
+                    );
+                }
+                if let Some(l) = self.relay.as_mut() {
+                    l.fetching = false;
+                }
+                // Asking for the next batch acknowledges this one.
+                self.fetch_mail(last);
+            }
+        }
+    }
+
+    /// How to dial `peer`: its known addresses, and its circuit at the relay.
+    fn dial_opts(&self, peer: PeerId) -> DialOpts {
+        match &self.relay {
+            Some(link) if link.peer != peer => DialOpts::peer_id(peer)
+                .addresses(vec![
+                    link.addr
+                        .clone()
+                        .with(Protocol::P2pCircuit)
+                        .with(Protocol::P2p(peer)),
+                ])
+                .extend_addresses_through_behaviour()
+                .build(),
+            _ => DialOpts::peer_id(peer).build(),
+        }
+    }
+
+    fn relay_connected(&self) -> bool {
+        self.relay
+            .as_ref()
+            .is_some_and(|l| self.swarm.is_connected(&l.peer))
+    }
+
+    /// Connected to the relay: reserve a circuit, fetch mail, look for members.
+    fn relay_connected_now(&mut self) {
+        let Some(link) = self.relay.as_mut() else {
+            return;
+        };
+        if !link.listening {
+            let circuit = link.addr.clone().with(Protocol::P2pCircuit);
+            match self.swarm.listen_on(circuit.clone()) {
+                Ok(_) => link.listening = true,
+                Err(e) => tracing::warn!("cannot listen through the relay at {circuit}: {e}"),
+            }
+        }
+        self.fetch_mail(0);
+        self.discover();
+    }
+
+    fn register(&mut self) {
+        let Some(link) = &self.relay else { return };
+        let peer = link.peer;
+        if let Err(e) = self.swarm.behaviour_mut().rendezvous.register(
+            rendezvous::Namespace::from_static(RENDEZVOUS_NAMESPACE),
+            peer,
+            None,
+        ) {
+            tracing::warn!("cannot register at the relay's rendezvous point: {e}");
+        }
+    }
+
+    fn discover(&mut self) {
+        let Some(link) = &self.relay else { return };
+        let peer = link.peer;
+        self.swarm.behaviour_mut().rendezvous.discover(
+            Some(rendezvous::Namespace::from_static(RENDEZVOUS_NAMESPACE)),
+            None,
+            None,
+            peer,
+        );
+    }
+
+    fn rendezvous_event(&mut self, ev: rendezvous::client::Event) {
+        match ev {
+            rendezvous::client::Event::Discovered { registrations, .. } => {
+                let me = *self.swarm.local_peer_id();
+                for reg in registrations {
+                    let peer = reg.record.peer_id();
+                    if peer == me {
+                        continue;
+                    }
+                    for a in reg.record.addresses() {
+                        self.swarm.behaviour_mut().kad.add_address(&peer, a.clone());
+                    }
+                    if self.waiting.contains_key(&peer) && !self.swarm.is_connected(&peer) {
+                        let _ = self.swarm.dial(self.dial_opts(peer));
+                    }
+                }
+            }
+            rendezvous::client::Event::Registered { ttl, .. } => {
+                tracing::info!("registered at the relay's rendezvous point for {ttl}s");
+            }
+            other => tracing::debug!("rendezvous: {other:?}"),
+        }
+    }
+
+    /// Asks the relay for mail after `after` (which acknowledges everything up to it).
+    fn fetch_mail(&mut self, after: u64) {
+        if !self.relay_connected() {
+            return;
+        }
+        let Some(link) = self.relay.as_mut() else {
+            return;
+        };
+        if link.fetching {
+            return;
+        }
+        link.fetching = true;
+        let peer = link.peer;
+        self.swarm
+            .behaviour_mut()
+            .mailbox
+            .send_request(&peer, MailRequest::Fetch { after });
+    }
+
+    /// Seals what `peer` lacks of the waiting documents for its mailbox at the relay.
+    fn deposit(&mut self, peer: PeerId, waiting: Vec<Waiting>) {
+        let Some(id) = identity_of(&peer) else {
+            return;
+        };
+        let tx = self.internal_tx.clone();
+        self.with_engine(move |e| {
+            let mut docs: Vec<DocRef> = Vec::new();
+            let mut replies = Vec::new();
+            for (d, r) in waiting {
+                if !docs.contains(&d) {
+                    docs.push(d);
+                }
+                replies.extend(r);
+            }
+            let mut sealed = Vec::new();
+            for d in docs {
+                match e.envelopes_for(&id, &d, now()) {
+                    Ok((s, pushes)) => {
+                        if !pushes.is_empty() {
+                            let _ = tx.send(Internal::Pushes(pushes));
+                        }
+                        if !s.envelopes.is_empty() {
+                            sealed.push((d, s));
+                        }
+                    }
+                    Err(err) => tracing::warn!("cannot seal mail for {id}: {err}"),
+                }
+            }
+            Internal::Sealed {
+                peer,
+                sealed,
+                replies,
+            }
+        });
+    }
+
+    fn send_deposit(
+        &mut self,
+        peer: PeerId,
+        sealed: Vec<(DocRef, Sealed)>,
+        replies: Vec<oneshot::Sender<SyncResult>>,
+    ) {
+        let relay = match &self.relay {
+            Some(l) if self.swarm.is_connected(&l.peer) => l.peer,
+            _ => {
+                for r in replies {
+                    let _ = r.send(SyncResult::Offline(
+                        "the peer is not reachable and the relay is not connected".into(),
+                    ));
+                }
+                return;
+            }
+        };
+        if sealed.is_empty() {
+            for r in replies {
+                let _ = r.send(SyncResult::Deposited(
+                    "the peer is not reachable; its mailbox already holds everything".into(),
+                ));
+            }
+            return;
+        }
+        // Cut into requests under the message limits; each document's heads ride on the
+        // request that carries its last envelope.
+        let mut batches: Vec<(Vec<Vec<u8>>, Vec<(DocRef, Vec<ChangeHash>)>)> =
+            vec![(Vec::new(), Vec::new())];
+        let mut size = 0;
+        for (doc, s) in sealed {
+            for env in s.envelopes {
+                let cur = batches.last_mut().expect("one batch");
+                if !cur.0.is_empty()
+                    && (cur.0.len() >= MAX_ENVELOPES_PER_MESSAGE
+                        || size + env.len() > MAX_MAIL_BATCH_BYTES)
+                {
+                    batches.push((Vec::new(), Vec::new()));
+                    size = 0;
+                }
+                size += env.len();
+                batches.last_mut().expect("one batch").0.push(env);
+            }
+            batches
+                .last_mut()
+                .expect("one batch")
+                .1
+                .push((doc, s.heads));
+        }
+        let mut replies = Some(replies);
+        let n = batches.len();
+        for (i, (envs, docs)) in batches.into_iter().enumerate() {
+            let id = self
+                .swarm
+                .behaviour_mut()
+                .mailbox
+                .send_request(&relay, MailRequest::Deposit(envs));
+            let replies = if i + 1 == n {
+                replies.take().unwrap_or_default()
+            } else {
+                Vec::new()
+            };
+            self.deposits.insert(
+                id,
+                Deposit {
+                    peer,
+                    docs,
+                    replies,
+                },
+            );
+        }
+    }
+
+    fn mail_event(&mut self, ev: request_response::Event<MailRequest, MailResponse>) {
+        match ev {
+            request_response::Event::Message {
+                message:
+                    request_response::Message::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } => {
+                if let Some(dep) = self.deposits.remove(&request_id) {
+                    self.deposit_done(dep, response);
+                    return;
+                }
+                // A fetch.
+                match response {
+                    MailResponse::Mail { items, .. } if !items.is_empty() => {
+                        let last = items.iter().map(|(s, _)| *s).max().unwrap_or(0);
+                        let envs: Vec<Vec<u8>> = items.into_iter().map(|(_, e)| e).collect();
+                        let tx = self.internal_tx.clone();
+                        self.with_engine(move |e| {
+                            let report = match e.open_mail(&envs, now()) {
+                                Ok((report, pushes)) => {
+                                    let _ = tx.send(Internal::Pushes(pushes));
+                                    report
+                                }
+                                Err(err) => {
+                                    // Not stored: do not acknowledge; it comes again.
+                                    tracing::error!("cannot take mail: {err}");
+                                    return Internal::MailOpened {
+                                        last: 0,
+                                        report: MailReport::default(),
+                                    };
+                                }
+                            };
+                            Internal::MailOpened { last, report }
+                        });
+                    }
+                    MailResponse::Refused { detail, .. } => {
+                        tracing::warn!("the relay refused to hand over mail: {detail}");
+                        if let Some(l) = self.relay.as_mut() {
+                            l.fetching = false;
+                        }
+                    }
+                    _ => {
+                        if let Some(l) = self.relay.as_mut() {
+                            l.fetching = false;
+                        }
+                    }
+                }
+            }
+            request_response::Event::OutboundFailure {
+                request_id, error, ..
+            } => {
+                if let Some(dep) = self.deposits.remove(&request_id) {
+                    for r in dep.replies {
+                        let _ = r.send(SyncResult::Offline(format!(
+                            "the peer is not reachable and the relay did not take the mail: {error}"
+                        )));
+                    }
+                } else if let Some(l) = self.relay.as_mut() {
+                    tracing::debug!("mail fetch failed: {error}");
+                    l.fetching = false;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn deposit_done(&mut self, dep: Deposit, response: MailResponse) {
+        let Some(id) = identity_of(&dep.peer) else {
+            return;
+        };
+        match response {
+            MailResponse::Stored { count } => {
+                tracing::info!(peer = %dep.peer, count, "sealed mail left at the relay");
+                let docs = dep.docs;
+                let engine = self.engine.clone();
+                tokio::task::spawn_blocking(move || {
+                    if let Ok(mut e) = engine.lock() {
+                        for (d, heads) in docs {
+                            e.deposited(&id, &d, heads);
+                        }
+                    }
+                });
+                for r in dep.replies {
+                    let _ = r.send(SyncResult::Deposited(format!(
+                        "{id} is not reachable; {count} sealed envelope(s) left in its mailbox at the relay"
+                    )));
+                }
+            }
+            MailResponse::Refused { code, detail } => {
+                tracing::warn!(peer = %dep.peer, ?code, "the relay refused mail: {detail}");
+                let _ = self.events.send(Event::MailRefused {
+                    peer: id,
+                    reason: detail.clone(),
+                });
+                for r in dep.replies {
+                    let _ = r.send(SyncResult::Offline(format!(
+                        "{id} is not reachable, and the relay refused its mail: {detail}"
+                    )));
+                }
+            }
+            MailResponse::Mail { .. } => {}
         }
     }
 
@@ -819,6 +1252,14 @@ impl Loop {
     }
 
     fn redial(&mut self) {
+        if let Some(link) = &self.relay {
+            if self.swarm.is_connected(&link.peer) {
+                self.fetch_mail(0);
+                self.discover();
+            } else if let Err(e) = self.swarm.dial(link.addr.clone()) {
+                tracing::debug!("cannot dial the relay: {e}");
+            }
+        }
         let engine = self.engine.clone();
         let tx = self.internal_tx.clone();
         let connected: HashSet<PeerId> = self.swarm.connected_peers().copied().collect();
@@ -857,6 +1298,10 @@ impl Loop {
             }
         }
         self.addr_dials = rest;
+        if self.relay.as_ref().is_some_and(|l| l.peer == peer) {
+            self.relay_connected_now();
+            return;
+        }
         let Some(id) = identity_of(&peer) else {
             return;
         };
@@ -893,6 +1338,12 @@ impl Loop {
         match event {
             SwarmEvent::NewListenAddr { address, .. } => {
                 tracing::info!("listening on {address}");
+                if address.iter().any(|p| p == Protocol::P2pCircuit) {
+                    // Reachable through the relay: say so, and register at its rendezvous
+                    // point so members can find this node there.
+                    self.swarm.add_external_address(address.clone());
+                    self.register();
+                }
                 self.listening.push(address);
             }
             SwarmEvent::ExpiredListenAddr { address, .. } => {
@@ -938,12 +1389,22 @@ impl Loop {
                     for r in self.dials.remove(&peer).unwrap_or_default() {
                         let _ = r.send(Err(msg.clone()));
                     }
-                    if !self.swarm.is_connected(&peer) {
-                        for (_, r) in self.waiting.remove(&peer).unwrap_or_default() {
-                            if let Some(r) = r {
-                                let _ = r.send(SyncResult::Offline(format!(
-                                    "{msg}; it syncs when the peer connects"
-                                )));
+                    if self.relay.as_ref().is_some_and(|l| l.peer == peer) {
+                        tracing::warn!("cannot reach the relay: {error}");
+                        if let Some(l) = self.relay.as_mut() {
+                            l.listening = false;
+                        }
+                    } else if !self.swarm.is_connected(&peer) {
+                        let waiting = self.waiting.remove(&peer).unwrap_or_default();
+                        if self.relay_connected() {
+                            self.deposit(peer, waiting);
+                        } else {
+                            for (_, r) in waiting {
+                                if let Some(r) = r {
+                                    let _ = r.send(SyncResult::Offline(format!(
+                                        "{msg}; it syncs when the peer connects"
+                                    )));
+                                }
                             }
                         }
                     }
@@ -1019,6 +1480,17 @@ impl Loop {
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Sync(ev)) => self.sync_event(ev),
+            SwarmEvent::Behaviour(BehaviourEvent::Mailbox(ev)) => self.mail_event(ev),
+            SwarmEvent::Behaviour(BehaviourEvent::RelayClient(ev)) => {
+                tracing::info!("relay: {ev:?}");
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Dcutr(ev)) => match ev.result {
+                Ok(_) => {
+                    tracing::info!(peer = %ev.remote_peer_id, "direct connection made (hole punched)")
+                }
+                Err(e) => tracing::debug!(peer = %ev.remote_peer_id, "no direct connection: {e}"),
+            },
+            SwarmEvent::Behaviour(BehaviourEvent::Rendezvous(ev)) => self.rendezvous_event(ev),
             _ => {}
         }
     }

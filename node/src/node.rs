@@ -45,6 +45,7 @@ impl NodeConfig {
                 listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("a valid multiaddr")],
                 bootstrap: Vec::new(),
                 mdns: false,
+                relay: None,
             },
             api: None,
             auto_accept: false,
@@ -347,6 +348,7 @@ impl NodeHandle {
                 SyncResult::Refused(why) => format!("refused by {peer}: {why}"),
                 SyncResult::Offline(why) => format!("stored; {peer} not reached ({why})"),
                 SyncResult::NotShared => format!("not sent to {peer}: it may not read this now"),
+                SyncResult::Deposited(why) => format!("stored; {why}"),
             })
             .collect();
         Some(parts.join("; "))

@@ -28,7 +28,7 @@ use crate::views::Event;
 
 /// The part a peer plays for one document, from this node's side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Role {
+pub(crate) enum Role {
     /// The other party of a consent document.
     Party,
     /// This node owns the relationship; the peer is a member allowed to read it.
@@ -39,17 +39,17 @@ enum Role {
 
 /// What receiving a batch of changes did.
 #[derive(Default)]
-struct Received {
-    applied: Vec<ChangeHash>,
-    refused: Vec<(ChangeHash, String)>,
-    pushes: Vec<Push>,
+pub(crate) struct Received {
+    pub(crate) applied: Vec<ChangeHash>,
+    pub(crate) refused: Vec<(ChangeHash, String)>,
+    pub(crate) pushes: Vec<Push>,
     disconnect: bool,
     /// A new relationship arrived that does not name this node: it was not kept.
     discarded: bool,
 }
 
 impl Engine {
-    fn role(
+    pub(crate) fn role(
         &self,
         peer: &IdentityKey,
         doc: &DocRef,
@@ -310,7 +310,7 @@ impl Engine {
         (out, more)
     }
 
-    fn heads_of(&self, id: &rapport_protocol::DocId) -> Vec<ChangeHash> {
+    pub(crate) fn heads_of(&self, id: &rapport_protocol::DocId) -> Vec<ChangeHash> {
         match self.docs.get(id) {
             Some(Doc::Consent(c)) => c.heads(),
             Some(Doc::Rel(r)) => r.heads(),
@@ -331,7 +331,7 @@ impl Engine {
     }
 
     /// Verifies, checks, applies and stores changes from `peer`; records refusals.
-    fn receive(
+    pub(crate) fn receive(
         &mut self,
         peer: &IdentityKey,
         doc: &DocRef,
@@ -424,6 +424,9 @@ impl Engine {
             }
         };
         self.persist(doc, &out.applied)?;
+        if matches!(doc, DocRef::Relationship(_)) && !out.applied.is_empty() {
+            self.learn_keys(&id)?;
+        }
         for (hash, reason) in rejected {
             let change = by_hash.get(&hash);
             self.refuse(peer, doc, change, &reason, now, &mut out)?;
@@ -462,7 +465,7 @@ impl Engine {
     }
 
     /// Records one refused change as evidence and counts it against the peer.
-    fn refuse(
+    pub(crate) fn refuse(
         &mut self,
         peer: &IdentityKey,
         doc: &DocRef,

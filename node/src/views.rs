@@ -241,6 +241,14 @@ pub enum Event {
         /// Messages they held.
         messages: usize,
     },
+    /// The relay refused mail this node left for an unreachable peer (a quota, or the peer
+    /// has no mailbox there).
+    MailRefused {
+        /// The peer the mail was for.
+        peer: IdentityKey,
+        /// The relay's reason.
+        reason: String,
+    },
     /// A peer connected.
     PeerConnected {
         /// The peer.

@@ -459,6 +459,11 @@ impl RelationshipDoc {
             .and_then(|e| EpochView::parse(&e.body))
     }
 
+    /// The numbers of the epochs written, oldest first.
+    pub fn epoch_numbers(&self) -> impl Iterator<Item = u32> + '_ {
+        self.epochs.keys().copied()
+    }
+
     /// The newest epoch's number, if any was written.
     pub fn latest_epoch(&self) -> Option<u32> {
         self.epochs.keys().next_back().copied()

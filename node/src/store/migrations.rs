@@ -4,9 +4,10 @@
 //! |---|---|---|
 //! | 1 | foundation | meta, docs, changes, change index, snapshots |
 //! | 2 | network | relationship documents in `docs-1`; new tables `peers-1`, `peer-heads-1`, `refusals-1` |
+//! | 3 | relays | new table `epoch-keys-1` (content keys per relationship and epoch) |
 
 /// The schema this build writes and reads.
-pub(crate) const SCHEMA_VERSION: u32 = 2;
+pub(crate) const SCHEMA_VERSION: u32 = 3;
 
 /// What to do with a store of schema `found`.
 pub(crate) enum Plan {
@@ -35,6 +36,11 @@ pub(crate) fn migrate(tx: &redb::WriteTransaction, from: u32) -> Result<(), redb
         tx.open_table(PEERS)?;
         tx.open_table(PEER_HEADS)?;
         tx.open_table(REFUSALS)?;
+    }
+    if from < 3 {
+        // Schema 3 adds content keys; relationships opened before it get their first epoch
+        // when their owner next writes or syncs with a relay.
+        tx.open_table(EPOCH_KEYS)?;
     }
     tx.open_table(META)?
         .insert(META_SCHEMA, &SCHEMA_VERSION.to_be_bytes()[..])?;

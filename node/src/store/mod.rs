@@ -182,6 +182,7 @@ impl Store {
             tx.open_table(PEERS)?;
             tx.open_table(PEER_HEADS)?;
             tx.open_table(REFUSALS)?;
+            tx.open_table(EPOCH_KEYS)?;
             Ok(())
         });
         if let Err(e) = written {
@@ -528,6 +529,39 @@ impl Store {
         }))
     }
 
+    /// Stores a content key for `(doc, epoch)`.
+    pub fn put_epoch_key(
+        &self,
+        doc: &DocId,
+        epoch: u32,
+        key: &rapport_protocol::seal::ContentKey,
+    ) -> Result<(), StoreError> {
+        self.write(|tx| {
+            tx.open_table(EPOCH_KEYS)?
+                .insert((&doc.0, epoch), key.expose())?;
+            Ok(())
+        })
+    }
+
+    /// Every content key held, by document and epoch.
+    pub fn epoch_keys(
+        &self,
+    ) -> Result<Vec<(DocId, u32, rapport_protocol::seal::ContentKey)>, StoreError> {
+        let tx = self.db.begin_read().map_err(|e| self.db_error(e))?;
+        let t = tx.open_table(EPOCH_KEYS).map_err(|e| self.db_error(e))?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(|e| self.db_error(e))? {
+            let (k, v) = row.map_err(|e| self.db_error(e))?;
+            let (doc, epoch) = k.value();
+            out.push((
+                DocId(*doc),
+                epoch,
+                rapport_protocol::seal::ContentKey::from_bytes(*v.value()),
+            ));
+        }
+        Ok(out)
+    }
+
     /// Keeps a refusal as evidence, dropping the oldest past [`MAX_REFUSALS`]. Returns its
     /// sequence number.
     pub fn add_refusal(&self, r: &Refusal) -> Result<u64, StoreError> {
@@ -590,6 +624,8 @@ impl Store {
             index.retain_in((&doc.0, &[0u8; 32])..=(&doc.0, &[0xffu8; 32]), |_, _| false)?;
             let mut heads = tx.open_table(PEER_HEADS)?;
             heads.retain_in((&doc.0, &[0u8; 32])..=(&doc.0, &[0xffu8; 32]), |_, _| false)?;
+            let mut keys = tx.open_table(EPOCH_KEYS)?;
+            keys.retain_in((&doc.0, 0)..=(&doc.0, u32::MAX), |_, _| false)?;
             Ok(held)
         })
     }

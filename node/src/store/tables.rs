@@ -47,3 +47,8 @@ pub(crate) const PEER_HEADS: TableDefinition<(&[u8; 32], &[u8; 32]), &[u8]> =
 /// Changes this node refused, kept as evidence (schema 2). Key: sequence number. Value:
 /// JSON of [`crate::Refusal`]. The oldest are dropped past [`crate::MAX_REFUSALS`].
 pub(crate) const REFUSALS: TableDefinition<u64, &[u8]> = TableDefinition::new("refusals-1");
+
+/// Content keys this node holds (schema 3). Key: (document id, epoch). Value: the 32-byte
+/// key. Read only by the engine; deleted with the document.
+pub(crate) const EPOCH_KEYS: TableDefinition<(&[u8; 32], u32), &[u8; 32]> =
+    TableDefinition::new("epoch-keys-1");
