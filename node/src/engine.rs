@@ -499,6 +499,13 @@ impl Engine {
                 .iter()
                 .filter_map(|(id, _)| self.message_view(r, *id))
                 .collect(),
+            epoch: r.latest_epoch(),
+            epoch_recipients: r
+                .latest_epoch()
+                .and_then(|n| r.epoch(n))
+                .map(|e| e.slots.iter().map(|(m, _)| m.to_string()).collect())
+                .unwrap_or_default(),
+            epochs_held: self.held_epochs(&id),
         })
     }
 

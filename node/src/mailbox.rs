@@ -309,6 +309,29 @@ impl RelayStore {
         })
     }
 
+    /// Every envelope stored, with its recipient: for audits (and tests) of what the relay
+    /// holds.
+    pub fn all_mail(&self) -> Result<Vec<([u8; 32], StoredMail)>, RelayStoreError> {
+        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let mail = tx.open_table(MAIL).map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for row in mail.iter().map_err(|e| self.err(e))? {
+            let (k, v) = row.map_err(|e| self.err(e))?;
+            let (to, seq) = k.value();
+            let rec = v.value();
+            out.push((
+                *to,
+                StoredMail {
+                    seq,
+                    from: rec[..32].try_into().expect("32 bytes"),
+                    stored_at: u64::from_be_bytes(rec[32..40].try_into().expect("8 bytes")),
+                    envelope: rec[40..].to_vec(),
+                },
+            ));
+        }
+        Ok(out)
+    }
+
     /// How many envelopes wait, for everyone.
     pub fn mail_count(&self) -> Result<u64, RelayStoreError> {
         let tx = self.db.begin_read().map_err(|e| self.err(e))?;

@@ -1254,8 +1254,7 @@ impl Loop {
     fn redial(&mut self) {
         if let Some(link) = &self.relay {
             if self.swarm.is_connected(&link.peer) {
-                self.fetch_mail(0);
-                self.discover();
+                self.relay_connected_now();
             } else if let Err(e) = self.swarm.dial(link.addr.clone()) {
                 tracing::debug!("cannot dial the relay: {e}");
             }
@@ -1348,6 +1347,21 @@ impl Loop {
             }
             SwarmEvent::ExpiredListenAddr { address, .. } => {
                 self.listening.retain(|a| *a != address);
+            }
+            SwarmEvent::ListenerClosed {
+                addresses, reason, ..
+            } => {
+                self.listening.retain(|a| !addresses.contains(a));
+                if let Some(link) = self.relay.as_mut()
+                    && (addresses.is_empty()
+                        || addresses
+                            .iter()
+                            .any(|a| a.iter().any(|p| p == Protocol::P2pCircuit)))
+                {
+                    // The reservation ended or was refused: ask again on the next tick.
+                    tracing::info!("circuit listener closed: {reason:?}");
+                    link.listening = false;
+                }
             }
             SwarmEvent::ConnectionEstablished {
                 peer_id,

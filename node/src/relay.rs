@@ -250,6 +250,12 @@ impl Relay {
             .map_err(|e| format!("behaviour: {e}"))?
             .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_TIMEOUT))
             .build();
+        // A community relay is a relay by purpose: it serves reservations from the start,
+        // not only once some peer has confirmed its address from outside.
+        swarm
+            .behaviour_mut()
+            .relay
+            .set_status(Some(relay::Status::Enable));
         for addr in &config.listen {
             swarm
                 .listen_on(addr.clone())
@@ -260,7 +266,12 @@ impl Relay {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while listening.len() < config.listen.len() {
             match tokio::time::timeout_at(deadline, swarm.select_next_some()).await {
-                Ok(SwarmEvent::NewListenAddr { address, .. }) => listening.push(address),
+                Ok(SwarmEvent::NewListenAddr { address, .. }) => {
+                    // Reservations carry the relay's addresses; its listen addresses are
+                    // the ones members dial.
+                    swarm.add_external_address(address.clone());
+                    listening.push(address);
+                }
                 Ok(SwarmEvent::ListenerError { error, .. }) => {
                     return Err(format!("listener failed: {error}"));
                 }
@@ -410,6 +421,7 @@ impl Loop {
         match event {
             SwarmEvent::NewListenAddr { address, .. } => {
                 tracing::info!("relay listening on {address}");
+                self.swarm.add_external_address(address);
             }
             SwarmEvent::Behaviour(RelayBehaviourEvent::Identify(identify::Event::Received {
                 peer_id,

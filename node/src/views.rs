@@ -195,6 +195,12 @@ pub struct RelDetail {
     pub threads: Vec<ThreadView>,
     /// Messages, oldest first.
     pub messages: Vec<MessageView>,
+    /// The newest content-key epoch, if any.
+    pub epoch: Option<u32>,
+    /// Who the newest epoch's key is sealed to.
+    pub epoch_recipients: Vec<String>,
+    /// The epochs this node holds keys for.
+    pub epochs_held: Vec<u32>,
 }
 
 /// Something that happened, as sent on the event stream (`GET /v1/events`).

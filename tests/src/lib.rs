@@ -128,20 +128,39 @@ pub struct TestNode {
     pub addrs: Vec<libp2p::Multiaddr>,
     /// The data directory (kept for restarts).
     pub dir: PathBuf,
+    /// How it reaches the network.
+    pub reach: Reach,
     _tmp: Option<tempfile::TempDir>,
+}
+
+/// How a test node reaches the network.
+#[derive(Debug, Clone, Default)]
+pub struct Reach {
+    /// The relay it uses, if any.
+    pub relay: Option<libp2p::Multiaddr>,
+    /// It listens on nothing: reachable only through the relay.
+    pub relay_only: bool,
 }
 
 /// A node that was stopped; its store is kept.
 pub struct StoppedNode {
     /// The data directory.
     pub dir: PathBuf,
+    /// How it reached the network.
+    pub reach: Reach,
     _tmp: Option<tempfile::TempDir>,
 }
 
 impl StoppedNode {
     /// Starts the node again on its store (same identity, new ports).
     pub async fn start(self) -> TestNode {
-        let mut n = TestNode::start(&self.dir).await;
+        let reach = self.reach.clone();
+        self.start_with(reach).await
+    }
+
+    /// Starts the node again, reaching the network another way (a restarted relay).
+    pub async fn start_with(self, reach: Reach) -> TestNode {
+        let mut n = TestNode::start_with(&self.dir, reach).await;
         n._tmp = self._tmp;
         n
     }
@@ -151,22 +170,54 @@ impl TestNode {
     /// Creates a store of `kind` named `name` and starts a node on it (no mDNS, API on
     /// loopback).
     pub async fn new(kind: rapport_protocol::Kind, name: &str) -> Self {
+        Self::new_with(kind, name, Reach::default()).await
+    }
+
+    /// Creates a store and starts a node on it that reaches the network as `reach` says.
+    pub async fn new_with(kind: rapport_protocol::Kind, name: &str, reach: Reach) -> Self {
         let tmp = tempfile::tempdir().expect("temp dir");
         let dir = tmp.path().join("node");
         rapport_node::Store::create(&dir, kind, name, rapport_node::now()).expect("create store");
-        let mut n = Self::start(&dir).await;
+        let mut n = Self::start_with(&dir, reach).await;
         n._tmp = Some(tmp);
         n
     }
 
     /// Starts a node on an existing data directory.
     pub async fn start(dir: &Path) -> Self {
-        let node = rapport_node::Node::start(rapport_node::NodeConfig {
+        Self::start_with(dir, Reach::default()).await
+    }
+
+    /// Starts a node on an existing data directory, reaching the network as `reach` says.
+    /// With a relay, returns once the node is reachable through it.
+    pub async fn start_with(dir: &Path, reach: Reach) -> Self {
+        // RAPPORT_LOG=debug shows what the nodes do when a test fails.
+        if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("RAPPORT_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_test_writer()
+                .try_init();
+        }
+        let mut config = rapport_node::NodeConfig {
             api: Some("127.0.0.1:0".parse().expect("socket addr")),
             ..rapport_node::NodeConfig::loopback(dir)
-        })
-        .await
-        .expect("node starts");
+        };
+        config.net.relay = reach.relay.clone();
+        if reach.relay_only {
+            config.net.listen.clear();
+        }
+        let node = rapport_node::Node::start(config)
+            .await
+            .expect("node starts");
+        if reach.relay.is_some() {
+            eventually(20, "a circuit reserved at the relay", || async {
+                node.listening()
+                    .await
+                    .iter()
+                    .any(|a| a.to_string().contains("p2p-circuit"))
+            })
+            .await;
+        }
         let addrs = node.listening().await;
         assert!(!addrs.is_empty(), "the node listens");
         Self {
@@ -174,6 +225,7 @@ impl TestNode {
             node,
             addrs,
             dir: dir.to_path_buf(),
+            reach,
             _tmp: None,
         }
     }
@@ -183,6 +235,7 @@ impl TestNode {
         self.node.shutdown().await;
         StoppedNode {
             dir: self.dir,
+            reach: self.reach,
             _tmp: self._tmp,
         }
     }
@@ -433,4 +486,189 @@ impl Drop for NodeProcess {
             let _ = self.child.wait();
         }
     }
+}
+
+/// A community relay in this process, on loopback, with its store in a temporary directory.
+pub struct TestRelay {
+    /// The running relay.
+    pub relay: rapport_node::relay::Relay,
+    /// Its data directory.
+    pub dir: PathBuf,
+    config: rapport_node::relay::RelayConfig,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl TestRelay {
+    /// Starts an open relay with these quotas.
+    pub async fn open(quotas: rapport_node::relay::Quotas) -> Self {
+        Self::new(true, quotas).await
+    }
+
+    /// Starts a relay, open or on an allow-list.
+    pub async fn new(open: bool, quotas: rapport_node::relay::Quotas) -> Self {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let dir = tmp.path().join("relay");
+        let config = rapport_node::relay::RelayConfig {
+            data_dir: dir.clone(),
+            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("multiaddr")],
+            open,
+            quotas,
+        };
+        let relay = rapport_node::relay::Relay::start(config.clone())
+            .await
+            .expect("relay starts");
+        Self {
+            relay,
+            dir,
+            config,
+            _tmp: Some(tmp),
+        }
+    }
+
+    /// The address members pass as `--relay`.
+    pub fn addr(&self) -> libp2p::Multiaddr {
+        self.relay.addrs()[0].clone()
+    }
+
+    /// The relay's TCP socket address.
+    pub fn socket(&self) -> std::net::SocketAddr {
+        socket_of(&self.addr())
+    }
+
+    /// Stops the relay, runs `f` on its store (the relay being down), and starts it again on
+    /// the same port and store.
+    pub async fn restart_with<T>(
+        self,
+        f: impl FnOnce(&rapport_node::RelayStore) -> T,
+    ) -> (Self, T) {
+        let port = self.socket().port();
+        self.relay.shutdown().await;
+        let out = {
+            let store = rapport_node::RelayStore::open(&self.dir).expect("relay store opens");
+            f(&store)
+        };
+        let mut config = self.config.clone();
+        config.listen = vec![
+            format!("/ip4/127.0.0.1/tcp/{port}")
+                .parse()
+                .expect("multiaddr"),
+        ];
+        let relay = rapport_node::relay::Relay::start(config.clone())
+            .await
+            .expect("relay restarts on its port");
+        (
+            Self {
+                relay,
+                dir: self.dir,
+                config,
+                _tmp: self._tmp,
+            },
+            out,
+        )
+    }
+}
+
+/// The TCP socket of a `/ip4/…/tcp/…` multiaddr.
+pub fn socket_of(addr: &libp2p::Multiaddr) -> std::net::SocketAddr {
+    use libp2p::multiaddr::Protocol;
+    let mut ip = None;
+    let mut port = None;
+    for p in addr.iter() {
+        match p {
+            Protocol::Ip4(a) => ip = Some(std::net::IpAddr::V4(a)),
+            Protocol::Tcp(n) => port = Some(n),
+            _ => {}
+        }
+    }
+    std::net::SocketAddr::new(ip.expect("an ip4 address"), port.expect("a tcp port"))
+}
+
+/// A TCP forwarder on loopback that keeps a copy of every byte it carries, both ways: what
+/// an observer on the relay's links would see.
+pub struct Tap {
+    /// Where to connect instead of the target.
+    pub addr: std::net::SocketAddr,
+    /// Every byte seen so far.
+    pub seen: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl Tap {
+    /// Starts forwarding to `target`.
+    pub async fn start(target: std::net::SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind tap");
+        let addr = listener.local_addr().expect("tap addr");
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
+                    continue;
+                };
+                let (ri, wi) = inbound.into_split();
+                let (ro, wo) = outbound.into_split();
+                tokio::spawn(pump(ri, wo, log.clone()));
+                tokio::spawn(pump(ro, wi, log.clone()));
+            }
+        });
+        Self { addr, seen }
+    }
+
+    /// `relay` (a multiaddr ending in /p2p/<id>) rewritten to go through this tap.
+    pub fn route(&self, relay: &libp2p::Multiaddr) -> libp2p::Multiaddr {
+        use libp2p::multiaddr::Protocol;
+        relay
+            .iter()
+            .map(|p| match p {
+                Protocol::Tcp(_) => Protocol::Tcp(self.addr.port()),
+                other => other,
+            })
+            .collect()
+    }
+
+    /// Whether `needle` appears in anything carried so far.
+    pub fn saw(&self, needle: &[u8]) -> bool {
+        self.seen
+            .lock()
+            .expect("tap log")
+            .windows(needle.len())
+            .any(|w| w == needle)
+    }
+
+    /// Bytes carried so far.
+    pub fn len(&self) -> usize {
+        self.seen.lock().expect("tap log").len()
+    }
+
+    /// Nothing carried yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+async fn pump(
+    mut r: tokio::net::tcp::OwnedReadHalf,
+    mut w: tokio::net::tcp::OwnedWriteHalf,
+    log: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match r.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        log.lock().expect("tap log").extend_from_slice(&buf[..n]);
+        if w.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = w.shutdown().await;
+}
+
+/// Whether the bytes of the file at `path` contain `needle`.
+pub fn file_contains(path: &Path, needle: &[u8]) -> bool {
+    let bytes = std::fs::read(path).expect("read file");
+    bytes.windows(needle.len()).any(|w| w == needle)
 }
