@@ -283,6 +283,9 @@ struct RelayLink {
     fetching: bool,
 }
 
+/// Envelopes for one deposit request, and each document's heads once they are stored.
+type DepositBatch = (Vec<Vec<u8>>, Vec<(DocRef, Vec<ChangeHash>)>);
+
 /// A deposit under way: for each document, the heads the peer has once it is stored.
 struct Deposit {
     peer: PeerId,
@@ -1092,8 +1095,7 @@ impl Loop {
         }
         // Cut into requests under the message limits; each document's heads ride on the
         // request that carries its last envelope.
-        let mut batches: Vec<(Vec<Vec<u8>>, Vec<(DocRef, Vec<ChangeHash>)>)> =
-            vec![(Vec::new(), Vec::new())];
+        let mut batches: Vec<DepositBatch> = vec![(Vec::new(), Vec::new())];
         let mut size = 0;
         for (doc, s) in sealed {
             for env in s.envelopes {
@@ -1500,7 +1502,7 @@ impl Loop {
             }
             SwarmEvent::Behaviour(BehaviourEvent::Dcutr(ev)) => match ev.result {
                 Ok(_) => {
-                    tracing::info!(peer = %ev.remote_peer_id, "direct connection made (hole punched)")
+                    tracing::info!(peer = %ev.remote_peer_id, "direct connection made (hole punched)");
                 }
                 Err(e) => tracing::debug!(peer = %ev.remote_peer_id, "no direct connection: {e}"),
             },

@@ -49,7 +49,7 @@ fn create_then_open_round_trips_profile_and_key() {
     let store = Store::open(&dir).unwrap();
     assert_eq!(store.profile().unwrap(), profile);
     assert_eq!(store.secret_key().unwrap().to_seed(), key.to_seed());
-    assert_eq!(store.schema_version().unwrap(), 2);
+    assert_eq!(store.schema_version().unwrap(), 3);
     assert_eq!(profile.kind, Kind::Org);
     assert_eq!(profile.name, "Acme");
 }
@@ -114,7 +114,7 @@ fn missing_garbage_and_newer_stores_give_clear_errors_and_stay_untouched() {
             err,
             StoreError::NewerSchema {
                 found: 7,
-                supported: 2,
+                supported: 3,
                 ..
             }
         ),
@@ -196,7 +196,7 @@ fn a_schema_1_store_is_migrated_in_place_and_keeps_its_documents() {
         tx.commit().unwrap();
     }
     let store = Store::open(tmp.path()).unwrap();
-    assert_eq!(store.schema_version().unwrap(), 2);
+    assert_eq!(store.schema_version().unwrap(), 3);
     assert_eq!(store.profile().unwrap().identity, identity);
     assert_eq!(store.consent_changes(&header.doc_id()).unwrap(), all);
     // The new tables work.
@@ -205,4 +205,8 @@ fn a_schema_1_store_is_migrated_in_place_and_keeps_its_documents() {
         .unwrap();
     assert_eq!(store.peers().unwrap().len(), 1);
     assert!(store.refusals(10).unwrap().is_empty());
+    // Schema 3: content keys.
+    let key = rapport_protocol::seal::ContentKey::from_bytes([9; 32]);
+    store.put_epoch_key(&header.doc_id(), 0, &key).unwrap();
+    assert_eq!(store.epoch_keys().unwrap().len(), 1);
 }

@@ -715,6 +715,11 @@ impl RelationshipDoc {
                     return Err(RelError::Refused(format!("{member} is already a member")));
                 }
             }
+            RelBody::Epoch { epoch, .. } if self.epochs.contains_key(epoch) => {
+                return Err(RelError::Refused(format!(
+                    "epoch {epoch} is already written"
+                )));
+            }
             RelBody::Remove { member } if !self.is_member(member) => {
                 return Err(RelError::Refused(format!("{member} is not a member")));
             }

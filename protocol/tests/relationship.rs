@@ -498,3 +498,64 @@ fn a_forged_copy_sent_first_does_not_shadow_the_honest_change() {
     let r = c.apply(vec![forged, accept.clone()]);
     assert_eq!(r.applied, vec![accept.hash()]);
 }
+
+fn epoch_body(doc: &RelationshipDoc, n: u32, to: &[&SecretKey]) -> RelBody {
+    let ids: Vec<_> = to.iter().map(|k| k.identity()).collect();
+    let sealed = rapport_protocol::seal::seal_epoch(
+        &doc.id(),
+        n,
+        &rapport_protocol::seal::ContentKey::from_bytes([n as u8; 32]),
+        [n as u8 + 1; 32],
+        &ids,
+    );
+    rapport_protocol::EpochView::body(n, &sealed)
+}
+
+#[test]
+fn only_the_owner_starts_an_epoch_and_each_is_written_once() {
+    let (alice, acme, mut doc) = opened();
+    // A member forging an epoch (to hand itself or others a key of its choosing) is refused.
+    let body = epoch_body(&doc, 0, &[&alice, &acme]);
+    let (k, t) = entry_text(&acme, body);
+    let c = raw_change(&doc, &acme, &acme, |tx| {
+        tx.put(ROOT, k, t).unwrap();
+    })
+    .unwrap();
+    let r = doc.apply(vec![c]);
+    assert!(
+        matches!(r.rejected[0].1, RelError::OwnerOnly { .. }),
+        "{:?}",
+        r.rejected
+    );
+    assert_eq!(doc.latest_epoch(), None);
+    // The owner's epoch is taken; its slots open for their recipients only.
+    let body = epoch_body(&doc, 0, &[&alice, &acme]);
+    doc.append(&alice, [1; 16], T0, body).unwrap();
+    let e = doc.epoch(0).unwrap();
+    let slot = e.slot_for(&acme.identity()).unwrap();
+    let k = rapport_protocol::seal::open_epoch(&doc.id(), 0, &e.eph, slot, &acme).unwrap();
+    assert_eq!(k.expose(), &[0; 32]);
+    assert!(e.slot_for(&key(5).identity()).is_none());
+    // Epoch 0 again, even by the owner, is refused: a key is never replaced.
+    let again = epoch_body(&doc, 0, &[&alice]);
+    assert!(doc.append(&alice, [1; 16], T0 + 1, again.clone()).is_err());
+    let (k, t) = entry_text(&alice, again);
+    let c = raw_change(&doc, &alice, &alice, |tx| {
+        tx.put(ROOT, k, t).unwrap();
+    })
+    .unwrap();
+    let r = doc.apply(vec![c]);
+    assert!(
+        matches!(r.rejected[0].1, RelError::BadEntry { .. }),
+        "{:?}",
+        r.rejected
+    );
+    // Malformed slots are refused by shape.
+    let bad = RelBody::Epoch {
+        epoch: 1,
+        eph: "zz".into(),
+        slots: Vec::new(),
+    };
+    assert!(doc.append(&alice, [1; 16], T0, bad).is_err());
+    assert_eq!(doc.latest_epoch(), Some(0));
+}
