@@ -30,14 +30,29 @@ pub(crate) enum BenchCmd {
         #[arg(long, default_value_t = 20)]
         per_rel: usize,
     },
+    /// Messages through a relay's circuit and through its mailbox against direct, in the
+    /// same run; and the cost of a content-key rotation.
+    Relay {
+        /// Messages the company sends in each case.
+        #[arg(long, default_value_t = 2_000)]
+        messages: usize,
+        /// Relationship sizes (members) to rotate the key of.
+        #[arg(long, value_delimiter = ',', default_values_t = [10usize, 1_000])]
+        members: Vec<usize>,
+    },
 }
 
 pub(crate) fn run(cmd: BenchCmd) -> Result<()> {
-    let BenchCmd::Sync {
-        messages,
-        rels,
-        per_rel,
-    } = cmd;
+    let (messages, rels, per_rel) = match cmd {
+        BenchCmd::Sync {
+            messages,
+            rels,
+            per_rel,
+        } => (messages, rels, per_rel),
+        BenchCmd::Relay { messages, members } => {
+            return crate::bench_relay::run(messages, &members);
+        }
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -67,7 +82,7 @@ pub(crate) fn run(cmd: BenchCmd) -> Result<()> {
     Ok(())
 }
 
-fn key_of(dir: &Path) -> Result<SecretKey> {
+pub(crate) fn key_of(dir: &Path) -> Result<SecretKey> {
     Ok(Store::open(dir)?.secret_key()?)
 }
 
