@@ -19,6 +19,12 @@ use rapport_protocol::{
 use crate::bench::key_of;
 
 pub(crate) fn run(messages: usize, members: &[usize]) -> Result<()> {
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("RAPPORT_LOG") {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -291,6 +297,9 @@ async fn case(path: &Path, messages: usize) -> Result<f64> {
                     .dial(a.clone())
                     .await
                     .map_err(|e| anyhow!("dial: {e}"))?;
+            }
+            if raddr.is_some() {
+                reserved(&company).await?;
             }
             let net = company.handle().net().clone();
             tokio::spawn(async move { net.sync(customer_id, d, Duration::from_secs(600)).await });

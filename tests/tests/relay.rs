@@ -362,3 +362,164 @@ async fn an_allow_list_relay_admits_only_its_members() {
         "only the member reserved"
     );
 }
+
+type MailClient = libp2p::Swarm<libp2p::request_response::Behaviour<rapport_node::MailCodec>>;
+
+fn mail_client(key: &rapport_protocol::SecretKey) -> MailClient {
+    let keypair = libp2p::identity::Keypair::ed25519_from_bytes(key.to_seed()).expect("key");
+    libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(
+            libp2p::tcp::Config::default(),
+            libp2p::noise::Config::new,
+            libp2p::yamux::Config::default,
+        )
+        .expect("tcp")
+        .with_behaviour(|_| {
+            libp2p::request_response::Behaviour::with_codec(
+                rapport_node::MailCodec::default(),
+                [(
+                    libp2p::StreamProtocol::new(rapport_protocol::mail::MAILBOX_PROTOCOL),
+                    libp2p::request_response::ProtocolSupport::Outbound,
+                )],
+                libp2p::request_response::Config::default(),
+            )
+        })
+        .expect("behaviour")
+        .build()
+}
+
+async fn ask(
+    c: &mut MailClient,
+    relay: libp2p::PeerId,
+    req: rapport_protocol::mail::MailRequest,
+) -> rapport_protocol::mail::MailResponse {
+    use futures::StreamExt;
+    let id = c.behaviour_mut().send_request(&relay, req);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let ev = tokio::time::timeout_at(deadline, c.select_next_some())
+            .await
+            .expect("an answer within 10s");
+        if let libp2p::swarm::SwarmEvent::Behaviour(libp2p::request_response::Event::Message {
+            message:
+                libp2p::request_response::Message::Response {
+                    request_id,
+                    response,
+                },
+            ..
+        }) = ev
+            && request_id == id
+        {
+            return response;
+        }
+    }
+}
+
+/// A hostile depositor: envelopes signed by someone else, altered, or garbage are refused
+/// with nothing stored; past its rate it is refused while the relay keeps what it took; it
+/// cannot fetch anyone else's mail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_refuses_forged_altered_and_garbage_mail() {
+    use rapport_protocol::mail::{MailRefusal, MailRequest, MailResponse};
+    use rapport_protocol::wire::DocRef;
+    use rapport_protocol::{RelHeader, SecretKey};
+    let relay = TestRelay::open(Quotas {
+        // Refused envelopes count against the rate too: 1 + 2 + 1 refused, 1 stored, then over.
+        max_deposits_per_minute: 5,
+        ..Quotas::default()
+    })
+    .await;
+    let (mallory, alice, bob) = (
+        SecretKey::from_seed([66; 32]),
+        SecretKey::from_seed([1; 32]),
+        SecretKey::from_seed([2; 32]),
+    );
+    let doc = DocRef::Relationship(RelHeader {
+        owner: alice.identity(),
+        nonce: [3; 16],
+    });
+    let mut c = mail_client(&mallory);
+    let relay_peer =
+        libp2p::PeerId::from_bytes(&relay.relay.identity().peer_id_bytes()).expect("peer");
+    c.dial(relay.addr()).expect("dial");
+    let seal = |from: &SecretKey| {
+        Envelope::seal_to(
+            from,
+            bob.identity(),
+            doc,
+            [9; 32],
+            [1; 24],
+            &[b"x".to_vec()],
+        )
+        .expect("seal")
+        .encode()
+    };
+    let refused = |r: MailResponse, want: MailRefusal| match r {
+        MailResponse::Refused { code, detail } => {
+            assert_eq!(code, want, "{detail}");
+            assert!(
+                detail.contains("nothing was stored") || want == MailRefusal::QuotaRate,
+                "{detail}"
+            );
+        }
+        other => panic!("not refused: {other:?}"),
+    };
+    // In Alice's name.
+    refused(
+        ask(&mut c, relay_peer, MailRequest::Deposit(vec![seal(&alice)])).await,
+        MailRefusal::BadEnvelope,
+    );
+    // Altered after signing.
+    let mut altered = seal(&mallory);
+    let n = altered.len();
+    altered[n - 70] ^= 1;
+    refused(
+        ask(
+            &mut c,
+            relay_peer,
+            MailRequest::Deposit(vec![seal(&mallory), altered]),
+        )
+        .await,
+        MailRefusal::BadEnvelope,
+    );
+    // Garbage.
+    refused(
+        ask(
+            &mut c,
+            relay_peer,
+            MailRequest::Deposit(vec![vec![0xAB; 100]]),
+        )
+        .await,
+        MailRefusal::BadEnvelope,
+    );
+    // Honest mail is stored; past the rate, refused.
+    assert_eq!(
+        ask(
+            &mut c,
+            relay_peer,
+            MailRequest::Deposit(vec![seal(&mallory)])
+        )
+        .await,
+        MailResponse::Stored { count: 1 }
+    );
+    refused(
+        ask(
+            &mut c,
+            relay_peer,
+            MailRequest::Deposit(vec![seal(&mallory)]),
+        )
+        .await,
+        MailRefusal::QuotaRate,
+    );
+    // Mallory's own mailbox is empty; Bob's mail is only ever handed to Bob.
+    assert_eq!(
+        ask(&mut c, relay_peer, MailRequest::Fetch { after: 0 }).await,
+        MailResponse::Mail {
+            items: Vec::new(),
+            more: false
+        }
+    );
+    let (_, mail) = relay.restart_with(|s| s.all_mail().expect("mail")).await;
+    assert_eq!(mail.len(), 1, "only the honest envelope was stored");
+}
