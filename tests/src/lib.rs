@@ -420,16 +420,17 @@ impl Party {
     /// Starts `rapport node run` for this party and waits (at most 30 s) until its API
     /// answers.
     pub fn run_node(&self) -> NodeProcess {
+        self.run_node_with(&["--listen", "/ip4/127.0.0.1/tcp/0"])
+    }
+
+    /// Starts `rapport node run` (no mDNS) with these arguments; returns once its API
+    /// answers.
+    pub fn run_node_with(&self, args: &[&str]) -> NodeProcess {
         let child = Command::new(rapport_bin())
             .arg("--data-dir")
             .arg(&self.dir)
-            .args([
-                "node",
-                "run",
-                "--listen",
-                "/ip4/127.0.0.1/tcp/0",
-                "--no-mdns",
-            ])
+            .args(["node", "run", "--no-mdns"])
+            .args(args)
             .env_remove("RAPPORT_HOME")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -463,19 +464,7 @@ impl Party {
 impl NodeProcess {
     /// Sends SIGTERM and waits (at most 20 s) for the exit; returns whether it exited 0.
     pub fn terminate(mut self) -> bool {
-        let pid = self.child.id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return status.success();
-            }
-            if std::time::Instant::now() > deadline {
-                let _ = self.child.kill();
-                return false;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
+        terminate(&mut self.child)
     }
 }
 
@@ -485,6 +474,78 @@ impl Drop for NodeProcess {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+    }
+}
+
+/// Sends SIGTERM to `child` and waits (at most 20 s) for the exit; returns whether it
+/// exited 0.
+fn terminate(child: &mut std::process::Child) -> bool {
+    let pid = child.id().to_string();
+    let _ = Command::new("kill").args(["-TERM", &pid]).status();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return status.success();
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// A `rapport relay run` process.
+pub struct RelayProcess {
+    /// The child.
+    pub child: std::process::Child,
+    /// The address members pass to `--relay`.
+    pub addr: String,
+}
+
+impl Party {
+    /// Starts `rapport relay run` on this party's data directory with these arguments and
+    /// returns once it prints its address.
+    pub fn run_relay(&self, args: &[&str]) -> RelayProcess {
+        use std::io::BufRead;
+        let mut child = Command::new(rapport_bin())
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .args(["relay", "run"])
+            .args(args)
+            .env_remove("RAPPORT_HOME")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn rapport relay run");
+        let out = child.stdout.take().expect("stdout");
+        let mut lines = std::io::BufReader::new(out).lines();
+        let addr = loop {
+            let line = lines
+                .next()
+                .expect("rapport relay run printed its address")
+                .expect("a line");
+            if let Some(a) = line.strip_prefix("listening: ") {
+                break a.to_owned();
+            }
+        };
+        // Keep reading so the relay never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        RelayProcess { child, addr }
+    }
+}
+
+impl RelayProcess {
+    /// Sends SIGTERM and waits (at most 20 s); true if it exited 0.
+    pub fn terminate(mut self) -> bool {
+        terminate(&mut self.child)
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
