@@ -298,9 +298,6 @@ async fn case(path: &Path, messages: usize) -> Result<f64> {
                     .await
                     .map_err(|e| anyhow!("dial: {e}"))?;
             }
-            if raddr.is_some() {
-                reserved(&company).await?;
-            }
             let net = company.handle().net().clone();
             tokio::spawn(async move { net.sync(customer_id, d, Duration::from_secs(600)).await });
             holds_all(&customer, id, want).await?;

@@ -281,6 +281,9 @@ struct RelayLink {
     listening: bool,
     /// A mailbox fetch is under way.
     fetching: bool,
+    /// A dial to the relay is under way: dials to peers wait for it, so they can go
+    /// through the relay's circuit at once.
+    dialing: bool,
 }
 
 /// Envelopes for one deposit request, and each document's heads once they are stored.
@@ -467,6 +470,7 @@ pub(crate) fn start(
                 peer,
                 listening: false,
                 fetching: false,
+                dialing: true,
             })
         }
     };
@@ -726,18 +730,9 @@ impl Loop {
         if !self.swarm.is_connected(&pid) {
             let first = !self.waiting.contains_key(&pid);
             self.waiting.entry(pid).or_default().push((doc, reply));
-            if first && let Err(e) = self.swarm.dial(self.dial_opts(pid)) {
-                tracing::debug!(%pid, "cannot dial: {e}");
-                // No address known: ask the DHT; the sync waits for a connection.
-                self.swarm.behaviour_mut().kad.get_closest_peers(pid);
-                let waiting = self.waiting.remove(&pid).unwrap_or_default();
-                for (_, r) in waiting {
-                    if let Some(r) = r {
-                        let _ = r.send(SyncResult::Offline(format!(
-                            "{peer} is not reachable now (no known address); it syncs when it connects"
-                        )));
-                    }
-                }
+            let relay_coming = self.relay.as_ref().is_some_and(|l| l.dialing);
+            if first && !relay_coming {
+                self.dial_waiting(pid);
             }
             return;
         }
@@ -924,6 +919,42 @@ impl Loop {
                 // Asking for the next batch acknowledges this one.
                 self.fetch_mail(last);
             }
+        }
+    }
+
+    /// Dials a peer that syncs wait for; if it has no address at all, tells them so.
+    fn dial_waiting(&mut self, pid: PeerId) {
+        if let Err(e) = self.swarm.dial(self.dial_opts(pid)) {
+            tracing::debug!(%pid, "cannot dial: {e}");
+            // No address known: ask the DHT; the sync waits for a connection.
+            self.swarm.behaviour_mut().kad.get_closest_peers(pid);
+            let waiting = self.waiting.remove(&pid).unwrap_or_default();
+            for (_, r) in waiting {
+                if let Some(r) = r {
+                    let _ = r.send(SyncResult::Offline(format!(
+                        "{pid} is not reachable now (no known address); it syncs when it connects"
+                    )));
+                }
+            }
+        }
+    }
+
+    /// The relay connected or could not be reached: dial the peers syncs wait for.
+    fn relay_settled(&mut self) {
+        let Some(link) = self.relay.as_mut() else {
+            return;
+        };
+        if !std::mem::replace(&mut link.dialing, false) {
+            return;
+        }
+        let peers: Vec<PeerId> = self
+            .waiting
+            .keys()
+            .filter(|p| !self.swarm.is_connected(p))
+            .copied()
+            .collect();
+        for p in peers {
+            self.dial_waiting(p);
         }
     }
 
@@ -1301,6 +1332,7 @@ impl Loop {
         self.addr_dials = rest;
         if self.relay.as_ref().is_some_and(|l| l.peer == peer) {
             self.relay_connected_now();
+            self.relay_settled();
             return;
         }
         let Some(id) = identity_of(&peer) else {
@@ -1410,6 +1442,7 @@ impl Loop {
                         if let Some(l) = self.relay.as_mut() {
                             l.listening = false;
                         }
+                        self.relay_settled();
                     } else if !self.swarm.is_connected(&peer) {
                         let waiting = self.waiting.remove(&peer).unwrap_or_default();
                         if self.relay_connected() {
