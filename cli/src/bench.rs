@@ -86,16 +86,22 @@ pub(crate) fn key_of(dir: &Path) -> Result<SecretKey> {
     Ok(Store::open(dir)?.secret_key()?)
 }
 
-/// Builds both stores, then measures one cold sync.
-async fn case(label: &str, rels: usize, per_rel: usize) -> Result<()> {
-    let tmp = tempfile::tempdir()?;
-    let (cdir, gdir) = (tmp.path().join("customer"), tmp.path().join("company"));
+/// A customer's and a company's stores under `root`, with a grant the company accepted
+/// (`conversation:read`, `conversation:write`, `contact:support`) in both.
+pub(crate) struct Pair {
+    pub(crate) cdir: std::path::PathBuf,
+    pub(crate) gdir: std::path::PathBuf,
+    pub(crate) ck: SecretKey,
+    pub(crate) gk: SecretKey,
+    pub(crate) t0: u64,
+}
+
+pub(crate) fn pair(root: &Path) -> Result<Pair> {
+    let (cdir, gdir) = (root.join("customer"), root.join("company"));
     Store::create(&cdir, Kind::Person, "Customer", rapport_node::now())?;
     Store::create(&gdir, Kind::Org, "Company", rapport_node::now())?;
     let (ck, gk) = (key_of(&cdir)?, key_of(&gdir)?);
     let t0 = rapport_node::now() - 10;
-
-    // Consent: a grant the company accepted, in both stores.
     let h = ConsentHeader {
         customer: ck.identity(),
         grantee: gk.identity(),
@@ -122,6 +128,25 @@ async fn case(label: &str, rels: usize, per_rel: usize) -> Result<()> {
     for dir in [&cdir, &gdir] {
         Store::open(dir)?.put_consent_changes(&h, consent.ledger().changes())?;
     }
+    Ok(Pair {
+        cdir,
+        gdir,
+        ck,
+        gk,
+        t0,
+    })
+}
+
+/// Builds both stores, then measures one cold sync.
+async fn case(label: &str, rels: usize, per_rel: usize) -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let Pair {
+        cdir,
+        gdir,
+        ck,
+        gk,
+        t0,
+    } = pair(tmp.path())?;
 
     // Relationships, written in memory and stored in one transaction each.
     let store = Store::open(&cdir)?;

@@ -5,30 +5,20 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Result, anyhow, bail};
 use libp2p::Multiaddr;
 use rapport_node::relay::{Quotas, Relay, RelayConfig};
 use rapport_node::{Node, NodeConfig, Store, SyncResult};
 use rapport_protocol::seal::{ContentKey, seal_epoch};
 use rapport_protocol::wire::DocRef;
 use rapport_protocol::{
-    ConsentDoc, ConsentHeader, DocId, EntryBody, EpochView, IdentityKey, Kind, LegalBasis, RelBody,
-    RelHeader, RelationshipDoc, SecretKey, Terms,
+    DocId, EpochView, IdentityKey, RelBody, RelHeader, RelationshipDoc, SecretKey,
 };
 
 use crate::bench::key_of;
 
 pub(crate) fn run(messages: usize, members: &[usize]) -> Result<()> {
-    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("RAPPORT_LOG") {
-        tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .init();
-    }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let rt = crate::runtime("off")?;
     println!(
         "rapport bench relay: {messages} messages from a company to a customer on 127.0.0.1, encrypted mail"
     );
@@ -124,34 +114,13 @@ fn rotation(n: usize) -> Result<(f64, f64)> {
 /// the company holds `messages` more messages the customer lacks. Returns the directories
 /// and the relationship.
 fn build(root: &Path, messages: usize) -> Result<(std::path::PathBuf, std::path::PathBuf, DocRef)> {
-    let (cdir, gdir) = (root.join("customer"), root.join("company"));
-    Store::create(&cdir, Kind::Person, "Customer", rapport_node::now())?;
-    Store::create(&gdir, Kind::Org, "Company", rapport_node::now())?;
-    let (ck, gk) = (key_of(&cdir)?, key_of(&gdir)?);
-    let t0 = rapport_node::now() - 10;
-    let h = ConsentHeader {
-        customer: ck.identity(),
-        grantee: gk.identity(),
-    };
-    let mut consent = ConsentDoc::new(h)?;
-    let terms = Terms::by_id("SD-BASE").expect("roster").reference();
-    let (grant, _) = consent.append(
-        &ck,
-        [1; 16],
+    let crate::bench::Pair {
+        cdir,
+        gdir,
+        ck,
+        gk,
         t0,
-        EntryBody::Grant {
-            scopes: ["conversation:read", "conversation:write", "contact:support"]
-                .iter()
-                .map(|s| s.parse().expect("scope"))
-                .collect(),
-            purpose: "benchmark".into(),
-            legal_basis: LegalBasis::Consent,
-            notice_sha256: "00".repeat(32),
-            terms: terms.clone(),
-            expires: None,
-        },
-    )?;
-    consent.append(&gk, [2; 16], t0, EntryBody::Accept { grant, terms })?;
+    } = crate::bench::pair(root)?;
     let header = RelHeader {
         owner: ck.identity(),
         nonce: [5; 16],
@@ -198,11 +167,9 @@ fn build(root: &Path, messages: usize) -> Result<(std::path::PathBuf, std::path:
     }
     let d = DocRef::Relationship(header);
     let cs = Store::open(&cdir)?;
-    cs.put_consent_changes(&h, consent.ledger().changes())?;
     cs.put_changes(&d, &shared)?;
     drop(cs);
     let gs = Store::open(&gdir)?;
-    gs.put_consent_changes(&h, consent.ledger().changes())?;
     gs.put_changes(&d, doc.changes())?;
     // They synced before: the company knows what the customer holds.
     gs.put_peer_heads(&doc.id(), &ck.identity(), &heads)?;

@@ -395,6 +395,21 @@ fn now() -> UnixSeconds {
         .unwrap_or(0)
 }
 
+/// Logs to stderr as `RAPPORT_LOG` says (default: warnings), and a multi-threaded runtime
+/// for the commands that run a node, a relay or a benchmark.
+pub(crate) fn runtime(default_log: &str) -> Result<tokio::runtime::Runtime> {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RAPPORT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_log));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
 fn data_dir(cli: &Option<PathBuf>) -> Result<PathBuf> {
     if let Some(dir) = cli {
         return Ok(dir.clone());

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Result, anyhow, bail};
 use rapport_node::{MessageView, NetConfig, Node, NodeConfig, PeerInfo, RelSummary, WriteOutcome};
 use serde_json::{Value, json};
 
@@ -57,17 +57,7 @@ pub(crate) fn run(
         api: Some(api),
         auto_accept: accept_grants,
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("RAPPORT_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let rt = crate::runtime("warn")?;
     rt.block_on(async {
         let node = Node::start(config).await?;
         println!("rapport node {} running", node.identity());

@@ -129,17 +129,7 @@ pub(crate) fn run(dir: &Path, cmd: RelayCmd) -> Result<()> {
                     ..Quotas::default()
                 },
             };
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_env("RAPPORT_LOG")
-                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-                )
-                .with_writer(std::io::stderr)
-                .init();
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .context("cannot start the async runtime")?;
+            let rt = crate::runtime("warn")?;
             rt.block_on(async {
                 let relay = Relay::start(config).await.map_err(|e| anyhow!(e))?;
                 println!("rapport relay {} running", relay.identity());

@@ -31,8 +31,11 @@ pub use engine::{
     STRIKE_WINDOW,
 };
 pub use error::StoreError;
-pub use mailbox::{MailCodec, RELAY_DB, RelayStore, RelayStoreError, StoredMail};
-pub use net::{NetClient, NetConfig, PeerInfo, SharedEngine, SyncCodec, SyncResult, WireStats};
+pub use mailbox::{RELAY_DB, RelayStore, RelayStoreError, StoredMail};
+pub use net::{
+    FrameCodec, Framed, MailCodec, NetClient, NetConfig, PeerInfo, SharedEngine, SyncCodec,
+    SyncResult, WireStats,
+};
 pub use node::{NODE_FILE, Node, NodeConfig, NodeError, NodeFile, NodeHandle, TOKEN_FILE, now};
 pub use store::{MAX_PEER_ADDRS, MAX_REFUSALS, PeerRecord, Profile, Refusal, Store};
 pub use views::{

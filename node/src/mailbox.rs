@@ -1,4 +1,4 @@
-//! The mailbox: the codec of `/rapport/mailbox/1`, and the relay's durable store of sealed
+//! The mailbox: the relay's durable store of sealed
 //! envelopes with per-peer quotas and retention.
 //!
 //! The relay's store is its own redb file (`relay.redb`), never a node's. Tables:
@@ -15,18 +15,10 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use futures::prelude::*;
-use libp2p::StreamProtocol;
-use libp2p::request_response;
-use rapport_protocol::mail::{
-    MAX_ENVELOPES_PER_MESSAGE, MAX_MAIL_BATCH_BYTES, MailRequest, MailResponse,
-};
+use rapport_protocol::mail::{MAX_ENVELOPES_PER_MESSAGE, MAX_MAIL_BATCH_BYTES};
 use rapport_protocol::{IdentityKey, SecretKey};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
-
-use crate::net::{WireStats, invalid, read_frame, write_frame};
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("relay-meta-1");
 const MAIL: TableDefinition<(&[u8; 32], u64), &[u8]> = TableDefinition::new("mail-1");
@@ -34,54 +26,6 @@ const USAGE: TableDefinition<&[u8; 32], u64> = TableDefinition::new("usage-1");
 const RELAY_SCHEMA: u32 = 1;
 /// The relay store's file name in its data directory.
 pub const RELAY_DB: &str = "relay.redb";
-
-/// The codec of the mailbox protocol: 4-byte length, then the message.
-#[derive(Clone, Default)]
-pub struct MailCodec {
-    pub(crate) stats: Arc<WireStats>,
-}
-
-impl request_response::Codec for MailCodec {
-    type Protocol = StreamProtocol;
-    type Request = MailRequest;
-    type Response = MailResponse;
-
-    async fn read_request<T: AsyncRead + Unpin + Send>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-    ) -> io::Result<MailRequest> {
-        let bytes = read_frame(io, &self.stats).await?;
-        MailRequest::decode(&bytes).map_err(invalid)
-    }
-
-    async fn read_response<T: AsyncRead + Unpin + Send>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-    ) -> io::Result<MailResponse> {
-        let bytes = read_frame(io, &self.stats).await?;
-        MailResponse::decode(&bytes).map_err(invalid)
-    }
-
-    async fn write_request<T: AsyncWrite + Unpin + Send>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-        req: MailRequest,
-    ) -> io::Result<()> {
-        write_frame(io, req.encode(), &self.stats).await
-    }
-
-    async fn write_response<T: AsyncWrite + Unpin + Send>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-        res: MailResponse,
-    ) -> io::Result<()> {
-        write_frame(io, res.encode(), &self.stats).await
-    }
-}
 
 /// Why the relay store failed.
 #[derive(Debug, thiserror::Error)]

@@ -23,14 +23,15 @@ use rapport_protocol::automerge::ChangeHash;
 use rapport_protocol::mail::{
     MAILBOX_PROTOCOL, MAX_ENVELOPES_PER_MESSAGE, MAX_MAIL_BATCH_BYTES, MailRequest, MailResponse,
 };
-use rapport_protocol::wire::{DocRef, MAX_WIRE_MESSAGE, SYNC_PROTOCOL, SyncRequest, SyncResponse};
+use rapport_protocol::wire::{
+    DocRef, MAX_WIRE_MESSAGE, SYNC_PROTOCOL, SyncRequest, SyncResponse, WireError,
+};
 use rapport_protocol::{DocId, IdentityKey, SecretKey};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::crypt::{MailReport, Sealed};
 use crate::engine::{Engine, Push, RoundOutcome};
-use crate::mailbox::MailCodec;
 use crate::relay::RENDEZVOUS_NAMESPACE;
 use crate::views::Event;
 
@@ -62,15 +63,65 @@ pub struct WireStats {
     pub received: AtomicU64,
 }
 
-/// The codec of the sync protocol: a 4-byte big-endian length, then the message
-/// ([`rapport_protocol::wire`]). Lengths over [`MAX_WIRE_MESSAGE`] are refused before
-/// reading.
-#[derive(Clone, Default)]
-pub struct SyncCodec {
-    stats: Arc<WireStats>,
+/// A message of one of Rapport's request-response protocols, with its bounded encoding
+/// (see `rapport_protocol::wire` and `rapport_protocol::mail`).
+pub trait Framed: Sized + Send + 'static {
+    /// The message's bytes.
+    fn to_bytes(&self) -> Vec<u8>;
+    /// Decodes, checking every bound.
+    fn from_bytes(bytes: &[u8]) -> Result<Self, WireError>;
 }
 
-pub(crate) async fn read_frame<T: AsyncRead + Unpin + Send>(
+macro_rules! framed {
+    ($($t:ty),*) => {$(
+        impl Framed for $t {
+            fn to_bytes(&self) -> Vec<u8> {
+                self.encode()
+            }
+            fn from_bytes(bytes: &[u8]) -> Result<Self, WireError> {
+                Self::decode(bytes)
+            }
+        }
+    )*};
+}
+framed!(SyncRequest, SyncResponse, MailRequest, MailResponse);
+
+/// The codec of Rapport's protocols: a 4-byte big-endian length, then the message. Lengths
+/// over [`MAX_WIRE_MESSAGE`] are refused before reading; bytes are counted in
+/// [`WireStats`].
+pub struct FrameCodec<Req, Resp> {
+    stats: Arc<WireStats>,
+    kinds: std::marker::PhantomData<fn() -> (Req, Resp)>,
+}
+
+impl<Req, Resp> FrameCodec<Req, Resp> {
+    /// A codec counting its bytes in `stats`.
+    pub fn new(stats: Arc<WireStats>) -> Self {
+        Self {
+            stats,
+            kinds: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<Req, Resp> Clone for FrameCodec<Req, Resp> {
+    fn clone(&self) -> Self {
+        Self::new(self.stats.clone())
+    }
+}
+
+impl<Req, Resp> Default for FrameCodec<Req, Resp> {
+    fn default() -> Self {
+        Self::new(Arc::default())
+    }
+}
+
+/// The sync protocol's codec (`/rapport/sync/1`).
+pub type SyncCodec = FrameCodec<SyncRequest, SyncResponse>;
+/// The mailbox protocol's codec (`/rapport/mailbox/1`).
+pub type MailCodec = FrameCodec<MailRequest, MailResponse>;
+
+async fn read_frame<T: AsyncRead + Unpin + Send>(
     io: &mut T,
     stats: &WireStats,
 ) -> io::Result<Vec<u8>> {
@@ -89,7 +140,7 @@ pub(crate) async fn read_frame<T: AsyncRead + Unpin + Send>(
     Ok(buf)
 }
 
-pub(crate) async fn write_frame<T: AsyncWrite + Unpin + Send>(
+async fn write_frame<T: AsyncWrite + Unpin + Send>(
     io: &mut T,
     bytes: Vec<u8>,
     stats: &WireStats,
@@ -105,49 +156,49 @@ pub(crate) async fn write_frame<T: AsyncWrite + Unpin + Send>(
     Ok(())
 }
 
-pub(crate) fn invalid(e: impl std::fmt::Display) -> io::Error {
+fn invalid(e: impl std::fmt::Display) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e.to_string())
 }
 
-impl request_response::Codec for SyncCodec {
+impl<Req: Framed, Resp: Framed> request_response::Codec for FrameCodec<Req, Resp> {
     type Protocol = StreamProtocol;
-    type Request = SyncRequest;
-    type Response = SyncResponse;
+    type Request = Req;
+    type Response = Resp;
 
     async fn read_request<T: AsyncRead + Unpin + Send>(
         &mut self,
         _: &StreamProtocol,
         io: &mut T,
-    ) -> io::Result<SyncRequest> {
+    ) -> io::Result<Req> {
         let bytes = read_frame(io, &self.stats).await?;
-        SyncRequest::decode(&bytes).map_err(invalid)
+        Req::from_bytes(&bytes).map_err(invalid)
     }
 
     async fn read_response<T: AsyncRead + Unpin + Send>(
         &mut self,
         _: &StreamProtocol,
         io: &mut T,
-    ) -> io::Result<SyncResponse> {
+    ) -> io::Result<Resp> {
         let bytes = read_frame(io, &self.stats).await?;
-        SyncResponse::decode(&bytes).map_err(invalid)
+        Resp::from_bytes(&bytes).map_err(invalid)
     }
 
     async fn write_request<T: AsyncWrite + Unpin + Send>(
         &mut self,
         _: &StreamProtocol,
         io: &mut T,
-        req: SyncRequest,
+        req: Req,
     ) -> io::Result<()> {
-        write_frame(io, req.encode(), &self.stats).await
+        write_frame(io, req.to_bytes(), &self.stats).await
     }
 
     async fn write_response<T: AsyncWrite + Unpin + Send>(
         &mut self,
         _: &StreamProtocol,
         io: &mut T,
-        res: SyncResponse,
+        res: Resp,
     ) -> io::Result<()> {
-        write_frame(io, res.encode(), &self.stats).await
+        write_frame(io, res.to_bytes(), &self.stats).await
     }
 }
 
@@ -452,9 +503,7 @@ pub(crate) fn start(
     let keypair = libp2p::identity::Keypair::ed25519_from_bytes(key.to_seed())
         .map_err(|e| format!("the node key is not usable by libp2p: {e}"))?;
     let stats = Arc::new(WireStats::default());
-    let codec = SyncCodec {
-        stats: stats.clone(),
-    };
+    let codec = SyncCodec::new(stats.clone());
     let mdns_on = config.mdns;
     let mail_stats = stats.clone();
     let relay = match &config.relay {
@@ -522,9 +571,7 @@ pub(crate) fn start(
                 dcutr: dcutr::Behaviour::new(peer_id),
                 rendezvous: rendezvous::client::Behaviour::new(key.clone()),
                 mailbox: request_response::Behaviour::with_codec(
-                    MailCodec {
-                        stats: mail_stats.clone(),
-                    },
+                    MailCodec::new(mail_stats.clone()),
                     [(
                         StreamProtocol::new(MAILBOX_PROTOCOL),
                         ProtocolSupport::Outbound,
@@ -781,8 +828,19 @@ impl Loop {
 
     fn end_session(&mut self, peer: PeerId, doc: DocId, result: SyncResult) {
         if let Some(s) = self.sessions.remove(&(peer, doc)) {
-            for w in s.waiters {
-                let _ = w.send(result.clone());
+            let lost = matches!(result, SyncResult::Offline(_))
+                && !self.swarm.is_connected(&peer)
+                && self.relay_connected()
+                && self.relay.as_ref().is_some_and(|l| l.peer != peer);
+            if lost {
+                // The peer went away mid-session: what it lacks goes to its mailbox.
+                let mut list: Vec<Waiting> = vec![(s.doc, None)];
+                list.extend(s.waiters.into_iter().map(|w| (s.doc, Some(w))));
+                self.deposit(peer, list);
+            } else {
+                for w in s.waiters {
+                    let _ = w.send(result.clone());
+                }
             }
         }
         // Start the next waiting session with this peer, if any.
@@ -924,17 +982,25 @@ impl Loop {
 
     /// Dials a peer that syncs wait for; if it has no address at all, tells them so.
     fn dial_waiting(&mut self, pid: PeerId) {
-        if let Err(e) = self.swarm.dial(self.dial_opts(pid)) {
-            tracing::debug!(%pid, "cannot dial: {e}");
-            // No address known: ask the DHT; the sync waits for a connection.
-            self.swarm.behaviour_mut().kad.get_closest_peers(pid);
-            let waiting = self.waiting.remove(&pid).unwrap_or_default();
-            for (_, r) in waiting {
-                if let Some(r) = r {
-                    let _ = r.send(SyncResult::Offline(format!(
-                        "{pid} is not reachable now (no known address); it syncs when it connects"
-                    )));
-                }
+        match self.swarm.dial(self.dial_opts(pid)) {
+            // A dial is already under way (or the peer just connected): its outcome serves
+            // the waiting syncs too.
+            Ok(()) | Err(libp2p::swarm::DialError::DialPeerConditionFalse(_)) => {}
+            Err(e) => self.unreachable(pid, &e.to_string()),
+        }
+    }
+
+    /// Tells the syncs waiting for `pid` that it has no address to dial.
+    fn unreachable(&mut self, pid: PeerId, e: &str) {
+        tracing::debug!(%pid, "cannot dial: {e}");
+        // No address known: ask the DHT; the sync waits for a connection.
+        self.swarm.behaviour_mut().kad.get_closest_peers(pid);
+        let waiting = self.waiting.remove(&pid).unwrap_or_default();
+        for (_, r) in waiting {
+            if let Some(r) = r {
+                let _ = r.send(SyncResult::Offline(format!(
+                    "{pid} is not reachable now (no known address); it syncs when it connects"
+                )));
             }
         }
     }

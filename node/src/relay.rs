@@ -23,7 +23,8 @@ use rapport_protocol::IdentityKey;
 use rapport_protocol::mail::{Envelope, MAILBOX_PROTOCOL, MailRefusal, MailRequest, MailResponse};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::mailbox::{MailCodec, RelayStore};
+use crate::mailbox::RelayStore;
+use crate::net::MailCodec;
 use crate::net::{IDLE_TIMEOUT, identity_of, peer_of};
 
 /// The allow-list file in a relay's data directory: one identity per line, `#` comments.

@@ -526,6 +526,20 @@ mod tests {
         let e = Envelope::seal_epoch(&a, b.identity(), doc(), 3, &k, [1; 24], &changes).unwrap();
         let back = Envelope::decode(&e.encode()).unwrap();
         assert_eq!(back, e);
+        // `RAPPORT_FUZZ_SEEDS=dir cargo test` writes seeds for the fuzz targets.
+        if let Some(dir) = std::env::var_os("RAPPORT_FUZZ_SEEDS") {
+            let dir = std::path::PathBuf::from(dir);
+            std::fs::create_dir_all(dir.join("envelope")).unwrap();
+            std::fs::create_dir_all(dir.join("mail_message")).unwrap();
+            std::fs::write(dir.join("envelope/epoch"), e.encode()).unwrap();
+            let deposit = MailRequest::Deposit(vec![e.encode()]).encode();
+            std::fs::write(dir.join("mail_message/deposit"), deposit).unwrap();
+            let mail = MailResponse::Mail {
+                items: vec![(7, e.encode())],
+                more: true,
+            };
+            std::fs::write(dir.join("mail_message/mail"), mail.encode()).unwrap();
+        }
         assert_eq!(
             back.open(&b, |n| (n == 3).then(|| k.clone())).unwrap(),
             changes
