@@ -1,22 +1,52 @@
-//! `rapport demo`: a customer and two companies as real nodes in this process, on loopback,
-//! with temporary stores, syncing consent and conversations over libp2p. Each step is
+//! `rapport demo`: a community relay, a customer and two companies as real nodes in this
+//! process, on loopback, with temporary stores, syncing consent and conversations over
+//! libp2p, and mail through the relay. Each step is
 //! checked; the demo exits non-zero if any does not hold.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use rapport_node::{GrantArgs, Node, NodeConfig, NodeHandle, Store, now};
+use libp2p::Multiaddr;
+use rapport_node::relay::{Quotas, Relay, RelayConfig};
+use rapport_node::{GrantArgs, Node, NodeConfig, NodeHandle, RelayStore, Store, now};
 use rapport_protocol::{IdentityKey, Kind, Ledger, read_ledger_file};
 
 const WAIT: Duration = Duration::from_secs(10);
+
+/// `addr` without its trailing `/p2p/<id>`.
+fn strip_p2p(addr: &Multiaddr) -> Multiaddr {
+    addr.iter()
+        .filter(|p| !matches!(p, libp2p::multiaddr::Protocol::P2p(_)))
+        .collect()
+}
 
 fn step(n: u32, text: &str) {
     println!("\n── {n}. {text}");
 }
 
-async fn start(dir: &std::path::Path, kind: Kind, name: &str) -> Result<Node> {
+async fn start(dir: &std::path::Path, kind: Kind, name: &str, relay: &Multiaddr) -> Result<Node> {
     Store::create(dir, kind, name, now())?;
-    Ok(Node::start(NodeConfig::loopback(dir)).await?)
+    run_node(dir, relay).await
+}
+
+/// A node on loopback that also uses the community relay.
+async fn run_node(dir: &std::path::Path, relay: &Multiaddr) -> Result<Node> {
+    let mut config = NodeConfig::loopback(dir);
+    config.net.relay = Some(relay.clone());
+    let node = Node::start(config).await?;
+    let deadline = Instant::now() + WAIT;
+    while !node
+        .listening()
+        .await
+        .iter()
+        .any(|a| a.to_string().contains("p2p-circuit"))
+    {
+        if Instant::now() > deadline {
+            bail!("step failed: no circuit reserved at the relay");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(node)
 }
 
 /// Polls `check` until it holds or 10 seconds pass.
@@ -135,10 +165,26 @@ async fn story() -> Result<()> {
     println!("Rapport demo: a customer (Alice) and two companies (Acme, Globex), each a real");
     println!("node on 127.0.0.1 with its own temporary store, syncing over libp2p.");
 
-    step(1, "Three nodes start and Alice connects to both companies");
-    let alice = start(&tmp.path().join("alice"), Kind::Person, "Alice").await?;
-    let acme = start(&tmp.path().join("acme"), Kind::Org, "Acme Ltd").await?;
-    let globex = start(&tmp.path().join("globex"), Kind::Org, "Globex").await?;
+    step(
+        1,
+        "A community relay and three nodes start; Alice connects to both companies",
+    );
+    let relay_dir = tmp.path().join("relay");
+    let relay_config = RelayConfig {
+        data_dir: relay_dir.clone(),
+        listen: vec!["/ip4/127.0.0.1/tcp/0".parse()?],
+        open: true,
+        quotas: Quotas::default(),
+    };
+    let relay = Relay::start(relay_config)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let r = relay.addrs()[0].clone();
+    println!("   the community's relay listens at {r}");
+    let alice_dir = tmp.path().join("alice");
+    let alice = start(&alice_dir, Kind::Person, "Alice", &r).await?;
+    let acme = start(&tmp.path().join("acme"), Kind::Org, "Acme Ltd", &r).await?;
+    let globex = start(&tmp.path().join("globex"), Kind::Org, "Globex", &r).await?;
     let (a, ac, gx) = (alice.handle(), acme.handle(), globex.handle());
     for (name, node) in [("Acme", &acme), ("Globex", &globex)] {
         let addr = node
@@ -293,6 +339,23 @@ async fn story() -> Result<()> {
     })
     .await?;
     println!("   Acme holds no relationship data; Alice holds Acme's signed ErasureAck");
+    let r2 = r_acme.clone();
+    let (epoch, sealed_to) = a
+        .read(move |e| {
+            e.relationship(&r2, now())
+                .map(|d| (d.epoch, d.epoch_recipients))
+                .unwrap_or_default()
+        })
+        .await;
+    ensure!(
+        !sealed_to.contains(&ac.identity().to_string()),
+        "the new content key must not be sealed to Acme"
+    );
+    println!(
+        "   a new content key (epoch {}) is sealed to {} reader(s), not to Acme",
+        epoch.unwrap_or_default(),
+        sealed_to.len()
+    );
 
     step(9, "Acme is cut off: nothing Alice writes now reaches it");
     let d = say(
@@ -350,9 +413,69 @@ async fn story() -> Result<()> {
     }
     println!("   Acme's and Globex's ledgers are identical to Alice's copies");
 
+    step(
+        12,
+        "Alice goes offline; Globex's reply waits for her, sealed, at the community relay",
+    );
+    alice.shutdown().await;
+    // The handle holds the store open; let it go so the node can start again later.
+    drop(a);
+    let text = "Your new kettle ships on Monday.";
+    let d = say(&gx, "Globex", &r_globex, text, Some("support")).await?;
+    ensure!(
+        d.contains("mailbox"),
+        "Globex's reply should go to Alice's mailbox"
+    );
+    let stats = relay.stats().await;
+    println!(
+        "   the relay stored {} sealed envelope(s); it holds no key that opens them",
+        stats.deposited
+    );
+    relay.shutdown().await;
+    let held = RelayStore::open(&relay_dir)?.all_mail()?;
+    ensure!(
+        held.iter()
+            .all(|(_, m)| !m.envelope.windows(text.len()).any(|w| w == text.as_bytes())),
+        "the relay must hold no plaintext"
+    );
+    println!(
+        "   the relay restarts; its store holds {} envelope(s) and not one byte of the text",
+        held.len()
+    );
+    let relay = Relay::start(RelayConfig {
+        data_dir: relay_dir.clone(),
+        listen: vec![strip_p2p(&r)],
+        open: true,
+        quotas: Quotas::default(),
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!(e))?;
+
+    step(13, "Alice comes back and reads it from her mailbox");
+    let alice = run_node(&alice_dir, &r).await?;
+    let a = alice.handle();
+    let r2 = r_globex.clone();
+    until("Alice receiving her mail", || {
+        let r2 = r2.clone();
+        let a = a.clone();
+        async move {
+            a.read(move |e| {
+                e.relationship(&r2, now())
+                    .map(|d| d.messages.iter().any(|m| m.text == text))
+                    .unwrap_or(false)
+            })
+            .await
+        }
+    })
+    .await?;
+    println!(
+        "   Alice: \"{text}\" (from Globex, via the relay's mailbox, verified like any change)"
+    );
+
     for n in [alice, acme, globex] {
         n.shutdown().await;
     }
+    relay.shutdown().await;
     println!("\nEvery step held.");
     Ok(())
 }

@@ -157,7 +157,7 @@ pub struct Relay {
     id: IdentityKey,
     listening: Vec<Multiaddr>,
     tx: mpsc::Sender<Cmd>,
-    task: tokio::task::JoinHandle<()>,
+    task: tokio::task::JoinHandle<Arc<RelayStore>>,
 }
 
 impl std::fmt::Debug for Relay {
@@ -338,7 +338,13 @@ impl Relay {
         if self.tx.send(Cmd::Shutdown(tx)).await.is_ok() {
             let _ = rx.await;
         }
-        let _ = self.task.await;
+        let Ok(store) = self.task.await else { return };
+        // Store work still running on blocking threads holds the store; wait for it (it
+        // takes milliseconds), so the file is closed when this returns.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Arc::strong_count(&store) > 1 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 }
 
@@ -347,15 +353,15 @@ impl Loop {
         mut self,
         mut cmds: mpsc::Receiver<Cmd>,
         mut done: mpsc::UnboundedReceiver<(ResponseChannel<MailResponse>, MailResponse, Outcome)>,
-    ) {
+    ) -> Arc<RelayStore> {
         let mut reload = tokio::time::interval(Duration::from_secs(2));
         let mut sweep = tokio::time::interval(Duration::from_secs(60));
         loop {
             tokio::select! {
                 cmd = cmds.recv() => match cmd {
                     Some(Cmd::Stats(tx)) => { let _ = tx.send(self.stats.clone()); }
-                    Some(Cmd::Shutdown(tx)) => { let _ = tx.send(()); return; }
-                    None => return,
+                    Some(Cmd::Shutdown(tx)) => { let _ = tx.send(()); return self.store; }
+                    None => return self.store,
                 },
                 Some((channel, resp, outcome)) = done.recv() => {
                     match outcome {
