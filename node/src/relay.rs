@@ -373,7 +373,11 @@ impl Loop {
                 }
                 event = self.swarm.select_next_some() => self.event(event),
                 _ = reload.tick() => self.reload_allow_list(),
-                _ = sweep.tick() => { self.expire(); }
+                _ = sweep.tick() => {
+                    self.expire();
+                    // Rate windows older than a minute say nothing any more.
+                    self.rate.retain(|_, (since, _)| since.elapsed() < Duration::from_secs(60));
+                }
             }
         }
     }
