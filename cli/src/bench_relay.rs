@@ -194,19 +194,10 @@ fn node_config(dir: &Path, relay: Option<&Multiaddr>) -> NodeConfig {
 }
 
 async fn reserved(node: &Node) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !node
-        .listening()
-        .await
-        .iter()
-        .any(|a| a.to_string().contains("p2p-circuit"))
-    {
-        if Instant::now() > deadline {
-            bail!("no circuit reserved at the relay within 30s");
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+    match node.circuit_address(Duration::from_secs(30)).await {
+        Some(_) => Ok(()),
+        None => bail!("no circuit reserved at the relay within 30s"),
     }
-    Ok(())
 }
 
 async fn holds_all(node: &Node, id: DocId, want: usize) -> Result<()> {

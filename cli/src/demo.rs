@@ -34,17 +34,8 @@ async fn run_node(dir: &std::path::Path, relay: &Multiaddr) -> Result<Node> {
     let mut config = NodeConfig::loopback(dir);
     config.net.relay = Some(relay.clone());
     let node = Node::start(config).await?;
-    let deadline = Instant::now() + WAIT;
-    while !node
-        .listening()
-        .await
-        .iter()
-        .any(|a| a.to_string().contains("p2p-circuit"))
-    {
-        if Instant::now() > deadline {
-            bail!("step failed: no circuit reserved at the relay");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    if node.circuit_address(WAIT).await.is_none() {
+        bail!("step failed: no circuit reserved at the relay");
     }
     Ok(node)
 }

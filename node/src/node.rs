@@ -237,12 +237,32 @@ impl Node {
                     .expect("an identity is a PeerId");
                 return addrs
                     .into_iter()
-                    .map(|a| a.with(libp2p::multiaddr::Protocol::P2p(me)))
+                    .map(|a| match a.iter().last() {
+                        // A circuit address already names this node.
+                        Some(libp2p::multiaddr::Protocol::P2p(_)) => a,
+                        _ => a.with(libp2p::multiaddr::Protocol::P2p(me)),
+                    })
                     .collect();
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         Vec::new()
+    }
+
+    /// Waits (at most `within`) until this node holds a reservation at its relay, and
+    /// returns its address through the relay; `None` if it has none by then.
+    pub async fn circuit_address(&self, within: Duration) -> Option<Multiaddr> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let found = self.net.listening().await.into_iter().find(|a| {
+                a.iter()
+                    .any(|p| p == libp2p::multiaddr::Protocol::P2pCircuit)
+            });
+            if found.is_some() || tokio::time::Instant::now() >= deadline {
+                return found;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// Stops the API and the network, then closes the store. Every acknowledged change is

@@ -99,6 +99,11 @@ fn header_bytes(from: &IdentityKey, to: &IdentityKey, doc: &DocRef, seal: &Seal)
     w.0.extend_from_slice(from.as_bytes());
     w.0.extend_from_slice(to.as_bytes());
     w.doc(doc);
+    seal_bytes(&mut w, seal);
+    w.0
+}
+
+fn seal_bytes(w: &mut Writer, seal: &Seal) {
     match seal {
         Seal::Epoch { epoch, nonce } => {
             w.0.push(1);
@@ -111,7 +116,6 @@ fn header_bytes(from: &IdentityKey, to: &IdentityKey, doc: &DocRef, seal: &Seal)
             w.0.extend_from_slice(nonce);
         }
     }
-    w.0
 }
 
 fn plaintext(changes: &[Vec<u8>]) -> Result<Vec<u8>, EnvelopeError> {
@@ -245,18 +249,7 @@ impl Envelope {
         w.0.extend_from_slice(self.from.as_bytes());
         w.0.extend_from_slice(self.to.as_bytes());
         w.doc(&self.doc);
-        match self.seal {
-            Seal::Epoch { epoch, nonce } => {
-                w.0.push(1);
-                w.0.extend_from_slice(&epoch.to_be_bytes());
-                w.0.extend_from_slice(&nonce);
-            }
-            Seal::Recipient { eph, nonce } => {
-                w.0.push(2);
-                w.0.extend_from_slice(&eph);
-                w.0.extend_from_slice(&nonce);
-            }
-        }
+        seal_bytes(&mut w, &self.seal);
         w.bytes(&self.ciphertext);
         w.0.extend_from_slice(&self.signature);
         w.0

@@ -210,13 +210,9 @@ impl TestNode {
             .await
             .expect("node starts");
         if reach.relay.is_some() {
-            eventually(20, "a circuit reserved at the relay", || async {
-                node.listening()
-                    .await
-                    .iter()
-                    .any(|a| a.to_string().contains("p2p-circuit"))
-            })
-            .await;
+            node.circuit_address(std::time::Duration::from_secs(20))
+                .await
+                .expect("a circuit reserved at the relay within 20s");
         }
         let addrs = node.listening().await;
         assert!(!addrs.is_empty(), "the node listens");
