@@ -11,7 +11,7 @@ use automerge::{Automerge, ChangeHash, ROOT, ScalarValue};
 
 use crate::consent::EntryId;
 use crate::consent::UnixSeconds;
-use crate::identity::SecretKey;
+use crate::identity::{IdentityKey, SecretKey};
 use crate::signed::{ChangeError, DocId, SignedChange, actor_for};
 
 /// Why a change is not a plain append of entries.
@@ -71,6 +71,47 @@ pub(crate) fn appended_entries(
             )));
         }
         out.push((id, text.to_string()));
+    }
+    Ok(out)
+}
+
+/// An entry of some document type: versioned JSON that names its writer.
+pub(crate) trait Authored: serde::de::DeserializeOwned {
+    /// The entry schema version this build reads.
+    const VERSION: u8;
+    /// The entry's version field.
+    fn version(&self) -> u8;
+    /// Who the entry says wrote it.
+    fn by(&self) -> &IdentityKey;
+}
+
+/// The entries a change adds, parsed, each of the supported version and written in the
+/// name of `author` (the change's signer). What an entry may say is left to the caller.
+pub(crate) fn authored_entries<E: Authored>(
+    sc: &SignedChange,
+    max_entry_bytes: usize,
+    author: &IdentityKey,
+) -> Result<Vec<(EntryId, E)>, AppendViolation> {
+    let bad = AppendViolation::BadEntry;
+    let texts = appended_entries(sc, max_entry_bytes)?;
+    let mut out = Vec::with_capacity(texts.len());
+    for (id, text) in texts {
+        let entry: E =
+            serde_json::from_str(&text).map_err(|e| bad(format!("entry {}: {e}", id.short())))?;
+        if entry.version() != E::VERSION {
+            return Err(bad(format!(
+                "entry version {} is not supported",
+                entry.version()
+            )));
+        }
+        if entry.by() != author {
+            return Err(bad(format!(
+                "entry {} claims to be by {}, but the change is signed by {author}",
+                id.short(),
+                entry.by()
+            )));
+        }
+        out.push((id, entry));
     }
     Ok(out)
 }

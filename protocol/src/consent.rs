@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::append::{
-    AppendViolation, CausalSink, appended_entries, apply_causally, par_map, write_entry,
+    AppendViolation, Authored, CausalSink, apply_causally, authored_entries, par_map, write_entry,
 };
 use crate::identity::{IdentityKey, SecretKey};
 use crate::scope::Scope;
@@ -285,6 +285,16 @@ fn check_terms(terms: &TermsRef) -> Result<(), String> {
     Ok(())
 }
 
+impl Authored for Entry {
+    const VERSION: u8 = ENTRY_VERSION;
+    fn version(&self) -> u8 {
+        self.v
+    }
+    fn by(&self) -> &IdentityKey {
+        &self.by
+    }
+}
+
 /// One entry of the ledger.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -401,27 +411,15 @@ fn check_ops(
     } else {
         "grantee"
     };
-    let texts = appended_entries(sc, MAX_ENTRY_BYTES).map_err(|v| match v {
+    let entries = authored_entries::<Entry>(sc, MAX_ENTRY_BYTES, author).map_err(|v| match v {
         AppendViolation::NotAnAppend(detail) => ConsentError::NotAnAppend {
             hash: hash(),
             detail,
         },
         AppendViolation::BadEntry(detail) => bad(detail),
     })?;
-    let mut out = Vec::with_capacity(texts.len());
-    for (id, text) in texts {
-        let entry: Entry =
-            serde_json::from_str(&text).map_err(|e| bad(format!("entry {}: {e}", id.short())))?;
-        if entry.v != ENTRY_VERSION {
-            return Err(bad(format!("entry version {} is not supported", entry.v)));
-        }
-        if &entry.by != author {
-            return Err(bad(format!(
-                "entry {} claims to be by {}, but the change is signed by {author}",
-                id.short(),
-                entry.by
-            )));
-        }
+    let mut out = Vec::with_capacity(entries.len());
+    for (id, entry) in entries {
         if entry.body.by_customer() != (role == "customer") {
             return Err(ConsentError::Forbidden {
                 hash: hash(),

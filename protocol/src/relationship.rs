@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::append::{
-    AppendViolation, CausalSink, appended_entries, apply_causally, par_map, write_entry,
+    AppendViolation, Authored, CausalSink, apply_causally, authored_entries, par_map, write_entry,
 };
 use crate::consent::{EntryId, UnixSeconds};
 use crate::identity::{IdentityKey, SecretKey};
@@ -312,6 +312,16 @@ pub struct RelEntry {
     pub at: UnixSeconds,
     /// What it says.
     pub body: RelBody,
+}
+
+impl Authored for RelEntry {
+    const VERSION: u8 = REL_ENTRY_VERSION;
+    fn version(&self) -> u8 {
+        self.v
+    }
+    fn by(&self) -> &IdentityKey {
+        &self.by
+    }
 }
 
 /// Why a relationship change or write was refused. The document is left as it was.
@@ -939,27 +949,16 @@ fn check_ops(
         hash: hash(),
         detail,
     };
-    let texts = appended_entries(sc, MAX_REL_ENTRY_BYTES).map_err(|v| match v {
-        AppendViolation::NotAnAppend(detail) => RelError::NotAnAppend {
-            hash: hash(),
-            detail,
-        },
-        AppendViolation::BadEntry(detail) => bad(detail),
-    })?;
-    let mut out = Vec::with_capacity(texts.len());
-    for (id, text) in texts {
-        let entry: RelEntry =
-            serde_json::from_str(&text).map_err(|e| bad(format!("entry {}: {e}", id.short())))?;
-        if entry.v != REL_ENTRY_VERSION {
-            return Err(bad(format!("entry version {} is not supported", entry.v)));
-        }
-        if &entry.by != author {
-            return Err(bad(format!(
-                "entry {} claims to be by {}, but the change is signed by {author}",
-                id.short(),
-                entry.by
-            )));
-        }
+    let entries =
+        authored_entries::<RelEntry>(sc, MAX_REL_ENTRY_BYTES, author).map_err(|v| match v {
+            AppendViolation::NotAnAppend(detail) => RelError::NotAnAppend {
+                hash: hash(),
+                detail,
+            },
+            AppendViolation::BadEntry(detail) => bad(detail),
+        })?;
+    let mut out = Vec::with_capacity(entries.len());
+    for (id, entry) in entries {
         if entry.body.owner_only() && author != owner {
             return Err(RelError::OwnerOnly {
                 hash: hash(),
