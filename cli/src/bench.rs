@@ -96,6 +96,33 @@ pub(crate) struct Pair {
     pub(crate) t0: u64,
 }
 
+impl Pair {
+    /// A relationship owned by `ck` with `gk` as member: its title and membership.
+    pub(crate) fn open(
+        ck: &SecretKey,
+        gk: &SecretKey,
+        nonce: [u8; 16],
+        t0: u64,
+        title: String,
+    ) -> Result<RelationshipDoc> {
+        let mut doc = RelationshipDoc::new(RelHeader {
+            owner: ck.identity(),
+            nonce,
+        });
+        doc.append(ck, [1; 16], t0, RelBody::Title { title })?;
+        doc.append(
+            ck,
+            [1; 16],
+            t0,
+            RelBody::Member {
+                member: gk.identity(),
+                name: "Company".into(),
+            },
+        )?;
+        Ok(doc)
+    }
+}
+
 pub(crate) fn pair(root: &Path) -> Result<Pair> {
     let (cdir, gdir) = (root.join("customer"), root.join("company"));
     Store::create(&cdir, Kind::Person, "Customer", rapport_node::now())?;
@@ -155,28 +182,8 @@ async fn case(label: &str, rels: usize, per_rel: usize) -> Result<()> {
     for r in 0..rels {
         let mut nonce = [0u8; 16];
         nonce[..8].copy_from_slice(&(r as u64).to_be_bytes());
-        let header = RelHeader {
-            owner: ck.identity(),
-            nonce,
-        };
-        let mut doc = RelationshipDoc::new(header);
-        doc.append(
-            &ck,
-            [1; 16],
-            t0,
-            RelBody::Title {
-                title: format!("relationship {r}"),
-            },
-        )?;
-        doc.append(
-            &ck,
-            [1; 16],
-            t0,
-            RelBody::Member {
-                member: gk.identity(),
-                name: "Company".into(),
-            },
-        )?;
+        let mut doc = Pair::open(&ck, &gk, nonce, t0, format!("relationship {r}"))?;
+        let header = *doc.header();
         for i in 0..per_rel {
             // Customer and company take turns, as in a conversation.
             let (key, nonce, purpose) = if i % 2 == 0 {

@@ -121,28 +121,8 @@ fn build(root: &Path, messages: usize) -> Result<(std::path::PathBuf, std::path:
         gk,
         t0,
     } = crate::bench::pair(root)?;
-    let header = RelHeader {
-        owner: ck.identity(),
-        nonce: [5; 16],
-    };
-    let mut doc = RelationshipDoc::new(header);
-    doc.append(
-        &ck,
-        [1; 16],
-        t0,
-        RelBody::Title {
-            title: "benchmark".into(),
-        },
-    )?;
-    doc.append(
-        &ck,
-        [1; 16],
-        t0,
-        RelBody::Member {
-            member: gk.identity(),
-            name: "Company".into(),
-        },
-    )?;
+    let mut doc = crate::bench::Pair::open(&ck, &gk, [5; 16], t0, "benchmark".into())?;
+    let header = *doc.header();
     let sealed = seal_epoch(
         &doc.id(),
         0,

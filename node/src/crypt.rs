@@ -190,18 +190,14 @@ impl Engine {
         if list.is_empty() {
             return Ok((Sealed::default(), pushes));
         }
-        let starts_epoch: std::collections::HashSet<Vec<u8>> = list
-            .iter()
-            .filter(|(_, e)| *e)
-            .map(|(c, _)| c.clone())
-            .collect();
         let epoch = match self.docs.get(&id) {
             Some(Doc::Rel(r)) => self.epoch_for(r, peer),
             _ => None,
         };
         let mut envelopes = Vec::new();
-        for batch in envelope_batches(list.into_iter().map(|(c, _)| c).collect()) {
-            let direct = epoch.is_none() || batch.iter().any(|c| starts_epoch.contains(c));
+        for batch in envelope_batches(list, |(c, _)| c.len()) {
+            let (batch, starts_epoch): (Vec<Vec<u8>>, Vec<bool>) = batch.into_iter().unzip();
+            let direct = epoch.is_none() || starts_epoch.contains(&true);
             let env = match (&epoch, direct) {
                 (Some((n, k)), false) => {
                     Envelope::seal_epoch(&self.key, *peer, *doc, *n, k, random()?, &batch)

@@ -494,14 +494,30 @@ fn dialable(addr: &Multiaddr) -> bool {
     })
 }
 
+/// `key` as a libp2p keypair: a Rapport identity is its libp2p identity.
+pub(crate) fn libp2p_keypair(key: &SecretKey) -> Result<libp2p::identity::Keypair, String> {
+    libp2p::identity::Keypair::ed25519_from_bytes(key.to_seed())
+        .map_err(|e| format!("the key is not usable by libp2p: {e}"))
+}
+
+/// Identify, as every Rapport node and relay speaks it; `agent` names the program.
+pub(crate) fn identify_behaviour(
+    key: &libp2p::identity::Keypair,
+    agent: &str,
+) -> identify::Behaviour {
+    identify::Behaviour::new(
+        identify::Config::new("/rapport/1.0.0".into(), key.public())
+            .with_agent_version(format!("{agent}/{}", env!("CARGO_PKG_VERSION"))),
+    )
+}
+
 /// Starts the network loop on the current tokio runtime.
 pub(crate) fn start(
     key: &SecretKey,
     engine: SharedEngine,
     config: NetConfig,
 ) -> Result<(NetClient, tokio::task::JoinHandle<()>), String> {
-    let keypair = libp2p::identity::Keypair::ed25519_from_bytes(key.to_seed())
-        .map_err(|e| format!("the node key is not usable by libp2p: {e}"))?;
+    let keypair = libp2p_keypair(key)?;
     let stats = Arc::new(WireStats::default());
     let codec = SyncCodec::new(stats.clone());
     let mdns_on = config.mdns;
@@ -553,10 +569,7 @@ pub(crate) fn start(
                 None
             };
             Behaviour {
-                identify: identify::Behaviour::new(
-                    identify::Config::new("/rapport/1.0.0".into(), key.public())
-                        .with_agent_version(format!("rapport/{}", env!("CARGO_PKG_VERSION"))),
-                ),
+                identify: identify_behaviour(key, "rapport"),
                 ping: ping::Behaviour::new(ping::Config::new()),
                 kad,
                 mdns: Toggle::from(mdns),

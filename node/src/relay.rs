@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::mailbox::RelayStore;
 use crate::net::MailCodec;
-use crate::net::{IDLE_TIMEOUT, identity_of, peer_of};
+use crate::net::{IDLE_TIMEOUT, identify_behaviour, identity_of, libp2p_keypair, peer_of};
 
 /// The allow-list file in a relay's data directory: one identity per line, `#` comments.
 pub const ALLOW_FILE: &str = "allow-list";
@@ -198,8 +198,7 @@ impl Relay {
         let store = Arc::new(RelayStore::open(&config.data_dir).map_err(|e| e.to_string())?);
         let key = store.secret_key().map_err(|e| e.to_string())?;
         let id = key.identity();
-        let keypair = libp2p::identity::Keypair::ed25519_from_bytes(key.to_seed())
-            .map_err(|e| format!("the relay key is not usable by libp2p: {e}"))?;
+        let keypair = libp2p_keypair(&key)?;
         let q = config.quotas.clone();
         let open = config.open;
         let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
@@ -224,13 +223,7 @@ impl Relay {
                 };
                 RelayBehaviour {
                     allow: Toggle::from((!open).then(allow_block_list::Behaviour::default)),
-                    identify: identify::Behaviour::new(
-                        identify::Config::new("/rapport/1.0.0".into(), key.public())
-                            .with_agent_version(format!(
-                                "rapport-relay/{}",
-                                env!("CARGO_PKG_VERSION")
-                            )),
-                    ),
+                    identify: identify_behaviour(key, "rapport-relay"),
                     ping: ping::Behaviour::new(ping::Config::new()),
                     relay: relay::Behaviour::new(key.public().to_peer_id(), relay_config),
                     rendezvous: rendezvous::server::Behaviour::new(

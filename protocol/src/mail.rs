@@ -469,13 +469,14 @@ impl MailResponse {
     }
 }
 
-/// Cuts encoded changes into batches that each fit one envelope, in order.
-pub fn envelope_batches(changes: Vec<Vec<u8>>) -> Vec<Vec<Vec<u8>>> {
+/// Cuts items (encoded changes, or anything carrying one; `len` gives its encoded size)
+/// into batches that each fit one envelope, in order.
+pub fn envelope_batches<T>(items: Vec<T>, len: impl Fn(&T) -> usize) -> Vec<Vec<T>> {
     let mut out = Vec::new();
-    let mut cur: Vec<Vec<u8>> = Vec::new();
+    let mut cur: Vec<T> = Vec::new();
     let mut size = 4;
-    for c in changes {
-        let n = c.len() + 4;
+    for c in items {
+        let n = len(&c) + 4;
         if !cur.is_empty()
             && (size + n > MAX_ENVELOPE_PLAINTEXT || cur.len() >= MAX_CHANGES_PER_MESSAGE)
         {
@@ -576,7 +577,7 @@ mod tests {
     #[test]
     fn batches_fit_envelopes() {
         let big = vec![vec![0u8; 1024 * 1024]; 9];
-        let batches = envelope_batches(big);
+        let batches = envelope_batches(big, Vec::len);
         assert!(batches.len() >= 3);
         for b in &batches {
             assert!(b.iter().map(|c| c.len() + 4).sum::<usize>() + 4 <= MAX_ENVELOPE_PLAINTEXT);
