@@ -14,7 +14,7 @@ use std::collections::BTreeSet;
 use rapport_protocol::automerge::ChangeHash;
 use rapport_protocol::mail::{Envelope, envelope_batches};
 use rapport_protocol::seal::{ContentKey, open_epoch, seal_epoch};
-use rapport_protocol::wire::DocRef;
+use rapport_protocol::wire::{DocRef, RefusalKind};
 use rapport_protocol::{DocId, EpochView, IdentityKey, RelBody, RelationshipDoc, UnixSeconds};
 
 use crate::engine::{Doc, Engine, EngineError, Push, random};
@@ -250,7 +250,8 @@ impl Engine {
                 Ok(c) => c,
                 Err(e) => {
                     let reason = format!("mail could not be opened: {e}");
-                    self.refuse(&env.from, &env.doc, None, &reason, now, &mut out)?;
+                    let kind = RefusalKind::Invalid;
+                    self.refuse(&env.from, &env.doc, None, kind, &reason, now, &mut out)?;
                     report.refused += 1;
                     continue;
                 }
@@ -259,7 +260,8 @@ impl Engine {
                 Ok(r) => r,
                 Err((_, why)) => {
                     let reason = format!("mail refused: {why}");
-                    self.refuse(&env.from, &env.doc, None, &reason, now, &mut out)?;
+                    let kind = RefusalKind::Forbidden;
+                    self.refuse(&env.from, &env.doc, None, kind, &reason, now, &mut out)?;
                     report.refused += 1;
                     continue;
                 }

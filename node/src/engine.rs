@@ -64,6 +64,8 @@ pub type Push = (IdentityKey, DocRef);
 pub const MAX_STRIKES: u32 = 64;
 /// The window over which strikes count, in seconds.
 pub const STRIKE_WINDOW: u64 = 600;
+/// How long a peer past [`MAX_STRIKES`] stays banned, in seconds.
+pub const BAN_SECONDS: u64 = 300;
 /// The most relationships one owner may place on this node.
 pub const MAX_RELS_PER_OWNER: usize = 100_000;
 
@@ -106,12 +108,6 @@ pub(crate) enum Doc {
     Rel(RelationshipDoc),
 }
 
-/// Per-peer count of refused changes, for rate limiting.
-pub(crate) struct Strikes {
-    pub(crate) since: UnixSeconds,
-    pub(crate) count: u32,
-}
-
 /// The node's documents and rules.
 pub struct Engine {
     store: Store,
@@ -121,7 +117,6 @@ pub struct Engine {
     nonce: [u8; 16],
     pub(crate) docs: HashMap<DocId, Doc>,
     events: broadcast::Sender<Event>,
-    pub(crate) strikes: HashMap<IdentityKey, Strikes>,
     auto_accept: bool,
     /// Content keys held, by relationship and epoch (see [`rapport_protocol::seal`]).
     pub(crate) keys: HashMap<DocId, BTreeMap<u32, ContentKey>>,
@@ -178,7 +173,6 @@ impl Engine {
             nonce: random16()?,
             docs,
             events,
-            strikes: HashMap::new(),
             auto_accept: false,
             keys,
             deposited: HashMap::new(),

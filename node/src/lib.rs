@@ -27,8 +27,8 @@ mod views;
 pub use api::{DEFAULT_WAIT, OPENAPI_PATH, ROUTES, openapi, router};
 pub use crypt::{MailReport, Sealed};
 pub use engine::{
-    Engine, EngineError, GrantArgs, MAX_RELS_PER_OWNER, MAX_STRIKES, Push, RoundOutcome,
-    STRIKE_WINDOW,
+    BAN_SECONDS, Engine, EngineError, GrantArgs, MAX_RELS_PER_OWNER, MAX_STRIKES, Push,
+    RoundOutcome, STRIKE_WINDOW,
 };
 pub use error::StoreError;
 pub use mailbox::{RELAY_DB, RelayStore, RelayStoreError, StoredMail};
@@ -37,7 +37,7 @@ pub use net::{
     SyncResult, WireStats,
 };
 pub use node::{NODE_FILE, Node, NodeConfig, NodeError, NodeFile, NodeHandle, TOKEN_FILE, now};
-pub use store::{MAX_PEER_ADDRS, MAX_REFUSALS, PeerRecord, Profile, Refusal, Store};
+pub use store::{Conduct, MAX_PEER_ADDRS, MAX_REFUSALS, PeerRecord, Profile, Refusal, Store};
 pub use views::{
     Event, GrantRow, MemberRow, MessageView, RelDetail, RelSummary, ThreadView, WriteOutcome,
 };

@@ -45,7 +45,7 @@ pub(crate) const MAX_ROUNDS: u32 = 10_000;
 /// How often the node redials peers it shares documents with.
 pub(crate) const REDIAL_EVERY: Duration = Duration::from_secs(20);
 /// How long a peer that passed the misbehaviour limit stays disconnected.
-pub(crate) const BAN_FOR: Duration = Duration::from_secs(300);
+pub(crate) const BAN_FOR: Duration = Duration::from_secs(crate::engine::BAN_SECONDS);
 /// Sync sessions run at once with one peer; more wait in a queue.
 pub(crate) const MAX_SESSIONS_PER_PEER: usize = 16;
 /// Undecodable requests a peer may send before it is disconnected.
@@ -630,10 +630,26 @@ pub(crate) fn start(
             tracing::warn!("cannot dial bootstrap {addr}: {e}");
         }
     }
-    let events = engine
-        .lock()
-        .map_err(|_| "engine lock poisoned".to_string())?
-        .event_sender();
+    let (events, bans) = {
+        let e = engine
+            .lock()
+            .map_err(|_| "engine lock poisoned".to_string())?;
+        // Bans outlive a restart: a peer banned a minute ago is still banned.
+        let t = now();
+        let bans: HashMap<PeerId, Instant> = e
+            .store()
+            .bans(t)
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .map(|(id, until)| {
+                (
+                    peer_of(&id),
+                    Instant::now() + Duration::from_secs(until.saturating_sub(t)),
+                )
+            })
+            .collect();
+        (e.event_sender(), bans)
+    };
     let (tx, rx) = mpsc::channel(1024);
     let (internal_tx, internal_rx) = mpsc::unbounded_channel();
     let lp = Loop {
@@ -647,7 +663,7 @@ pub(crate) fn start(
         queued: HashMap::new(),
         dials: HashMap::new(),
         addr_dials: Vec::new(),
-        banned: HashMap::new(),
+        banned: bans,
         bad_requests: HashMap::new(),
         agents: HashMap::new(),
         rtts: HashMap::new(),

@@ -12,7 +12,8 @@ use std::collections::HashSet;
 use rapport_protocol::access::{may_read, may_write};
 use rapport_protocol::automerge::ChangeHash;
 use rapport_protocol::wire::{
-    CHUNK_BYTES, DocRef, MAX_CHANGES_PER_MESSAGE, RefusalCode, SyncRequest, SyncResponse,
+    CHUNK_BYTES, DocRef, MAX_CHANGES_PER_MESSAGE, RefusalCode, RefusalKind, SyncRequest,
+    SyncResponse,
 };
 use rapport_protocol::{
     ConsentDoc, IdentityKey, RelBody, RelEntry, RelError, RelationshipDoc, SignedChange,
@@ -20,8 +21,8 @@ use rapport_protocol::{
 };
 
 use crate::engine::{
-    Doc, Engine, EngineError, MAX_RELS_PER_OWNER, MAX_STRIKES, Push, RoundOutcome, STRIKE_WINDOW,
-    Strikes,
+    BAN_SECONDS, Doc, Engine, EngineError, MAX_RELS_PER_OWNER, MAX_STRIKES, Push, RoundOutcome,
+    STRIKE_WINDOW,
 };
 use crate::store::Refusal;
 use crate::views::Event;
@@ -41,7 +42,7 @@ pub(crate) enum Role {
 #[derive(Default)]
 pub(crate) struct Received {
     pub(crate) applied: Vec<ChangeHash>,
-    pub(crate) refused: Vec<(ChangeHash, String)>,
+    pub(crate) refused: Vec<(ChangeHash, RefusalKind, String)>,
     pub(crate) pushes: Vec<Push>,
     disconnect: bool,
     /// A new relationship arrived that does not name this node: it was not kept.
@@ -118,11 +119,11 @@ impl Engine {
         if !self.holds(&id) {
             return Ok(None);
         }
-        let known = self.store().peer_heads(&id, peer)?;
-        // Never synced with this peer: it most likely lacks the document, so the first
-        // round carries its first chunk instead of costing a round trip to find out.
-        let known = known.unwrap_or_default();
-        let changes = self.encoded_missing(&id, &known, &HashSet::new()).0;
+        // The heads the peer last proved it holds are a hint of what it lacks; never synced
+        // with this peer: it most likely lacks the document, so the first round carries its
+        // first chunk instead of costing a round trip to find out.
+        let known = self.store().peer_heads(&id, peer)?.unwrap_or_default();
+        let changes = self.encoded_missing(&id, peer, &known, &HashSet::new())?.0;
         Ok(Some(SyncRequest {
             doc: *doc,
             heads: self.heads_of(&id),
@@ -182,20 +183,28 @@ impl Engine {
             basis.extend(before);
         }
         let (changes, more) = if self.holds(&id) {
-            self.encoded_missing(&id, &basis, &just)
+            match self.encoded_missing(&id, peer, &basis, &just) {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(%peer, "sync request failed: {e}");
+                    return (
+                        SyncResponse::Refused {
+                            code: RefusalCode::Unavailable,
+                            detail: "this node could not read its store; try again later".into(),
+                        },
+                        received.pushes,
+                        received.disconnect,
+                    );
+                }
+            }
         } else {
             (Vec::new(), false)
         };
         let heads = self.heads_of(&id);
-        // Once the peer applies this answer it holds everything we hold, unless the answer
-        // was cut short; remember the most we can be sure of.
-        let known = if more {
-            req.heads.clone()
-        } else {
-            heads.clone()
-        };
+        // Record only what the requester proved it holds. Whether it stores this answer is
+        // up to it (it may crash first); the heads it reports next time say.
         if self.holds(&id)
-            && let Err(e) = self.store().put_peer_heads(&id, peer, &known)
+            && let Err(e) = self.store().put_peer_heads(&id, peer, &req.heads)
         {
             tracing::warn!("could not record peer heads: {e}");
         }
@@ -212,7 +221,8 @@ impl Engine {
     }
 
     /// Takes the peer's answer to a request of ours. `sent` lists the changes the request
-    /// carried, so changes of ours the peer refused are rolled back here.
+    /// carried. Changes of ours the peer refused for good are not sent to it again; nothing
+    /// we hold changes because of what a peer answers (its answer is only a hint).
     pub fn handle_response(
         &mut self,
         peer: &IdentityKey,
@@ -251,50 +261,82 @@ impl Engine {
         let pushes = received.pushes;
         let id = doc.doc_id();
         let sent: HashSet<&ChangeHash> = sent.iter().collect();
-        let mut ours_refused = Vec::new();
-        for (hash, reason) in refused {
-            if sent.contains(&hash) {
-                self.emit(Event::PeerRefused {
-                    peer: *peer,
-                    doc: id,
-                    change: Some(hash.to_string()),
-                    reason: reason.clone(),
-                });
-                out.refused.push(reason);
-                ours_refused.push(hash);
+        let mut for_good = Vec::new();
+        for (hash, kind, reason) in refused {
+            if !sent.contains(&hash) {
+                continue;
             }
-        }
-        if !ours_refused.is_empty() {
-            self.roll_back(doc, &ours_refused)?;
+            if kind.is_transient() {
+                // It waits there for its dependencies: they go in the next round.
+                continue;
+            }
+            self.emit(Event::PeerRefused {
+                peer: *peer,
+                doc: id,
+                change: Some(hash.to_string()),
+                reason: reason.clone(),
+            });
+            out.refused.push(reason);
+            for_good.push((hash, kind));
         }
         if !self.holds(&id) {
             return Ok((out, pushes));
         }
+        self.store().put_peer_refused(&id, peer, &for_good)?;
         let before = self.store().peer_heads(&id, peer)?;
         out.peer_moved = before.as_deref() != Some(&heads[..]);
+        // The responder stored what it applied before answering: its heads are what it
+        // holds now.
         self.store().put_peer_heads(&id, peer, &heads)?;
-        let unsent = match self.docs.get(&id) {
-            Some(Doc::Consent(c)) => !c.changes_missing_from(&heads).is_empty(),
-            Some(Doc::Rel(r)) => !r.changes_missing_from(&heads).is_empty(),
-            None => false,
-        };
-        out.again = more || (unsent && ours_refused.is_empty());
+        let unsent = !self.to_send(&id, peer, &heads)?.is_empty();
+        out.again = more || unsent;
         Ok((out, pushes))
     }
 
-    /// The changes of `id` not in the history of `heads` (minus `skip`), encoded, cut to one
-    /// message's worth ([`CHUNK_BYTES`], at least one change). The flag says more remain.
-    fn encoded_missing(
+    /// The changes of `id` to send `peer`, whose heads are `heads`: those not in the history
+    /// of `heads`, less the ones `peer` refused for good and every change built on them
+    /// (it would refuse those as missing dependencies). In a causal order.
+    fn to_send(
         &self,
         id: &rapport_protocol::DocId,
+        peer: &IdentityKey,
         heads: &[ChangeHash],
-        skip: &HashSet<ChangeHash>,
-    ) -> (Vec<Vec<u8>>, bool) {
+    ) -> Result<Vec<&SignedChange>, EngineError> {
         let list: Vec<&SignedChange> = match self.docs.get(id) {
             Some(Doc::Consent(c)) => c.changes_missing_from(heads),
             Some(Doc::Rel(r)) => r.changes_missing_from(heads),
             None => Vec::new(),
         };
+        if list.is_empty() {
+            return Ok(list);
+        }
+        let mut blocked = self.store().peer_refused(id, peer)?;
+        if blocked.is_empty() {
+            return Ok(list);
+        }
+        Ok(list
+            .into_iter()
+            .filter(|c| {
+                let out = blocked.contains(&c.hash())
+                    || c.change().deps().iter().any(|d| blocked.contains(d));
+                if out {
+                    blocked.insert(c.hash());
+                }
+                !out
+            })
+            .collect())
+    }
+
+    /// [`to_send`](Self::to_send) less `skip`, encoded, cut to one message's worth
+    /// ([`CHUNK_BYTES`], at least one change). The flag says more remain.
+    fn encoded_missing(
+        &self,
+        id: &rapport_protocol::DocId,
+        peer: &IdentityKey,
+        heads: &[ChangeHash],
+        skip: &HashSet<ChangeHash>,
+    ) -> Result<(Vec<Vec<u8>>, bool), EngineError> {
+        let list = self.to_send(id, peer, heads)?;
         let mut out = Vec::new();
         let mut size = 0;
         let mut rest = list.into_iter().filter(|c| !skip.contains(&c.hash()));
@@ -307,7 +349,7 @@ impl Engine {
             }
         }
         let more = rest.next().is_some();
-        (out, more)
+        Ok((out, more))
     }
 
     pub(crate) fn heads_of(&self, id: &rapport_protocol::DocId) -> Vec<ChangeHash> {
@@ -350,14 +392,15 @@ impl Engine {
                 Ok(c) => changes.push(c),
                 Err(e) => {
                     let reason = format!("undecodable change: {e}");
-                    self.refuse(peer, doc, None, &reason, now, &mut out)?;
-                    out.refused.push((ChangeHash([0; 32]), reason));
+                    let kind = RefusalKind::Invalid;
+                    self.refuse(peer, doc, None, kind, &reason, now, &mut out)?;
+                    out.refused.push((ChangeHash([0; 32]), kind, reason));
                 }
             }
         }
         let by_hash: std::collections::HashMap<ChangeHash, SignedChange> =
             changes.iter().map(|c| (c.hash(), c.clone())).collect();
-        let rejected: Vec<(ChangeHash, String)> = match (doc, role) {
+        let rejected: Vec<(ChangeHash, RefusalKind, String)> = match (doc, role) {
             (DocRef::Consent(h), _) => {
                 let mut c = match self.docs.remove(&id) {
                     Some(Doc::Consent(c)) => c,
@@ -369,7 +412,7 @@ impl Engine {
                 report
                     .rejected
                     .into_iter()
-                    .map(|(h, e)| (h, e.to_string()))
+                    .map(|(h, e)| (h, e.refusal_kind(), e.to_string()))
                     .collect()
             }
             (DocRef::Relationship(_), Role::Owner) => {
@@ -427,10 +470,10 @@ impl Engine {
         if matches!(doc, DocRef::Relationship(_)) && !out.applied.is_empty() {
             self.learn_keys(&id)?;
         }
-        for (hash, reason) in rejected {
+        for (hash, kind, reason) in rejected {
             let change = by_hash.get(&hash);
-            self.refuse(peer, doc, change, &reason, now, &mut out)?;
-            out.refused.push((hash, reason));
+            self.refuse(peer, doc, change, kind, &reason, now, &mut out)?;
+            out.refused.push((hash, kind, reason));
         }
         if out.applied.is_empty() {
             return Ok(out);
@@ -464,105 +507,70 @@ impl Engine {
         Ok(out)
     }
 
-    /// Records one refused change as evidence and counts it against the peer.
+    /// Records one refused change as evidence and counts it against the peer. A change
+    /// that waits for its dependencies is neither: an honest peer sends them next round.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn refuse(
         &mut self,
         peer: &IdentityKey,
         doc: &DocRef,
         change: Option<&SignedChange>,
+        kind: RefusalKind,
         reason: &str,
         now: UnixSeconds,
         out: &mut Received,
     ) -> Result<(), EngineError> {
-        let missing_deps = reason.contains("depends on");
+        let hash = change.map(|c| c.hash().to_string()).unwrap_or_default();
+        tracing::info!(%peer, doc = %doc.doc_id(), %kind, "refused change {hash}: {reason}");
+        if !kind.is_strike() {
+            return Ok(());
+        }
         let record = Refusal {
             at: now,
             peer: *peer,
             doc: doc.doc_id(),
-            change: change.map(|c| c.hash().to_string()).unwrap_or_default(),
+            change: hash,
             author: change.and_then(|c| {
                 IdentityKey::from_bytes(c.author_bytes())
                     .ok()
                     .map(|k| k.to_string())
             }),
             reason: reason.to_owned(),
+            kind: Some(kind),
             entries: change.map(entry_texts).unwrap_or_default(),
             signed_change: change
                 .map(SignedChange::encode)
                 .filter(|b| b.len() <= 64 * 1024)
                 .map(hex::encode),
         };
-        tracing::info!(%peer, doc = %record.doc, "refused change {}: {reason}", record.change);
-        if !missing_deps {
-            self.store().add_refusal(&record)?;
-            self.emit(Event::Refused(record));
-        }
-        // A change waiting for dependencies can be honest (they come in a later round); all
-        // else counts against the peer.
-        if !missing_deps && self.strike(peer, now) {
+        self.store().add_refusal(&record)?;
+        self.emit(Event::Refused(record));
+        if self.strike(peer, now)? {
             out.disconnect = true;
         }
         Ok(())
     }
 
-    fn strike(&mut self, peer: &IdentityKey, now: UnixSeconds) -> bool {
-        let s = self.strikes.entry(*peer).or_insert(Strikes {
-            since: now,
-            count: 0,
-        });
-        if now.saturating_sub(s.since) > STRIKE_WINDOW {
-            *s = Strikes {
-                since: now,
-                count: 0,
-            };
+    /// Counts one strike against `peer`, durably; past [`MAX_STRIKES`] within
+    /// [`STRIKE_WINDOW`] the peer is banned for [`BAN_SECONDS`] (returns true).
+    pub(crate) fn strike(
+        &mut self,
+        peer: &IdentityKey,
+        now: UnixSeconds,
+    ) -> Result<bool, EngineError> {
+        let mut c = self.store().conduct(peer)?.unwrap_or_default();
+        if c.strikes == 0 || now.saturating_sub(c.since) > STRIKE_WINDOW {
+            c.since = now;
+            c.strikes = 0;
         }
-        s.count += 1;
-        s.count > MAX_STRIKES
-    }
-
-    /// Forgets changes of ours the peer refused, and every change built on them, in memory
-    /// and in the store.
-    fn roll_back(&mut self, doc: &DocRef, refused: &[ChangeHash]) -> Result<(), EngineError> {
-        let id = doc.doc_id();
-        let me = *self.me().as_bytes();
-        let all: Vec<SignedChange> = match self.docs.get(&id) {
-            Some(Doc::Consent(c)) => c.ledger().changes().to_vec(),
-            Some(Doc::Rel(r)) => r.changes().to_vec(),
-            None => return Ok(()),
-        };
-        let mut gone: HashSet<ChangeHash> = refused
-            .iter()
-            .copied()
-            .filter(|h| {
-                all.iter()
-                    .any(|c| c.hash() == *h && c.author_bytes() == &me)
-            })
-            .collect();
-        if gone.is_empty() {
-            return Ok(());
+        c.strikes += 1;
+        let ban = c.strikes > MAX_STRIKES;
+        if ban {
+            c.banned_until = now + BAN_SECONDS;
+            c.strikes = 0;
         }
-        for c in &all {
-            if c.change().deps().iter().any(|d| gone.contains(d)) {
-                gone.insert(c.hash());
-            }
-        }
-        let keep: Vec<SignedChange> = all
-            .into_iter()
-            .filter(|c| !gone.contains(&c.hash()))
-            .collect();
-        let rebuilt = match doc {
-            DocRef::Consent(h) => Doc::Consent(
-                ConsentDoc::load(*h, keep).map_err(|e| EngineError::Invalid(e.to_string()))?,
-            ),
-            DocRef::Relationship(h) => Doc::Rel(
-                RelationshipDoc::load(*h, keep).map_err(|e| EngineError::Invalid(e.to_string()))?,
-            ),
-        };
-        let gone: Vec<ChangeHash> = gone.into_iter().collect();
-        self.store().remove_changes(&id, &gone)?;
-        self.docs.insert(id, rebuilt);
-        tracing::info!(doc = %id, "rolled back {} change(s) the peer refused", gone.len());
-        Ok(())
+        self.store().put_conduct(peer, &c)?;
+        Ok(ban)
     }
 
     /// Whether the customer's grants let `member` read now (used by the API for views).
@@ -571,15 +579,16 @@ impl Engine {
     }
 }
 
-fn rel_rejections(rejected: Vec<(ChangeHash, RelError)>) -> Vec<(ChangeHash, String)> {
+fn rel_rejections(rejected: Vec<(ChangeHash, RelError)>) -> Vec<(ChangeHash, RefusalKind, String)> {
     rejected
         .into_iter()
         .map(|(h, e)| {
+            let kind = e.refusal_kind();
             let text = match e {
                 RelError::Denied { reason, .. } => reason,
                 other => other.to_string(),
             };
-            (h, text)
+            (h, kind, text)
         })
         .collect()
 }

@@ -390,6 +390,22 @@ pub enum ConsentError {
     SameParties,
 }
 
+impl ConsentError {
+    /// What kind of refusal this is, for the peer that sent the change.
+    pub fn refusal_kind(&self) -> crate::wire::RefusalKind {
+        use crate::wire::RefusalKind;
+        match self {
+            ConsentError::MissingDeps { .. } => RefusalKind::MissingDependencies,
+            ConsentError::Forbidden { .. } | ConsentError::Refused(_) => RefusalKind::Forbidden,
+            ConsentError::Change(_)
+            | ConsentError::NotAnAppend { .. }
+            | ConsentError::BadEntry { .. }
+            | ConsentError::Apply { .. }
+            | ConsentError::SameParties => RefusalKind::Invalid,
+        }
+    }
+}
+
 /// Checks the operations of one change and returns the entries it adds.
 ///
 /// The rule: every operation puts a string at a new key of the root map (no predecessor,

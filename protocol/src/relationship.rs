@@ -384,6 +384,23 @@ pub enum RelError {
     Refused(String),
 }
 
+impl RelError {
+    /// What kind of refusal this is, for the peer that sent the change.
+    pub fn refusal_kind(&self) -> crate::wire::RefusalKind {
+        use crate::wire::RefusalKind;
+        match self {
+            RelError::MissingDeps { .. } => RefusalKind::MissingDependencies,
+            RelError::NotAMember { .. }
+            | RelError::OwnerOnly { .. }
+            | RelError::Denied { .. }
+            | RelError::Refused(_) => RefusalKind::Forbidden,
+            RelError::Change(_) | RelError::NotAnAppend { .. } | RelError::BadEntry { .. } => {
+                RefusalKind::Invalid
+            }
+        }
+    }
+}
+
 /// A member as folded from the document.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct MemberView {

@@ -10,15 +10,16 @@
 //! refuses trailing bytes, and never panics (see the property tests and fuzz target).
 //!
 //! ```text
-//! request   = "RPS" 01 01 docref heads changes
-//! response  = "RPS" 01 02 heads changes more:u8 refused
-//!           | "RPS" 01 03 code:u8 text
+//! request   = "RPS" 02 01 docref heads changes
+//! response  = "RPS" 02 02 heads changes more:u8 refused
+//!           | "RPS" 02 03 code:u8 text
 //! docref    = 01 customer:32 grantee:32          (consent document)
 //!           | 02 owner:32 nonce:16               (relationship document)
 //! heads     = n:u32 (hash:32){n}                 n <= MAX_HEADS
 //! changes   = n:u32 (len:u32 bytes){n}           n <= MAX_CHANGES_PER_MESSAGE,
 //!                                                len <= MAX_SIGNED_CHANGE_BYTES
-//! refused   = n:u32 (hash:32 text){n}            n <= MAX_CHANGES_PER_MESSAGE
+//! refused   = n:u32 (hash:32 kind:u8 text){n}    n <= MAX_CHANGES_PER_MESSAGE;
+//!                                                kind: see RefusalKind
 //! text      = len:u16 utf8                       len <= MAX_REASON_BYTES
 //! ```
 
@@ -30,7 +31,7 @@ use crate::relationship::RelHeader;
 use crate::signed::{DocId, MAX_SIGNED_CHANGE_BYTES};
 
 /// The libp2p protocol id of this version of the sync protocol.
-pub const SYNC_PROTOCOL: &str = "/rapport/sync/1";
+pub const SYNC_PROTOCOL: &str = "/rapport/sync/2";
 /// The largest encoded message (request or response) either side accepts: 32 MiB.
 pub const MAX_WIRE_MESSAGE: usize = 32 << 20;
 /// The changes a sender puts in one message stop once they pass this size: 16 MiB. The
@@ -44,7 +45,10 @@ pub const MAX_CHANGES_PER_MESSAGE: usize = 100_000;
 pub const MAX_REASON_BYTES: usize = 1024;
 
 const MAGIC: &[u8; 3] = b"RPS";
+/// The version byte of the mailbox messages (see [`crate::mail`]).
 const VERSION: u8 = 1;
+/// The version byte of sync messages: 2 since refusals carry a [`RefusalKind`].
+const SYNC_VERSION: u8 = 2;
 
 /// Which document a sync exchange is about. The header travels so the receiver can derive
 /// and check the document id itself.
@@ -104,6 +108,59 @@ impl RefusalCode {
     }
 }
 
+/// Why one change was refused, as a code: what the sender may do about it is decided by
+/// this code, never by the reason's text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum RefusalKind {
+    /// Its dependencies are not held here yet. The change itself may be fine: send what it
+    /// depends on and then the change again. Never a reason to change anything held.
+    MissingDependencies = 1,
+    /// It does not verify or is malformed (signature, encoding, author, shape).
+    Invalid = 2,
+    /// Its author may not write it here now (membership, role, consent).
+    Forbidden = 3,
+}
+
+impl RefusalKind {
+    /// The code's byte, as on the wire.
+    pub fn to_u8(self) -> u8 {
+        self as u8
+    }
+
+    /// The code of a byte, if known.
+    pub fn from_u8(b: u8) -> Option<Self> {
+        Some(match b {
+            1 => Self::MissingDependencies,
+            2 => Self::Invalid,
+            3 => Self::Forbidden,
+            _ => return None,
+        })
+    }
+
+    /// Whether the same change may be accepted later (once its dependencies arrive).
+    pub fn is_transient(self) -> bool {
+        self == Self::MissingDependencies
+    }
+
+    /// Whether it counts against the sender's good conduct: everything but a change that
+    /// waits for its dependencies, which an honest peer sends in a later round.
+    pub fn is_strike(self) -> bool {
+        !self.is_transient()
+    }
+}
+
+impl std::fmt::Display for RefusalKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::MissingDependencies => "missing dependencies",
+            Self::Invalid => "invalid",
+            Self::Forbidden => "forbidden",
+        })
+    }
+}
+
 /// The responder's answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SyncResponse {
@@ -116,8 +173,8 @@ pub enum SyncResponse {
         /// More changes follow in the next round (this message was cut at
         /// [`CHUNK_BYTES`]).
         more: bool,
-        /// The request's changes the responder refused, with the reason.
-        refused: Vec<(ChangeHash, String)>,
+        /// The request's changes the responder refused, with the kind and the reason.
+        refused: Vec<(ChangeHash, RefusalKind, String)>,
     },
     /// The whole request was refused.
     Refused {
@@ -153,9 +210,13 @@ pub(crate) struct Writer(pub(crate) Vec<u8>);
 
 impl Writer {
     pub(crate) fn new(kind: u8) -> Self {
+        Self::versioned(VERSION, kind)
+    }
+
+    fn versioned(version: u8, kind: u8) -> Self {
         let mut v = Vec::with_capacity(64);
         v.extend_from_slice(MAGIC);
-        v.push(VERSION);
+        v.push(version);
         v.push(kind);
         Self(v)
     }
@@ -328,12 +389,20 @@ impl<'a> Reader<'a> {
 }
 
 pub(crate) fn open<'a>(bytes: &'a [u8], kinds: &[u8]) -> Result<(u8, Reader<'a>), WireError> {
+    open_versioned(bytes, VERSION, kinds)
+}
+
+fn open_versioned<'a>(
+    bytes: &'a [u8],
+    version: u8,
+    kinds: &[u8],
+) -> Result<(u8, Reader<'a>), WireError> {
     if bytes.len() > MAX_WIRE_MESSAGE {
         return Err(WireError::TooLarge(bytes.len()));
     }
     let mut r = Reader(bytes);
     let head = r.take(5).map_err(|_| WireError::BadMagic)?;
-    if &head[..3] != MAGIC || head[3] != VERSION || !kinds.contains(&head[4]) {
+    if &head[..3] != MAGIC || head[3] != version || !kinds.contains(&head[4]) {
         return Err(WireError::BadMagic);
     }
     Ok((head[4], r))
@@ -342,7 +411,7 @@ pub(crate) fn open<'a>(bytes: &'a [u8], kinds: &[u8]) -> Result<(u8, Reader<'a>)
 impl SyncRequest {
     /// Encodes the request.
     pub fn encode(&self) -> Vec<u8> {
-        let mut w = Writer::new(1);
+        let mut w = Writer::versioned(SYNC_VERSION, 1);
         w.doc(&self.doc);
         w.heads(&self.heads);
         w.changes(&self.changes);
@@ -351,7 +420,7 @@ impl SyncRequest {
 
     /// Decodes a request, checking every bound.
     pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
-        let (_, mut r) = open(bytes, &[1])?;
+        let (_, mut r) = open_versioned(bytes, SYNC_VERSION, &[1])?;
         let doc = r.doc()?;
         let heads = r.heads()?;
         let changes = r.changes()?;
@@ -374,19 +443,20 @@ impl SyncResponse {
                 more,
                 refused,
             } => {
-                let mut w = Writer::new(2);
+                let mut w = Writer::versioned(SYNC_VERSION, 2);
                 w.heads(heads);
                 w.changes(changes);
                 w.0.push(u8::from(*more));
                 w.u32(refused.len());
-                for (h, why) in refused {
+                for (h, kind, why) in refused {
                     w.0.extend_from_slice(&h.0);
+                    w.0.push(kind.to_u8());
                     w.text(why);
                 }
                 w.0
             }
             SyncResponse::Refused { code, detail } => {
-                let mut w = Writer::new(3);
+                let mut w = Writer::versioned(SYNC_VERSION, 3);
                 w.0.push(*code as u8);
                 w.text(detail);
                 w.0
@@ -396,7 +466,7 @@ impl SyncResponse {
 
     /// Decodes a response, checking every bound.
     pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
-        let (kind, mut r) = open(bytes, &[2, 3])?;
+        let (kind, mut r) = open_versioned(bytes, SYNC_VERSION, &[2, 3])?;
         let out = if kind == 2 {
             let heads = r.heads()?;
             let changes = r.changes()?;
@@ -409,12 +479,15 @@ impl SyncResponse {
             if n > MAX_CHANGES_PER_MESSAGE {
                 return Err(WireError::OverLimit("refused"));
             }
-            if r.0.len() < n * 34 {
+            if r.0.len() < n * 35 {
                 return Err(WireError::Malformed("message ends early"));
             }
             let mut refused = Vec::with_capacity(n);
             for _ in 0..n {
-                refused.push((ChangeHash(r.arr()?), r.text()?));
+                let hash = ChangeHash(r.arr()?);
+                let kind = RefusalKind::from_u8(r.u8()?)
+                    .ok_or(WireError::Malformed("unknown refusal kind"))?;
+                refused.push((hash, kind, r.text()?));
             }
             SyncResponse::Sync {
                 heads,
@@ -494,7 +567,8 @@ mod tests {
 
         #[test]
         fn responses_round_trip(heads in prop::collection::vec(arb_hash(), 0..5), changes in arb_changes(), more: bool,
-                                refused in prop::collection::vec((arb_hash(), "\\PC{0,40}"), 0..4), detail in "\\PC{0,60}", forbidden: bool) {
+                                refused in prop::collection::vec((arb_hash(), 1u8..=3, "\\PC{0,40}"), 0..4), detail in "\\PC{0,60}", forbidden: bool) {
+            let refused = refused.into_iter().map(|(h, k, t)| (h, RefusalKind::from_u8(k).unwrap(), t)).collect();
             let r = SyncResponse::Sync { heads, changes, more, refused };
             prop_assert_eq!(SyncResponse::decode(&r.encode()).unwrap(), r);
             let code = if forbidden { RefusalCode::Forbidden } else { RefusalCode::RateLimited };

@@ -5,9 +5,10 @@
 //! | 1 | foundation | meta, docs, changes, change index, snapshots |
 //! | 2 | network | relationship documents in `docs-1`; new tables `peers-1`, `peer-heads-1`, `refusals-1` |
 //! | 3 | relays | new table `epoch-keys-1` (content keys per relationship and epoch) |
+//! | 4 | core | new tables `peer-refused-1` (our changes a peer refused for good) and `conduct-1` (strikes and bans) |
 
 /// The schema this build writes and reads.
-pub(crate) const SCHEMA_VERSION: u32 = 3;
+pub(crate) const SCHEMA_VERSION: u32 = 4;
 
 /// What to do with a store of schema `found`.
 pub(crate) enum Plan {
@@ -41,6 +42,12 @@ pub(crate) fn migrate(tx: &redb::WriteTransaction, from: u32) -> Result<(), redb
         // Schema 3 adds content keys; relationships opened before it get their first epoch
         // when their owner next writes or syncs with a relay.
         tx.open_table(EPOCH_KEYS)?;
+    }
+    if from < 4 {
+        // Schema 4 adds what a peer refused of ours and each peer's conduct. Stores of
+        // earlier schemas start with both empty.
+        tx.open_table(PEER_REFUSED)?;
+        tx.open_table(CONDUCT)?;
     }
     tx.open_table(META)?
         .insert(META_SCHEMA, &SCHEMA_VERSION.to_be_bytes()[..])?;

@@ -5,12 +5,13 @@
 mod migrations;
 mod tables;
 
+use std::collections::HashSet;
 use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use rapport_protocol::automerge::ChangeHash;
-use rapport_protocol::wire::DocRef;
+use rapport_protocol::wire::{DocRef, RefusalKind};
 use rapport_protocol::{
     ConsentDoc, ConsentHeader, DocId, IdentityKey, Kind, RelHeader, RelationshipDoc, SecretKey,
     SignedChange,
@@ -90,10 +91,24 @@ pub struct Refusal {
     pub author: Option<String>,
     /// Why it was refused.
     pub reason: String,
+    /// What kind of refusal it was (absent in records written before schema 4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<RefusalKind>,
     /// The entries it would have added, as JSON text, when they could be read.
     pub entries: Vec<String>,
     /// The encoded signed change (hex), when at most 64 KiB: the evidence itself.
     pub signed_change: Option<String>,
+}
+
+/// A peer's conduct: strikes within the current window and any ban.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Conduct {
+    /// Start of the current strike window (Unix seconds).
+    pub since: u64,
+    /// Strikes counted in the window.
+    pub strikes: u32,
+    /// Banned until then (Unix seconds); 0 when never banned.
+    pub banned_until: u64,
 }
 
 /// The first bytes of every redb file.
@@ -183,6 +198,8 @@ impl Store {
             tx.open_table(PEER_HEADS)?;
             tx.open_table(REFUSALS)?;
             tx.open_table(EPOCH_KEYS)?;
+            tx.open_table(PEER_REFUSED)?;
+            tx.open_table(CONDUCT)?;
             Ok(())
         });
         if let Err(e) = written {
@@ -328,22 +345,84 @@ impl Store {
         })
     }
 
-    /// Removes some changes of a document (a write the other side refused, and what
-    /// depends on it), in one transaction. Returns how many were held.
-    pub fn remove_changes(&self, doc: &DocId, hashes: &[ChangeHash]) -> Result<usize, StoreError> {
+    /// Remembers changes of ours that `peer` refused for good in `doc`, so they are not
+    /// sent to it again. Our own history keeps them.
+    pub fn put_peer_refused(
+        &self,
+        doc: &DocId,
+        peer: &IdentityKey,
+        refused: &[(ChangeHash, RefusalKind)],
+    ) -> Result<(), StoreError> {
+        if refused.is_empty() {
+            return Ok(());
+        }
         self.write(|tx| {
-            let mut index = tx.open_table(CHANGE_INDEX)?;
-            let mut table = tx.open_table(CHANGES)?;
-            let mut removed = 0;
-            for h in hashes {
-                let seq = index.remove((&doc.0, &h.0))?.map(|v| v.value());
-                if let Some(seq) = seq {
-                    table.remove((&doc.0, seq))?;
-                    removed += 1;
-                }
+            let mut t = tx.open_table(PEER_REFUSED)?;
+            for (h, kind) in refused {
+                t.insert((&doc.0, peer.as_bytes(), &h.0), kind.to_u8())?;
             }
-            Ok(removed)
+            Ok(())
         })
+    }
+
+    /// The changes of ours `peer` refused for good in `doc`.
+    pub fn peer_refused(
+        &self,
+        doc: &DocId,
+        peer: &IdentityKey,
+    ) -> Result<HashSet<ChangeHash>, StoreError> {
+        let tx = self.db.begin_read().map_err(|e| self.db_error(e))?;
+        let t = tx.open_table(PEER_REFUSED).map_err(|e| self.db_error(e))?;
+        let p = peer.as_bytes();
+        let rows = t
+            .range((&doc.0, p, &[0u8; 32])..=(&doc.0, p, &[0xffu8; 32]))
+            .map_err(|e| self.db_error(e))?;
+        let mut out = HashSet::new();
+        for row in rows {
+            let (k, _) = row.map_err(|e| self.db_error(e))?;
+            out.insert(ChangeHash(*k.value().2));
+        }
+        Ok(out)
+    }
+
+    /// A peer's recorded conduct, if any.
+    pub fn conduct(&self, peer: &IdentityKey) -> Result<Option<Conduct>, StoreError> {
+        let tx = self.db.begin_read().map_err(|e| self.db_error(e))?;
+        let t = tx.open_table(CONDUCT).map_err(|e| self.db_error(e))?;
+        let Some(v) = t.get(peer.as_bytes()).map_err(|e| self.db_error(e))? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(v.value())
+            .map(Some)
+            .map_err(|e| self.corrupt(&format!("peer conduct: {e}")))
+    }
+
+    /// Records a peer's conduct.
+    pub fn put_conduct(&self, peer: &IdentityKey, c: &Conduct) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(c).expect("conduct serialises");
+        self.write(|tx| {
+            tx.open_table(CONDUCT)?
+                .insert(peer.as_bytes(), bytes.as_slice())?;
+            Ok(())
+        })
+    }
+
+    /// Every peer banned until after `now`, with the end of its ban.
+    pub fn bans(&self, now: u64) -> Result<Vec<(IdentityKey, u64)>, StoreError> {
+        let tx = self.db.begin_read().map_err(|e| self.db_error(e))?;
+        let t = tx.open_table(CONDUCT).map_err(|e| self.db_error(e))?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(|e| self.db_error(e))? {
+            let (k, v) = row.map_err(|e| self.db_error(e))?;
+            let c: Conduct = serde_json::from_slice(v.value())
+                .map_err(|e| self.corrupt(&format!("peer conduct: {e}")))?;
+            if c.banned_until > now
+                && let Ok(id) = IdentityKey::from_bytes(k.value())
+            {
+                out.push((id, c.banned_until));
+            }
+        }
+        Ok(out)
     }
 
     /// Every document held.
@@ -626,6 +705,11 @@ impl Store {
             heads.retain_in((&doc.0, &[0u8; 32])..=(&doc.0, &[0xffu8; 32]), |_, _| false)?;
             let mut keys = tx.open_table(EPOCH_KEYS)?;
             keys.retain_in((&doc.0, 0)..=(&doc.0, u32::MAX), |_, _| false)?;
+            let mut refused = tx.open_table(PEER_REFUSED)?;
+            refused.retain_in(
+                (&doc.0, &[0u8; 32], &[0u8; 32])..=(&doc.0, &[0xffu8; 32], &[0xffu8; 32]),
+                |_, _| false,
+            )?;
             Ok(held)
         })
     }

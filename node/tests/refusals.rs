@@ -1,0 +1,354 @@
+//! A peer's answer is a hint, never a command on our own history (DESIGN rule 8).
+//!
+//! Two engines on real redb stores talk through their sync entry points
+//! (`start_round`, `handle_request`, `handle_response`), exactly as the network loop
+//! carries them; where a test needs a hostile peer, it answers with the bytes a hostile
+//! node could send: "refused" for the customer's revocation, for the owner's removal of a
+//! member and its new epoch, or an answer lost to a crash before it was stored.
+
+use std::collections::HashSet;
+
+use rapport_node::{Engine, GrantArgs, Store};
+use rapport_protocol::automerge::ChangeHash;
+use rapport_protocol::wire::{DocRef, RefusalKind, SyncResponse};
+use rapport_protocol::{ConsentHeader, IdentityKey, Kind, SignedChange};
+use tempfile::TempDir;
+
+const T0: u64 = 1_800_000_000;
+
+/// An engine that can be closed and opened again in place.
+struct Slot(Option<Engine>);
+
+impl std::ops::Deref for Slot {
+    type Target = Engine;
+    fn deref(&self) -> &Engine {
+        self.0.as_ref().expect("open")
+    }
+}
+
+impl std::ops::DerefMut for Slot {
+    fn deref_mut(&mut self) -> &mut Engine {
+        self.0.as_mut().expect("open")
+    }
+}
+
+struct Side {
+    dir: TempDir,
+    engine: Slot,
+}
+
+impl Side {
+    fn new(kind: Kind, name: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::create(dir.path(), kind, name, T0).unwrap();
+        let engine = Slot(Some(Engine::open(store).unwrap()));
+        Self { dir, engine }
+    }
+
+    fn me(&self) -> IdentityKey {
+        self.engine.me()
+    }
+
+    /// Closes the engine and opens it again on the same file: what a restart sees.
+    fn reopen(&mut self) {
+        self.engine.0 = None;
+        self.engine.0 = Some(Engine::open(Store::open(self.dir.path()).unwrap()).unwrap());
+    }
+}
+
+fn hashes(changes: &[Vec<u8>]) -> Vec<ChangeHash> {
+    changes
+        .iter()
+        .map(|b| SignedChange::decode(b).unwrap().hash())
+        .collect()
+}
+
+/// One honest round from `a` to `b` for `doc`; returns whether `a` wants another.
+fn round(a: &mut Side, b: &mut Side, doc: &DocRef, now: u64) -> bool {
+    let Some(req) = a.engine.start_round(&b.me(), doc, now).unwrap() else {
+        return false;
+    };
+    let sent = hashes(&req.changes);
+    let (resp, _, _) = b.engine.handle_request(&a.me(), req, now);
+    let (outcome, _) = a
+        .engine
+        .handle_response(&b.me(), doc, &sent, resp, now)
+        .unwrap();
+    outcome.again && (outcome.received > 0 || outcome.peer_moved)
+}
+
+/// Honest rounds until `a` has nothing more to say, bounded.
+fn sync(a: &mut Side, b: &mut Side, doc: &DocRef, now: u64) {
+    for _ in 0..20 {
+        if !round(a, b, doc, now) {
+            return;
+        }
+    }
+    panic!("sync did not settle in 20 rounds");
+}
+
+fn consent(customer: &Side, grantee: &Side) -> DocRef {
+    DocRef::Consent(ConsentHeader {
+        customer: customer.me(),
+        grantee: grantee.me(),
+    })
+}
+
+/// Alice grants `company` read, write and contact:support; the company accepts.
+fn granted(alice: &mut Side, company: &mut Side, now: u64) -> String {
+    let (out, _) = alice
+        .engine
+        .grant(
+            GrantArgs {
+                grantee: company.me(),
+                scopes: ["conversation:read", "conversation:write", "contact:support"]
+                    .iter()
+                    .map(|s| s.parse().unwrap())
+                    .collect(),
+                purpose: "support".into(),
+                expires: None,
+                terms: None,
+                legal_basis: None,
+                notice_sha256: None,
+            },
+            now,
+        )
+        .unwrap();
+    let doc = consent(alice, company);
+    sync(alice, company, &doc, now);
+    company.engine.accept(None, None, now).unwrap();
+    sync(company, alice, &doc, now);
+    out.entry.unwrap().to_hex()
+}
+
+fn rel_doc(side: &Side, rel: &str) -> DocRef {
+    let id = side.engine.relationship(rel, T0).unwrap().summary.id;
+    side.engine
+        .shared_with(&side.me(), T0)
+        .into_iter()
+        .chain(
+            side.engine
+                .counterparts()
+                .into_iter()
+                .flat_map(|p| side.engine.shared_with(&p, T0)),
+        )
+        .find(|d| d.doc_id() == id)
+        .expect("the relationship is shared with someone")
+}
+
+/// The answer of a hostile peer: it "refuses" every change the request carried and claims
+/// to hold nothing.
+fn refuse_all(sent: &[ChangeHash], kind: RefusalKind) -> SyncResponse {
+    SyncResponse::Sync {
+        heads: vec![],
+        changes: vec![],
+        more: false,
+        refused: sent
+            .iter()
+            .map(|h| (*h, kind, "I refuse this".to_string()))
+            .collect(),
+    }
+}
+
+fn grant_status(side: &Side, grant: &str, now: u64) -> String {
+    side.engine
+        .grants(now)
+        .into_iter()
+        .find(|g| g.grant.to_hex() == grant)
+        .map(|g| g.status)
+        .expect("the grant is listed")
+}
+
+#[test]
+fn a_grantee_refusing_the_revocation_does_not_undo_it() {
+    let now = T0 + 10;
+    let mut alice = Side::new(Kind::Person, "Alice");
+    let mut acme = Side::new(Kind::Org, "Acme");
+    let grant = granted(&mut alice, &mut acme, now);
+    let (rel, _) = alice
+        .engine
+        .open_relationship(acme.me(), Some("Acme".into()), None, now)
+        .unwrap();
+    let rel = rel.doc.to_hex();
+    assert_eq!(grant_status(&alice, &grant, now), "active");
+
+    alice.engine.revoke(&grant, None, now + 1).unwrap();
+    // Alice's node tells Acme; Acme answers that it refuses the revocation.
+    let doc = consent(&alice, &acme);
+    let req = alice
+        .engine
+        .start_round(&acme.me(), &doc, now + 1)
+        .unwrap()
+        .expect("a round to carry the revocation");
+    let sent = hashes(&req.changes);
+    assert!(!sent.is_empty());
+    for kind in [RefusalKind::Forbidden, RefusalKind::Invalid] {
+        alice
+            .engine
+            .handle_response(&acme.me(), &doc, &sent, refuse_all(&sent, kind), now + 1)
+            .unwrap();
+    }
+
+    for when in ["after the refusal", "after a restart"] {
+        assert_eq!(grant_status(&alice, &grant, now + 2), "revoked", "{when}");
+        assert!(
+            !alice
+                .engine
+                .shared_with(&acme.me(), now + 2)
+                .iter()
+                .any(|d| d.doc_id().to_hex() == rel),
+            "{when}: Acme stays cut off from the relationship"
+        );
+        alice.reopen();
+    }
+}
+
+#[test]
+fn a_member_refusing_the_owners_removal_and_epoch_changes_nothing() {
+    let now = T0 + 10;
+    let mut alice = Side::new(Kind::Person, "Alice");
+    let mut acme = Side::new(Kind::Org, "Acme");
+    let mut globex = Side::new(Kind::Org, "Globex");
+    granted(&mut alice, &mut acme, now);
+    granted(&mut alice, &mut globex, now);
+    let (rel, _) = alice
+        .engine
+        .open_relationship(acme.me(), Some("Acme".into()), None, now)
+        .unwrap();
+    let rel = rel.doc.to_hex();
+    alice
+        .engine
+        .add_member(&rel, globex.me(), Some("Globex".into()), now)
+        .unwrap();
+    let doc = rel_doc(&alice, &rel);
+    sync(&mut alice, &mut globex, &doc, now);
+    let epoch_before = alice.engine.relationship(&rel, now).unwrap().epoch;
+
+    alice
+        .engine
+        .remove_member(&rel, acme.me(), now + 1)
+        .unwrap();
+    let after = alice.engine.relationship(&rel, now + 1).unwrap();
+    assert!(after.epoch > epoch_before, "the removal starts a new epoch");
+    let heads = alice.engine.heads(&rel).unwrap();
+
+    // Globex, hostile, refuses the removal and the new epoch.
+    let req = alice
+        .engine
+        .start_round(&globex.me(), &doc, now + 1)
+        .unwrap()
+        .expect("a round to Globex");
+    let sent = hashes(&req.changes);
+    assert!(!sent.is_empty());
+    alice
+        .engine
+        .handle_response(
+            &globex.me(),
+            &doc,
+            &sent,
+            refuse_all(&sent, RefusalKind::Forbidden),
+            now + 1,
+        )
+        .unwrap();
+
+    for when in ["after the refusal", "after a restart"] {
+        let d = alice.engine.relationship(&rel, now + 2).unwrap();
+        assert_eq!(alice.engine.heads(&rel).unwrap(), heads, "{when}");
+        assert_eq!(d.epoch, after.epoch, "{when}");
+        assert!(
+            !d.epoch_recipients.contains(&acme.me().to_string()),
+            "{when}: the newest epoch is not sealed to Acme"
+        );
+        assert!(
+            d.summary
+                .members
+                .iter()
+                .any(|m| m.identity == acme.me() && m.removed),
+            "{when}: Acme is still removed"
+        );
+        alice.reopen();
+    }
+    // And Globex is not sent the changes it refused again.
+    let again = alice
+        .engine
+        .start_round(&globex.me(), &doc, now + 3)
+        .unwrap();
+    let resent: HashSet<ChangeHash> = again
+        .map(|r| hashes(&r.changes).into_iter().collect())
+        .unwrap_or_default();
+    assert!(sent.iter().all(|h| !resent.contains(h)));
+}
+
+#[test]
+fn an_answer_lost_in_a_crash_loses_nothing_acknowledged() {
+    let now = T0 + 10;
+    let mut alice = Side::new(Kind::Person, "Alice");
+    let mut acme = Side::new(Kind::Org, "Acme");
+    granted(&mut alice, &mut acme, now);
+    let (rel, _) = alice
+        .engine
+        .open_relationship(acme.me(), Some("Acme".into()), None, now)
+        .unwrap();
+    let rel = rel.doc.to_hex();
+    let doc = rel_doc(&alice, &rel);
+    sync(&mut alice, &mut acme, &doc, now);
+
+    // Acme writes; Alice asks; Acme answers with its message, but Alice crashes before
+    // storing the answer.
+    acme.engine
+        .send_message(&rel, "first".into(), None, None, now)
+        .unwrap();
+    alice
+        .engine
+        .send_message(&rel, "hello".into(), None, None, now)
+        .unwrap();
+    let req = alice
+        .engine
+        .start_round(&acme.me(), &doc, now)
+        .unwrap()
+        .unwrap();
+    let (lost, _, _) = acme.engine.handle_request(&alice.me(), req, now);
+    assert!(matches!(lost, SyncResponse::Sync { ref changes, .. } if !changes.is_empty()));
+    alice.reopen();
+
+    // Acme writes again (acknowledged: the call returned) and pushes it.
+    acme.engine
+        .send_message(&rel, "second".into(), None, None, now + 1)
+        .unwrap();
+    let mine = acme.engine.heads(&rel).unwrap();
+    sync(&mut acme, &mut alice, &doc, now + 1);
+    sync(&mut alice, &mut acme, &doc, now + 1);
+
+    let texts = |s: &Side| -> Vec<String> {
+        let mut v: Vec<String> = s
+            .engine
+            .relationship(&rel, now + 2)
+            .unwrap()
+            .messages
+            .into_iter()
+            .map(|m| m.text)
+            .collect();
+        v.sort();
+        v
+    };
+    acme.reopen();
+    assert_eq!(
+        texts(&acme),
+        ["first", "hello", "second"],
+        "Acme keeps its own"
+    );
+    assert_eq!(
+        texts(&alice),
+        ["first", "hello", "second"],
+        "and Alice has them"
+    );
+    assert_eq!(
+        alice.engine.heads(&rel).unwrap(),
+        acme.engine.heads(&rel).unwrap()
+    );
+    assert!(
+        mine.iter()
+            .all(|h| acme.engine.heads(&rel).unwrap().contains(h)),
+        "Acme's acknowledged head is still a head"
+    );
+}
