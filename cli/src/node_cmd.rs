@@ -20,6 +20,23 @@ fn multiaddrs(list: &[String], what: &str) -> Result<Vec<libp2p::Multiaddr>> {
         .collect()
 }
 
+/// Makes any panic stop the process at once, loudly. A panic is a bug; a node that went on
+/// would hold a poisoned engine and sessions that never end. Everything acknowledged is in
+/// the store, so a supervisor's restart resumes cleanly. Panics that Rapport contains on
+/// purpose (a crafted change that makes Automerge panic while it is read, see
+/// `rapport_protocol::in_guarded_section`) are refused changes, not crashes.
+pub(crate) fn stop_on_panic() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if rapport_protocol::in_guarded_section() {
+            return;
+        }
+        report(info);
+        eprintln!("rapport: stopping at once after an internal error; restart it to resume");
+        std::process::abort();
+    }));
+}
+
 /// Runs the node in the foreground until Ctrl-C or SIGTERM.
 pub(crate) fn run(
     dir: &Path,
@@ -33,6 +50,7 @@ pub(crate) fn run(
     if !api.ip().is_loopback() {
         bail!("the local API listens on loopback only; {api} is not a loopback address");
     }
+    stop_on_panic();
     let listen = if listen.iter().any(|l| l == "none") {
         // Reachable only through the relay (a node behind NAT, or a test of one).
         Vec::new()

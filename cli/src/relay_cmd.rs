@@ -98,6 +98,7 @@ pub(crate) fn run(dir: &Path, cmd: RelayCmd) -> Result<()> {
             max_circuit_minutes,
             max_circuits_per_peer,
         } => {
+            crate::node_cmd::stop_on_panic();
             let listen = if listen.is_empty() {
                 vec![
                     "/ip4/0.0.0.0/tcp/4002".to_string(),

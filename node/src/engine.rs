@@ -1259,10 +1259,26 @@ impl Engine {
         body: RelBody,
         now: UnixSeconds,
     ) -> Result<(EntryId, Vec<Push>)> {
+        let owner = match self.docs.get(&id) {
+            Some(Doc::Rel(doc)) => doc.header().owner,
+            _ => return Err(EngineError::NotFound(format!("no relationship {id}"))),
+        };
+        // Changes of ours the owner refused stay ours, but the next one must not depend on
+        // them, or the owner could take nothing more from us.
+        let refused = if owner == self.me {
+            HashSet::new()
+        } else {
+            self.store.peer_refused(&id, &owner)?
+        };
+        let fresh = if refused.is_empty() {
+            self.nonce
+        } else {
+            random16()?
+        };
         let Some(Doc::Rel(doc)) = self.docs.get_mut(&id) else {
             return Err(EngineError::NotFound(format!("no relationship {id}")));
         };
-        let (entry, change) = doc.append(&self.key, self.nonce, now, body)?;
+        let (entry, change) = doc.append_excluding(&refused, &self.key, fresh, now, body)?;
         let header = *doc.header();
         let d = DocRef::Relationship(header);
         if let Err(e) = self.store.put_changes(&d, &[change]) {

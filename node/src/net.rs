@@ -116,7 +116,7 @@ impl<Req, Resp> Default for FrameCodec<Req, Resp> {
     }
 }
 
-/// The sync protocol's codec (`/rapport/sync/1`).
+/// The sync protocol's codec (`/rapport/sync/2`).
 pub type SyncCodec = FrameCodec<SyncRequest, SyncResponse>;
 /// The mailbox protocol's codec (`/rapport/mailbox/1`).
 pub type MailCodec = FrameCodec<MailRequest, MailResponse>;

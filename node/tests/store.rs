@@ -49,7 +49,7 @@ fn create_then_open_round_trips_profile_and_key() {
     let store = Store::open(&dir).unwrap();
     assert_eq!(store.profile().unwrap(), profile);
     assert_eq!(store.secret_key().unwrap().to_seed(), key.to_seed());
-    assert_eq!(store.schema_version().unwrap(), 3);
+    assert_eq!(store.schema_version().unwrap(), 4);
     assert_eq!(profile.kind, Kind::Org);
     assert_eq!(profile.name, "Acme");
 }
@@ -114,7 +114,7 @@ fn missing_garbage_and_newer_stores_give_clear_errors_and_stay_untouched() {
             err,
             StoreError::NewerSchema {
                 found: 7,
-                supported: 3,
+                supported: 4,
                 ..
             }
         ),
@@ -196,7 +196,7 @@ fn a_schema_1_store_is_migrated_in_place_and_keeps_its_documents() {
         tx.commit().unwrap();
     }
     let store = Store::open(tmp.path()).unwrap();
-    assert_eq!(store.schema_version().unwrap(), 3);
+    assert_eq!(store.schema_version().unwrap(), 4);
     assert_eq!(store.profile().unwrap().identity, identity);
     assert_eq!(store.consent_changes(&header.doc_id()).unwrap(), all);
     // The new tables work.
@@ -209,4 +209,19 @@ fn a_schema_1_store_is_migrated_in_place_and_keeps_its_documents() {
     let key = rapport_protocol::seal::ContentKey::from_bytes([9; 32]);
     store.put_epoch_key(&header.doc_id(), 0, &key).unwrap();
     assert_eq!(store.epoch_keys().unwrap().len(), 1);
+    // Schema 4: what peers refused of ours, and each peer's conduct.
+    assert!(
+        store
+            .peer_refused(&header.doc_id(), &identity)
+            .unwrap()
+            .is_empty()
+    );
+    let conduct = rapport_node::Conduct {
+        since: T0,
+        strikes: 2,
+        banned_until: T0 + 60,
+    };
+    store.put_conduct(&identity, &conduct).unwrap();
+    assert_eq!(store.conduct(&identity).unwrap(), Some(conduct));
+    assert_eq!(store.bans(T0).unwrap(), vec![(identity, T0 + 60)]);
 }

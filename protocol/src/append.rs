@@ -29,7 +29,10 @@ pub(crate) fn appended_entries(
     sc: &SignedChange,
     max_entry_bytes: usize,
 ) -> Result<Vec<(EntryId, String)>, AppendViolation> {
-    let expanded = sc.change().decode();
+    // The expansion of a crafted change can panic inside Automerge (see `guard`).
+    let expanded = crate::guard::guarded(|| sc.change().decode()).ok_or_else(|| {
+        AppendViolation::NotAnAppend("its operations name actors it does not list".into())
+    })?;
     if expanded.operations.is_empty() {
         return Err(AppendViolation::NotAnAppend("it has no operations".into()));
     }

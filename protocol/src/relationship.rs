@@ -715,6 +715,37 @@ impl RelationshipDoc {
         at: UnixSeconds,
         body: RelBody,
     ) -> Result<(EntryId, SignedChange), RelError> {
+        self.write(key, nonce, at, body, None)
+    }
+
+    /// Like [`append`](Self::append), but the change does not depend on the changes in
+    /// `exclude` nor on anything built on them: a member whose changes the owner refused
+    /// keeps them (its history is its own) and still reaches the owner with the next one.
+    /// `nonce` must name a writer session that wrote none of the excluded changes (a fresh
+    /// one), since the change numbers its author's changes from the fork it is built on.
+    pub fn append_excluding(
+        &mut self,
+        exclude: &HashSet<ChangeHash>,
+        key: &SecretKey,
+        nonce: [u8; 16],
+        at: UnixSeconds,
+        body: RelBody,
+    ) -> Result<(EntryId, SignedChange), RelError> {
+        if exclude.iter().any(|h| self.index.contains_key(h)) {
+            self.write(key, nonce, at, body, Some(exclude))
+        } else {
+            self.write(key, nonce, at, body, None)
+        }
+    }
+
+    fn write(
+        &mut self,
+        key: &SecretKey,
+        nonce: [u8; 16],
+        at: UnixSeconds,
+        body: RelBody,
+        exclude: Option<&HashSet<ChangeHash>>,
+    ) -> Result<(EntryId, SignedChange), RelError> {
         let author = key.identity();
         body.check_shape().map_err(RelError::Refused)?;
         if author != self.header.owner {
@@ -784,11 +815,49 @@ impl RelationshipDoc {
                 id.short()
             )));
         }
-        let signed = write_entry(&mut self.doc, &self.id, key, nonce, at, &id, text)?;
+        let signed = match exclude {
+            None => write_entry(&mut self.doc, &self.id, key, nonce, at, &id, text)?,
+            Some(exclude) => {
+                // Built on the document as the owner holds it: without the changes it
+                // refused and what was built on them (a fork: this costs a pass over the
+                // document, and happens only where something of ours was refused).
+                let heads = self.heads_without(exclude);
+                let mut fork = self
+                    .doc
+                    .fork_at(&heads)
+                    .map_err(|e| RelError::Refused(format!("cannot build the change: {e}")))?;
+                let signed = write_entry(&mut fork, &self.id, key, nonce, at, &id, text)?;
+                self.doc
+                    .apply_changes([signed.change().clone()])
+                    .map_err(|e| RelError::Refused(format!("cannot apply the change: {e}")))?;
+                signed
+            }
+        };
         let entries = check_ops(&self.header.owner, &signed, &author)?;
         self.check_state(&signed, &author, &entries)?;
         self.record(signed.clone(), entries);
         Ok((id, signed))
+    }
+
+    /// The heads of the document less the changes in `exclude` and every change that
+    /// depends on one of them.
+    fn heads_without(&self, exclude: &HashSet<ChangeHash>) -> Vec<ChangeHash> {
+        let mut blocked: HashSet<ChangeHash> = HashSet::new();
+        let mut kept: Vec<&SignedChange> = Vec::new();
+        for c in &self.changes {
+            let h = c.hash();
+            if exclude.contains(&h) || c.change().deps().iter().any(|d| blocked.contains(d)) {
+                blocked.insert(h);
+            } else {
+                kept.push(c);
+            }
+        }
+        let depended: HashSet<&ChangeHash> =
+            kept.iter().flat_map(|c| c.change().deps().iter()).collect();
+        kept.iter()
+            .map(|c| c.hash())
+            .filter(|h| !depended.contains(h))
+            .collect()
     }
 
     /// Rules that depend on what the document already holds.

@@ -265,7 +265,7 @@ async fn hostile_input_is_refused_change_by_change_and_honest_changes_sync() {
         panic!("the request as a whole is allowed: Mallory holds an active grant");
     };
     assert_eq!(refused.len(), 6, "{refused:#?}");
-    let reasons: Vec<&str> = refused.iter().map(|(_, r)| r.as_str()).collect();
+    let reasons: Vec<&str> = refused.iter().map(|(_, _, r)| r.as_str()).collect();
     assert!(
         reasons.iter().any(|r| r.contains("signature")),
         "{reasons:?}"

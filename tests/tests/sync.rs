@@ -73,17 +73,34 @@ async fn customer_and_company_talk_under_consent_and_revocation_cuts_off() {
     })
     .await;
 
-    // Unsolicited marketing: refused by Alice's node, rolled back at Acme, kept as evidence.
+    // Unsolicited marketing: refused by Alice's node and kept there as evidence. Acme keeps
+    // what it wrote (a peer's refusal never changes a node's own history) and is not
+    // stopped by it: its next message, under a purpose Alice allows, is delivered.
     let d = send(&acme.handle, &rel, "50% off everything!", Some("marketing")).await;
     assert!(
         d.contains("refused") && d.contains("contact:marketing"),
         "{d}"
     );
     assert_eq!(messages(&alice.handle, &rel).await.len(), 2);
-    eventually(10, "Acme rolls its refused message back", || async {
-        messages(&acme.handle, &rel).await.len() == 2
+    assert_eq!(messages(&acme.handle, &rel).await.len(), 3);
+    let d = send(
+        &acme.handle,
+        &rel,
+        "Your parcel is at the depot.",
+        Some("support"),
+    )
+    .await;
+    assert!(d.contains("delivered"), "{d}");
+    eventually(10, "Alice holds Acme's next message", || async {
+        messages(&alice.handle, &rel).await.len() == 3
     })
     .await;
+    assert!(
+        !messages(&alice.handle, &rel)
+            .await
+            .iter()
+            .any(|m| m.contains("50% off"))
+    );
     let refusals = alice.handle.read(|e| e.refusals(10).unwrap()).await;
     assert_eq!(refusals.len(), 1);
     assert!(refusals[0].reason.contains("unsolicited"));

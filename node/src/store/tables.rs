@@ -56,8 +56,11 @@ pub(crate) const EPOCH_KEYS: TableDefinition<(&[u8; 32], u32), &[u8; 32]> =
 /// Changes of ours a peer refused for good (schema 4), so they are not sent to that peer
 /// again; our own history keeps them. Key: (document id, peer key bytes, change hash).
 /// Value: the [`rapport_protocol::wire::RefusalKind`] byte the peer gave.
-pub(crate) const PEER_REFUSED: TableDefinition<(&[u8; 32], &[u8; 32], &[u8; 32]), u8> =
+pub(crate) const PEER_REFUSED: TableDefinition<PeerRefusedKey, u8> =
     TableDefinition::new("peer-refused-1");
+
+/// (document id, peer key bytes, change hash).
+pub(crate) type PeerRefusedKey<'a> = (&'a [u8; 32], &'a [u8; 32], &'a [u8; 32]);
 
 /// Each peer's conduct (schema 4): strikes for changes this node refused and any ban, so a
 /// restart neither forgives a misbehaving peer nor forgets a ban. Key: peer key bytes.
