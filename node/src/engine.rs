@@ -66,6 +66,13 @@ pub const MAX_STRIKES: u32 = 64;
 pub const STRIKE_WINDOW: u64 = 600;
 /// How long a peer past [`MAX_STRIKES`] stays banned, in seconds.
 pub const BAN_SECONDS: u64 = 300;
+/// The most changes a consent document may hold from a customer before this node has
+/// answered (accepted, acknowledged) any of its grants: what a stranger can make it store.
+pub const MAX_UNANSWERED_CHANGES: usize = 32;
+/// The most consent documents with grants this node has not answered: with
+/// [`MAX_UNANSWERED_CHANGES`] and the entry limit, what all strangers together can make it
+/// store (about 1,000 x 32 x 8 KiB at most).
+pub const MAX_UNANSWERED_DOCS: usize = 1_000;
 /// The most relationships one owner may place on this node.
 pub const MAX_RELS_PER_OWNER: usize = 100_000;
 
@@ -118,6 +125,8 @@ pub struct Engine {
     pub(crate) docs: HashMap<DocId, Doc>,
     events: broadcast::Sender<Event>,
     auto_accept: bool,
+    /// See [`MAX_UNANSWERED_DOCS`].
+    pub(crate) max_unanswered_docs: usize,
     /// Content keys held, by relationship and epoch (see [`rapport_protocol::seal`]).
     pub(crate) keys: HashMap<DocId, BTreeMap<u32, ContentKey>>,
     /// Heads of what was deposited in a peer's mailbox, per document and peer, so a
@@ -174,6 +183,7 @@ impl Engine {
             docs,
             events,
             auto_accept: false,
+            max_unanswered_docs: MAX_UNANSWERED_DOCS,
             keys,
             deposited: HashMap::new(),
         };
@@ -190,6 +200,12 @@ impl Engine {
     /// (a company's choice; off by default).
     pub fn set_auto_accept(&mut self, on: bool) {
         self.auto_accept = on;
+    }
+
+    /// Sets how many consent documents with unanswered grants this node keeps (default
+    /// [`MAX_UNANSWERED_DOCS`]); grants from further strangers are refused until it answers.
+    pub fn set_max_unanswered_docs(&mut self, n: usize) {
+        self.max_unanswered_docs = n;
     }
 
     /// Who this node is.

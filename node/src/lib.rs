@@ -27,8 +27,8 @@ mod views;
 pub use api::{DEFAULT_WAIT, OPENAPI_PATH, ROUTES, openapi, router};
 pub use crypt::{MailReport, Sealed};
 pub use engine::{
-    BAN_SECONDS, Engine, EngineError, GrantArgs, MAX_RELS_PER_OWNER, MAX_STRIKES, Push,
-    RoundOutcome, STRIKE_WINDOW,
+    BAN_SECONDS, Engine, EngineError, GrantArgs, MAX_RELS_PER_OWNER, MAX_STRIKES,
+    MAX_UNANSWERED_CHANGES, MAX_UNANSWERED_DOCS, Push, RoundOutcome, STRIKE_WINDOW,
 };
 pub use error::StoreError;
 pub use mailbox::{RELAY_DB, RelayStore, RelayStoreError, StoredMail};

@@ -9,7 +9,7 @@
 
 use std::collections::HashSet;
 
-use rapport_protocol::access::{may_read, may_write};
+use rapport_protocol::access::{may_read, may_take, may_write};
 use rapport_protocol::automerge::ChangeHash;
 use rapport_protocol::wire::{
     CHUNK_BYTES, DocRef, MAX_CHANGES_PER_MESSAGE, RefusalCode, RefusalKind, SyncRequest,
@@ -21,8 +21,8 @@ use rapport_protocol::{
 };
 
 use crate::engine::{
-    BAN_SECONDS, Doc, Engine, EngineError, MAX_RELS_PER_OWNER, MAX_STRIKES, Push, RoundOutcome,
-    STRIKE_WINDOW,
+    BAN_SECONDS, Doc, Engine, EngineError, MAX_RELS_PER_OWNER, MAX_STRIKES, MAX_UNANSWERED_CHANGES,
+    Push, RoundOutcome, STRIKE_WINDOW,
 };
 use crate::store::Refusal;
 use crate::views::Event;
@@ -59,16 +59,47 @@ impl Engine {
         let me = self.me();
         match doc {
             DocRef::Consent(h) => {
-                if (h.customer == me && h.grantee == *peer)
-                    || (h.grantee == me && h.customer == *peer)
+                if !((h.customer == me && h.grantee == *peer)
+                    || (h.grantee == me && h.customer == *peer))
                 {
-                    Ok(Role::Party)
-                } else {
-                    Err((
+                    return Err((
                         RefusalCode::Forbidden,
                         "a consent document is synced only between its two parties".into(),
-                    ))
+                    ));
                 }
+                let held = self.ledger(h.customer, h.grantee);
+                if h.customer == me && held.is_none() {
+                    // Only a customer starts a consent document, with a grant.
+                    return Err((
+                        RefusalCode::Forbidden,
+                        "this node granted you nothing: there is no consent document to sync"
+                            .into(),
+                    ));
+                }
+                if h.grantee == me && held.is_none_or(|l| !self.wrote_in(l)) {
+                    // A stranger's grants: bounded until this node answers one of them.
+                    match held {
+                        Some(l) if l.changes().len() >= MAX_UNANSWERED_CHANGES => {
+                            return Err((
+                                RefusalCode::RateLimited,
+                                format!(
+                                    "this node holds {MAX_UNANSWERED_CHANGES} changes of yours it has not answered; it takes more once it accepts one of your grants"
+                                ),
+                            ));
+                        }
+                        None if self.unanswered_consents() >= self.max_unanswered_docs => {
+                            return Err((
+                                RefusalCode::RateLimited,
+                                format!(
+                                    "this node holds {} consent documents it has not answered; try again later",
+                                    self.max_unanswered_docs
+                                ),
+                            ));
+                        }
+                        _ => {}
+                    }
+                }
+                Ok(Role::Party)
             }
             DocRef::Relationship(h) if h.owner == me => {
                 let Some(r) = self.rel(&h.doc_id()) else {
@@ -82,6 +113,14 @@ impl Engine {
                     .map_err(|why| (RefusalCode::Forbidden, why))
             }
             DocRef::Relationship(h) if h.owner == *peer => {
+                may_take(
+                    self.ledger(h.owner, me),
+                    self.ledger(me, h.owner),
+                    &me,
+                    peer,
+                    now,
+                )
+                .map_err(|d| (RefusalCode::Forbidden, d.to_string()))?;
                 if self.rel(&h.doc_id()).is_none()
                     && self.rels().filter(|r| r.header().owner == h.owner).count()
                         >= MAX_RELS_PER_OWNER
@@ -143,7 +182,18 @@ impl Engine {
         let role = match self.role(peer, &req.doc, now) {
             Ok(r) => r,
             Err((code, detail)) => {
-                return (SyncResponse::Refused { code, detail }, Vec::new(), false);
+                let disconnect = match self.refused_whole(peer, &req, code, &detail, now) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        tracing::warn!(%peer, "could not record a refusal: {e}");
+                        false
+                    }
+                };
+                return (
+                    SyncResponse::Refused { code, detail },
+                    Vec::new(),
+                    disconnect,
+                );
             }
         };
         let received = match self.receive(peer, &req.doc, role, req.changes, now) {
@@ -352,6 +402,57 @@ impl Engine {
         Ok((out, more))
     }
 
+    /// A request refused whole. A relationship its owner pushes to a node that never agreed
+    /// to hear from it is unsolicited contact: kept as evidence (its first change) and
+    /// counted against the peer, like an unsolicited message. Returns whether to disconnect.
+    fn refused_whole(
+        &mut self,
+        peer: &IdentityKey,
+        req: &SyncRequest,
+        code: RefusalCode,
+        detail: &str,
+        now: UnixSeconds,
+    ) -> Result<bool, EngineError> {
+        let unsolicited = code == RefusalCode::Forbidden
+            && matches!(req.doc, DocRef::Relationship(h) if h.owner == *peer);
+        if !unsolicited || req.changes.is_empty() {
+            return Ok(false);
+        }
+        let first = req
+            .changes
+            .iter()
+            .find_map(|b| SignedChange::decode(b).ok());
+        let mut out = Received::default();
+        self.refuse(
+            peer,
+            &req.doc,
+            first.as_ref(),
+            RefusalKind::Forbidden,
+            detail,
+            now,
+            &mut out,
+        )?;
+        Ok(out.disconnect)
+    }
+
+    /// Whether this node wrote any change of the ledger (accepted or acknowledged).
+    fn wrote_in(&self, ledger: &rapport_protocol::Ledger) -> bool {
+        let me = *self.me().as_bytes();
+        ledger.changes().iter().any(|c| c.author_bytes() == &me)
+    }
+
+    /// How many consent documents hold grants to this node that it never answered.
+    fn unanswered_consents(&self) -> usize {
+        let me = self.me();
+        self.docs
+            .values()
+            .filter(|d| match d {
+                Doc::Consent(c) => c.ledger().header().grantee == me && !self.wrote_in(c.ledger()),
+                Doc::Rel(_) => false,
+            })
+            .count()
+    }
+
     pub(crate) fn heads_of(&self, id: &rapport_protocol::DocId) -> Vec<ChangeHash> {
         match self.docs.get(id) {
             Some(Doc::Consent(c)) => c.heads(),
@@ -406,9 +507,23 @@ impl Engine {
                     Some(Doc::Consent(c)) => c,
                     _ => ConsentDoc::new(*h).map_err(|e| EngineError::Invalid(e.to_string()))?,
                 };
+                let mut changes = changes;
+                if h.grantee == self.me() && !self.wrote_in(c.ledger()) {
+                    // A stranger's grants: at most what the bound leaves room for.
+                    let room = MAX_UNANSWERED_CHANGES.saturating_sub(c.ledger().changes().len());
+                    for extra in changes.split_off(room.min(changes.len())) {
+                        let reason = format!(
+                            "over the {MAX_UNANSWERED_CHANGES} changes this node keeps from you before it answers"
+                        );
+                        out.refused
+                            .push((extra.hash(), RefusalKind::Forbidden, reason));
+                    }
+                }
                 let report = c.apply(changes);
                 out.applied = report.applied;
-                self.docs.insert(id, Doc::Consent(c));
+                if !c.ledger().changes().is_empty() {
+                    self.docs.insert(id, Doc::Consent(c));
+                }
                 report
                     .rejected
                     .into_iter()

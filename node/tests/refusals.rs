@@ -352,3 +352,212 @@ fn an_answer_lost_in_a_crash_loses_nothing_acknowledged() {
         "Acme's acknowledged head is still a head"
     );
 }
+
+/// What a node that writes its own relationship would push: every change of it.
+fn push_of(owner: &Side, rel: &str) -> rapport_protocol::wire::SyncRequest {
+    let id = owner.engine.relationship(rel, T0).unwrap().summary.id;
+    let doc = owner.engine.store().load_relationship(&id).unwrap();
+    rapport_protocol::wire::SyncRequest {
+        doc: DocRef::Relationship(*doc.header()),
+        heads: vec![],
+        changes: doc.changes().iter().map(SignedChange::encode).collect(),
+    }
+}
+
+#[test]
+fn a_relationship_from_someone_never_opted_in_to_is_refused_and_kept_as_evidence() {
+    let now = T0 + 10;
+    let mut alice = Side::new(Kind::Person, "Alice");
+    let mut mallory = Side::new(Kind::Org, "Mallory Ltd");
+    // Mallory opens its own relationship naming Alice and writes to her.
+    let (rel, _) = mallory
+        .engine
+        .open_relationship(alice.me(), Some("Alice".into()), None, now)
+        .unwrap();
+    let rel = rel.doc.to_hex();
+    mallory
+        .engine
+        .send_message(&rel, "Buy our new plan!".into(), None, None, now)
+        .unwrap();
+    let (resp, _, _) = alice
+        .engine
+        .handle_request(&mallory.me(), push_of(&mallory, &rel), now);
+    assert!(
+        matches!(&resp, SyncResponse::Refused { detail, .. } if detail.contains("unsolicited")),
+        "{resp:?}"
+    );
+    assert!(alice.engine.relationships().is_empty(), "nothing appears");
+    let evidence = alice.engine.refusals(10).unwrap();
+    assert_eq!(evidence.len(), 1);
+    assert_eq!(evidence[0].kind, Some(RefusalKind::Forbidden));
+    assert!(evidence[0].reason.contains("unsolicited"));
+    assert!(
+        evidence[0].signed_change.is_some(),
+        "the change is the evidence"
+    );
+
+    // Once Alice opts in to contact from Mallory (and Mallory accepts), it is taken.
+    let (_, _) = alice
+        .engine
+        .grant(
+            GrantArgs {
+                grantee: mallory.me(),
+                scopes: vec!["contact:support".parse().unwrap()],
+                purpose: "support".into(),
+                expires: None,
+                terms: None,
+                legal_basis: None,
+                notice_sha256: None,
+            },
+            now,
+        )
+        .unwrap();
+    let doc = consent(&alice, &mallory);
+    sync(&mut alice, &mut mallory, &doc, now);
+    let (resp, _, _) = alice
+        .engine
+        .handle_request(&mallory.me(), push_of(&mallory, &rel), now);
+    assert!(
+        matches!(&resp, SyncResponse::Refused { .. }),
+        "not before Mallory accepts: {resp:?}"
+    );
+    mallory.engine.accept(None, None, now).unwrap();
+    sync(&mut mallory, &mut alice, &doc, now);
+    let (resp, _, _) = alice
+        .engine
+        .handle_request(&mallory.me(), push_of(&mallory, &rel), now);
+    assert!(matches!(resp, SyncResponse::Sync { .. }), "{resp:?}");
+    assert_eq!(alice.engine.relationships().len(), 1);
+}
+
+#[test]
+fn a_person_joins_another_persons_relationship_by_accepting_the_invitation() {
+    let now = T0 + 10;
+    let mut alice = Side::new(Kind::Person, "Alice");
+    let mut bob = Side::new(Kind::Person, "Bob");
+    let (rel, _) = bob
+        .engine
+        .open_relationship(alice.me(), Some("Alice".into()), None, now)
+        .unwrap();
+    let rel = rel.doc.to_hex();
+    // Bob's invitation: he grants Alice conversation:read.
+    bob.engine
+        .grant(
+            GrantArgs {
+                grantee: alice.me(),
+                scopes: vec!["conversation:read".parse().unwrap()],
+                purpose: "our trip".into(),
+                expires: None,
+                terms: None,
+                legal_basis: None,
+                notice_sha256: None,
+            },
+            now,
+        )
+        .unwrap();
+    let doc = consent(&bob, &alice);
+    sync(&mut bob, &mut alice, &doc, now);
+    let (resp, _, _) = alice
+        .engine
+        .handle_request(&bob.me(), push_of(&bob, &rel), now);
+    assert!(matches!(resp, SyncResponse::Refused { .. }), "{resp:?}");
+    assert!(alice.engine.relationships().is_empty());
+    // Alice accepts the invitation: now the relationship comes.
+    alice.engine.accept(None, None, now).unwrap();
+    sync(&mut alice, &mut bob, &doc, now);
+    let (resp, _, _) = alice
+        .engine
+        .handle_request(&bob.me(), push_of(&bob, &rel), now);
+    assert!(matches!(resp, SyncResponse::Sync { .. }), "{resp:?}");
+    assert_eq!(alice.engine.relationships().len(), 1);
+}
+
+/// A stranger's grants, as its own node would write them.
+fn stranger_grants(
+    stranger: &rapport_protocol::SecretKey,
+    to: &IdentityKey,
+    n: usize,
+) -> rapport_protocol::wire::SyncRequest {
+    use rapport_protocol::{ConsentDoc, EntryBody, LegalBasis, MAX_PURPOSE, Terms};
+    let header = ConsentHeader {
+        customer: stranger.identity(),
+        grantee: *to,
+    };
+    let mut doc = ConsentDoc::new(header).unwrap();
+    let changes = (0..n)
+        .map(|i| {
+            let purpose = format!("{i:04}{}", "x".repeat(MAX_PURPOSE - 4));
+            doc.append(
+                stranger,
+                [7; 16],
+                T0 + i as u64,
+                EntryBody::Grant {
+                    scopes: vec!["conversation:read".parse().unwrap()],
+                    purpose,
+                    legal_basis: LegalBasis::Consent,
+                    notice_sha256: "00".repeat(32),
+                    terms: Terms::by_id("SD-BASE").unwrap().reference(),
+                    expires: None,
+                },
+            )
+            .unwrap()
+            .1
+            .encode()
+        })
+        .collect();
+    rapport_protocol::wire::SyncRequest {
+        doc: DocRef::Consent(header),
+        heads: vec![],
+        changes,
+    }
+}
+
+#[test]
+fn strangers_cannot_fill_the_store() {
+    use rapport_node::MAX_UNANSWERED_CHANGES;
+    use rapport_protocol::SecretKey;
+    // The default bound is 1,000 documents; a smaller one keeps the test quick.
+    const MAX_UNANSWERED_DOCS: usize = 40;
+    let now = T0 + 10;
+    let mut acme = Side::new(Kind::Org, "Acme");
+    acme.engine.set_max_unanswered_docs(MAX_UNANSWERED_DOCS);
+    // One stranger, 300 grants of the largest purpose, in one request and one at a time.
+    let s = SecretKey::from_seed([42; 32]);
+    let req = stranger_grants(&s, &acme.me(), 300);
+    let id = req.doc.doc_id();
+    let (resp, _, _) = acme.engine.handle_request(&s.identity(), req.clone(), now);
+    assert!(matches!(resp, SyncResponse::Sync { .. }), "{resp:?}");
+    for c in req.changes {
+        let one = rapport_protocol::wire::SyncRequest {
+            doc: req.doc,
+            heads: vec![],
+            changes: vec![c],
+        };
+        acme.engine.handle_request(&s.identity(), one, now);
+    }
+    assert_eq!(acme.engine.change_count(&id), Some(MAX_UNANSWERED_CHANGES));
+    // Many fresh identities, one grant each.
+    for i in 0..(MAX_UNANSWERED_DOCS + 50) {
+        let mut seed = [0u8; 32];
+        seed[..8].copy_from_slice(&(i as u64 + 1).to_be_bytes());
+        let k = SecretKey::from_seed(seed);
+        let req = stranger_grants(&k, &acme.me(), 1);
+        acme.engine.handle_request(&k.identity(), req, now);
+    }
+    assert!(
+        acme.engine.doc_count() <= MAX_UNANSWERED_DOCS,
+        "{} documents from strangers",
+        acme.engine.doc_count()
+    );
+    acme.reopen();
+    assert!(acme.engine.doc_count() <= MAX_UNANSWERED_DOCS);
+    // A further stranger is refused, with a reason it can act on.
+    let k = SecretKey::from_seed([43; 32]);
+    acme.engine.set_max_unanswered_docs(MAX_UNANSWERED_DOCS);
+    let req = stranger_grants(&k, &acme.me(), 1);
+    let (resp, _, _) = acme.engine.handle_request(&k.identity(), req, now);
+    assert!(
+        matches!(&resp, SyncResponse::Refused { detail, .. } if detail.contains("not answered")),
+        "{resp:?}"
+    );
+}

@@ -5,7 +5,7 @@
 //! for every change it receives from a member. Consent is opt-in: without an active,
 //! accepted grant that covers the act, the answer is no.
 
-use crate::consent::{Ledger, UnixSeconds};
+use crate::consent::{GrantStatus, Ledger, UnixSeconds};
 use crate::identity::IdentityKey;
 use crate::relationship::{RelBody, RelEntry};
 use crate::scope::Scope;
@@ -34,6 +34,14 @@ pub enum Denied {
     NoPurpose {
         /// The member.
         member: String,
+    },
+    /// A relationship owned by someone this node never agreed to hear from.
+    #[error(
+        "unsolicited: {owner} may not start a relationship with this node: it holds no active contact:<purpose> grant from it, and this node accepted no grant of conversation:read from it"
+    )]
+    Uninvited {
+        /// The relationship's owner.
+        owner: String,
     },
     /// The member's message is for a purpose the customer did not opt in to.
     #[error(
@@ -100,4 +108,41 @@ pub fn may_write(
         }
     }
     Ok(())
+}
+
+/// May this node take (hold and apply) a relationship that `owner` owns, at `now`? Only by
+/// its own act, never by the owner's word alone:
+/// - it granted `owner` a `contact:<purpose>` scope that `owner` accepted and that is still
+///   active (`to_owner`: the ledger in which this node is the customer and `owner` the
+///   grantee): it opted in to hear from `owner`; or
+/// - it accepted a grant in which `owner` gives it `conversation:read` (`from_owner`: the
+///   ledger in which `owner` is the customer and this node the grantee): the owner invited
+///   it to read, and accepting is this node's signed act (how one person joins another's
+///   relationship).
+///
+/// Without either, a relationship naming this node is unsolicited contact: it is refused
+/// and kept as evidence, like an unsolicited message.
+pub fn may_take(
+    from_owner: Option<&Ledger>,
+    to_owner: Option<&Ledger>,
+    me: &IdentityKey,
+    owner: &IdentityKey,
+    now: UnixSeconds,
+) -> Result<(), Denied> {
+    if may_read(from_owner, me, now).is_ok() {
+        return Ok(());
+    }
+    let opted_in = to_owner.is_some_and(|l| {
+        l.grants(now).iter().any(|g| {
+            g.status == GrantStatus::Active
+                && g.scopes.iter().any(|s| matches!(s, Scope::Contact(_)))
+        })
+    });
+    if opted_in {
+        Ok(())
+    } else {
+        Err(Denied::Uninvited {
+            owner: owner.to_string(),
+        })
+    }
 }
