@@ -210,3 +210,29 @@ fn a_schema_1_store_is_migrated_in_place_and_keeps_its_documents() {
     store.put_epoch_key(&header.doc_id(), 0, &key).unwrap();
     assert_eq!(store.epoch_keys().unwrap().len(), 1);
 }
+
+/// Break 10: the relay's store holds its Ed25519 seed; no other local user may read it.
+#[cfg(unix)]
+#[test]
+fn the_relay_store_is_private_to_its_owner() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("relay");
+    let store = rapport_node::RelayStore::open(&dir).unwrap();
+    store.secret_key().unwrap();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir.join(rapport_node::RELAY_DB)), 0o600, "relay.redb");
+    assert_eq!(mode(&dir), 0o700, "the relay's data directory");
+    drop(store);
+
+    // A relay store made by an earlier release, readable by all, is made private on open.
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(
+        dir.join(rapport_node::RELAY_DB),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    drop(rapport_node::RelayStore::open(&dir).unwrap());
+    assert_eq!(mode(&dir.join(rapport_node::RELAY_DB)), 0o600);
+    assert_eq!(mode(&dir), 0o700);
+}

@@ -17,6 +17,7 @@ use rapport_protocol::{
 };
 use redb::{Database, ReadableDatabase, ReadableTable};
 use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
 
 use crate::error::StoreError;
 use migrations::{Plan, SCHEMA_VERSION};
@@ -150,12 +151,12 @@ impl Store {
                 return Err(db_err(&path, e));
             }
         };
-        let mut seed = [0u8; 32];
-        getrandom::fill(&mut seed).map_err(|e| StoreError::Database {
+        let mut seed = Zeroizing::new([0u8; 32]);
+        getrandom::fill(&mut *seed).map_err(|e| StoreError::Database {
             path: path.clone(),
             detail: format!("the OS random source failed: {e}"),
         })?;
-        let key = SecretKey::from_seed(seed);
+        let key = SecretKey::from_seed(*seed);
         let profile = Profile {
             identity: key.identity(),
             kind,
@@ -273,12 +274,14 @@ impl Store {
 
     /// The node's secret key.
     pub fn secret_key(&self) -> Result<SecretKey, StoreError> {
-        let seed: [u8; 32] = self
-            .meta(META_SECRET)?
-            .as_slice()
-            .try_into()
-            .map_err(|_| self.corrupt("the secret key record has the wrong length"))?;
-        let key = SecretKey::from_seed(seed);
+        let stored = Zeroizing::new(self.meta(META_SECRET)?);
+        let seed: Zeroizing<[u8; 32]> = Zeroizing::new(
+            stored
+                .as_slice()
+                .try_into()
+                .map_err(|_| self.corrupt("the secret key record has the wrong length"))?,
+        );
+        let key = SecretKey::from_seed(*seed);
         if key.identity() != self.profile()?.identity {
             return Err(self.corrupt("the secret key does not match the profile's identity"));
         }
