@@ -33,7 +33,7 @@ fn install_hook() {
                     .unwrap_or_else(|| "a panic".to_owned());
                 let at = info
                     .location()
-                    .map(|l| format!(" at {}:{}", l.file(), l.line()))
+                    .map(|l| format!(" at {}:{}", short_path(l.file()), l.line()))
                     .unwrap_or_default();
                 let line = format!("{msg}{at}").replace('\n', " ");
                 LAST.with(|l| *l.borrow_mut() = Some(line));
@@ -42,6 +42,16 @@ fn install_hook() {
             }
         }));
     });
+}
+
+/// A source path without the cargo registry's directories: `redb-4.6.0/src/…`.
+fn short_path(file: &str) -> &str {
+    match file.rsplit_once("/registry/src/") {
+        Some((_, rest)) => rest
+            .split_once('/')
+            .map_or(rest, |(_, crate_path)| crate_path),
+        None => file,
+    }
 }
 
 /// Runs `f`; a panic inside it becomes `Err` with the panic's message and location.
@@ -66,6 +76,12 @@ mod tests {
         let err = guarded(|| -> u8 { unreachable!("page type") }).unwrap_err();
         assert!(err.contains("page type"), "{err}");
         assert!(err.contains("guard.rs"), "{err}");
+        assert_eq!(
+            super::short_path(
+                "/root/.cargo/registry/src/index.crates.io-1949cf8c6b5b557f/redb-4.6.0/src/tree_store/btree.rs"
+            ),
+            "redb-4.6.0/src/tree_store/btree.rs"
+        );
         // Nested calls and later calls still work.
         assert_eq!(guarded(|| guarded(|| 1)), Ok(Ok(1)));
     }

@@ -877,6 +877,15 @@ fn db_err(path: &Path, e: impl Into<redb::Error>) -> StoreError {
             path: path.to_path_buf(),
             detail,
         },
+        // Every table exists from the store's creation (or its migration) on, with one type:
+        // a table that is missing or of another type is damage, not a state to act on.
+        e @ (redb::Error::TableDoesNotExist(_)
+        | redb::Error::TableIsMultimap(_)
+        | redb::Error::TableTypeMismatch { .. }
+        | redb::Error::TypeDefinitionChanged { .. }) => StoreError::Corrupt {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        },
         redb::Error::UpgradeRequired(v) => StoreError::Corrupt {
             path: path.to_path_buf(),
             detail: format!("redb file format {v} needs an upgrade"),
