@@ -111,6 +111,17 @@ impl Backend {
         Ok(Backend::Local(Box::new(Engine::open(Store::open(dir)?)?)))
     }
 
+    /// Like [`Backend::open`], for commands that change nothing: the store is opened
+    /// read-only, so they work on a store file the user cannot write, and never change it.
+    pub(crate) fn open_read_only(dir: &Path) -> Result<Backend> {
+        if let Some(api) = Api::find(dir) {
+            return Ok(Backend::Remote(api));
+        }
+        Ok(Backend::Local(Box::new(Engine::open(
+            Store::open_read_only(dir)?,
+        )?)))
+    }
+
     /// The running node's API, or a clear error.
     pub(crate) fn running(dir: &Path) -> Result<Api> {
         Api::find(dir).ok_or_else(|| {

@@ -493,7 +493,7 @@ fn id(dir: &Path, json: bool) -> Result<()> {
         }
         return Ok(());
     }
-    let store = Store::open(dir)?;
+    let store = Store::open_read_only(dir)?;
     let p = store.profile()?;
     if json {
         println!(
@@ -581,7 +581,15 @@ fn consent(dir: &Path, cmd: ConsentCmd) -> Result<()> {
         }
         return Ok(());
     }
-    let mut node = Backend::open(dir)?;
+    let reads_only = matches!(
+        cmd,
+        ConsentCmd::List { .. } | ConsentCmd::Export { .. } | ConsentCmd::ExportRecords { .. }
+    );
+    let mut node = if reads_only {
+        Backend::open_read_only(dir)?
+    } else {
+        Backend::open(dir)?
+    };
     match cmd {
         ConsentCmd::Grant {
             identity,
@@ -888,7 +896,7 @@ fn ledger_verify(file: &Path) -> Result<()> {
 }
 
 fn ledger_show(dir: &Path, identity: Option<String>, json: bool) -> Result<()> {
-    let backend = Backend::open(dir)?;
+    let backend = Backend::open_read_only(dir)?;
     let peer = identity.as_deref().map(parse_identity).transpose()?;
     let mut out = Vec::new();
     for ledger in ledgers(&backend)? {

@@ -128,7 +128,7 @@ fn print_delivery(out: &WriteOutcome) {
 pub(crate) fn rel(dir: &Path, cmd: RelCmd) -> Result<()> {
     match cmd {
         RelCmd::List { json } => {
-            let rels = Backend::open(dir)?.relationships()?;
+            let rels = Backend::open_read_only(dir)?.relationships()?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rels)?);
             } else {
@@ -284,7 +284,7 @@ fn print_messages(msgs: &[MessageView]) {
 }
 
 pub(crate) fn inbox(dir: &Path, limit: usize, json: bool) -> Result<()> {
-    let msgs = Backend::open(dir)?.inbox(limit)?;
+    let msgs = Backend::open_read_only(dir)?.inbox(limit)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&msgs)?);
     } else if msgs.is_empty() {
@@ -299,7 +299,7 @@ pub(crate) fn inbox(dir: &Path, limit: usize, json: bool) -> Result<()> {
 }
 
 pub(crate) fn thread(dir: &Path, rel: &str, json: bool) -> Result<()> {
-    let d = Backend::open(dir)?.relationship(rel)?;
+    let d = Backend::open_read_only(dir)?.relationship(rel)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&d)?);
         return Ok(());
@@ -374,7 +374,7 @@ pub(crate) fn connect(dir: &Path, addr: &str) -> Result<()> {
 }
 
 pub(crate) fn refusals(dir: &Path, limit: usize, json: bool) -> Result<()> {
-    let list = Backend::open(dir)?.refusals(limit)?;
+    let list = Backend::open_read_only(dir)?.refusals(limit)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&list)?);
         return Ok(());

@@ -128,7 +128,11 @@ impl Engine {
             }
         }
         for (n, k) in found {
-            self.store().put_epoch_key(id, n, &k)?;
+            match self.store().put_epoch_key(id, n, &k) {
+                // A read-only command keeps the key in memory; the next writable open stores it.
+                Ok(()) | Err(crate::StoreError::ReadOnly(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
             self.keys.entry(*id).or_default().insert(n, k);
         }
         Ok(())

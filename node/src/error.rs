@@ -52,6 +52,20 @@ pub enum StoreError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// Reading or writing the store's file failed (a full disk, an I/O error). Nothing of
+    /// the failed operation was stored; the store reopens itself on the next call.
+    #[error(
+        "store {path}: the disk failed ({detail}); this operation was not done, and nothing stored before it is lost. If the disk is full, free space and try again: no restart is needed"
+    )]
+    Disk {
+        /// The store file.
+        path: PathBuf,
+        /// The OS error.
+        detail: String,
+    },
+    /// A write was asked of a store opened read-only.
+    #[error("store {0} was opened read-only, for a command that changes nothing")]
+    ReadOnly(PathBuf),
     /// redb failed.
     #[error("store {path}: {detail}")]
     Database {
@@ -60,4 +74,11 @@ pub enum StoreError {
         /// redb's message.
         detail: String,
     },
+}
+
+impl StoreError {
+    /// Whether this is an I/O failure (after which redb must be reopened).
+    pub(crate) fn is_io(&self) -> bool {
+        matches!(self, StoreError::Disk { .. })
+    }
 }

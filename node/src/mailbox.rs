@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use rapport_protocol::mail::{MAX_ENVELOPES_PER_MESSAGE, MAX_MAIL_BATCH_BYTES};
 use rapport_protocol::{IdentityKey, SecretKey};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use zeroize::Zeroizing;
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("relay-meta-1");
 const MAIL: TableDefinition<(&[u8; 32], u64), &[u8]> = TableDefinition::new("mail-1");
@@ -62,13 +63,29 @@ pub struct RelayStore {
 }
 
 impl RelayStore {
-    /// Opens (or creates) the store in `dir`.
+    /// Opens (or creates) the store in `dir`. It holds the relay's secret key, so like a
+    /// node's store the directory is made mode 0700 and the file 0600 (from its first byte
+    /// when new; an existing one readable by others is made private).
     pub fn open(dir: &Path) -> Result<Self, RelayStoreError> {
-        std::fs::create_dir_all(dir).map_err(|e| RelayStoreError::Db {
-            path: dir.to_path_buf(),
-            detail: e.to_string(),
-        })?;
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |e: io::Error| RelayStoreError::Db {
+                path,
+                detail: e.to_string(),
+            }
+        };
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        restrict(dir, 0o700).map_err(io(dir))?;
         let path = dir.join(RELAY_DB);
+        {
+            let mut opts = std::fs::OpenOptions::new();
+            opts.read(true).write(true).create(true).truncate(false);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+            opts.open(&path).map_err(io(&path))?;
+        }
+        restrict(&path, 0o600).map_err(io(&path))?;
+        // redb initialises an empty file, or opens the existing store, and keeps its mode.
         let db = Database::create(&path).map_err(|e| RelayStoreError::Db {
             path: path.clone(),
             detail: e.to_string(),
@@ -108,19 +125,20 @@ impl RelayStore {
     pub fn secret_key(&self) -> Result<SecretKey, RelayStoreError> {
         self.write(|tx| {
             let mut meta = tx.open_table(META)?;
-            let existing = meta.get("secret")?.map(|v| v.value().to_vec());
-            let seed: [u8; 32] = match existing.and_then(|v| v.try_into().ok()) {
-                Some(s) => s,
+            let existing = meta
+                .get("secret")?
+                .map(|v| Zeroizing::new(v.value().to_vec()));
+            let mut seed = Zeroizing::new([0u8; 32]);
+            match existing.filter(|v| v.len() == 32) {
+                Some(s) => seed.copy_from_slice(&s),
                 None => {
-                    let mut s = [0u8; 32];
-                    getrandom::fill(&mut s).map_err(|e| {
+                    getrandom::fill(&mut *seed).map_err(|e| {
                         redb::Error::Io(io::Error::other(format!("OS random source: {e}")))
                     })?;
-                    meta.insert("secret", &s[..])?;
-                    s
+                    meta.insert("secret", &seed[..])?;
                 }
-            };
-            Ok(SecretKey::from_seed(seed))
+            }
+            Ok(SecretKey::from_seed(*seed))
         })
     }
 
@@ -296,6 +314,18 @@ fn release(
     } else {
         usage.insert(from, left)?;
     }
+    Ok(())
+}
+
+/// Sets a file's or directory's mode (Unix only).
+fn restrict(path: &Path, mode: u32) -> io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    }
+    #[cfg(not(unix))]
+    let _ = (path, mode);
     Ok(())
 }
 

@@ -225,3 +225,178 @@ fn a_schema_1_store_is_migrated_in_place_and_keeps_its_documents() {
     assert_eq!(store.conduct(&identity).unwrap(), Some(conduct));
     assert_eq!(store.bans(T0).unwrap(), vec![(identity, T0 + 60)]);
 }
+
+/// A redb backend over the real file that fails every write, resize and sync with "No
+/// space left on device" while `full` is set, as a full disk does.
+#[derive(Debug)]
+struct FullDisk {
+    inner: redb::backends::FileBackend,
+    full: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FullDisk {
+    fn check(&self) -> std::io::Result<()> {
+        if self.full.load(std::sync::atomic::Ordering::SeqCst) {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::StorageFull,
+                "No space left on device (injected)",
+            ))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl redb::StorageBackend for FullDisk {
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        self.inner.read(offset, out)
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.check()?;
+        self.inner.set_len(len)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.check()?;
+        self.inner.sync_data()
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.check()?;
+        self.inner.write(offset, data)
+    }
+    fn close(&self) -> std::io::Result<()> {
+        self.inner.close()
+    }
+    fn try_lock_range(
+        &self,
+        start: std::ops::Bound<u64>,
+        end: std::ops::Bound<u64>,
+    ) -> Result<bool, redb::BackendError> {
+        self.inner.try_lock_range(start, end)
+    }
+    fn try_lock_shared_range(
+        &self,
+        start: std::ops::Bound<u64>,
+        end: std::ops::Bound<u64>,
+    ) -> Result<bool, redb::BackendError> {
+        self.inner.try_lock_shared_range(start, end)
+    }
+    fn lock_range(
+        &self,
+        start: std::ops::Bound<u64>,
+        end: std::ops::Bound<u64>,
+    ) -> Result<(), redb::BackendError> {
+        self.inner.lock_range(start, end)
+    }
+    fn lock_shared_range(
+        &self,
+        start: std::ops::Bound<u64>,
+        end: std::ops::Bound<u64>,
+    ) -> Result<(), redb::BackendError> {
+        self.inner.lock_shared_range(start, end)
+    }
+    fn unlock_range(
+        &self,
+        start: std::ops::Bound<u64>,
+        end: std::ops::Bound<u64>,
+    ) -> Result<(), redb::BackendError> {
+        self.inner.unlock_range(start, end)
+    }
+    fn query_lock_range(
+        &self,
+        start: std::ops::Bound<u64>,
+        end: std::ops::Bound<u64>,
+    ) -> Result<bool, redb::BackendError> {
+        self.inner.query_lock_range(start, end)
+    }
+}
+
+/// Break 9: after "No space left on device" the store used to answer every later call with
+/// redb's "Previous I/O error … re-open the database" until the node restarted. It must
+/// recover by itself once space is free, and lose nothing it acknowledged.
+#[test]
+fn a_full_disk_fails_one_write_clearly_and_the_store_recovers_without_a_restart() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let (header, all) = changes(6);
+    let doc = header.doc_id();
+    drop(Store::create(tmp.path(), Kind::Person, "Alice", T0).unwrap());
+    let full = Arc::new(AtomicBool::new(false));
+    let path = tmp.path().join(Store::FILE_NAME);
+    let store = {
+        let full = full.clone();
+        let path = path.clone();
+        Store::open_with_backend(&path.clone(), move || {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)?;
+            Ok(FullDisk {
+                inner: redb::backends::FileBackend::new(file)
+                    .map_err(|e| std::io::Error::other(e.to_string()))?,
+                full: full.clone(),
+            })
+        })
+        .unwrap()
+    };
+    assert_eq!(store.put_consent_changes(&header, &all[..2]).unwrap(), 2);
+
+    full.store(true, Ordering::SeqCst);
+    let err = store.put_consent_changes(&header, &all[2..4]).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("No space left on device") || text.contains("full"),
+        "the error should say the disk is full: {text}"
+    );
+    // While the disk is full a read answers with what was acknowledged, or with the same
+    // clear error (redb's recovery on reopen needs to write).
+    match store.consent_changes(&doc) {
+        Ok(held) => assert_eq!(held, all[..2].to_vec()),
+        Err(e) => assert!(e.to_string().contains("free space"), "{e}"),
+    }
+
+    full.store(false, Ordering::SeqCst);
+    // Space is free again: the next write succeeds without restarting the node.
+    assert_eq!(store.put_consent_changes(&header, &all[2..5]).unwrap(), 3);
+    store
+        .put_peer(&header.grantee, &["/ip4/127.0.0.1/tcp/1".into()], T0)
+        .unwrap();
+    assert_eq!(store.consent_changes(&doc).unwrap(), all[..5].to_vec());
+    drop(store);
+
+    // Everything acknowledged, before the failure and after, is in the file.
+    let store = Store::open(tmp.path()).unwrap();
+    assert_eq!(store.consent_changes(&doc).unwrap(), all[..5].to_vec());
+    assert_eq!(store.peers().unwrap().len(), 1);
+    assert_eq!(store.profile().unwrap().name, "Alice");
+}
+
+/// Break 10: the relay's store holds its Ed25519 seed; no other local user may read it.
+#[cfg(unix)]
+#[test]
+fn the_relay_store_is_private_to_its_owner() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("relay");
+    let store = rapport_node::RelayStore::open(&dir).unwrap();
+    store.secret_key().unwrap();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir.join(rapport_node::RELAY_DB)), 0o600, "relay.redb");
+    assert_eq!(mode(&dir), 0o700, "the relay's data directory");
+    drop(store);
+
+    // A relay store made by an earlier release, readable by all, is made private on open.
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(
+        dir.join(rapport_node::RELAY_DB),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    drop(rapport_node::RelayStore::open(&dir).unwrap());
+    assert_eq!(mode(&dir.join(rapport_node::RELAY_DB)), 0o600);
+    assert_eq!(mode(&dir), 0o700);
+}

@@ -9,6 +9,7 @@ use std::str::FromStr;
 
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
+use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 /// Bytes that precede the 32-byte key in a libp2p `PeerId` of an Ed25519 key:
 /// multihash code 0x00 (identity), length 36, then protobuf `PublicKey { Type: Ed25519 (1),
@@ -163,20 +164,26 @@ impl<'de> Deserialize<'de> for IdentityKey {
     }
 }
 
-/// A secret signing key. It never appears in `Debug` output.
+/// A secret signing key. It never appears in `Debug` output, and its bytes are zeroed when
+/// it is dropped (ed25519-dalek's `SigningKey` zeroizes itself).
 #[derive(Clone)]
 pub struct SecretKey(SigningKey);
 
+/// `SigningKey`, the only field, zeroizes on drop.
+impl ZeroizeOnDrop for SecretKey {}
+
 impl SecretKey {
-    /// Builds the key from a 32-byte seed. The caller supplies the randomness, so this crate
-    /// stays free of I/O.
-    pub fn from_seed(seed: [u8; 32]) -> Self {
-        Self(SigningKey::from_bytes(&seed))
+    /// Builds the key from a 32-byte seed, and zeroes this copy of the seed. The caller
+    /// supplies the randomness, so this crate stays free of I/O.
+    pub fn from_seed(mut seed: [u8; 32]) -> Self {
+        let key = Self(SigningKey::from_bytes(&seed));
+        seed.zeroize();
+        key
     }
 
-    /// The 32-byte seed, for storage at rest.
-    pub fn to_seed(&self) -> [u8; 32] {
-        self.0.to_bytes()
+    /// The 32-byte seed, for storage at rest; zeroed when the returned value is dropped.
+    pub fn to_seed(&self) -> Zeroizing<[u8; 32]> {
+        Zeroizing::new(self.0.to_bytes())
     }
 
     /// The public identity of this key.
@@ -192,7 +199,8 @@ impl SecretKey {
     /// The X25519 secret bound to this identity (see [`crate::seal`]): the same scalar as
     /// the Ed25519 key, so no second key has to be published or trusted.
     pub(crate) fn x25519_secret(&self) -> x25519_dalek::StaticSecret {
-        x25519_dalek::StaticSecret::from(self.0.to_scalar_bytes())
+        let scalar = Zeroizing::new(self.0.to_scalar_bytes());
+        x25519_dalek::StaticSecret::from(*scalar)
     }
 }
 
@@ -250,6 +258,19 @@ impl FromStr for Kind {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// Every type that holds the node's seed zeroes it on drop.
+    #[test]
+    fn secret_keys_zeroize_on_drop() {
+        fn assert_zeroize_on_drop<T: ZeroizeOnDrop>() {}
+        assert_zeroize_on_drop::<SecretKey>();
+        assert_zeroize_on_drop::<SigningKey>();
+        assert_zeroize_on_drop::<Zeroizing<[u8; 32]>>();
+        assert_zeroize_on_drop::<x25519_dalek::StaticSecret>();
+        let key = SecretKey::from_seed([7; 32]);
+        let seed: Zeroizing<[u8; 32]> = key.to_seed();
+        assert_eq!(*seed, [7; 32]);
+    }
 
     #[test]
     fn text_form_is_a_libp2p_ed25519_peer_id() {

@@ -6,10 +6,13 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 /// The path of the `rapport` binary, built once per test process with the same profile as
-/// the tests.
+/// the tests; `RAPPORT_BIN` names another one instead (to run a test against an older build).
 pub fn rapport_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
+        if let Some(bin) = std::env::var_os("RAPPORT_BIN") {
+            return PathBuf::from(bin);
+        }
         let exe = std::env::current_exe().expect("test binary path");
         // target/<profile>/deps/<test> -> target/<profile>
         let profile_dir = exe

@@ -2,6 +2,7 @@
 //! its signed changes, known peers, what each peer last said it holds, and refused changes
 //! kept as evidence.
 
+mod guard;
 mod migrations;
 mod tables;
 
@@ -9,6 +10,7 @@ use std::collections::HashSet;
 use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::{PoisonError, RwLock};
 
 use rapport_protocol::automerge::ChangeHash;
 use rapport_protocol::wire::{DocRef, RefusalKind};
@@ -16,10 +18,12 @@ use rapport_protocol::{
     ConsentDoc, ConsentHeader, DocId, IdentityKey, Kind, RelHeader, RelationshipDoc, SecretKey,
     SignedChange,
 };
-use redb::{Database, ReadableDatabase, ReadableTable};
+use redb::{Database, ReadOnlyDatabase, ReadableDatabase, ReadableTable, StorageBackend};
 use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
 
 use crate::error::StoreError;
+use guard::guarded;
 use migrations::{Plan, SCHEMA_VERSION};
 use tables::*;
 
@@ -114,9 +118,40 @@ pub struct Conduct {
 /// The first bytes of every redb file.
 const REDB_MAGIC: [u8; 9] = [b'r', b'e', b'd', b'b', 0x1A, 0x0A, 0xA9, 0x0D, 0x0A];
 
+/// An open redb handle.
+enum Db {
+    /// Opened for reading and writing.
+    Write(Database),
+    /// Opened read-only: writes are refused with [`StoreError::ReadOnly`].
+    Read(ReadOnlyDatabase),
+}
+
+impl Db {
+    fn begin_read(&self) -> Result<redb::ReadTransaction, redb::TransactionError> {
+        match self {
+            Db::Write(db) => db.begin_read(),
+            Db::Read(db) => db.begin_read(),
+        }
+    }
+}
+
+/// Opens the store's redb handle, at first and again after an I/O error.
+type Opener = Box<dyn Fn() -> Result<Db, redb::DatabaseError> + Send + Sync>;
+
+/// How many times one store call reopens the database before it gives up.
+const MAX_REOPENS: u32 = 2;
+
 /// A node's store. Every write is one redb transaction, durable when the call returns.
+///
+/// After an I/O error (a full disk) redb refuses every later transaction until the database
+/// is reopened; the store does that itself, so the node recovers once space is free. A
+/// panic inside redb (a damaged page) becomes [`StoreError::Corrupt`].
 pub struct Store {
-    db: Database,
+    /// `None` after an I/O error or a panic, until [`Store::reopen`] succeeds. Each call
+    /// holds the read lock for as long as its transaction lives, so a reopen (write lock)
+    /// never runs under a live transaction.
+    db: RwLock<Option<Db>>,
+    open: Opener,
     path: PathBuf,
 }
 
@@ -158,26 +193,34 @@ impl Store {
             })?;
         }
         // redb initialises an existing empty file and keeps its mode.
-        let db = match Database::create(&path) {
-            Ok(db) => db,
-            Err(e) => {
+        let db = match guarded(|| Database::create(&path)) {
+            Ok(Ok(db)) => db,
+            Ok(Err(e)) => {
                 let _ = fs::remove_file(&path);
                 return Err(db_err(&path, e));
             }
+            Err(panic) => {
+                let _ = fs::remove_file(&path);
+                return Err(panicked(&path, &panic));
+            }
         };
-        let mut seed = [0u8; 32];
-        getrandom::fill(&mut seed).map_err(|e| StoreError::Database {
+        let mut seed = Zeroizing::new([0u8; 32]);
+        getrandom::fill(&mut *seed).map_err(|e| StoreError::Database {
             path: path.clone(),
             detail: format!("the OS random source failed: {e}"),
         })?;
-        let key = SecretKey::from_seed(seed);
+        let key = SecretKey::from_seed(*seed);
         let profile = Profile {
             identity: key.identity(),
             kind,
             name: name.to_owned(),
             created_at: now,
         };
-        let store = Store { db, path };
+        let store = Store {
+            db: RwLock::new(Some(Db::Write(db))),
+            open: writable(&path),
+            path,
+        };
         let written = store.write(|tx| {
             let mut meta = tx.open_table(META)?;
             meta.insert(META_SCHEMA, &SCHEMA_VERSION.to_be_bytes()[..])?;
@@ -215,29 +258,19 @@ impl Store {
     /// damaged one, or one from a newer schema gives an error and is not written to.
     pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
         let path = data_dir.join(Self::FILE_NAME);
-        let mut magic = [0u8; 9];
-        match fs::File::open(&path) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(StoreError::NotFound(data_dir.to_path_buf()));
-            }
-            Err(e) => return Err(StoreError::Io { path, source: e }),
-            Ok(mut f) => {
-                if f.read_exact(&mut magic).is_err() || magic != REDB_MAGIC {
-                    return Err(StoreError::Corrupt {
-                        path,
-                        detail: "the file does not start with redb's header".into(),
-                    });
-                }
-            }
-        }
+        check_magic(data_dir, &path)?;
         // Look first without writing: a store from a newer release, or one that is not ours,
         // must be refused before redb opens it for writing (which updates its header).
-        match Database::builder()
-            .set_check_integrity_on_open(true)
-            .open_read_only(&path)
-        {
-            Ok(ro) => {
-                let found = read_schema(&ro, &path)?;
+        let looked = guarded(|| {
+            let ro = Database::builder()
+                .set_check_integrity_on_open(true)
+                .open_read_only(&path)?;
+            Ok::<_, redb::Error>(read_schema(&ro, &path))
+        })
+        .map_err(|panic| panicked(&path, &panic))?;
+        match looked {
+            Ok(found) => {
+                let found = found?;
                 if let Plan::TooNew = migrations::plan(found) {
                     return Err(StoreError::NewerSchema {
                         path,
@@ -248,15 +281,78 @@ impl Store {
             }
             // A store that was not shut down cleanly needs redb's recovery, which writes; the
             // read-write open below performs it.
-            Err(redb::DatabaseError::RepairAborted) => {}
+            Err(redb::Error::RepairAborted) => {}
             Err(e) => return Err(db_err(&path, e)),
         }
-        // Check the whole file on open: redb may otherwise trust a file damaged outside it.
-        let db = Database::builder()
-            .set_check_integrity_on_open(true)
-            .open(&path)
+        Self::with_opener(path.clone(), writable(&path))
+    }
+
+    /// Opens an existing store for reading only, for commands that change nothing: it works
+    /// on a file the user cannot write. A store that needs recovery (it was not shut down
+    /// cleanly) or a migration is opened for writing instead, as [`Store::open`] does. Every
+    /// write on a read-only store fails with [`StoreError::ReadOnly`].
+    pub fn open_read_only(data_dir: &Path) -> Result<Store, StoreError> {
+        let path = data_dir.join(Self::FILE_NAME);
+        check_magic(data_dir, &path)?;
+        let p = path.clone();
+        let open: Opener = Box::new(move || {
+            Database::builder()
+                .set_check_integrity_on_open(true)
+                .open_read_only(&p)
+                .map(Db::Read)
+        });
+        let db = match guarded(&open).map_err(|panic| panicked(&path, &panic))? {
+            Ok(db) => db,
+            Err(redb::DatabaseError::RepairAborted) => return Self::open(data_dir),
+            Err(e) => return Err(db_err(&path, e)),
+        };
+        let store = Store {
+            db: RwLock::new(Some(db)),
+            open,
+            path,
+        };
+        let found = store.schema_version()?;
+        match migrations::plan(found) {
+            Plan::Current => Ok(store),
+            Plan::Migrate(_) => {
+                drop(store);
+                Self::open(data_dir)
+            }
+            Plan::TooNew => Err(StoreError::NewerSchema {
+                path: store.path.clone(),
+                found,
+                supported: SCHEMA_VERSION,
+            }),
+        }
+    }
+
+    /// Opens an existing store through a custom redb storage backend: `backend` makes one at
+    /// open and again each time the store reopens itself after an I/O error. For storage
+    /// other than a plain file, and for tests that inject faults (a full disk). `path` names
+    /// the store in messages; the header checks of [`Store::open`] are redb's only.
+    pub fn open_with_backend<B: StorageBackend>(
+        path: &Path,
+        backend: impl Fn() -> std::io::Result<B> + Send + Sync + 'static,
+    ) -> Result<Store, StoreError> {
+        let open: Opener = Box::new(move || {
+            Database::builder()
+                .set_check_integrity_on_open(true)
+                .create_with_backend(backend()?)
+                .map(Db::Write)
+        });
+        Self::with_opener(path.to_path_buf(), open)
+    }
+
+    /// Opens for writing with `open`, then checks the schema and migrates if needed.
+    fn with_opener(path: PathBuf, open: Opener) -> Result<Store, StoreError> {
+        let db = guarded(&open)
+            .map_err(|panic| panicked(&path, &panic))?
             .map_err(|e| db_err(&path, e))?;
-        let store = Store { db, path };
+        let store = Store {
+            db: RwLock::new(Some(db)),
+            open,
+            path,
+        };
         let found = store.schema_version()?;
         match migrations::plan(found) {
             Plan::Current => Ok(store),
@@ -279,7 +375,7 @@ impl Store {
 
     /// The schema version recorded in the store.
     pub fn schema_version(&self) -> Result<u32, StoreError> {
-        read_schema(&self.db, &self.path)
+        self.read(|tx| read_schema_tx(tx, &self.path))
     }
 
     /// Who this node is.
@@ -290,12 +386,14 @@ impl Store {
 
     /// The node's secret key.
     pub fn secret_key(&self) -> Result<SecretKey, StoreError> {
-        let seed: [u8; 32] = self
-            .meta(META_SECRET)?
-            .as_slice()
-            .try_into()
-            .map_err(|_| self.corrupt("the secret key record has the wrong length"))?;
-        let key = SecretKey::from_seed(seed);
+        let stored = Zeroizing::new(self.meta(META_SECRET)?);
+        let seed: Zeroizing<[u8; 32]> = Zeroizing::new(
+            stored
+                .as_slice()
+                .try_into()
+                .map_err(|_| self.corrupt("the secret key record has the wrong length"))?,
+        );
+        let key = SecretKey::from_seed(*seed);
         if key.identity() != self.profile()?.identity {
             return Err(self.corrupt("the secret key does not match the profile's identity"));
         }
@@ -427,30 +525,32 @@ impl Store {
 
     /// Every document held.
     pub fn doc_refs(&self) -> Result<Vec<DocRef>, StoreError> {
-        let tx = self.db.begin_read().map_err(|e| self.db_error(e))?;
-        let docs = tx.open_table(DOCS).map_err(|e| self.db_error(e))?;
-        let mut out = Vec::new();
-        for row in docs.iter().map_err(|e| self.db_error(e))? {
-            let (_, v) = row.map_err(|e| self.db_error(e))?;
-            match serde_json::from_slice::<DocHeader>(v.value()) {
-                Ok(h) => out.push(h.into()),
-                Err(e) => return Err(self.corrupt(&format!("document header: {e}"))),
+        self.read(|tx| {
+            let docs = tx.open_table(DOCS).map_err(|e| self.db_error(e))?;
+            let mut out = Vec::new();
+            for row in docs.iter().map_err(|e| self.db_error(e))? {
+                let (_, v) = row.map_err(|e| self.db_error(e))?;
+                match serde_json::from_slice::<DocHeader>(v.value()) {
+                    Ok(h) => out.push(h.into()),
+                    Err(e) => return Err(self.corrupt(&format!("document header: {e}"))),
+                }
             }
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
     /// The document with this id, if held.
     pub fn doc_ref(&self, doc: &DocId) -> Result<Option<DocRef>, StoreError> {
-        let tx = self.db.begin_read().map_err(|e| self.db_error(e))?;
-        let docs = tx.open_table(DOCS).map_err(|e| self.db_error(e))?;
-        match docs.get(&doc.0).map_err(|e| self.db_error(e))? {
-            None => Ok(None),
-            Some(v) => match serde_json::from_slice::<DocHeader>(v.value()) {
-                Ok(h) => Ok(Some(h.into())),
-                Err(e) => Err(self.corrupt(&format!("document header: {e}"))),
-            },
-        }
+        self.read(|tx| {
+            let docs = tx.open_table(DOCS).map_err(|e| self.db_error(e))?;
+            match docs.get(&doc.0).map_err(|e| self.db_error(e))? {
+                None => Ok(None),
+                Some(v) => match serde_json::from_slice::<DocHeader>(v.value()) {
+                    Ok(h) => Ok(Some(h.into())),
+                    Err(e) => Err(self.corrupt(&format!("document header: {e}"))),
+                },
+            }
+        })
     }
 
     /// Every consent document held.
@@ -480,22 +580,23 @@ impl Store {
 
     /// A document's signed changes, in the order stored (a causal order).
     pub fn changes(&self, doc: &DocId) -> Result<Vec<SignedChange>, StoreError> {
-        let tx = self.db.begin_read().map_err(|e| self.db_error(e))?;
-        let table = tx.open_table(CHANGES).map_err(|e| self.db_error(e))?;
-        let mut out = Vec::new();
-        for row in table
-            .range((&doc.0, 0)..=(&doc.0, u64::MAX))
-            .map_err(|e| self.db_error(e))?
-        {
-            let (_, v) = row.map_err(|e| self.db_error(e))?;
-            out.push(
-                SignedChange::decode(v.value()).map_err(|e| StoreError::BadDocument {
-                    doc: doc.to_hex(),
-                    detail: e.to_string(),
-                })?,
-            );
-        }
-        Ok(out)
+        self.read(|tx| {
+            let table = tx.open_table(CHANGES).map_err(|e| self.db_error(e))?;
+            let mut out = Vec::new();
+            for row in table
+                .range((&doc.0, 0)..=(&doc.0, u64::MAX))
+                .map_err(|e| self.db_error(e))?
+            {
+                let (_, v) = row.map_err(|e| self.db_error(e))?;
+                out.push(
+                    SignedChange::decode(v.value()).map_err(|e| StoreError::BadDocument {
+                        doc: doc.to_hex(),
+                        detail: e.to_string(),
+                    })?,
+                );
+            }
+            Ok(out)
+        })
     }
 
     /// Loads a consent document, verifying every stored change again.
@@ -558,20 +659,21 @@ impl Store {
 
     /// Every known peer.
     pub fn peers(&self) -> Result<Vec<(IdentityKey, PeerRecord)>, StoreError> {
-        let tx = self.db.begin_read().map_err(|e| self.db_error(e))?;
-        let t = tx.open_table(PEERS).map_err(|e| self.db_error(e))?;
-        let mut out = Vec::new();
-        for row in t.iter().map_err(|e| self.db_error(e))? {
-            let (k, v) = row.map_err(|e| self.db_error(e))?;
-            let id: IdentityKey = k
-                .value()
-                .parse()
-                .map_err(|e| self.corrupt(&format!("peer record: {e}")))?;
-            let rec = serde_json::from_slice(v.value())
-                .map_err(|e| self.corrupt(&format!("peer record: {e}")))?;
-            out.push((id, rec));
-        }
-        Ok(out)
+        self.read(|tx| {
+            let t = tx.open_table(PEERS).map_err(|e| self.db_error(e))?;
+            let mut out = Vec::new();
+            for row in t.iter().map_err(|e| self.db_error(e))? {
+                let (k, v) = row.map_err(|e| self.db_error(e))?;
+                let id: IdentityKey = k
+                    .value()
+                    .parse()
+                    .map_err(|e| self.corrupt(&format!("peer record: {e}")))?;
+                let rec = serde_json::from_slice(v.value())
+                    .map_err(|e| self.corrupt(&format!("peer record: {e}")))?;
+                out.push((id, rec));
+            }
+            Ok(out)
+        })
     }
 
     /// Remembers the heads `peer` reported for `doc`.
@@ -595,17 +697,18 @@ impl Store {
         doc: &DocId,
         peer: &IdentityKey,
     ) -> Result<Option<Vec<ChangeHash>>, StoreError> {
-        let tx = self.db.begin_read().map_err(|e| self.db_error(e))?;
-        let t = tx.open_table(PEER_HEADS).map_err(|e| self.db_error(e))?;
-        let v = t
-            .get((&doc.0, peer.as_bytes()))
-            .map_err(|e| self.db_error(e))?;
-        Ok(v.map(|v| {
-            v.value()
-                .chunks_exact(32)
-                .map(|c| ChangeHash(c.try_into().expect("32 bytes")))
-                .collect()
-        }))
+        self.read(|tx| {
+            let t = tx.open_table(PEER_HEADS).map_err(|e| self.db_error(e))?;
+            let v = t
+                .get((&doc.0, peer.as_bytes()))
+                .map_err(|e| self.db_error(e))?;
+            Ok(v.map(|v| {
+                v.value()
+                    .chunks_exact(32)
+                    .map(|c| ChangeHash(c.try_into().expect("32 bytes")))
+                    .collect()
+            }))
+        })
     }
 
     /// Stores a content key for `(doc, epoch)`.
@@ -626,19 +729,20 @@ impl Store {
     pub fn epoch_keys(
         &self,
     ) -> Result<Vec<(DocId, u32, rapport_protocol::seal::ContentKey)>, StoreError> {
-        let tx = self.db.begin_read().map_err(|e| self.db_error(e))?;
-        let t = tx.open_table(EPOCH_KEYS).map_err(|e| self.db_error(e))?;
-        let mut out = Vec::new();
-        for row in t.iter().map_err(|e| self.db_error(e))? {
-            let (k, v) = row.map_err(|e| self.db_error(e))?;
-            let (doc, epoch) = k.value();
-            out.push((
-                DocId(*doc),
-                epoch,
-                rapport_protocol::seal::ContentKey::from_bytes(*v.value()),
-            ));
-        }
-        Ok(out)
+        self.read(|tx| {
+            let t = tx.open_table(EPOCH_KEYS).map_err(|e| self.db_error(e))?;
+            let mut out = Vec::new();
+            for row in t.iter().map_err(|e| self.db_error(e))? {
+                let (k, v) = row.map_err(|e| self.db_error(e))?;
+                let (doc, epoch) = k.value();
+                out.push((
+                    DocId(*doc),
+                    epoch,
+                    rapport_protocol::seal::ContentKey::from_bytes(*v.value()),
+                ));
+            }
+            Ok(out)
+        })
     }
 
     /// Keeps a refusal as evidence, dropping the oldest past [`MAX_REFUSALS`]. Returns its
@@ -662,16 +766,17 @@ impl Store {
 
     /// The newest refusals, newest first, at most `limit`.
     pub fn refusals(&self, limit: usize) -> Result<Vec<(u64, Refusal)>, StoreError> {
-        let tx = self.db.begin_read().map_err(|e| self.db_error(e))?;
-        let t = tx.open_table(REFUSALS).map_err(|e| self.db_error(e))?;
-        let mut out = Vec::new();
-        for row in t.iter().map_err(|e| self.db_error(e))?.rev().take(limit) {
-            let (k, v) = row.map_err(|e| self.db_error(e))?;
-            let r = serde_json::from_slice(v.value())
-                .map_err(|e| self.corrupt(&format!("refusal record: {e}")))?;
-            out.push((k.value(), r));
-        }
-        Ok(out)
+        self.read(|tx| {
+            let t = tx.open_table(REFUSALS).map_err(|e| self.db_error(e))?;
+            let mut out = Vec::new();
+            for row in t.iter().map_err(|e| self.db_error(e))?.rev().take(limit) {
+                let (k, v) = row.map_err(|e| self.db_error(e))?;
+                let r = serde_json::from_slice(v.value())
+                    .map_err(|e| self.corrupt(&format!("refusal record: {e}")))?;
+                out.push((k.value(), r));
+            }
+            Ok(out)
+        })
     }
 
     /// Stores an Automerge snapshot of a document.
@@ -684,11 +789,12 @@ impl Store {
 
     /// The Automerge snapshot of a document, if one was stored.
     pub fn snapshot(&self, doc: &DocId) -> Result<Option<Vec<u8>>, StoreError> {
-        let tx = self.db.begin_read().map_err(|e| self.db_error(e))?;
-        let t = tx.open_table(SNAPSHOTS).map_err(|e| self.db_error(e))?;
-        Ok(t.get(&doc.0)
-            .map_err(|e| self.db_error(e))?
-            .map(|v| v.value().to_vec()))
+        self.read(|tx| {
+            let t = tx.open_table(SNAPSHOTS).map_err(|e| self.db_error(e))?;
+            Ok(t.get(&doc.0)
+                .map_err(|e| self.db_error(e))?
+                .map(|v| v.value().to_vec()))
+        })
     }
 
     /// Removes a document, its changes and its snapshot in one transaction. Returns whether
@@ -715,25 +821,117 @@ impl Store {
     }
 
     fn meta(&self, key: &str) -> Result<Vec<u8>, StoreError> {
-        let tx = self.db.begin_read().map_err(|e| self.db_error(e))?;
-        let meta = tx.open_table(META).map_err(|e| match e {
-            redb::TableError::TableDoesNotExist(_) => self.corrupt("it has no Rapport metadata"),
-            e => self.db_error(e),
-        })?;
-        let v = meta.get(key).map_err(|e| self.db_error(e))?;
-        v.map(|v| v.value().to_vec())
-            .ok_or_else(|| self.corrupt(&format!("metadata {key:?} is missing")))
+        self.read(|tx| {
+            let meta = tx.open_table(META).map_err(|e| match e {
+                redb::TableError::TableDoesNotExist(_) => {
+                    self.corrupt("it has no Rapport metadata")
+                }
+                e => self.db_error(e),
+            })?;
+            let v = meta.get(key).map_err(|e| self.db_error(e))?;
+            v.map(|v| v.value().to_vec())
+                .ok_or_else(|| self.corrupt(&format!("metadata {key:?} is missing")))
+        })
     }
 
-    /// Runs `f` in one write transaction and commits it (durably) if it succeeds.
+    /// Runs `f` in one write transaction and commits it (durably) if it succeeds. A write
+    /// that fails leaves nothing of itself behind (redb's commit is atomic); one that fails
+    /// on I/O is tried once more on a reopened database, as `f` sees the state afresh.
     fn write<T>(
         &self,
-        f: impl FnOnce(&redb::WriteTransaction) -> Result<T, redb::Error>,
+        f: impl Fn(&redb::WriteTransaction) -> Result<T, redb::Error>,
     ) -> Result<T, StoreError> {
-        let tx = self.db.begin_write().map_err(|e| self.db_error(e))?;
-        let out = f(&tx).map_err(|e| self.db_error(e))?;
-        tx.commit().map_err(|e| self.db_error(e))?;
-        Ok(out)
+        self.run(|db| {
+            let Db::Write(db) = db else {
+                return Err(StoreError::ReadOnly(self.path.clone()));
+            };
+            let tx = db.begin_write().map_err(|e| self.db_error(e))?;
+            let out = f(&tx).map_err(|e| self.db_error(e))?;
+            tx.commit().map_err(|e| self.db_error(e))?;
+            Ok(out)
+        })
+    }
+
+    /// Runs `f` in one read transaction.
+    fn read<T>(
+        &self,
+        f: impl Fn(&redb::ReadTransaction) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.run(|db| {
+            let tx = db.begin_read().map_err(|e| self.db_error(e))?;
+            f(&tx)
+        })
+    }
+
+    /// Runs `op` on the database, reopening it first if an earlier call left it closed. An
+    /// I/O error closes it (redb would refuse every later transaction) and `op` is tried
+    /// once more; a panic inside redb closes it and becomes [`StoreError::Corrupt`].
+    fn run<T>(&self, op: impl Fn(&Db) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let mut failed: Option<StoreError> = None;
+        let mut reopens = 0;
+        loop {
+            let guard = self.db.read().unwrap_or_else(PoisonError::into_inner);
+            let Some(db) = guard.as_ref() else {
+                drop(guard);
+                if reopens == MAX_REOPENS {
+                    return Err(failed.unwrap_or_else(|| self.disk("it could not be reopened")));
+                }
+                reopens += 1;
+                if let Err(e) = self.reopen() {
+                    return Err(failed.unwrap_or(e));
+                }
+                continue;
+            };
+            match guarded(|| op(db)) {
+                Err(panic) => {
+                    drop(guard);
+                    self.close();
+                    return Err(panicked(&self.path, &panic));
+                }
+                Ok(Err(e)) if e.is_io() => {
+                    drop(guard);
+                    self.close();
+                    if failed.is_some() {
+                        return Err(e);
+                    }
+                    tracing::warn!("{e}; reopening the store");
+                    failed = Some(e);
+                }
+                Ok(out) => return out,
+            }
+        }
+    }
+
+    /// Drops the database handle (a later call reopens it). Dropping after an I/O error may
+    /// fail to write redb's clean-shutdown mark: the reopen then runs redb's recovery, which
+    /// keeps every committed transaction and nothing else.
+    fn close(&self) {
+        let mut slot = self.db.write().unwrap_or_else(PoisonError::into_inner);
+        if let Some(db) = slot.take()
+            && let Err(panic) = guarded(move || drop(db))
+        {
+            tracing::warn!("closing store {}: {panic}", self.path.display());
+        }
+    }
+
+    /// Opens the database again, if no other call did meanwhile.
+    fn reopen(&self) -> Result<(), StoreError> {
+        let mut slot = self.db.write().unwrap_or_else(PoisonError::into_inner);
+        if slot.is_none() {
+            let db = guarded(&self.open)
+                .map_err(|panic| panicked(&self.path, &panic))?
+                .map_err(|e| db_err(&self.path, e))?;
+            tracing::info!("store {} reopened", self.path.display());
+            *slot = Some(db);
+        }
+        Ok(())
+    }
+
+    fn disk(&self, detail: &str) -> StoreError {
+        StoreError::Disk {
+            path: self.path.clone(),
+            detail: detail.to_owned(),
+        }
     }
 
     fn corrupt(&self, detail: &str) -> StoreError {
@@ -750,10 +948,27 @@ impl Store {
 
 fn db_err(path: &Path, e: impl Into<redb::Error>) -> StoreError {
     match e.into() {
+        redb::Error::Io(e) => StoreError::Disk {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        },
+        redb::Error::PreviousIo => StoreError::Disk {
+            path: path.to_path_buf(),
+            detail: "an earlier write failed".into(),
+        },
         redb::Error::DatabaseAlreadyOpen => StoreError::InUse(path.to_path_buf()),
         redb::Error::Corrupted(detail) => StoreError::Corrupt {
             path: path.to_path_buf(),
             detail,
+        },
+        // Every table exists from the store's creation (or its migration) on, with one type:
+        // a table that is missing or of another type is damage, not a state to act on.
+        e @ (redb::Error::TableDoesNotExist(_)
+        | redb::Error::TableIsMultimap(_)
+        | redb::Error::TableTypeMismatch { .. }
+        | redb::Error::TypeDefinitionChanged { .. }) => StoreError::Corrupt {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
         },
         redb::Error::UpgradeRequired(v) => StoreError::Corrupt {
             path: path.to_path_buf(),
@@ -766,13 +981,62 @@ fn db_err(path: &Path, e: impl Into<redb::Error>) -> StoreError {
     }
 }
 
+/// A panic inside redb, as the damaged-store error.
+fn panicked(path: &Path, panic: &str) -> StoreError {
+    StoreError::Corrupt {
+        path: path.to_path_buf(),
+        detail: format!("redb cannot read it ({panic})"),
+    }
+}
+
+/// A writable opener for the store file at `path`, checking the whole file on open: redb
+/// may otherwise trust a file damaged outside it.
+fn writable(path: &Path) -> Opener {
+    let path = path.to_path_buf();
+    Box::new(move || {
+        Database::builder()
+            .set_check_integrity_on_open(true)
+            .open(&path)
+            .map(Db::Write)
+    })
+}
+
+/// Refuses a missing file, or one that does not start with redb's header, before redb sees
+/// it.
+fn check_magic(data_dir: &Path, path: &Path) -> Result<(), StoreError> {
+    let mut magic = [0u8; 9];
+    match fs::File::open(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(StoreError::NotFound(data_dir.to_path_buf()))
+        }
+        Err(e) => Err(StoreError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        }),
+        Ok(mut f) => {
+            if f.read_exact(&mut magic).is_err() || magic != REDB_MAGIC {
+                return Err(StoreError::Corrupt {
+                    path: path.to_path_buf(),
+                    detail: "the file does not start with redb's header".into(),
+                });
+            }
+            Ok(())
+        }
+    }
+}
+
 /// Reads the schema version through any redb handle, read-only included.
 fn read_schema(db: &impl ReadableDatabase, path: &Path) -> Result<u32, StoreError> {
+    let tx = db.begin_read().map_err(|e| db_err(path, e))?;
+    read_schema_tx(&tx, path)
+}
+
+/// Reads the schema version in a read transaction.
+fn read_schema_tx(tx: &redb::ReadTransaction, path: &Path) -> Result<u32, StoreError> {
     let corrupt = |detail: &str| StoreError::Corrupt {
         path: path.to_path_buf(),
         detail: detail.to_owned(),
     };
-    let tx = db.begin_read().map_err(|e| db_err(path, e))?;
     let meta = tx.open_table(META).map_err(|e| match e {
         redb::TableError::TableDoesNotExist(_) => corrupt("it has no Rapport metadata"),
         e => db_err(path, e),
