@@ -469,30 +469,32 @@ impl Store {
         doc: &DocId,
         peer: &IdentityKey,
     ) -> Result<HashSet<ChangeHash>, StoreError> {
-        let tx = self.db.begin_read().map_err(|e| self.db_error(e))?;
-        let t = tx.open_table(PEER_REFUSED).map_err(|e| self.db_error(e))?;
-        let p = peer.as_bytes();
-        let rows = t
-            .range((&doc.0, p, &[0u8; 32])..=(&doc.0, p, &[0xffu8; 32]))
-            .map_err(|e| self.db_error(e))?;
-        let mut out = HashSet::new();
-        for row in rows {
-            let (k, _) = row.map_err(|e| self.db_error(e))?;
-            out.insert(ChangeHash(*k.value().2));
-        }
-        Ok(out)
+        self.read(|tx| {
+            let t = tx.open_table(PEER_REFUSED).map_err(|e| self.db_error(e))?;
+            let p = peer.as_bytes();
+            let rows = t
+                .range((&doc.0, p, &[0u8; 32])..=(&doc.0, p, &[0xffu8; 32]))
+                .map_err(|e| self.db_error(e))?;
+            let mut out = HashSet::new();
+            for row in rows {
+                let (k, _) = row.map_err(|e| self.db_error(e))?;
+                out.insert(ChangeHash(*k.value().2));
+            }
+            Ok(out)
+        })
     }
 
     /// A peer's recorded conduct, if any.
     pub fn conduct(&self, peer: &IdentityKey) -> Result<Option<Conduct>, StoreError> {
-        let tx = self.db.begin_read().map_err(|e| self.db_error(e))?;
-        let t = tx.open_table(CONDUCT).map_err(|e| self.db_error(e))?;
-        let Some(v) = t.get(peer.as_bytes()).map_err(|e| self.db_error(e))? else {
-            return Ok(None);
-        };
-        serde_json::from_slice(v.value())
-            .map(Some)
-            .map_err(|e| self.corrupt(&format!("peer conduct: {e}")))
+        self.read(|tx| {
+            let t = tx.open_table(CONDUCT).map_err(|e| self.db_error(e))?;
+            let Some(v) = t.get(peer.as_bytes()).map_err(|e| self.db_error(e))? else {
+                return Ok(None);
+            };
+            serde_json::from_slice(v.value())
+                .map(Some)
+                .map_err(|e| self.corrupt(&format!("peer conduct: {e}")))
+        })
     }
 
     /// Records a peer's conduct.
@@ -507,20 +509,21 @@ impl Store {
 
     /// Every peer banned until after `now`, with the end of its ban.
     pub fn bans(&self, now: u64) -> Result<Vec<(IdentityKey, u64)>, StoreError> {
-        let tx = self.db.begin_read().map_err(|e| self.db_error(e))?;
-        let t = tx.open_table(CONDUCT).map_err(|e| self.db_error(e))?;
-        let mut out = Vec::new();
-        for row in t.iter().map_err(|e| self.db_error(e))? {
-            let (k, v) = row.map_err(|e| self.db_error(e))?;
-            let c: Conduct = serde_json::from_slice(v.value())
-                .map_err(|e| self.corrupt(&format!("peer conduct: {e}")))?;
-            if c.banned_until > now
-                && let Ok(id) = IdentityKey::from_bytes(k.value())
-            {
-                out.push((id, c.banned_until));
+        self.read(|tx| {
+            let t = tx.open_table(CONDUCT).map_err(|e| self.db_error(e))?;
+            let mut out = Vec::new();
+            for row in t.iter().map_err(|e| self.db_error(e))? {
+                let (k, v) = row.map_err(|e| self.db_error(e))?;
+                let c: Conduct = serde_json::from_slice(v.value())
+                    .map_err(|e| self.corrupt(&format!("peer conduct: {e}")))?;
+                if c.banned_until > now
+                    && let Ok(id) = IdentityKey::from_bytes(k.value())
+                {
+                    out.push((id, c.banned_until));
+                }
             }
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
     /// Every document held.
