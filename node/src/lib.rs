@@ -33,8 +33,8 @@ pub use engine::{
 pub use error::StoreError;
 pub use mailbox::{RELAY_DB, RelayStore, RelayStoreError, StoredMail};
 pub use net::{
-    FrameCodec, Framed, MailCodec, NetClient, NetConfig, PeerInfo, SharedEngine, SyncCodec,
-    SyncResult, WireStats,
+    FrameCodec, Framed, Inbound, MailCodec, NetClient, NetConfig, PeerInfo, SharedEngine,
+    SyncCodec, SyncResult, Undecodable, WireStats,
 };
 pub use node::{NODE_FILE, Node, NodeConfig, NodeError, NodeFile, NodeHandle, TOKEN_FILE, now};
 pub use store::{MAX_PEER_ADDRS, MAX_REFUSALS, PeerRecord, Profile, Refusal, Store};

@@ -16,15 +16,15 @@ use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent, behaviour::toggle::Toggle, dial_opts::DialOpts};
 use libp2p::{
-    Multiaddr, PeerId, StreamProtocol, Swarm, dcutr, identify, mdns, noise, ping, relay,
-    rendezvous, tcp, yamux,
+    Multiaddr, PeerId, StreamProtocol, Swarm, connection_limits, dcutr, identify, mdns, noise,
+    ping, relay, rendezvous, tcp, yamux,
 };
 use rapport_protocol::automerge::ChangeHash;
 use rapport_protocol::mail::{
     MAILBOX_PROTOCOL, MAX_ENVELOPES_PER_MESSAGE, MAX_MAIL_BATCH_BYTES, MailRequest, MailResponse,
 };
 use rapport_protocol::wire::{
-    DocRef, MAX_WIRE_MESSAGE, SYNC_PROTOCOL, SyncRequest, SyncResponse, WireError,
+    DocRef, MAX_WIRE_MESSAGE, RefusalCode, SYNC_PROTOCOL, SyncRequest, SyncResponse, WireError,
 };
 use rapport_protocol::{DocId, IdentityKey, SecretKey};
 use serde::{Deserialize, Serialize};
@@ -50,6 +50,27 @@ pub(crate) const BAN_FOR: Duration = Duration::from_secs(300);
 pub(crate) const MAX_SESSIONS_PER_PEER: usize = 16;
 /// Undecodable requests a peer may send before it is disconnected.
 pub(crate) const MAX_BAD_REQUESTS: u32 = 16;
+/// Peers whose undecodable requests are counted at once; past it, the counts of peers no
+/// longer connected are dropped.
+const MAX_TRACKED_PEERS: usize = 4096;
+/// Streams one connection may have open at once for the sync protocol, both ways: an
+/// honest peer runs at most [`MAX_SESSIONS_PER_PEER`] sessions, one request each, and we
+/// run as many with it. Each inbound stream may buffer up to [`MAX_WIRE_MESSAGE`] of bytes
+/// that actually arrived, so this bounds what one connection can make the node hold.
+pub(crate) const MAX_STREAMS_PER_CONNECTION: usize = 2 * MAX_SESSIONS_PER_PEER;
+/// Incoming connections still in their handshake, at once (each holds a socket).
+pub(crate) const MAX_PENDING_INCOMING: u32 = 64;
+/// Established incoming connections, in all. Each holds a file descriptor and buffers;
+/// with the outgoing limit and the API's, it keeps a node well inside the common
+/// 1,024 open-file limit, and the rest of the node (store, API) always has descriptors.
+pub(crate) const MAX_ESTABLISHED_INCOMING: u32 = 256;
+/// Outgoing connections still dialling, at once.
+pub(crate) const MAX_PENDING_OUTGOING: u32 = 64;
+/// Established outgoing connections, in all.
+pub(crate) const MAX_ESTABLISHED_OUTGOING: u32 = 256;
+/// Connections with one peer at once: direct TCP and QUIC, one through a relay, and a
+/// simultaneous dial from both sides.
+pub(crate) const MAX_CONNECTIONS_PER_PEER: u32 = 4;
 
 /// What the engine is shared as: one writer at a time, on blocking threads.
 pub type SharedEngine = Arc<Mutex<Engine>>;
@@ -86,9 +107,24 @@ macro_rules! framed {
 }
 framed!(SyncRequest, SyncResponse, MailRequest, MailResponse);
 
+/// A request the codec could not decode: bytes that are not a message of the protocol, or
+/// a frame announced over [`MAX_WIRE_MESSAGE`]. The codec hands it on as a request (rather
+/// than failing the stream, which libp2p request-response 0.30 only logs), so the loop
+/// can answer it, count it against the peer and disconnect a peer that keeps sending them.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("undecodable request: {reason}")]
+pub struct Undecodable {
+    /// Why, for the log and for the peer.
+    pub reason: String,
+}
+
+/// A request as the codec reads it: the message, or why it is not one. Requests sent are
+/// always `Ok`.
+pub type Inbound<T> = Result<T, Undecodable>;
+
 /// The codec of Rapport's protocols: a 4-byte big-endian length, then the message. Lengths
-/// over [`MAX_WIRE_MESSAGE`] are refused before reading; bytes are counted in
-/// [`WireStats`].
+/// over [`MAX_WIRE_MESSAGE`] are refused before reading; a frame's buffer grows as its
+/// bytes arrive (never by the length announced); bytes are counted in [`WireStats`].
 pub struct FrameCodec<Req, Resp> {
     stats: Arc<WireStats>,
     kinds: std::marker::PhantomData<fn() -> (Req, Resp)>,
@@ -121,21 +157,64 @@ pub type SyncCodec = FrameCodec<SyncRequest, SyncResponse>;
 /// The mailbox protocol's codec (`/rapport/mailbox/1`).
 pub type MailCodec = FrameCodec<MailRequest, MailResponse>;
 
+/// How much of a frame is read at a time, and the most a frame's buffer holds before its
+/// bytes arrive: a peer that announces 32 MiB and sends a few bytes costs 64 KiB, not 32 MiB.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Why a frame could not be read.
+enum FrameError {
+    /// The length announced is over [`MAX_WIRE_MESSAGE`]; nothing more was read.
+    TooLarge(usize),
+    /// The stream failed or ended early.
+    Io(io::Error),
+}
+
+impl From<FrameError> for io::Error {
+    fn from(e: FrameError) -> io::Error {
+        match e {
+            FrameError::TooLarge(len) => io::Error::new(io::ErrorKind::InvalidData, too_large(len)),
+            FrameError::Io(e) => e,
+        }
+    }
+}
+
+fn too_large(len: usize) -> String {
+    format!("a message of {len} bytes is over the limit of {MAX_WIRE_MESSAGE}")
+}
+
+/// Reads one frame. The buffer starts at no more than [`READ_CHUNK`] and at most doubles
+/// (capped at the length announced) when full, so memory follows the bytes that arrived.
 async fn read_frame<T: AsyncRead + Unpin + Send>(
     io: &mut T,
     stats: &WireStats,
-) -> io::Result<Vec<u8>> {
+) -> Result<Vec<u8>, FrameError> {
     let mut len = [0u8; 4];
-    io.read_exact(&mut len).await?;
+    io.read_exact(&mut len).await.map_err(FrameError::Io)?;
     let len = u32::from_be_bytes(len) as usize;
     if len > MAX_WIRE_MESSAGE {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("sync message of {len} bytes is over the limit of {MAX_WIRE_MESSAGE}"),
-        ));
+        return Err(FrameError::TooLarge(len));
     }
-    let mut buf = vec![0u8; len];
-    io.read_exact(&mut buf).await?;
+    let mut buf: Vec<u8> = Vec::with_capacity(len.min(READ_CHUNK));
+    while buf.len() < len {
+        let start = buf.len();
+        if start == buf.capacity() {
+            let target = (start * 2).max(READ_CHUNK).min(len);
+            buf.reserve_exact(target - start);
+        }
+        let end = buf.capacity().min(len).min(start + READ_CHUNK);
+        buf.resize(end, 0);
+        match io.read(&mut buf[start..end]).await {
+            Ok(0) => {
+                return Err(FrameError::Io(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("the stream ended after {start} of {len} bytes"),
+                )));
+            }
+            Ok(n) => buf.truncate(start + n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => buf.truncate(start),
+            Err(e) => return Err(FrameError::Io(e)),
+        }
+    }
     stats.received.fetch_add(len as u64 + 4, Ordering::Relaxed);
     Ok(buf)
 }
@@ -162,16 +241,24 @@ fn invalid(e: impl std::fmt::Display) -> io::Error {
 
 impl<Req: Framed, Resp: Framed> request_response::Codec for FrameCodec<Req, Resp> {
     type Protocol = StreamProtocol;
-    type Request = Req;
+    type Request = Inbound<Req>;
     type Response = Resp;
 
     async fn read_request<T: AsyncRead + Unpin + Send>(
         &mut self,
         _: &StreamProtocol,
         io: &mut T,
-    ) -> io::Result<Req> {
-        let bytes = read_frame(io, &self.stats).await?;
-        Req::from_bytes(&bytes).map_err(invalid)
+    ) -> io::Result<Inbound<Req>> {
+        // Garbage becomes a request the loop counts; only a failed stream is an error.
+        let reason = match read_frame(io, &self.stats).await {
+            Ok(bytes) => match Req::from_bytes(&bytes) {
+                Ok(req) => return Ok(Ok(req)),
+                Err(e) => e.to_string(),
+            },
+            Err(FrameError::TooLarge(len)) => too_large(len),
+            Err(FrameError::Io(e)) => return Err(e),
+        };
+        Ok(Err(Undecodable { reason }))
     }
 
     async fn read_response<T: AsyncRead + Unpin + Send>(
@@ -187,8 +274,9 @@ impl<Req: Framed, Resp: Framed> request_response::Codec for FrameCodec<Req, Resp
         &mut self,
         _: &StreamProtocol,
         io: &mut T,
-        req: Req,
+        req: Inbound<Req>,
     ) -> io::Result<()> {
+        let req = req.map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         write_frame(io, req.to_bytes(), &self.stats).await
     }
 
@@ -204,6 +292,8 @@ impl<Req: Framed, Resp: Framed> request_response::Codec for FrameCodec<Req, Resp
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
+    /// First, so a connection over a limit is refused before any other behaviour sees it.
+    limits: connection_limits::Behaviour,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     kad: kad::Behaviour<MemoryStore>,
@@ -511,6 +601,53 @@ pub(crate) fn identify_behaviour(
     )
 }
 
+/// The connection limits of a node or relay, with at most `max_incoming` established
+/// incoming connections: see the constants for why each is what it is.
+pub(crate) fn connection_limits_behaviour(max_incoming: u32) -> connection_limits::Behaviour {
+    connection_limits::Behaviour::new(
+        connection_limits::ConnectionLimits::default()
+            .with_max_pending_incoming(Some(MAX_PENDING_INCOMING))
+            .with_max_established_incoming(Some(max_incoming))
+            .with_max_pending_outgoing(Some(MAX_PENDING_OUTGOING))
+            .with_max_established_outgoing(Some(MAX_ESTABLISHED_OUTGOING))
+            .with_max_established_per_peer(Some(MAX_CONNECTIONS_PER_PEER)),
+    )
+}
+
+/// Refuses a listen address whose fixed port another process holds. libp2p marks its
+/// listening sockets for port reuse, so a second process would bind the same port without
+/// error and take half the connections; a plain bind, which does not ask for reuse, fails
+/// on a port in use, and is undone at once.
+pub(crate) fn port_free(addr: &Multiaddr) -> Result<(), String> {
+    let mut ip = None;
+    let mut port = None;
+    for p in addr.iter() {
+        match p {
+            Protocol::Ip4(a) => ip = Some(std::net::IpAddr::from(a)),
+            Protocol::Ip6(a) => ip = Some(std::net::IpAddr::from(a)),
+            Protocol::Tcp(n) if n != 0 => port = Some((n, true)),
+            Protocol::Udp(n) if n != 0 => port = Some((n, false)),
+            _ => {}
+        }
+    }
+    let (Some(ip), Some((port, tcp))) = (ip, port) else {
+        return Ok(());
+    };
+    let at = std::net::SocketAddr::new(ip, port);
+    let bound = if tcp {
+        std::net::TcpListener::bind(at).map(drop)
+    } else {
+        std::net::UdpSocket::bind(at).map(drop)
+    };
+    match bound {
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => Err(format!(
+            "cannot listen on {addr}: port {port} is in use by another process"
+        )),
+        // Other failures (an address not on this machine…) are libp2p's to report.
+        _ => Ok(()),
+    }
+}
+
 /// Starts the network loop on the current tokio runtime.
 pub(crate) fn start(
     key: &SecretKey,
@@ -569,6 +706,7 @@ pub(crate) fn start(
                 None
             };
             Behaviour {
+                limits: connection_limits_behaviour(MAX_ESTABLISHED_INCOMING),
                 identify: identify_behaviour(key, "rapport"),
                 ping: ping::Behaviour::new(ping::Config::new()),
                 kad,
@@ -578,7 +716,7 @@ pub(crate) fn start(
                     [(StreamProtocol::new(SYNC_PROTOCOL), ProtocolSupport::Full)],
                     request_response::Config::default()
                         .with_request_timeout(REQUEST_TIMEOUT)
-                        .with_max_concurrent_streams(256),
+                        .with_max_concurrent_streams(MAX_STREAMS_PER_CONNECTION),
                 ),
                 relay_client,
                 dcutr: dcutr::Behaviour::new(peer_id),
@@ -599,6 +737,7 @@ pub(crate) fn start(
         .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_TIMEOUT))
         .build();
     for addr in &config.listen {
+        port_free(addr)?;
         swarm
             .listen_on(addr.clone())
             .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
@@ -908,7 +1047,7 @@ impl Loop {
                             .map(|c| c.hash())
                     })
                     .collect();
-                let id = self.swarm.behaviour_mut().sync.send_request(&peer, req);
+                let id = self.swarm.behaviour_mut().sync.send_request(&peer, Ok(req));
                 self.requests.insert(id, (peer, doc, sent));
             }
             Internal::Respond {
@@ -1138,7 +1277,7 @@ impl Loop {
         self.swarm
             .behaviour_mut()
             .mailbox
-            .send_request(&peer, MailRequest::Fetch { after });
+            .send_request(&peer, Ok(MailRequest::Fetch { after }));
     }
 
     /// Seals what `peer` lacks of the waiting documents for its mailbox at the relay.
@@ -1233,7 +1372,7 @@ impl Loop {
                 .swarm
                 .behaviour_mut()
                 .mailbox
-                .send_request(&relay, MailRequest::Deposit(envs));
+                .send_request(&relay, Ok(MailRequest::Deposit(envs)));
             let replies = if i + 1 == n {
                 replies.take().unwrap_or_default()
             } else {
@@ -1250,7 +1389,7 @@ impl Loop {
         }
     }
 
-    fn mail_event(&mut self, ev: request_response::Event<MailRequest, MailResponse>) {
+    fn mail_event(&mut self, ev: request_response::Event<Inbound<MailRequest>, MailResponse>) {
         match ev {
             request_response::Event::Message {
                 message:
@@ -1358,8 +1497,12 @@ impl Loop {
     }
 
     fn ban(&mut self, peer: PeerId) {
-        tracing::warn!(%peer, "disconnecting a peer that sent too many bad changes");
-        self.banned.insert(peer, Instant::now() + BAN_FOR);
+        tracing::warn!(%peer, "disconnecting a peer that sent too many bad changes or requests");
+        let now = Instant::now();
+        // Bans that ended are forgotten, so the list holds only peers banned now.
+        self.banned.retain(|_, until| *until > now);
+        self.banned.insert(peer, now + BAN_FOR);
+        self.bad_requests.remove(&peer);
         let _ = self.swarm.disconnect_peer_id(peer);
     }
 
@@ -1623,7 +1766,7 @@ impl Loop {
         }
     }
 
-    fn sync_event(&mut self, ev: request_response::Event<SyncRequest, SyncResponse>) {
+    fn sync_event(&mut self, ev: request_response::Event<Inbound<SyncRequest>, SyncResponse>) {
         match ev {
             request_response::Event::Message {
                 peer,
@@ -1633,6 +1776,10 @@ impl Loop {
                     },
                 ..
             } => {
+                let request = match request {
+                    Ok(r) => r,
+                    Err(bad) => return self.bad_request(peer, channel, &bad),
+                };
                 let Some(id) = identity_of(&peer) else {
                     return;
                 };
@@ -1698,16 +1845,40 @@ impl Loop {
                 }
             }
             request_response::Event::InboundFailure { peer, error, .. } => {
+                // A stream that failed or timed out (a peer going away looks the same);
+                // undecodable requests arrive as requests and are counted there.
                 tracing::debug!(%peer, "inbound sync failed: {error}");
-                if matches!(error, request_response::InboundFailure::Io(_)) {
-                    let n = self.bad_requests.entry(peer).or_default();
-                    *n += 1;
-                    if *n > MAX_BAD_REQUESTS {
-                        self.ban(peer);
-                    }
-                }
             }
             _ => {}
+        }
+    }
+
+    /// Answers a request the codec could not decode, counts it against the peer and
+    /// disconnects (bans) a peer past [`MAX_BAD_REQUESTS`].
+    fn bad_request(
+        &mut self,
+        peer: PeerId,
+        channel: ResponseChannel<SyncResponse>,
+        bad: &Undecodable,
+    ) {
+        tracing::debug!(%peer, "{bad}");
+        let _ = self.swarm.behaviour_mut().sync.send_response(
+            channel,
+            SyncResponse::Refused {
+                code: RefusalCode::BadRequest,
+                detail: format!("{bad}; nothing was applied"),
+            },
+        );
+        // Strangers come with fresh identities: forget the counts of peers that left
+        // rather than keep one for each.
+        if self.bad_requests.len() >= MAX_TRACKED_PEERS {
+            let swarm = &self.swarm;
+            self.bad_requests.retain(|p, _| swarm.is_connected(p));
+        }
+        let n = self.bad_requests.entry(peer).or_default();
+        *n += 1;
+        if *n > MAX_BAD_REQUESTS {
+            self.ban(peer);
         }
     }
 }
