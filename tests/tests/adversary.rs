@@ -308,12 +308,20 @@ async fn hostile_input_is_refused_change_by_change_and_honest_changes_sync() {
     assert!(refused.is_empty());
     assert_eq!(messages(&alice.handle, &rel).await.len(), before.len() + 1);
 
-    // An oversized frame is refused before it is read, and changes nothing.
+    // An oversized frame is refused before it is read, with a clear error, and changes
+    // nothing.
     let mut huge = ((rapport_protocol::wire::MAX_WIRE_MESSAGE + 1) as u32)
         .to_be_bytes()
         .to_vec();
     huge.extend(vec![0u8; 1024]);
-    assert!(ask_raw(&mut client, peer, huge).await.is_err());
+    let answer = ask_raw(&mut client, peer, huge).await.expect("an answer");
+    match SyncResponse::decode(&answer) {
+        Ok(SyncResponse::Refused { code, detail }) => {
+            assert_eq!(code, RefusalCode::BadRequest);
+            assert!(detail.contains("over the limit"), "{detail}");
+        }
+        other => panic!("an oversized frame must be refused, got {other:?}"),
+    }
     assert_eq!(messages(&alice.handle, &rel).await.len(), before.len() + 1);
 
     // Revocation: from now on Mallory is refused whole and receives nothing.
