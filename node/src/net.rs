@@ -127,6 +127,8 @@ pub type Inbound<T> = Result<T, Undecodable>;
 /// bytes arrive (never by the length announced); bytes are counted in [`WireStats`].
 pub struct FrameCodec<Req, Resp> {
     stats: Arc<WireStats>,
+    /// Shared by every clone (every connection and stream of one behaviour).
+    in_flight: Arc<InFlight>,
     kinds: std::marker::PhantomData<fn() -> (Req, Resp)>,
 }
 
@@ -135,6 +137,7 @@ impl<Req, Resp> FrameCodec<Req, Resp> {
     pub fn new(stats: Arc<WireStats>) -> Self {
         Self {
             stats,
+            in_flight: Arc::default(),
             kinds: std::marker::PhantomData,
         }
     }
@@ -142,7 +145,11 @@ impl<Req, Resp> FrameCodec<Req, Resp> {
 
 impl<Req, Resp> Clone for FrameCodec<Req, Resp> {
     fn clone(&self) -> Self {
-        Self::new(self.stats.clone())
+        Self {
+            stats: self.stats.clone(),
+            in_flight: self.in_flight.clone(),
+            kinds: std::marker::PhantomData,
+        }
     }
 }
 
@@ -161,11 +168,52 @@ pub type MailCodec = FrameCodec<MailRequest, MailResponse>;
 /// bytes arrive: a peer that announces 32 MiB and sends a few bytes costs 64 KiB, not 32 MiB.
 const READ_CHUNK: usize = 64 * 1024;
 
+/// Bytes that the frames being read at once by one codec (all its connections and
+/// streams) may hold beyond the first [`READ_CHUNK`] of each. Stream and connection limits
+/// alone would let peers that really send their bytes make the node hold
+/// connections x streams x 32 MiB; this makes it a fixed amount. Small messages (most
+/// sync rounds) never wait for it, so peers filling it cannot stall them; a large frame
+/// that finds it full fails, and its sender tries again later.
+pub(crate) const MAX_FRAME_BYTES_IN_FLIGHT: usize = 256 << 20;
+
+/// Bytes reserved by frames being read (see [`MAX_FRAME_BYTES_IN_FLIGHT`]).
+#[derive(Debug, Default)]
+struct InFlight(std::sync::atomic::AtomicUsize);
+
+/// One frame's share of [`InFlight`], given back when the frame is dropped or decoded.
+struct Reservation {
+    pool: Arc<InFlight>,
+    held: usize,
+}
+
+impl Reservation {
+    /// Holds `total` bytes in all, if the pool has room.
+    fn hold(&mut self, total: usize) -> bool {
+        let more = total.saturating_sub(self.held);
+        if more == 0 {
+            return true;
+        }
+        let before = self.pool.0.fetch_add(more, Ordering::AcqRel);
+        if before + more > MAX_FRAME_BYTES_IN_FLIGHT {
+            self.pool.0.fetch_sub(more, Ordering::AcqRel);
+            return false;
+        }
+        self.held = total;
+        true
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.pool.0.fetch_sub(self.held, Ordering::AcqRel);
+    }
+}
+
 /// Why a frame could not be read.
 enum FrameError {
     /// The length announced is over [`MAX_WIRE_MESSAGE`]; nothing more was read.
     TooLarge(usize),
-    /// The stream failed or ended early.
+    /// The stream failed or ended early, or the codec holds too much already.
     Io(io::Error),
 }
 
@@ -187,18 +235,29 @@ fn too_large(len: usize) -> String {
 async fn read_frame<T: AsyncRead + Unpin + Send>(
     io: &mut T,
     stats: &WireStats,
-) -> Result<Vec<u8>, FrameError> {
+    pool: &Arc<InFlight>,
+) -> Result<(Vec<u8>, Reservation), FrameError> {
     let mut len = [0u8; 4];
     io.read_exact(&mut len).await.map_err(FrameError::Io)?;
     let len = u32::from_be_bytes(len) as usize;
     if len > MAX_WIRE_MESSAGE {
         return Err(FrameError::TooLarge(len));
     }
+    let mut share = Reservation {
+        pool: pool.clone(),
+        held: 0,
+    };
     let mut buf: Vec<u8> = Vec::with_capacity(len.min(READ_CHUNK));
     while buf.len() < len {
         let start = buf.len();
         if start == buf.capacity() {
             let target = (start * 2).max(READ_CHUNK).min(len);
+            if !share.hold(target - READ_CHUNK.min(target)) {
+                return Err(FrameError::Io(io::Error::other(format!(
+                    "a frame of {len} bytes cannot be read now: over {} MiB of frames are being read; try again later",
+                    MAX_FRAME_BYTES_IN_FLIGHT >> 20
+                ))));
+            }
             buf.reserve_exact(target - start);
         }
         let end = buf.capacity().min(len).min(start + READ_CHUNK);
@@ -216,7 +275,7 @@ async fn read_frame<T: AsyncRead + Unpin + Send>(
         }
     }
     stats.received.fetch_add(len as u64 + 4, Ordering::Relaxed);
-    Ok(buf)
+    Ok((buf, share))
 }
 
 async fn write_frame<T: AsyncWrite + Unpin + Send>(
@@ -250,8 +309,8 @@ impl<Req: Framed, Resp: Framed> request_response::Codec for FrameCodec<Req, Resp
         io: &mut T,
     ) -> io::Result<Inbound<Req>> {
         // Garbage becomes a request the loop counts; only a failed stream is an error.
-        let reason = match read_frame(io, &self.stats).await {
-            Ok(bytes) => match Req::from_bytes(&bytes) {
+        let reason = match read_frame(io, &self.stats, &self.in_flight).await {
+            Ok((bytes, _share)) => match Req::from_bytes(&bytes) {
                 Ok(req) => return Ok(Ok(req)),
                 Err(e) => e.to_string(),
             },
@@ -266,7 +325,7 @@ impl<Req: Framed, Resp: Framed> request_response::Codec for FrameCodec<Req, Resp
         _: &StreamProtocol,
         io: &mut T,
     ) -> io::Result<Resp> {
-        let bytes = read_frame(io, &self.stats).await?;
+        let (bytes, _share) = read_frame(io, &self.stats, &self.in_flight).await?;
         Resp::from_bytes(&bytes).map_err(invalid)
     }
 
@@ -1880,5 +1939,85 @@ impl Loop {
         if *n > MAX_BAD_REQUESTS {
             self.ban(peer);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn framed(len: u32, body: &[u8]) -> Vec<u8> {
+        let mut v = len.to_be_bytes().to_vec();
+        v.extend_from_slice(body);
+        v
+    }
+
+    #[test]
+    fn a_frame_is_read_whole() {
+        let stats = WireStats::default();
+        let pool = Arc::default();
+        let body: Vec<u8> = (0..300_000u32).map(|i| i as u8).collect();
+        let bytes = framed(body.len() as u32, &body);
+        let mut io = futures::io::Cursor::new(bytes);
+        let (got, _) = futures::executor::block_on(read_frame(&mut io, &stats, &pool))
+            .map_err(io::Error::from)
+            .unwrap();
+        assert_eq!(got, body);
+        assert!(got.capacity() < 2 * body.len());
+    }
+
+    #[test]
+    fn a_short_frame_costs_what_arrived_and_fails() {
+        let stats = WireStats::default();
+        let pool = Arc::default();
+        let mut io = futures::io::Cursor::new(framed(MAX_WIRE_MESSAGE as u32, b"a few bytes"));
+        let err = futures::executor::block_on(read_frame(&mut io, &stats, &pool))
+            .map(|_| ())
+            .map_err(io::Error::from)
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+        let over = framed(MAX_WIRE_MESSAGE as u32 + 1, b"");
+        let r = futures::executor::block_on(read_frame(
+            &mut futures::io::Cursor::new(over),
+            &stats,
+            &pool,
+        ));
+        assert!(matches!(r, Err(FrameError::TooLarge(_))));
+    }
+
+    #[test]
+    fn large_frames_being_read_share_a_fixed_budget() {
+        let stats = WireStats::default();
+        let pool: Arc<InFlight> = Arc::default();
+        // Others hold all but 1 MiB of the budget: a 2 MiB frame is refused, a small one
+        // still reads, and the budget is whole again once the holders are gone.
+        let mut others = Reservation {
+            pool: pool.clone(),
+            held: 0,
+        };
+        assert!(others.hold(MAX_FRAME_BYTES_IN_FLIGHT - (1 << 20)));
+        let big = vec![7u8; 2 << 20];
+        let r = futures::executor::block_on(read_frame(
+            &mut futures::io::Cursor::new(framed(big.len() as u32, &big)),
+            &stats,
+            &pool,
+        ));
+        assert!(matches!(r, Err(FrameError::Io(_))));
+        let small = vec![1u8; 1000];
+        let r = futures::executor::block_on(read_frame(
+            &mut futures::io::Cursor::new(framed(small.len() as u32, &small)),
+            &stats,
+            &pool,
+        ));
+        assert!(r.is_ok());
+        drop(others);
+        drop(r);
+        assert_eq!(pool.0.load(Ordering::Relaxed), 0);
+        let r = futures::executor::block_on(read_frame(
+            &mut futures::io::Cursor::new(framed(big.len() as u32, &big)),
+            &stats,
+            &pool,
+        ));
+        assert_eq!(r.map_err(io::Error::from).unwrap().0, big);
     }
 }
