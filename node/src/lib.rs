@@ -16,6 +16,7 @@ mod api;
 mod crypt;
 mod engine;
 mod error;
+mod ip_limits;
 mod mailbox;
 mod net;
 mod node;

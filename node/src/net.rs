@@ -353,6 +353,7 @@ impl<Req: Framed, Resp: Framed> request_response::Codec for FrameCodec<Req, Resp
 struct Behaviour {
     /// First, so a connection over a limit is refused before any other behaviour sees it.
     limits: connection_limits::Behaviour,
+    per_ip: crate::ip_limits::Behaviour,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     kad: kad::Behaviour<MemoryStore>,
@@ -766,6 +767,7 @@ pub(crate) fn start(
             };
             Behaviour {
                 limits: connection_limits_behaviour(MAX_ESTABLISHED_INCOMING),
+                per_ip: crate::ip_limits::Behaviour::default(),
                 identify: identify_behaviour(key, "rapport"),
                 ping: ping::Behaviour::new(ping::Config::new()),
                 kad,

@@ -133,6 +133,7 @@ const MAX_MAIL_STREAMS_PER_CONNECTION: usize = 16;
 struct RelayBehaviour {
     /// First, so a connection over a limit is refused before any other behaviour sees it.
     limits: libp2p::connection_limits::Behaviour,
+    per_ip: crate::ip_limits::Behaviour,
     allow: Toggle<allow_block_list::Behaviour<AllowedPeers>>,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
@@ -239,6 +240,7 @@ impl Relay {
                             .unwrap_or(u32::MAX)
                             .saturating_add(MAX_ESTABLISHED_INCOMING),
                     ),
+                    per_ip: crate::ip_limits::Behaviour::default(),
                     allow: Toggle::from((!open).then(allow_block_list::Behaviour::default)),
                     identify: identify_behaviour(key, "rapport-relay"),
                     ping: ping::Behaviour::new(ping::Config::new()),

@@ -509,3 +509,56 @@ async fn a_peer_cannot_open_many_connections_at_once() {
         "{open} connections from one peer stayed open (at most 4 expected)"
     );
 }
+
+/// Strangers from one IP address (fresh identities cost nothing) cannot take every
+/// incoming slot of a node: past the per-address limit their connections are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_from_one_address_cannot_take_every_connection() {
+    const STRANGERS: u8 = 40;
+    const PER_IP: usize = 32;
+    let alice = TestNode::new(Kind::Person, "Alice").await;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<u8>(256);
+    let mut tasks = Vec::new();
+    for s in 0..STRANGERS {
+        let tx = tx.clone();
+        let addr = alice.addrs[0].clone();
+        tasks.push(tokio::spawn(async move {
+            let mut c = hostile_client(&SecretKey::from_seed([150 + s; 32]));
+            c.dial(addr).unwrap();
+            loop {
+                let what = match c.select_next_some().await {
+                    SwarmEvent::ConnectionEstablished { .. } => 0,
+                    SwarmEvent::OutgoingConnectionError { .. } => 1,
+                    SwarmEvent::ConnectionClosed { .. } => 2,
+                    _ => continue,
+                };
+                if tx.send(what).await.is_err() {
+                    return;
+                }
+            }
+        }));
+    }
+    drop(tx);
+    let (mut established, mut failed, mut closed) = (0usize, 0usize, 0usize);
+    let settled = tokio::time::timeout(WAIT, async {
+        while let Some(what) = rx.recv().await {
+            match what {
+                0 => established += 1,
+                1 => failed += 1,
+                _ => closed += 1,
+            }
+            if established + failed == usize::from(STRANGERS) && established - closed <= PER_IP {
+                return;
+            }
+        }
+    })
+    .await;
+    for t in tasks {
+        t.abort();
+    }
+    assert!(
+        settled.is_ok(),
+        "{} connections from one address stayed open (at most {PER_IP} expected; {failed} refused)",
+        established - closed
+    );
+}
