@@ -17,9 +17,9 @@ use libp2p::swarm::{
 };
 use libp2p::{Multiaddr, PeerId};
 
-/// Incoming connections (in their handshake or established) from one IP address at once:
-/// room for a household or an office behind one address, far under the 256 a node takes
-/// in all.
+/// Incoming connections (in their handshake or established) from one IP address at once
+/// (for IPv6, one /64: a host is usually given a whole /64): room for a household or an
+/// office behind one address, far under the 256 a node takes in all.
 pub(crate) const MAX_INCOMING_PER_IP: usize = 32;
 
 /// Refused: too many connections from this address.
@@ -36,13 +36,16 @@ pub(crate) struct Behaviour {
     per_ip: HashMap<IpAddr, usize>,
 }
 
+/// The address connections are counted under: the IPv4 address, or the IPv6 /64.
 fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
     if addr.iter().any(|p| p == Protocol::P2pCircuit) {
         return None;
     }
     addr.iter().find_map(|p| match p {
         Protocol::Ip4(a) => Some(IpAddr::from(a)),
-        Protocol::Ip6(a) => Some(IpAddr::from(a)),
+        Protocol::Ip6(a) => Some(IpAddr::from(std::net::Ipv6Addr::from(
+            u128::from(a) & !u128::from(u64::MAX),
+        ))),
         _ => None,
     })
 }
@@ -124,5 +127,30 @@ impl NetworkBehaviour for Behaviour {
 
     fn poll(&mut self, _: &mut Context<'_>) -> Poll<ToSwarm<Infallible, THandlerInEvent<Self>>> {
         Poll::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(text: &str) -> Option<IpAddr> {
+        ip_of(&text.parse().unwrap())
+    }
+
+    #[test]
+    fn connections_are_counted_per_ipv4_address_and_ipv6_64() {
+        assert_eq!(ip("/ip4/10.0.0.1/tcp/1"), ip("/ip4/10.0.0.1/udp/2/quic-v1"));
+        assert_ne!(ip("/ip4/10.0.0.1/tcp/1"), ip("/ip4/10.0.0.2/tcp/1"));
+        assert_eq!(
+            ip("/ip6/2001:db8:1:2::1/tcp/1"),
+            ip("/ip6/2001:db8:1:2:ffff:ffff:ffff:ffff/tcp/1")
+        );
+        assert_ne!(
+            ip("/ip6/2001:db8:1:2::1/tcp/1"),
+            ip("/ip6/2001:db8:1:3::1/tcp/1")
+        );
+        let relayed = "/ip4/10.0.0.9/tcp/4002/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN/p2p-circuit";
+        assert_eq!(ip(relayed), None);
     }
 }
