@@ -3,6 +3,9 @@
 //! `Authorization: Bearer <token>`, the token being the `api-token` file in the data
 //! directory (mode 0600). Errors are `{"error": "..."}` with a 4xx or 5xx status.
 
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
@@ -28,6 +31,127 @@ pub const OPENAPI_PATH: &str = "/openapi.json";
 pub(crate) const MAX_BODY: usize = 1 << 20;
 /// How long a write waits for the peers it concerns, unless `?wait=` says otherwise.
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(5);
+/// Connections the API serves at once. Any local process can open sockets without the
+/// token; past this number, the oldest connection that has made no authorised request is
+/// closed to make room, so the owner's request always gets in, and the API never holds
+/// more than this many descriptors.
+pub(crate) const MAX_API_CONNECTIONS: usize = 128;
+/// How long a client has to send a request's headers, and how long a connection may sit
+/// idle between requests; a half-sent request is closed after it.
+pub(crate) const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Set on a connection once it has made an authorised request: such a connection (the
+/// owner's CLI, web app or event stream) is never closed to make room for another.
+#[derive(Clone)]
+struct Trusted(Arc<AtomicBool>);
+
+/// A connection being served.
+struct Conn {
+    id: u64,
+    trusted: Arc<AtomicBool>,
+    close: tokio::sync::oneshot::Sender<()>,
+}
+
+type Conns = Arc<Mutex<VecDeque<Conn>>>;
+
+/// Closes the oldest connection that made no authorised request, if the API is at its
+/// limit; false if it is at its limit with every connection trusted.
+fn make_room(conns: &Conns, always: bool) -> bool {
+    let Ok(mut list) = conns.lock() else {
+        return false;
+    };
+    if list.len() < MAX_API_CONNECTIONS && !always {
+        return true;
+    }
+    match list.iter().position(|c| !c.trusted.load(Ordering::Relaxed)) {
+        Some(i) => {
+            if let Some(c) = list.remove(i) {
+                let _ = c.close.send(());
+            }
+            true
+        }
+        None => list.len() < MAX_API_CONNECTIONS,
+    }
+}
+
+/// Serves the API on `listener` until `stop` fires: HTTP/1.1 with a timeout on request
+/// headers and idle connections ([`HEADER_TIMEOUT`]) and at most [`MAX_API_CONNECTIONS`]
+/// connections, making room for newcomers by closing untrusted ones. On `stop`, requests
+/// under way finish.
+pub(crate) async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    stop: tokio::sync::oneshot::Receiver<()>,
+) {
+    let conns: Conns = Arc::default();
+    let (shutdown, _) = tokio::sync::watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT);
+    let mut next_id = 0u64;
+    tokio::pin!(stop);
+    loop {
+        let stream = tokio::select! {
+            _ = &mut stop => break,
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of descriptors (or another transient error): free one, if an
+                    // untrusted connection holds it, and try again shortly.
+                    tracing::warn!("the local API cannot accept a connection: {e}");
+                    make_room(&conns, true);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        if !make_room(&conns, false) {
+            tracing::warn!("the local API is at its limit of {MAX_API_CONNECTIONS} connections");
+            continue;
+        }
+        let id = next_id;
+        next_id += 1;
+        let trusted = Arc::new(AtomicBool::new(false));
+        let (close, closed) = tokio::sync::oneshot::channel();
+        if let Ok(mut list) = conns.lock() {
+            list.push_back(Conn {
+                id,
+                trusted: trusted.clone(),
+                close,
+            });
+        }
+        let app = router.clone().layer(axum::Extension(Trusted(trusted)));
+        let conn = http.serve_connection(
+            hyper_util::rt::TokioIo::new(stream),
+            hyper_util::service::TowerToHyperService::new(app),
+        );
+        let mut shutdown = shutdown.subscribe();
+        let conns = conns.clone();
+        tasks.spawn(async move {
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!("an API connection ended: {e}");
+                    }
+                }
+                // Closed to make room: dropped at once.
+                _ = closed => {}
+                _ = shutdown.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+            if let Ok(mut list) = conns.lock() {
+                list.retain(|c| c.id != id);
+            }
+        });
+    }
+    let _ = shutdown.send(true);
+    while tasks.join_next().await.is_some() {}
+}
 
 #[derive(Clone)]
 struct AppState {
@@ -325,7 +449,11 @@ async fn auth(
             .zip(expected)
             .fold(0u8, |acc, (a, b)| acc | (a ^ b))
             == 0;
-    if !same {
+    if same {
+        if let Some(Trusted(flag)) = req.extensions().get::<Trusted>() {
+            flag.store(true, Ordering::Relaxed);
+        }
+    } else {
         return ApiError(
             StatusCode::UNAUTHORIZED,
             "missing or wrong bearer token (see the api-token file in the node's data directory)"

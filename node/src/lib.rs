@@ -16,6 +16,7 @@ mod api;
 mod crypt;
 mod engine;
 mod error;
+mod ip_limits;
 mod mailbox;
 mod net;
 mod node;
@@ -33,8 +34,8 @@ pub use engine::{
 pub use error::StoreError;
 pub use mailbox::{RELAY_DB, RelayStore, RelayStoreError, StoredMail};
 pub use net::{
-    FrameCodec, Framed, MailCodec, NetClient, NetConfig, PeerInfo, SharedEngine, SyncCodec,
-    SyncResult, WireStats,
+    FrameCodec, Framed, Inbound, MailCodec, NetClient, NetConfig, PeerInfo, SharedEngine,
+    SyncCodec, SyncResult, Undecodable, WireStats,
 };
 pub use node::{NODE_FILE, Node, NodeConfig, NodeError, NodeFile, NodeHandle, TOKEN_FILE, now};
 pub use store::{Conduct, MAX_PEER_ADDRS, MAX_REFUSALS, PeerRecord, Profile, Refusal, Store};

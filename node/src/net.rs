@@ -16,15 +16,15 @@ use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent, behaviour::toggle::Toggle, dial_opts::DialOpts};
 use libp2p::{
-    Multiaddr, PeerId, StreamProtocol, Swarm, dcutr, identify, mdns, noise, ping, relay,
-    rendezvous, tcp, yamux,
+    Multiaddr, PeerId, StreamProtocol, Swarm, connection_limits, dcutr, identify, mdns, noise,
+    ping, relay, rendezvous, tcp, yamux,
 };
 use rapport_protocol::automerge::ChangeHash;
 use rapport_protocol::mail::{
     MAILBOX_PROTOCOL, MAX_ENVELOPES_PER_MESSAGE, MAX_MAIL_BATCH_BYTES, MailRequest, MailResponse,
 };
 use rapport_protocol::wire::{
-    DocRef, MAX_WIRE_MESSAGE, SYNC_PROTOCOL, SyncRequest, SyncResponse, WireError,
+    DocRef, MAX_WIRE_MESSAGE, RefusalCode, SYNC_PROTOCOL, SyncRequest, SyncResponse, WireError,
 };
 use rapport_protocol::{DocId, IdentityKey, SecretKey};
 use serde::{Deserialize, Serialize};
@@ -50,6 +50,27 @@ pub(crate) const BAN_FOR: Duration = Duration::from_secs(crate::engine::BAN_SECO
 pub(crate) const MAX_SESSIONS_PER_PEER: usize = 16;
 /// Undecodable requests a peer may send before it is disconnected.
 pub(crate) const MAX_BAD_REQUESTS: u32 = 16;
+/// Peers whose undecodable requests are counted at once; past it, the counts of peers no
+/// longer connected are dropped.
+const MAX_TRACKED_PEERS: usize = 4096;
+/// Streams one connection may have open at once for the sync protocol, both ways: an
+/// honest peer runs at most [`MAX_SESSIONS_PER_PEER`] sessions, one request each, and we
+/// run as many with it. Each inbound stream may buffer up to [`MAX_WIRE_MESSAGE`] of bytes
+/// that actually arrived, so this bounds what one connection can make the node hold.
+pub(crate) const MAX_STREAMS_PER_CONNECTION: usize = 2 * MAX_SESSIONS_PER_PEER;
+/// Incoming connections still in their handshake, at once (each holds a socket).
+pub(crate) const MAX_PENDING_INCOMING: u32 = 64;
+/// Established incoming connections, in all. Each holds a file descriptor and buffers;
+/// with the outgoing limit and the API's, it keeps a node well inside the common
+/// 1,024 open-file limit, and the rest of the node (store, API) always has descriptors.
+pub(crate) const MAX_ESTABLISHED_INCOMING: u32 = 256;
+/// Outgoing connections still dialling, at once.
+pub(crate) const MAX_PENDING_OUTGOING: u32 = 64;
+/// Established outgoing connections, in all.
+pub(crate) const MAX_ESTABLISHED_OUTGOING: u32 = 256;
+/// Connections with one peer at once: direct TCP and QUIC, one through a relay, and a
+/// simultaneous dial from both sides.
+pub(crate) const MAX_CONNECTIONS_PER_PEER: u32 = 4;
 
 /// What the engine is shared as: one writer at a time, on blocking threads.
 pub type SharedEngine = Arc<Mutex<Engine>>;
@@ -86,11 +107,28 @@ macro_rules! framed {
 }
 framed!(SyncRequest, SyncResponse, MailRequest, MailResponse);
 
+/// A request the codec could not decode: bytes that are not a message of the protocol, or
+/// a frame announced over [`MAX_WIRE_MESSAGE`]. The codec hands it on as a request (rather
+/// than failing the stream, which libp2p request-response 0.30 only logs), so the loop
+/// can answer it, count it against the peer and disconnect a peer that keeps sending them.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("undecodable request: {reason}")]
+pub struct Undecodable {
+    /// Why, for the log and for the peer.
+    pub reason: String,
+}
+
+/// A request as the codec reads it: the message, or why it is not one. Requests sent are
+/// always `Ok`.
+pub type Inbound<T> = Result<T, Undecodable>;
+
 /// The codec of Rapport's protocols: a 4-byte big-endian length, then the message. Lengths
-/// over [`MAX_WIRE_MESSAGE`] are refused before reading; bytes are counted in
-/// [`WireStats`].
+/// over [`MAX_WIRE_MESSAGE`] are refused before reading; a frame's buffer grows as its
+/// bytes arrive (never by the length announced); bytes are counted in [`WireStats`].
 pub struct FrameCodec<Req, Resp> {
     stats: Arc<WireStats>,
+    /// Shared by every clone (every connection and stream of one behaviour).
+    in_flight: Arc<InFlight>,
     kinds: std::marker::PhantomData<fn() -> (Req, Resp)>,
 }
 
@@ -99,6 +137,7 @@ impl<Req, Resp> FrameCodec<Req, Resp> {
     pub fn new(stats: Arc<WireStats>) -> Self {
         Self {
             stats,
+            in_flight: Arc::default(),
             kinds: std::marker::PhantomData,
         }
     }
@@ -106,7 +145,11 @@ impl<Req, Resp> FrameCodec<Req, Resp> {
 
 impl<Req, Resp> Clone for FrameCodec<Req, Resp> {
     fn clone(&self) -> Self {
-        Self::new(self.stats.clone())
+        Self {
+            stats: self.stats.clone(),
+            in_flight: self.in_flight.clone(),
+            kinds: std::marker::PhantomData,
+        }
     }
 }
 
@@ -121,23 +164,118 @@ pub type SyncCodec = FrameCodec<SyncRequest, SyncResponse>;
 /// The mailbox protocol's codec (`/rapport/mailbox/1`).
 pub type MailCodec = FrameCodec<MailRequest, MailResponse>;
 
+/// How much of a frame is read at a time, and the most a frame's buffer holds before its
+/// bytes arrive: a peer that announces 32 MiB and sends a few bytes costs 64 KiB, not 32 MiB.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Bytes that the frames being read at once by one codec (all its connections and
+/// streams) may hold beyond the first [`READ_CHUNK`] of each. Stream and connection limits
+/// alone would let peers that really send their bytes make the node hold
+/// connections x streams x 32 MiB; this makes it a fixed amount. Small messages (most
+/// sync rounds) never wait for it, so peers filling it cannot stall them; a large frame
+/// that finds it full fails, and its sender tries again later.
+pub(crate) const MAX_FRAME_BYTES_IN_FLIGHT: usize = 256 << 20;
+
+/// Bytes reserved by frames being read (see [`MAX_FRAME_BYTES_IN_FLIGHT`]).
+#[derive(Debug, Default)]
+struct InFlight(std::sync::atomic::AtomicUsize);
+
+/// One frame's share of [`InFlight`], given back when the frame is dropped or decoded.
+struct Reservation {
+    pool: Arc<InFlight>,
+    held: usize,
+}
+
+impl Reservation {
+    /// Holds `total` bytes in all, if the pool has room.
+    fn hold(&mut self, total: usize) -> bool {
+        let more = total.saturating_sub(self.held);
+        if more == 0 {
+            return true;
+        }
+        let before = self.pool.0.fetch_add(more, Ordering::AcqRel);
+        if before + more > MAX_FRAME_BYTES_IN_FLIGHT {
+            self.pool.0.fetch_sub(more, Ordering::AcqRel);
+            return false;
+        }
+        self.held = total;
+        true
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.pool.0.fetch_sub(self.held, Ordering::AcqRel);
+    }
+}
+
+/// Why a frame could not be read.
+enum FrameError {
+    /// The length announced is over [`MAX_WIRE_MESSAGE`]; nothing more was read.
+    TooLarge(usize),
+    /// The stream failed or ended early, or the codec holds too much already.
+    Io(io::Error),
+}
+
+impl From<FrameError> for io::Error {
+    fn from(e: FrameError) -> io::Error {
+        match e {
+            FrameError::TooLarge(len) => io::Error::new(io::ErrorKind::InvalidData, too_large(len)),
+            FrameError::Io(e) => e,
+        }
+    }
+}
+
+fn too_large(len: usize) -> String {
+    format!("a message of {len} bytes is over the limit of {MAX_WIRE_MESSAGE}")
+}
+
+/// Reads one frame. The buffer starts at no more than [`READ_CHUNK`] and at most doubles
+/// (capped at the length announced) when full, so memory follows the bytes that arrived.
 async fn read_frame<T: AsyncRead + Unpin + Send>(
     io: &mut T,
     stats: &WireStats,
-) -> io::Result<Vec<u8>> {
+    pool: &Arc<InFlight>,
+) -> Result<(Vec<u8>, Reservation), FrameError> {
     let mut len = [0u8; 4];
-    io.read_exact(&mut len).await?;
+    io.read_exact(&mut len).await.map_err(FrameError::Io)?;
     let len = u32::from_be_bytes(len) as usize;
     if len > MAX_WIRE_MESSAGE {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("sync message of {len} bytes is over the limit of {MAX_WIRE_MESSAGE}"),
-        ));
+        return Err(FrameError::TooLarge(len));
     }
-    let mut buf = vec![0u8; len];
-    io.read_exact(&mut buf).await?;
+    let mut share = Reservation {
+        pool: pool.clone(),
+        held: 0,
+    };
+    let mut buf: Vec<u8> = Vec::with_capacity(len.min(READ_CHUNK));
+    while buf.len() < len {
+        let start = buf.len();
+        if start == buf.capacity() {
+            let target = (start * 2).max(READ_CHUNK).min(len);
+            if !share.hold(target - READ_CHUNK.min(target)) {
+                return Err(FrameError::Io(io::Error::other(format!(
+                    "a frame of {len} bytes cannot be read now: over {} MiB of frames are being read; try again later",
+                    MAX_FRAME_BYTES_IN_FLIGHT >> 20
+                ))));
+            }
+            buf.reserve_exact(target - start);
+        }
+        let end = buf.capacity().min(len).min(start + READ_CHUNK);
+        buf.resize(end, 0);
+        match io.read(&mut buf[start..end]).await {
+            Ok(0) => {
+                return Err(FrameError::Io(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("the stream ended after {start} of {len} bytes"),
+                )));
+            }
+            Ok(n) => buf.truncate(start + n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => buf.truncate(start),
+            Err(e) => return Err(FrameError::Io(e)),
+        }
+    }
     stats.received.fetch_add(len as u64 + 4, Ordering::Relaxed);
-    Ok(buf)
+    Ok((buf, share))
 }
 
 async fn write_frame<T: AsyncWrite + Unpin + Send>(
@@ -162,16 +300,24 @@ fn invalid(e: impl std::fmt::Display) -> io::Error {
 
 impl<Req: Framed, Resp: Framed> request_response::Codec for FrameCodec<Req, Resp> {
     type Protocol = StreamProtocol;
-    type Request = Req;
+    type Request = Inbound<Req>;
     type Response = Resp;
 
     async fn read_request<T: AsyncRead + Unpin + Send>(
         &mut self,
         _: &StreamProtocol,
         io: &mut T,
-    ) -> io::Result<Req> {
-        let bytes = read_frame(io, &self.stats).await?;
-        Req::from_bytes(&bytes).map_err(invalid)
+    ) -> io::Result<Inbound<Req>> {
+        // Garbage becomes a request the loop counts; only a failed stream is an error.
+        let reason = match read_frame(io, &self.stats, &self.in_flight).await {
+            Ok((bytes, _share)) => match Req::from_bytes(&bytes) {
+                Ok(req) => return Ok(Ok(req)),
+                Err(e) => e.to_string(),
+            },
+            Err(FrameError::TooLarge(len)) => too_large(len),
+            Err(FrameError::Io(e)) => return Err(e),
+        };
+        Ok(Err(Undecodable { reason }))
     }
 
     async fn read_response<T: AsyncRead + Unpin + Send>(
@@ -179,7 +325,7 @@ impl<Req: Framed, Resp: Framed> request_response::Codec for FrameCodec<Req, Resp
         _: &StreamProtocol,
         io: &mut T,
     ) -> io::Result<Resp> {
-        let bytes = read_frame(io, &self.stats).await?;
+        let (bytes, _share) = read_frame(io, &self.stats, &self.in_flight).await?;
         Resp::from_bytes(&bytes).map_err(invalid)
     }
 
@@ -187,8 +333,9 @@ impl<Req: Framed, Resp: Framed> request_response::Codec for FrameCodec<Req, Resp
         &mut self,
         _: &StreamProtocol,
         io: &mut T,
-        req: Req,
+        req: Inbound<Req>,
     ) -> io::Result<()> {
+        let req = req.map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         write_frame(io, req.to_bytes(), &self.stats).await
     }
 
@@ -204,6 +351,9 @@ impl<Req: Framed, Resp: Framed> request_response::Codec for FrameCodec<Req, Resp
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
+    /// First, so a connection over a limit is refused before any other behaviour sees it.
+    limits: connection_limits::Behaviour,
+    per_ip: crate::ip_limits::Behaviour,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     kad: kad::Behaviour<MemoryStore>,
@@ -511,6 +661,53 @@ pub(crate) fn identify_behaviour(
     )
 }
 
+/// The connection limits of a node or relay, with at most `max_incoming` established
+/// incoming connections: see the constants for why each is what it is.
+pub(crate) fn connection_limits_behaviour(max_incoming: u32) -> connection_limits::Behaviour {
+    connection_limits::Behaviour::new(
+        connection_limits::ConnectionLimits::default()
+            .with_max_pending_incoming(Some(MAX_PENDING_INCOMING))
+            .with_max_established_incoming(Some(max_incoming))
+            .with_max_pending_outgoing(Some(MAX_PENDING_OUTGOING))
+            .with_max_established_outgoing(Some(MAX_ESTABLISHED_OUTGOING))
+            .with_max_established_per_peer(Some(MAX_CONNECTIONS_PER_PEER)),
+    )
+}
+
+/// Refuses a listen address whose fixed port another process holds. libp2p marks its
+/// listening sockets for port reuse, so a second process would bind the same port without
+/// error and take half the connections; a plain bind, which does not ask for reuse, fails
+/// on a port in use, and is undone at once.
+pub(crate) fn port_free(addr: &Multiaddr) -> Result<(), String> {
+    let mut ip = None;
+    let mut port = None;
+    for p in addr.iter() {
+        match p {
+            Protocol::Ip4(a) => ip = Some(std::net::IpAddr::from(a)),
+            Protocol::Ip6(a) => ip = Some(std::net::IpAddr::from(a)),
+            Protocol::Tcp(n) if n != 0 => port = Some((n, true)),
+            Protocol::Udp(n) if n != 0 => port = Some((n, false)),
+            _ => {}
+        }
+    }
+    let (Some(ip), Some((port, tcp))) = (ip, port) else {
+        return Ok(());
+    };
+    let at = std::net::SocketAddr::new(ip, port);
+    let bound = if tcp {
+        std::net::TcpListener::bind(at).map(drop)
+    } else {
+        std::net::UdpSocket::bind(at).map(drop)
+    };
+    match bound {
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => Err(format!(
+            "cannot listen on {addr}: port {port} is in use by another process"
+        )),
+        // Other failures (an address not on this machine…) are libp2p's to report.
+        _ => Ok(()),
+    }
+}
+
 /// Starts the network loop on the current tokio runtime.
 pub(crate) fn start(
     key: &SecretKey,
@@ -569,6 +766,8 @@ pub(crate) fn start(
                 None
             };
             Behaviour {
+                limits: connection_limits_behaviour(MAX_ESTABLISHED_INCOMING),
+                per_ip: crate::ip_limits::Behaviour::default(),
                 identify: identify_behaviour(key, "rapport"),
                 ping: ping::Behaviour::new(ping::Config::new()),
                 kad,
@@ -578,7 +777,7 @@ pub(crate) fn start(
                     [(StreamProtocol::new(SYNC_PROTOCOL), ProtocolSupport::Full)],
                     request_response::Config::default()
                         .with_request_timeout(REQUEST_TIMEOUT)
-                        .with_max_concurrent_streams(256),
+                        .with_max_concurrent_streams(MAX_STREAMS_PER_CONNECTION),
                 ),
                 relay_client,
                 dcutr: dcutr::Behaviour::new(peer_id),
@@ -599,6 +798,7 @@ pub(crate) fn start(
         .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_TIMEOUT))
         .build();
     for addr in &config.listen {
+        port_free(addr)?;
         swarm
             .listen_on(addr.clone())
             .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
@@ -924,7 +1124,7 @@ impl Loop {
                             .map(|c| c.hash())
                     })
                     .collect();
-                let id = self.swarm.behaviour_mut().sync.send_request(&peer, req);
+                let id = self.swarm.behaviour_mut().sync.send_request(&peer, Ok(req));
                 self.requests.insert(id, (peer, doc, sent));
             }
             Internal::Respond {
@@ -1154,7 +1354,7 @@ impl Loop {
         self.swarm
             .behaviour_mut()
             .mailbox
-            .send_request(&peer, MailRequest::Fetch { after });
+            .send_request(&peer, Ok(MailRequest::Fetch { after }));
     }
 
     /// Seals what `peer` lacks of the waiting documents for its mailbox at the relay.
@@ -1249,7 +1449,7 @@ impl Loop {
                 .swarm
                 .behaviour_mut()
                 .mailbox
-                .send_request(&relay, MailRequest::Deposit(envs));
+                .send_request(&relay, Ok(MailRequest::Deposit(envs)));
             let replies = if i + 1 == n {
                 replies.take().unwrap_or_default()
             } else {
@@ -1266,7 +1466,7 @@ impl Loop {
         }
     }
 
-    fn mail_event(&mut self, ev: request_response::Event<MailRequest, MailResponse>) {
+    fn mail_event(&mut self, ev: request_response::Event<Inbound<MailRequest>, MailResponse>) {
         match ev {
             request_response::Event::Message {
                 message:
@@ -1374,9 +1574,28 @@ impl Loop {
     }
 
     fn ban(&mut self, peer: PeerId) {
-        tracing::warn!(%peer, "disconnecting a peer that sent too many bad changes");
-        self.banned.insert(peer, Instant::now() + BAN_FOR);
+        tracing::warn!(%peer, "disconnecting a peer that sent too many bad changes or requests");
+        let at = Instant::now();
+        // Bans that ended are forgotten, so the list holds only peers banned now.
+        self.banned.retain(|_, until| *until > at);
+        self.banned.insert(peer, at + BAN_FOR);
+        self.bad_requests.remove(&peer);
         let _ = self.swarm.disconnect_peer_id(peer);
+        // The ban outlives a restart (the engine records bans for refused changes itself).
+        if let Some(id) = identity_of(&peer) {
+            let engine = self.engine.clone();
+            tokio::task::spawn_blocking(move || {
+                let Ok(e) = engine.lock() else { return };
+                let mut c = e.store().conduct(&id).ok().flatten().unwrap_or_default();
+                let until = now() + BAN_FOR.as_secs();
+                if c.banned_until < until {
+                    c.banned_until = until;
+                    if let Err(err) = e.store().put_conduct(&id, &c) {
+                        tracing::warn!("cannot record a ban: {err}");
+                    }
+                }
+            });
+        }
     }
 
     fn redial(&mut self) {
@@ -1639,7 +1858,7 @@ impl Loop {
         }
     }
 
-    fn sync_event(&mut self, ev: request_response::Event<SyncRequest, SyncResponse>) {
+    fn sync_event(&mut self, ev: request_response::Event<Inbound<SyncRequest>, SyncResponse>) {
         match ev {
             request_response::Event::Message {
                 peer,
@@ -1649,6 +1868,10 @@ impl Loop {
                     },
                 ..
             } => {
+                let request = match request {
+                    Ok(r) => r,
+                    Err(bad) => return self.bad_request(peer, channel, &bad),
+                };
                 let Some(id) = identity_of(&peer) else {
                     return;
                 };
@@ -1714,16 +1937,120 @@ impl Loop {
                 }
             }
             request_response::Event::InboundFailure { peer, error, .. } => {
+                // A stream that failed or timed out (a peer going away looks the same);
+                // undecodable requests arrive as requests and are counted there.
                 tracing::debug!(%peer, "inbound sync failed: {error}");
-                if matches!(error, request_response::InboundFailure::Io(_)) {
-                    let n = self.bad_requests.entry(peer).or_default();
-                    *n += 1;
-                    if *n > MAX_BAD_REQUESTS {
-                        self.ban(peer);
-                    }
-                }
             }
             _ => {}
         }
+    }
+
+    /// Answers a request the codec could not decode, counts it against the peer and
+    /// disconnects (bans) a peer past [`MAX_BAD_REQUESTS`].
+    fn bad_request(
+        &mut self,
+        peer: PeerId,
+        channel: ResponseChannel<SyncResponse>,
+        bad: &Undecodable,
+    ) {
+        tracing::debug!(%peer, "{bad}");
+        let _ = self.swarm.behaviour_mut().sync.send_response(
+            channel,
+            SyncResponse::Refused {
+                code: RefusalCode::BadRequest,
+                detail: format!("{bad}; nothing was applied"),
+            },
+        );
+        // Strangers come with fresh identities: forget the counts of peers that left
+        // rather than keep one for each.
+        if self.bad_requests.len() >= MAX_TRACKED_PEERS {
+            let swarm = &self.swarm;
+            self.bad_requests.retain(|p, _| swarm.is_connected(p));
+        }
+        let n = self.bad_requests.entry(peer).or_default();
+        *n += 1;
+        if *n > MAX_BAD_REQUESTS {
+            self.ban(peer);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn framed(len: u32, body: &[u8]) -> Vec<u8> {
+        let mut v = len.to_be_bytes().to_vec();
+        v.extend_from_slice(body);
+        v
+    }
+
+    #[test]
+    fn a_frame_is_read_whole() {
+        let stats = WireStats::default();
+        let pool = Arc::default();
+        let body: Vec<u8> = (0..300_000u32).map(|i| i as u8).collect();
+        let bytes = framed(body.len() as u32, &body);
+        let mut io = futures::io::Cursor::new(bytes);
+        let (got, _) = futures::executor::block_on(read_frame(&mut io, &stats, &pool))
+            .map_err(io::Error::from)
+            .unwrap();
+        assert_eq!(got, body);
+        assert!(got.capacity() < 2 * body.len());
+    }
+
+    #[test]
+    fn a_short_frame_costs_what_arrived_and_fails() {
+        let stats = WireStats::default();
+        let pool = Arc::default();
+        let mut io = futures::io::Cursor::new(framed(MAX_WIRE_MESSAGE as u32, b"a few bytes"));
+        let err = futures::executor::block_on(read_frame(&mut io, &stats, &pool))
+            .map(|_| ())
+            .map_err(io::Error::from)
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+        let over = framed(MAX_WIRE_MESSAGE as u32 + 1, b"");
+        let r = futures::executor::block_on(read_frame(
+            &mut futures::io::Cursor::new(over),
+            &stats,
+            &pool,
+        ));
+        assert!(matches!(r, Err(FrameError::TooLarge(_))));
+    }
+
+    #[test]
+    fn large_frames_being_read_share_a_fixed_budget() {
+        let stats = WireStats::default();
+        let pool: Arc<InFlight> = Arc::default();
+        // Others hold all but 1 MiB of the budget: a 2 MiB frame is refused, a small one
+        // still reads, and the budget is whole again once the holders are gone.
+        let mut others = Reservation {
+            pool: pool.clone(),
+            held: 0,
+        };
+        assert!(others.hold(MAX_FRAME_BYTES_IN_FLIGHT - (1 << 20)));
+        let big = vec![7u8; 2 << 20];
+        let r = futures::executor::block_on(read_frame(
+            &mut futures::io::Cursor::new(framed(big.len() as u32, &big)),
+            &stats,
+            &pool,
+        ));
+        assert!(matches!(r, Err(FrameError::Io(_))));
+        let small = vec![1u8; 1000];
+        let r = futures::executor::block_on(read_frame(
+            &mut futures::io::Cursor::new(framed(small.len() as u32, &small)),
+            &stats,
+            &pool,
+        ));
+        assert!(r.is_ok());
+        drop(others);
+        drop(r);
+        assert_eq!(pool.0.load(Ordering::Relaxed), 0);
+        let r = futures::executor::block_on(read_frame(
+            &mut futures::io::Cursor::new(framed(big.len() as u32, &big)),
+            &stats,
+            &pool,
+        ));
+        assert_eq!(r.map_err(io::Error::from).unwrap().0, big);
     }
 }

@@ -177,16 +177,7 @@ impl Node {
         })?;
         let router = crate::api::router(self.handle(), token);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            let served = axum::serve(listener, router)
-                .with_graceful_shutdown(async {
-                    let _ = stopped.await;
-                })
-                .await;
-            if let Err(e) = served {
-                tracing::warn!("the local API stopped: {e}");
-            }
-        });
+        let task = tokio::spawn(crate::api::serve(listener, router, stopped));
         self.api_addr = Some(bound);
         self.api_stop = Some(stop);
         self.api_task = Some(task);

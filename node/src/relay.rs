@@ -25,7 +25,10 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::mailbox::RelayStore;
 use crate::net::MailCodec;
-use crate::net::{IDLE_TIMEOUT, identify_behaviour, identity_of, libp2p_keypair, peer_of};
+use crate::net::{
+    IDLE_TIMEOUT, Inbound, MAX_ESTABLISHED_INCOMING, connection_limits_behaviour,
+    identify_behaviour, identity_of, libp2p_keypair, peer_of, port_free,
+};
 
 /// The allow-list file in a relay's data directory: one identity per line, `#` comments.
 pub const ALLOW_FILE: &str = "allow-list";
@@ -122,8 +125,15 @@ pub fn edit_allow_list(dir: &Path, id: &IdentityKey, allow: bool) -> Result<bool
     Ok(changed)
 }
 
+/// Mailbox streams one connection may have open at once: a member fetches one batch at a
+/// time and deposits a few; each stream may buffer a message of up to 32 MiB that arrived.
+const MAX_MAIL_STREAMS_PER_CONNECTION: usize = 16;
+
 #[derive(NetworkBehaviour)]
 struct RelayBehaviour {
+    /// First, so a connection over a limit is refused before any other behaviour sees it.
+    limits: libp2p::connection_limits::Behaviour,
+    per_ip: crate::ip_limits::Behaviour,
     allow: Toggle<allow_block_list::Behaviour<AllowedPeers>>,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
@@ -222,6 +232,15 @@ impl Relay {
                     ..Default::default()
                 };
                 RelayBehaviour {
+                    // Every member holding a reservation keeps a connection: room for all
+                    // of them and as many again briefly. The relay's open-file limit must
+                    // be above this.
+                    limits: connection_limits_behaviour(
+                        u32::try_from(q.max_reservations)
+                            .unwrap_or(u32::MAX)
+                            .saturating_add(MAX_ESTABLISHED_INCOMING),
+                    ),
+                    per_ip: crate::ip_limits::Behaviour::default(),
                     allow: Toggle::from((!open).then(allow_block_list::Behaviour::default)),
                     identify: identify_behaviour(key, "rapport-relay"),
                     ping: ping::Behaviour::new(ping::Config::new()),
@@ -237,7 +256,7 @@ impl Relay {
                         )],
                         request_response::Config::default()
                             .with_request_timeout(Duration::from_secs(120))
-                            .with_max_concurrent_streams(64),
+                            .with_max_concurrent_streams(MAX_MAIL_STREAMS_PER_CONNECTION),
                     ),
                 }
             })
@@ -251,6 +270,7 @@ impl Relay {
             .relay
             .set_status(Some(relay::Status::Enable));
         for addr in &config.listen {
+            port_free(addr)?;
             swarm
                 .listen_on(addr.clone())
                 .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
@@ -476,9 +496,19 @@ impl Loop {
     fn mail_request(
         &mut self,
         peer: PeerId,
-        request: MailRequest,
+        request: Inbound<MailRequest>,
         channel: ResponseChannel<MailResponse>,
     ) {
+        let request = match request {
+            Ok(r) => r,
+            Err(bad) => {
+                return self.refuse(
+                    channel,
+                    MailRefusal::BadEnvelope,
+                    format!("{bad}; nothing was stored"),
+                );
+            }
+        };
         let Some(from) = identity_of(&peer) else {
             return;
         };

@@ -732,3 +732,71 @@ pub fn file_contains(path: &Path, needle: &[u8]) -> bool {
     let bytes = std::fs::read(path).expect("read file");
     bytes.windows(needle.len()).any(|w| w == needle)
 }
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind an ephemeral port")
+        .port()
+}
+
+/// How a `rapport` process that should refuse to start ended.
+pub enum Outcome {
+    /// It exited, with this status and standard error.
+    Exited {
+        /// Exit status was success.
+        ok: bool,
+        /// Standard error.
+        stderr: String,
+    },
+    /// It printed a `listening:` line: it started.
+    Started,
+}
+
+/// Runs `rapport ARGS…` and waits (at most 30 s) until it either exits or prints that it
+/// listens; a process that started is killed.
+pub fn run_until_listening_or_exit(args: &[&str]) -> Outcome {
+    use std::io::{BufRead, Read};
+    let mut child = Command::new(rapport_bin())
+        .args(args)
+        .env_remove("RAPPORT_HOME")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn rapport");
+    let out = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if line.starts_with("listening:") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            let mut stderr = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = e.read_to_string(&mut stderr);
+            }
+            return Outcome::Exited {
+                ok: status.success(),
+                stderr,
+            };
+        }
+        if rx
+            .recv_timeout(std::time::Duration::from_millis(50))
+            .is_ok()
+        {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Outcome::Started;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "rapport {args:?} neither exited nor started within 30s"
+        );
+    }
+}

@@ -308,12 +308,20 @@ async fn hostile_input_is_refused_change_by_change_and_honest_changes_sync() {
     assert!(refused.is_empty());
     assert_eq!(messages(&alice.handle, &rel).await.len(), before.len() + 1);
 
-    // An oversized frame is refused before it is read, and changes nothing.
+    // An oversized frame is refused before it is read, with a clear error, and changes
+    // nothing.
     let mut huge = ((rapport_protocol::wire::MAX_WIRE_MESSAGE + 1) as u32)
         .to_be_bytes()
         .to_vec();
     huge.extend(vec![0u8; 1024]);
-    assert!(ask_raw(&mut client, peer, huge).await.is_err());
+    let answer = ask_raw(&mut client, peer, huge).await.expect("an answer");
+    match SyncResponse::decode(&answer) {
+        Ok(SyncResponse::Refused { code, detail }) => {
+            assert_eq!(code, RefusalCode::BadRequest);
+            assert!(detail.contains("over the limit"), "{detail}");
+        }
+        other => panic!("an oversized frame must be refused, got {other:?}"),
+    }
     assert_eq!(messages(&alice.handle, &rel).await.len(), before.len() + 1);
 
     // Revocation: from now on Mallory is refused whole and receives nothing.
@@ -407,4 +415,150 @@ async fn a_peer_sending_too_many_bad_changes_is_disconnected() {
     .await;
     assert!(refused.is_ok(), "a banned peer is turned away");
     assert!(messages(&alice.handle, &rel).await.is_empty());
+}
+
+/// A stranger that sends requests the codec cannot decode (garbage bytes, or a frame over
+/// the size limit) is counted for each one, disconnected past the limit, and turned away
+/// when it dials again while the ban lasts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_sending_undecodable_requests_is_disconnected_and_refused() {
+    let alice = TestNode::new(Kind::Person, "Alice").await;
+    let mut client = hostile_client(&SecretKey::from_seed([77; 32]));
+    let peer = connect(&mut client, alice.addrs[0].clone()).await;
+    // Well over the limit of undecodable requests (16); each one waits for its outcome.
+    for i in 0..40 {
+        if !client.is_connected(&peer) {
+            break;
+        }
+        let garbage = if i % 2 == 0 {
+            frame(b"this is not a sync request".to_vec())
+        } else {
+            // Announces more than the limit: refused before reading.
+            let mut v = ((rapport_protocol::wire::MAX_WIRE_MESSAGE + 1) as u32)
+                .to_be_bytes()
+                .to_vec();
+            v.extend(b"junk");
+            v
+        };
+        let _ = ask_raw(&mut client, peer, garbage).await;
+    }
+    let gone = tokio::time::timeout(WAIT, async {
+        while client.is_connected(&peer) {
+            let _ = client.select_next_some().await;
+        }
+    })
+    .await;
+    assert!(
+        gone.is_ok(),
+        "a peer past the limit of undecodable requests should be disconnected"
+    );
+    // Dialling again gets it nowhere while the ban lasts.
+    client.dial(alice.addrs[0].clone()).unwrap();
+    let refused = tokio::time::timeout(WAIT, async {
+        loop {
+            match client.select_next_some().await {
+                SwarmEvent::ConnectionClosed { .. }
+                | SwarmEvent::OutgoingConnectionError { .. } => return,
+                _ => {}
+            }
+        }
+    })
+    .await;
+    assert!(refused.is_ok(), "a banned peer is turned away on redial");
+}
+
+/// One identity cannot hold more than a few connections to a node at once (each costs the
+/// node a file descriptor and buffers): past the per-peer limit, new ones are closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_cannot_open_many_connections_at_once() {
+    use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+    let alice = TestNode::new(Kind::Person, "Alice").await;
+    let alice_peer = PeerId::from_bytes(&alice.id().peer_id_bytes()).unwrap();
+    let mut client = hostile_client(&SecretKey::from_seed([78; 32]));
+    const DIALS: usize = 12;
+    for _ in 0..DIALS {
+        client
+            .dial(
+                DialOpts::peer_id(alice_peer)
+                    .addresses(vec![alice.addrs[0].clone()])
+                    .condition(PeerCondition::Always)
+                    .build(),
+            )
+            .unwrap();
+    }
+    let (mut resolved, mut open) = (0usize, 0usize);
+    let settled = tokio::time::timeout(WAIT, async {
+        loop {
+            match client.select_next_some().await {
+                SwarmEvent::ConnectionEstablished { .. } => {
+                    resolved += 1;
+                    open += 1;
+                }
+                SwarmEvent::OutgoingConnectionError { .. } => resolved += 1,
+                SwarmEvent::ConnectionClosed { .. } => open -= 1,
+                _ => {}
+            }
+            if resolved == DIALS && open <= 4 {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(
+        settled.is_ok(),
+        "{open} connections from one peer stayed open (at most 4 expected)"
+    );
+}
+
+/// Strangers from one IP address (fresh identities cost nothing) cannot take every
+/// incoming slot of a node: past the per-address limit their connections are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_from_one_address_cannot_take_every_connection() {
+    const STRANGERS: u8 = 40;
+    const PER_IP: usize = 32;
+    let alice = TestNode::new(Kind::Person, "Alice").await;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<u8>(256);
+    let mut tasks = Vec::new();
+    for s in 0..STRANGERS {
+        let tx = tx.clone();
+        let addr = alice.addrs[0].clone();
+        tasks.push(tokio::spawn(async move {
+            let mut c = hostile_client(&SecretKey::from_seed([150 + s; 32]));
+            c.dial(addr).unwrap();
+            loop {
+                let what = match c.select_next_some().await {
+                    SwarmEvent::ConnectionEstablished { .. } => 0,
+                    SwarmEvent::OutgoingConnectionError { .. } => 1,
+                    SwarmEvent::ConnectionClosed { .. } => 2,
+                    _ => continue,
+                };
+                if tx.send(what).await.is_err() {
+                    return;
+                }
+            }
+        }));
+    }
+    drop(tx);
+    let (mut established, mut failed, mut closed) = (0usize, 0usize, 0usize);
+    let settled = tokio::time::timeout(WAIT, async {
+        while let Some(what) = rx.recv().await {
+            match what {
+                0 => established += 1,
+                1 => failed += 1,
+                _ => closed += 1,
+            }
+            if established + failed == usize::from(STRANGERS) && established - closed <= PER_IP {
+                return;
+            }
+        }
+    })
+    .await;
+    for t in tasks {
+        t.abort();
+    }
+    assert!(
+        settled.is_ok(),
+        "{} connections from one address stayed open (at most {PER_IP} expected; {failed} refused)",
+        established - closed
+    );
 }

@@ -247,3 +247,108 @@ fn nothing_acknowledged_is_lost_when_the_node_is_killed() {
     let node = alice.run_node();
     assert!(node.terminate());
 }
+
+/// A second node asked to listen on a port another process holds refuses to start, with a
+/// clear error, instead of sharing the port in silence (and half the connections).
+#[test]
+fn a_second_node_on_a_port_in_use_refuses_to_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let alice = Party::new(tmp.path().join("alice"));
+    let bob = Party::new(tmp.path().join("bob"));
+    alice.ok(&["init", "--kind", "person", "--name", "Alice"]);
+    bob.ok(&["init", "--kind", "person", "--name", "Bob"]);
+    let port = rapport_tests::free_port();
+    let listen = format!("/ip4/127.0.0.1/tcp/{port}");
+    let node = alice.run_node_with(&["--listen", &listen]);
+    let dir = bob.dir.to_str().unwrap();
+    match rapport_tests::run_until_listening_or_exit(&[
+        "--data-dir",
+        dir,
+        "node",
+        "run",
+        "--no-mdns",
+        "--listen",
+        &listen,
+    ]) {
+        rapport_tests::Outcome::Started => {
+            panic!("a second node started on port {port}, which a running node holds")
+        }
+        rapport_tests::Outcome::Exited { ok, stderr } => {
+            assert!(!ok, "it must exit with an error");
+            assert!(
+                stderr.contains(&format!("port {port} is in use by another process")),
+                "{stderr}"
+            );
+        }
+    }
+    assert!(node.terminate());
+}
+
+/// Hundreds of idle connections and half-sent request headers to the local API (no token
+/// needed to open a socket) do not lock the owner out: with the node's open-file limit
+/// below their number, an authorised request still answers promptly.
+#[cfg(unix)]
+#[test]
+fn the_api_answers_its_owner_under_a_flood_of_idle_connections() {
+    use std::io::{Read, Write};
+    let tmp = tempfile::tempdir().unwrap();
+    let alice = Party::new(tmp.path().join("alice"));
+    alice.ok(&["init", "--kind", "person", "--name", "Alice"]);
+    // The node runs with an open-file limit of 256; the flood is 300 sockets.
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -n 256 && exec \"$0\" \"$@\"")
+        .arg(rapport_tests::rapport_bin())
+        .arg("--data-dir")
+        .arg(&alice.dir)
+        .args([
+            "node",
+            "run",
+            "--no-mdns",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+        ])
+        .env_remove("RAPPORT_HOME")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    until("the node's API answers", || {
+        alice.dir.join(rapport_node::NODE_FILE).exists() && alice.run(&["peers"]).ok
+    });
+    let file: rapport_node::NodeFile = serde_json::from_str(
+        &std::fs::read_to_string(alice.dir.join(rapport_node::NODE_FILE)).unwrap(),
+    )
+    .unwrap();
+    let token = std::fs::read_to_string(alice.dir.join(rapport_node::TOKEN_FILE)).unwrap();
+    let mut flood = Vec::new();
+    for i in 0..300 {
+        let mut s = std::net::TcpStream::connect(file.api).unwrap();
+        if i % 2 == 0 {
+            // Half a request: headers that never end.
+            let _ = s.write_all(b"GET /v1/status HTTP/1.1\r\nHost: localhost\r\n");
+        }
+        flood.push(s);
+    }
+    let started = std::time::Instant::now();
+    let mut s = std::net::TcpStream::connect(file.api).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    write!(
+        s,
+        "GET /v1/status HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+        token.trim()
+    )
+    .unwrap();
+    let mut out = String::new();
+    let read = s.read_to_string(&mut out);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        read.is_ok() && out.starts_with("HTTP/1.1 200"),
+        "the owner's request did not answer within 20s under the flood ({:?} after {:?}): {out:?}",
+        read.err(),
+        started.elapsed()
+    );
+    drop(flood);
+}

@@ -395,7 +395,7 @@ async fn ask(
     req: rapport_protocol::mail::MailRequest,
 ) -> rapport_protocol::mail::MailResponse {
     use futures::StreamExt;
-    let id = c.behaviour_mut().send_request(&relay, req);
+    let id = c.behaviour_mut().send_request(&relay, Ok(req));
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
         let ev = tokio::time::timeout_at(deadline, c.select_next_some())

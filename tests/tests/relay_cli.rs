@@ -131,3 +131,36 @@ fn a_community_relay_through_the_cli() {
     assert!(acme_node.terminate());
     assert!(relay.terminate());
 }
+
+/// A second relay asked to listen on a port another process holds refuses to start, with
+/// a clear error.
+#[test]
+fn a_second_relay_on_a_port_in_use_refuses_to_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let first = Party::new(tmp.path().join("first"));
+    let port = rapport_tests::free_port();
+    let listen = format!("/ip4/127.0.0.1/tcp/{port}");
+    let relay = first.run_relay(&["--open", "--listen", &listen]);
+    let dir = tmp.path().join("second");
+    match rapport_tests::run_until_listening_or_exit(&[
+        "--data-dir",
+        dir.to_str().unwrap(),
+        "relay",
+        "run",
+        "--open",
+        "--listen",
+        &listen,
+    ]) {
+        rapport_tests::Outcome::Started => {
+            panic!("a second relay started on port {port}, which a running relay holds")
+        }
+        rapport_tests::Outcome::Exited { ok, stderr } => {
+            assert!(!ok, "it must exit with an error");
+            assert!(
+                stderr.contains(&format!("port {port} is in use by another process")),
+                "{stderr}"
+            );
+        }
+    }
+    assert!(relay.terminate());
+}
