@@ -30,7 +30,7 @@ pub(crate) fn appended_entries(
     max_entry_bytes: usize,
 ) -> Result<Vec<(EntryId, String)>, AppendViolation> {
     // The expansion of a crafted change can panic inside Automerge (see `guard`).
-    let expanded = crate::guard::guarded(|| sc.change().decode()).ok_or_else(|| {
+    let expanded = crate::guard::contain(|| sc.change().decode()).map_err(|_| {
         AppendViolation::NotAnAppend("its operations name actors it does not list".into())
     })?;
     if expanded.operations.is_empty() {

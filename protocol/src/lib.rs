@@ -25,7 +25,7 @@ pub use consent::{
     GrantStatus, GrantView, Ledger, LegalBasis, MAX_ENTRY_BYTES, MAX_NOTE, MAX_PURPOSE, MAX_SCOPES,
     UnixSeconds,
 };
-pub use guard::in_guarded_section;
+pub use guard::{contain, in_guarded_section};
 pub use identity::{IdentityError, IdentityKey, Kind, SecretKey};
 pub use ledger_file::{
     LEDGER_FORMAT, LedgerFileError, MAX_LEDGER_CHANGES, MAX_LEDGER_FILE_BYTES, read_ledger_file,

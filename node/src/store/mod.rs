@@ -2,7 +2,6 @@
 //! its signed changes, known peers, what each peer last said it holds, and refused changes
 //! kept as evidence.
 
-mod guard;
 mod migrations;
 mod tables;
 
@@ -23,8 +22,8 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use crate::error::StoreError;
-use guard::guarded;
 use migrations::{Plan, SCHEMA_VERSION};
+use rapport_protocol::contain as guarded;
 use tables::*;
 
 /// Who this node is.
