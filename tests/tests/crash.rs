@@ -1,0 +1,357 @@
+//! Rule 4 under fire: nothing acknowledged is ever lost, not on a crash, not on a restart.
+//!
+//! Two real `rapport node run` processes on loopback (a customer and a company with the
+//! consent both need to write) send messages to each other in one relationship, both ways
+//! at once, while one of them (the receiver or the sender, alternately) is killed with
+//! SIGKILL at pseudo-random moments and restarted on the same store and the same port.
+//! Every message whose `rapport msg send` exited 0 was acknowledged by the node's API: it
+//! must be on its writer after every restart, and on both nodes once they have converged.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rapport_tests::{NodeProcess, Party};
+use serde_json::Value;
+
+/// How many times a node is killed.
+const KILLS: usize = 14;
+/// Pseudo-random delays before each kill, in milliseconds (from a fixed seed).
+const DELAY_MS: std::ops::Range<u64> = 150..1_500;
+/// The seed of the fault schedule.
+const SEED: u64 = 0x5eed_4a11_c0ff_ee00;
+/// How long the nodes get to converge once the faults stop.
+const CONVERGE: Duration = Duration::from_secs(40);
+
+/// A small deterministic generator (Knuth's MMIX LCG); the fault schedule is the same on
+/// every run.
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        self.0 >> 33
+    }
+
+    fn in_range(&mut self, r: std::ops::Range<u64>) -> u64 {
+        r.start + self.next() % (r.end - r.start)
+    }
+}
+
+fn json(p: &Party, args: &[&str]) -> Value {
+    serde_json::from_str(&p.ok(args)).unwrap()
+}
+
+/// Polls a CLI query until `check` holds (at most 20 s).
+fn until(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A free TCP port on loopback (bound, then released for the node to take).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The message texts a node holds in `rel`, or `None` if it cannot say right now.
+fn texts(p: &Party, rel: &str) -> Option<BTreeSet<String>> {
+    let r = p.run(&["thread", rel, "--json"]);
+    if !r.ok {
+        return None;
+    }
+    let v: Value = serde_json::from_str(&r.stdout).ok()?;
+    Some(
+        v["messages"]
+            .as_array()?
+            .iter()
+            .filter_map(|m| m["text"].as_str().map(str::to_owned))
+            .collect(),
+    )
+}
+
+/// One side of the test: its store, its fixed port, its node, its log.
+struct Side {
+    name: &'static str,
+    party: Arc<Party>,
+    port: u16,
+    peer_addr: String,
+    log: std::path::PathBuf,
+    node: Option<NodeProcess>,
+    /// The texts whose send this side's node acknowledged.
+    acked: Arc<Mutex<Vec<String>>>,
+}
+
+impl Side {
+    fn start(&mut self) {
+        let listen = format!("/ip4/127.0.0.1/tcp/{}", self.port);
+        let mut args = vec!["--listen", listen.as_str()];
+        if !self.peer_addr.is_empty() {
+            args.extend(["--bootstrap", self.peer_addr.as_str()]);
+        }
+        self.node = Some(self.party.run_node_logged(&args, &self.log));
+    }
+
+    fn kill(&mut self) {
+        if let Some(n) = self.node.take() {
+            n.kill();
+        }
+    }
+}
+
+/// What a writer saw.
+#[derive(Default)]
+struct Tally {
+    delivered: usize,
+    stored: usize,
+    errors: std::collections::BTreeMap<String, usize>,
+}
+
+/// Sends `"{name} {n}"` for n = 0, 1, … until `stop`; records every acknowledged text.
+fn writer(
+    name: &'static str,
+    party: Arc<Party>,
+    rel: String,
+    acked: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<Tally> {
+    std::thread::spawn(move || {
+        let mut tally = Tally::default();
+        let mut n = 0;
+        while !stop.load(Ordering::Relaxed) {
+            let text = format!("{name} {n}");
+            n += 1;
+            let r = party.run(&["msg", "send", &rel, &text]);
+            if r.ok {
+                if r.stdout.contains("delivered") {
+                    tally.delivered += 1;
+                } else {
+                    tally.stored += 1;
+                }
+                acked.lock().unwrap().push(text);
+            } else {
+                let first = r.stderr.lines().next().unwrap_or_default();
+                let kind = if first.contains("no rapport node is running") {
+                    "node down".to_owned()
+                } else {
+                    first.chars().take(100).collect()
+                };
+                *tally.errors.entry(kind).or_default() += 1;
+                // The node is down or going down: do not spin while it restarts.
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        tally
+    })
+}
+
+/// The log lines of `log` that contain `needle`.
+fn log_lines(log: &Path, needle: &str) -> Vec<String> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(needle))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn nothing_acknowledged_is_lost_when_nodes_are_killed_while_writing_both_ways() {
+    let started = Instant::now();
+    let tmp = tempfile::tempdir().unwrap();
+    let alice = Arc::new(Party::new(tmp.path().join("alice")));
+    let acme = Arc::new(Party::new(tmp.path().join("acme")));
+    alice.ok(&["init", "--kind", "person", "--name", "Alice"]);
+    acme.ok(&["init", "--kind", "org", "--name", "Acme"]);
+    let acme_id = acme.identity();
+
+    let mut a = Side {
+        name: "alice",
+        party: alice.clone(),
+        port: free_port(),
+        peer_addr: String::new(),
+        log: tmp.path().join("alice.log"),
+        node: None,
+        acked: Arc::default(),
+    };
+    let mut b = Side {
+        name: "acme",
+        party: acme.clone(),
+        port: free_port(),
+        peer_addr: String::new(),
+        log: tmp.path().join("acme.log"),
+        node: None,
+        acked: Arc::default(),
+    };
+    a.start();
+    b.start();
+    // From now on each side dials the other at start, on the other's fixed port.
+    a.peer_addr = acme.listen_addr();
+    b.peer_addr = alice.listen_addr();
+    alice.ok(&["connect", &a.peer_addr]);
+
+    // Consent for both to write: Alice grants, Acme accepts, Alice sees it active.
+    alice.ok(&[
+        "consent",
+        "grant",
+        &acme_id,
+        "--scope",
+        "conversation:read",
+        "--scope",
+        "conversation:write",
+        "--scope",
+        "contact:support",
+        "--purpose",
+        "support",
+    ]);
+    until("the grant reaching Acme", || {
+        json(&acme, &["consent", "list", "--json"])[0]["status"] == "pending"
+    });
+    acme.ok(&["consent", "accept"]);
+    until("Alice seeing the acceptance", || {
+        json(&alice, &["consent", "list", "--json"])[0]["status"] == "active"
+    });
+    alice.ok(&["rel", "open", &acme_id, "--title", "crash loop"]);
+    let rel = json(&alice, &["rel", "list", "--json"])[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    until("Acme holding the relationship", || {
+        json(&acme, &["rel", "list", "--json"])
+            .as_array()
+            .unwrap()
+            .len()
+            == 1
+    });
+    let setup = started.elapsed();
+
+    // Both write, both ways, while one or the other is killed and restarted.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers = [
+        writer(
+            "alice",
+            alice.clone(),
+            rel.clone(),
+            a.acked.clone(),
+            stop.clone(),
+        ),
+        writer(
+            "acme",
+            acme.clone(),
+            rel.clone(),
+            b.acked.clone(),
+            stop.clone(),
+        ),
+    ];
+    let mut rng = Lcg(SEED);
+    // Acknowledged messages missing from their writer right after a restart.
+    let mut lost_on_restart: Vec<String> = Vec::new();
+    for k in 0..KILLS {
+        std::thread::sleep(Duration::from_millis(rng.in_range(DELAY_MS)));
+        let side = if k % 2 == 0 { &mut a } else { &mut b };
+        side.kill();
+        side.start();
+        // Everything this writer had acknowledged so far is on its node after the restart.
+        let acked: Vec<String> = side.acked.lock().unwrap().clone();
+        if let Some(held) = texts(&side.party, &rel) {
+            let missing: Vec<&String> = acked.iter().filter(|t| !held.contains(*t)).collect();
+            if !missing.is_empty() {
+                eprintln!(
+                    "kill {k} ({}): {} of {} acknowledged message(s) missing after restart, e.g. {:?}",
+                    side.name,
+                    missing.len(),
+                    acked.len(),
+                    &missing[..missing.len().min(3)]
+                );
+                lost_on_restart.extend(missing.into_iter().cloned());
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let tallies: Vec<Tally> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+    let faults = started.elapsed() - setup;
+
+    // Both nodes run; wait until they hold the same messages.
+    let deadline = Instant::now() + CONVERGE;
+    let (held_a, held_b, converged) = loop {
+        let (ha, hb) = (texts(&alice, &rel), texts(&acme, &rel));
+        if let (Some(ha), Some(hb)) = (&ha, &hb) {
+            if ha == hb {
+                break (ha.clone(), hb.clone(), true);
+            }
+        }
+        if Instant::now() > deadline {
+            break (ha.unwrap_or_default(), hb.unwrap_or_default(), false);
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+
+    let mut report = Vec::new();
+    let mut lost = Vec::new();
+    for (side, tally, own, peer) in [
+        (&a, &tallies[0], &held_a, &held_b),
+        (&b, &tallies[1], &held_b, &held_a),
+    ] {
+        let acked = side.acked.lock().unwrap().clone();
+        let on_writer: Vec<&String> = acked.iter().filter(|t| own.contains(*t)).collect();
+        let on_peer: Vec<&String> = acked.iter().filter(|t| peer.contains(*t)).collect();
+        let missing: Vec<&String> = acked
+            .iter()
+            .filter(|t| !own.contains(*t) || !peer.contains(*t))
+            .collect();
+        report.push(format!(
+            "{}: acknowledged {} ({} delivered, {} stored for later), present on writer {}, \
+             present on peer {}; send errors {:?}; log: {} rollback(s), {} 'does not hold' refusal(s)",
+            side.name,
+            acked.len(),
+            tally.delivered,
+            tally.stored,
+            on_writer.len(),
+            on_peer.len(),
+            tally.errors,
+            log_lines(&side.log, "rolled back").len(),
+            log_lines(&side.log, "does not hold").len(),
+        ));
+        lost.extend(missing.into_iter().cloned());
+    }
+    let total = started.elapsed();
+    report.push(format!(
+        "{KILLS} kills; converged: {converged} (alice holds {}, acme holds {}); \
+         setup {setup:.1?}, faults {faults:.1?}, total {total:.1?}",
+        held_a.len(),
+        held_b.len()
+    ));
+    if !lost_on_restart.is_empty() {
+        report.push(format!(
+            "missing on their writer right after a restart: {} (e.g. {:?})",
+            lost_on_restart.len(),
+            &lost_on_restart[..lost_on_restart.len().min(5)]
+        ));
+    }
+    let report = report.join("\n");
+    eprintln!("{report}");
+    if !lost.is_empty() || !converged || !lost_on_restart.is_empty() {
+        for side in [&a, &b] {
+            let lines = log_lines(&side.log, "rolled back");
+            eprintln!("{} log, first rollbacks: {:#?}", side.name, &lines[..lines.len().min(5)]);
+        }
+    }
+    assert!(
+        lost.is_empty() && converged && lost_on_restart.is_empty(),
+        "acknowledged messages were lost or the nodes never converged:\n{report}\n\
+         {} acknowledged message(s) missing from their writer or its peer, e.g. {:?}",
+        lost.len(),
+        &lost[..lost.len().min(8)]
+    );
+}
