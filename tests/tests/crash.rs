@@ -17,11 +17,18 @@ use rapport_tests::{NodeProcess, Party};
 use serde_json::Value;
 
 /// How many times a node is killed.
-const KILLS: usize = 14;
+const KILLS: usize = 12;
 /// Pseudo-random delays before each kill, in milliseconds (from a fixed seed).
-const DELAY_MS: std::ops::Range<u64> = 150..1_500;
+const DELAY_MS: std::ops::Range<u64> = 200..1_000;
+/// How long a killed node stays down before its restart, in milliseconds.
+const DOWN_MS: std::ops::Range<u64> = 0..1_200;
 /// The seed of the fault schedule.
 const SEED: u64 = 0x5eed_4a11_c0ff_ee00;
+/// Writer threads per node, each with a send in flight most of the time.
+const WRITERS: usize = 1;
+/// The pause of a writer between two sends: enough writes to hit every phase of a sync,
+/// few enough that a restart (which loads the whole store) stays quick.
+const PAUSE: Duration = Duration::from_millis(0);
 /// How long the nodes get to converge once the faults stop.
 const CONVERGE: Duration = Duration::from_secs(40);
 
@@ -113,14 +120,56 @@ impl Side {
 /// What a writer saw.
 #[derive(Default)]
 struct Tally {
+    /// Acknowledged, delivered to the peer.
     delivered: usize,
+    /// Acknowledged, stored for later (the peer not reached).
     stored: usize,
+    /// Acknowledged (2xx), but the delivery summary says the peer refused.
+    refused: Vec<String>,
+    /// Not acknowledged: what went wrong, and how often.
     errors: std::collections::BTreeMap<String, usize>,
 }
 
-/// Sends `"{name} {n}"` for n = 0, 1, … until `stop`; records every acknowledged text.
+/// One `POST /v1/relationships/{rel}/messages` to the node running for `dir` (its API
+/// address and token as the CLI finds them); returns (status, body), or an error if the
+/// API could not be reached.
+fn post_message(dir: &Path, rel: &str, text: &str) -> Result<(u16, String), String> {
+    use std::io::{Read, Write};
+    let file = std::fs::read_to_string(dir.join(rapport_node::NODE_FILE))
+        .map_err(|_| "node down".to_owned())?;
+    let file: rapport_node::NodeFile =
+        serde_json::from_str(&file).map_err(|_| "node down".to_owned())?;
+    let token = std::fs::read_to_string(dir.join(rapport_node::TOKEN_FILE))
+        .map_err(|_| "node down".to_owned())?;
+    let mut s = std::net::TcpStream::connect_timeout(&file.api, Duration::from_secs(2))
+        .map_err(|_| "node down".to_owned())?;
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let body = serde_json::json!({ "text": text }).to_string();
+    write!(
+        s,
+        "POST /v1/relationships/{rel}/messages HTTP/1.1\r\nHost: localhost\r\n\
+         Authorization: Bearer {}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        token.trim(),
+        body.len()
+    )
+    .map_err(|e| format!("request not sent: {}", e.kind()))?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)
+        .map_err(|e| format!("no answer: {}", e.kind()))?;
+    let status = out
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| "no answer: connection closed".to_owned())?;
+    let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    Ok((status, body.to_owned()))
+}
+
+/// Sends `"{name} {n}"` for n = 0, 1, … through the node's local API until `stop`; records
+/// every text whose send the API acknowledged (a 2xx answer).
 fn writer(
-    name: &'static str,
+    name: String,
     party: Arc<Party>,
     rel: String,
     acked: Arc<Mutex<Vec<String>>>,
@@ -132,24 +181,39 @@ fn writer(
         while !stop.load(Ordering::Relaxed) {
             let text = format!("{name} {n}");
             n += 1;
-            let r = party.run(&["msg", "send", &rel, &text]);
-            if r.ok {
-                if r.stdout.contains("delivered") {
-                    tally.delivered += 1;
-                } else {
-                    tally.stored += 1;
+            match post_message(&party.dir, &rel, &text) {
+                Ok((status, body)) if (200..300).contains(&status) => {
+                    let v: Value = serde_json::from_str(&body).unwrap_or_default();
+                    let delivery = v["delivery"].as_str().unwrap_or_default();
+                    if delivery.contains("refused") {
+                        if tally.refused.is_empty() {
+                            eprintln!("{text}: acknowledged, delivery: {delivery}");
+                        }
+                        tally.refused.push(text.clone());
+                    } else if delivery.contains("delivered") {
+                        tally.delivered += 1;
+                    } else {
+                        tally.stored += 1;
+                    }
+                    acked.lock().unwrap().push(text);
+                    std::thread::sleep(PAUSE);
                 }
-                acked.lock().unwrap().push(text);
-            } else {
-                let first = r.stderr.lines().next().unwrap_or_default();
-                let kind = if first.contains("no rapport node is running") {
-                    "node down".to_owned()
-                } else {
-                    first.chars().take(100).collect()
-                };
-                *tally.errors.entry(kind).or_default() += 1;
-                // The node is down or going down: do not spin while it restarts.
-                std::thread::sleep(Duration::from_millis(50));
+                Ok((status, body)) => {
+                    let v: Value = serde_json::from_str(&body).unwrap_or_default();
+                    let why: String = v["error"]
+                        .as_str()
+                        .unwrap_or(&body)
+                        .chars()
+                        .take(80)
+                        .collect();
+                    *tally.errors.entry(format!("{status} {why}")).or_default() += 1;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => {
+                    *tally.errors.entry(e).or_default() += 1;
+                    // The node is down or going down: do not spin while it restarts.
+                    std::thread::sleep(Duration::from_millis(50));
+                }
             }
         }
         tally
@@ -170,6 +234,10 @@ fn log_lines(log: &Path, needle: &str) -> Vec<String> {
 fn nothing_acknowledged_is_lost_when_nodes_are_killed_while_writing_both_ways() {
     let started = Instant::now();
     let tmp = tempfile::tempdir().unwrap();
+    // RAPPORT_KEEP=1 keeps the stores and the nodes' logs for a look afterwards.
+    if std::env::var_os("RAPPORT_KEEP").is_some() {
+        eprintln!("stores and logs in {}", tmp.path().display());
+    }
     let alice = Arc::new(Party::new(tmp.path().join("alice")));
     let acme = Arc::new(Party::new(tmp.path().join("acme")));
     alice.ok(&["init", "--kind", "person", "--name", "Alice"]);
@@ -238,33 +306,61 @@ fn nothing_acknowledged_is_lost_when_nodes_are_killed_while_writing_both_ways() 
 
     // Both write, both ways, while one or the other is killed and restarted.
     let stop = Arc::new(AtomicBool::new(false));
-    let writers = [
-        writer(
-            "alice",
-            alice.clone(),
-            rel.clone(),
-            a.acked.clone(),
-            stop.clone(),
-        ),
-        writer(
-            "acme",
-            acme.clone(),
-            rel.clone(),
-            b.acked.clone(),
-            stop.clone(),
-        ),
-    ];
+    let mut writers = Vec::new();
+    for side in [&a, &b] {
+        for w in 0..WRITERS {
+            writers.push((
+                side.name,
+                writer(
+                    format!("{}.{w}", side.name),
+                    side.party.clone(),
+                    rel.clone(),
+                    side.acked.clone(),
+                    stop.clone(),
+                ),
+            ));
+        }
+    }
     let mut rng = Lcg(SEED);
     // Acknowledged messages missing from their writer right after a restart.
     let mut lost_on_restart: Vec<String> = Vec::new();
     for k in 0..KILLS {
         std::thread::sleep(Duration::from_millis(rng.in_range(DELAY_MS)));
-        let side = if k % 2 == 0 { &mut a } else { &mut b };
+        // The victim alternates; so does the moment: right after the victim's own node
+        // acknowledged a send (the sender killed), or right after the other node's
+        // (the receiver killed mid-sync, having just taken the change).
+        let (side, other) = if k % 2 == 0 {
+            (&mut a, &b)
+        } else {
+            (&mut b, &a)
+        };
+        let trigger = if (k / 2) % 2 == 0 {
+            side.acked.clone()
+        } else {
+            other.acked.clone()
+        };
+        let seen = trigger.lock().unwrap().len();
+        let wait = Instant::now() + Duration::from_secs(3);
+        while trigger.lock().unwrap().len() == seen && Instant::now() < wait {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        std::thread::sleep(Duration::from_millis(rng.in_range(0..40)));
+        let t0 = Instant::now();
         side.kill();
+        // Down for a while: the other node stores what it writes meanwhile for later.
+        std::thread::sleep(Duration::from_millis(rng.in_range(DOWN_MS)));
         side.start();
+        let up = t0.elapsed();
         // Everything this writer had acknowledged so far is on its node after the restart.
         let acked: Vec<String> = side.acked.lock().unwrap().clone();
-        if let Some(held) = texts(&side.party, &rel) {
+        let held = texts(&side.party, &rel);
+        eprintln!(
+            "kill {k}: {} restarted in {up:.1?}, its thread read in {:.1?}; acknowledged so far: {}",
+            side.name,
+            t0.elapsed() - up,
+            acked.len()
+        );
+        if let Some(held) = held {
             let missing: Vec<&String> = acked.iter().filter(|t| !held.contains(*t)).collect();
             if !missing.is_empty() {
                 eprintln!(
@@ -275,11 +371,23 @@ fn nothing_acknowledged_is_lost_when_nodes_are_killed_while_writing_both_ways() 
                     &missing[..missing.len().min(3)]
                 );
                 lost_on_restart.extend(missing.into_iter().cloned());
+                lost_on_restart.sort();
+                lost_on_restart.dedup();
             }
         }
     }
     stop.store(true, Ordering::Relaxed);
-    let tallies: Vec<Tally> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+    let mut tallies: [Tally; 2] = Default::default();
+    for (name, w) in writers {
+        let t = w.join().unwrap();
+        let sum = &mut tallies[usize::from(name != a.name)];
+        sum.delivered += t.delivered;
+        sum.stored += t.stored;
+        sum.refused.extend(t.refused);
+        for (k, n) in t.errors {
+            *sum.errors.entry(k).or_default() += n;
+        }
+    }
     let faults = started.elapsed() - setup;
 
     // Both nodes run; wait until they hold the same messages.
@@ -310,13 +418,22 @@ fn nothing_acknowledged_is_lost_when_nodes_are_killed_while_writing_both_ways() 
             .iter()
             .filter(|t| !own.contains(*t) || !peer.contains(*t))
             .collect();
+        let refused_lost = tally
+            .refused
+            .iter()
+            .filter(|t| !own.contains(*t) || !peer.contains(*t))
+            .count();
         report.push(format!(
-            "{}: acknowledged {} ({} delivered, {} stored for later), present on writer {}, \
-             present on peer {}; send errors {:?}; log: {} rollback(s), {} 'does not hold' refusal(s)",
+            "{}: acknowledged {} ({} delivered, {} stored for later, {} answered 2xx with \
+             'refused by' in the delivery ({} of them missing)), present on writer {}, \
+             present on peer {}; not acknowledged: {:?}; log: {} rollback(s), {} 'does not \
+             hold' refusal(s)",
             side.name,
             acked.len(),
             tally.delivered,
             tally.stored,
+            tally.refused.len(),
+            refused_lost,
             on_writer.len(),
             on_peer.len(),
             tally.errors,
@@ -344,8 +461,15 @@ fn nothing_acknowledged_is_lost_when_nodes_are_killed_while_writing_both_ways() 
     if !lost.is_empty() || !converged || !lost_on_restart.is_empty() {
         for side in [&a, &b] {
             let lines = log_lines(&side.log, "rolled back");
-            eprintln!("{} log, first rollbacks: {:#?}", side.name, &lines[..lines.len().min(5)]);
+            eprintln!(
+                "{} log, first rollbacks: {:#?}",
+                side.name,
+                &lines[..lines.len().min(5)]
+            );
         }
+    }
+    if std::env::var_os("RAPPORT_KEEP").is_some() {
+        let _ = tmp.keep();
     }
     assert!(
         lost.is_empty() && converged && lost_on_restart.is_empty(),
