@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use rapport_tests::{NodeProcess, Party};
 use serde_json::Value;
 
-/// How many times a node is killed.
+/// How many times a node is killed (`RAPPORT_CRASH_KILLS` overrides, for a longer run).
 const KILLS: usize = 12;
 /// Pseudo-random delays before each kill, in milliseconds (from a fixed seed).
 const DELAY_MS: std::ops::Range<u64> = 100..600;
@@ -31,8 +31,17 @@ const SEED: u64 = 0x5eed_4a11_c0ff_ee00;
 /// Writer threads per node, each with a send in flight most of the time.
 const WRITERS: usize = 2;
 /// Each node's writers stop once it has acknowledged this many messages: a restart loads
-/// the whole store, so the store must stay small for the test to stay quick.
+/// the whole store, so the store must stay small for the test to stay quick
+/// (`RAPPORT_CRASH_CAP` overrides, for a harder run).
 const CAP: usize = 350;
+
+/// `name` from the environment if set, else `default`.
+fn knob(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
 /// How long the nodes get to converge once the faults stop.
 const CONVERGE: Duration = Duration::from_secs(40);
 
@@ -194,9 +203,10 @@ fn writer(
 ) -> std::thread::JoinHandle<Tally> {
     std::thread::spawn(move || {
         let mut tally = Tally::default();
+        let cap = knob("RAPPORT_CRASH_CAP", CAP);
         let mut n = 0;
         while !stop.load(Ordering::Relaxed) {
-            if acked.lock().unwrap().len() >= CAP {
+            if acked.lock().unwrap().len() >= cap {
                 std::thread::sleep(Duration::from_millis(50));
                 continue;
             }
@@ -386,7 +396,8 @@ fn nothing_acknowledged_is_lost_when_nodes_are_killed_while_writing_both_ways() 
             }
         })
     };
-    for k in 0..KILLS {
+    let kills = knob("RAPPORT_CRASH_KILLS", KILLS);
+    for k in 0..kills {
         std::thread::sleep(Duration::from_millis(rng.in_range(DELAY_MS)));
         // The victim alternates; so does the moment: right after the victim's own message
         // reached the other node (the sender killed once its peer builds on that message),
@@ -510,7 +521,7 @@ fn nothing_acknowledged_is_lost_when_nodes_are_killed_while_writing_both_ways() 
     }
     let total = started.elapsed();
     report.push(format!(
-        "{KILLS} kills; converged: {converged} (alice holds {}, acme holds {}); \
+        "{kills} kills; converged: {converged} (alice holds {}, acme holds {}); \
          building the binary {build:.1?}, then setup {setup:.1?}, faults {faults:.1?}, \
          total {total:.1?}",
         held_a.len(),
