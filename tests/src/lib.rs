@@ -425,16 +425,39 @@ impl Party {
     /// Starts `rapport node run` (no mDNS) with these arguments; returns once its API
     /// answers.
     pub fn run_node_with(&self, args: &[&str]) -> NodeProcess {
-        let child = Command::new(rapport_bin())
-            .arg("--data-dir")
+        self.spawn_node(args, std::process::Stdio::null(), None)
+    }
+
+    /// Starts `rapport node run` (no mDNS) with these arguments, appending its log (at
+    /// `RAPPORT_LOG`, default `info`) to the file `log`; returns once its API answers.
+    pub fn run_node_logged(&self, args: &[&str], log: &Path) -> NodeProcess {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("open the node's log file");
+        let level = std::env::var("RAPPORT_LOG").unwrap_or_else(|_| "info".into());
+        self.spawn_node(args, file.into(), Some(level))
+    }
+
+    fn spawn_node(
+        &self,
+        args: &[&str],
+        stderr: std::process::Stdio,
+        log: Option<String>,
+    ) -> NodeProcess {
+        let mut cmd = Command::new(rapport_bin());
+        cmd.arg("--data-dir")
             .arg(&self.dir)
             .args(["node", "run", "--no-mdns"])
             .args(args)
             .env_remove("RAPPORT_HOME")
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("spawn rapport node run");
+            .stderr(stderr);
+        if let Some(level) = log {
+            cmd.env("RAPPORT_LOG", level);
+        }
+        let child = cmd.spawn().expect("spawn rapport node run");
         let proc = NodeProcess { child };
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         loop {
@@ -461,6 +484,12 @@ impl Party {
 }
 
 impl NodeProcess {
+    /// Kills the node with SIGKILL (no clean shutdown) and waits for it to be gone.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Sends SIGTERM and waits (at most 20 s) for the exit; returns whether it exited 0.
     pub fn terminate(mut self) -> bool {
         terminate(&mut self.child)
