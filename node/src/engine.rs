@@ -73,6 +73,10 @@ pub const MAX_UNANSWERED_CHANGES: usize = 32;
 /// [`MAX_UNANSWERED_CHANGES`] and the entry limit, what all strangers together can make it
 /// store (about 1,000 x 32 x 8 KiB at most).
 pub const MAX_UNANSWERED_DOCS: usize = 1_000;
+/// The most changes of one sender that wait for their dependencies in one document.
+pub(crate) const MAX_WAITING_PER_DOC: usize = 1024;
+/// The most bytes of changes waiting for their dependencies, over all documents.
+pub(crate) const MAX_WAITING_BYTES: usize = 16 << 20;
 /// The most relationships one owner may place on this node.
 pub const MAX_RELS_PER_OWNER: usize = 100_000;
 
@@ -132,6 +136,10 @@ pub struct Engine {
     /// Heads of what was deposited in a peer's mailbox, per document and peer, so a
     /// failed dial every few seconds does not deposit the same changes again.
     pub(crate) deposited: HashMap<(DocId, IdentityKey), Vec<ChangeHash>>,
+    /// Changes that arrived before what they depend on, per document and sender.
+    pub(crate) waiting: HashMap<(DocId, IdentityKey), Vec<SignedChange>>,
+    /// The encoded size of everything in `waiting`.
+    pub(crate) waiting_bytes: usize,
 }
 
 impl std::fmt::Debug for Engine {
@@ -186,6 +194,8 @@ impl Engine {
             max_unanswered_docs: MAX_UNANSWERED_DOCS,
             keys,
             deposited: HashMap::new(),
+            waiting: HashMap::new(),
+            waiting_bytes: 0,
         };
         // Keys sealed to this node that it does not hold yet (a crash between storing a
         // change and its key) are recovered from the documents.

@@ -22,7 +22,7 @@ use rapport_protocol::{
 
 use crate::engine::{
     BAN_SECONDS, Doc, Engine, EngineError, MAX_RELS_PER_OWNER, MAX_STRIKES, MAX_UNANSWERED_CHANGES,
-    Push, RoundOutcome, STRIKE_WINDOW,
+    MAX_WAITING_BYTES, MAX_WAITING_PER_DOC, Push, RoundOutcome, STRIKE_WINDOW,
 };
 use crate::store::Refusal;
 use crate::views::Event;
@@ -435,6 +435,45 @@ impl Engine {
         Ok(out.disconnect)
     }
 
+    /// Keeps a change whose dependencies have not arrived, until the same peer sends more
+    /// of the document. Bounded: past [`MAX_WAITING_PER_DOC`] a document's oldest goes, past
+    /// [`MAX_WAITING_BYTES`] whole queues go. Not durable: nothing waiting was acknowledged,
+    /// and the sender still holds it and sends it again with its dependencies.
+    fn wait(&mut self, doc: rapport_protocol::DocId, peer: IdentityKey, change: SignedChange) {
+        let size = change.encode().len();
+        let list = self.waiting.entry((doc, peer)).or_default();
+        if list.iter().any(|c| c.hash() == change.hash()) {
+            return;
+        }
+        list.push(change);
+        self.waiting_bytes += size;
+        if list.len() > MAX_WAITING_PER_DOC {
+            let gone = list.remove(0);
+            self.waiting_bytes -= gone.encode().len();
+        }
+        while self.waiting_bytes > MAX_WAITING_BYTES {
+            let Some(key) = self.waiting.keys().next().copied() else {
+                break;
+            };
+            for c in self.waiting.remove(&key).unwrap_or_default() {
+                self.waiting_bytes -= c.encode().len();
+            }
+        }
+    }
+
+    /// The changes of `peer` waiting for their dependencies in `doc`.
+    fn take_waiting(
+        &mut self,
+        doc: &rapport_protocol::DocId,
+        peer: &IdentityKey,
+    ) -> Vec<SignedChange> {
+        let list = self.waiting.remove(&(*doc, *peer)).unwrap_or_default();
+        for c in &list {
+            self.waiting_bytes -= c.encode().len();
+        }
+        list
+    }
+
     /// Whether this node wrote any change of the ledger (accepted or acknowledged).
     fn wrote_in(&self, ledger: &rapport_protocol::Ledger) -> bool {
         let me = *self.me().as_bytes();
@@ -499,6 +538,9 @@ impl Engine {
                 }
             }
         }
+        // Changes of this peer that came before what they depend on get another chance.
+        let mut changes = changes;
+        changes.extend(self.take_waiting(&id, peer));
         let by_hash: std::collections::HashMap<ChangeHash, SignedChange> =
             changes.iter().map(|c| (c.hash(), c.clone())).collect();
         let rejected: Vec<(ChangeHash, RefusalKind, String)> = match (doc, role) {
@@ -587,6 +629,11 @@ impl Engine {
         }
         for (hash, kind, reason) in rejected {
             let change = by_hash.get(&hash);
+            if kind.is_transient()
+                && let Some(c) = change
+            {
+                self.wait(id, *peer, c.clone());
+            }
             self.refuse(peer, doc, change, kind, &reason, now, &mut out)?;
             out.refused.push((hash, kind, reason));
         }

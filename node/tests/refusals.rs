@@ -561,3 +561,73 @@ fn strangers_cannot_fill_the_store() {
         "{resp:?}"
     );
 }
+
+#[test]
+fn a_change_that_comes_before_its_dependency_waits_for_it() {
+    let now = T0 + 10;
+    let mut alice = Side::new(Kind::Person, "Alice");
+    let mut acme = Side::new(Kind::Org, "Acme");
+    granted(&mut alice, &mut acme, now);
+    let (rel, _) = alice
+        .engine
+        .open_relationship(acme.me(), Some("Acme".into()), None, now)
+        .unwrap();
+    let rel = rel.doc.to_hex();
+    let doc = rel_doc(&alice, &rel);
+    sync(&mut alice, &mut acme, &doc, now);
+    for text in ["one", "two"] {
+        acme.engine
+            .send_message(&rel, text.into(), None, None, now)
+            .unwrap();
+    }
+    // Acme's two changes arrive out of order, one request each (as mail can).
+    let all = last_changes(&acme, &doc, 2);
+    let (first, second) = (all[0].clone(), all[1].clone());
+    let ask = |changes: Vec<Vec<u8>>| rapport_protocol::wire::SyncRequest {
+        doc,
+        heads: vec![],
+        changes,
+    };
+    let (resp, _, _) = alice
+        .engine
+        .handle_request(&acme.me(), ask(vec![second]), now);
+    let SyncResponse::Sync { refused, .. } = resp else {
+        panic!("{resp:?}");
+    };
+    assert_eq!(refused[0].1, RefusalKind::MissingDependencies);
+    assert!(
+        alice.engine.refusals(10).unwrap().is_empty(),
+        "not a strike"
+    );
+    alice
+        .engine
+        .handle_request(&acme.me(), ask(vec![first]), now);
+    let mut texts: Vec<String> = alice
+        .engine
+        .relationship(&rel, now)
+        .unwrap()
+        .messages
+        .into_iter()
+        .map(|m| m.text)
+        .collect();
+    texts.sort();
+    assert_eq!(
+        texts,
+        ["one", "two"],
+        "the waiting change went in with its dependency"
+    );
+}
+
+/// The last `n` changes `side` holds of `doc`, encoded, in the order written.
+fn last_changes(side: &Side, doc: &DocRef, n: usize) -> Vec<Vec<u8>> {
+    let all = side
+        .engine
+        .store()
+        .load_relationship(&doc.doc_id())
+        .unwrap();
+    let all = all.changes();
+    all[all.len() - n..]
+        .iter()
+        .map(SignedChange::encode)
+        .collect()
+}
