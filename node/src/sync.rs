@@ -539,7 +539,6 @@ impl Engine {
             }
         }
         // Changes of this peer that came before what they depend on get another chance.
-        let mut changes = changes;
         changes.extend(self.take_waiting(&id, peer));
         let by_hash: std::collections::HashMap<ChangeHash, SignedChange> =
             changes.iter().map(|c| (c.hash(), c.clone())).collect();
