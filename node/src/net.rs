@@ -50,6 +50,8 @@ pub(crate) const BAN_FOR: Duration = Duration::from_secs(crate::engine::BAN_SECO
 pub(crate) const MAX_SESSIONS_PER_PEER: usize = 16;
 /// Undecodable requests a peer may send before it is disconnected.
 pub(crate) const MAX_BAD_REQUESTS: u32 = 16;
+/// Results the engine's threads may have waiting for the network loop.
+pub(crate) const INTERNAL_QUEUE: usize = 4096;
 /// Peers whose undecodable requests are counted at once; past it, the counts of peers no
 /// longer connected are dropped.
 const MAX_TRACKED_PEERS: usize = 4096;
@@ -602,7 +604,10 @@ struct Loop {
     swarm: Swarm<Behaviour>,
     engine: SharedEngine,
     events: tokio::sync::broadcast::Sender<Event>,
-    internal_tx: mpsc::UnboundedSender<Internal>,
+    /// Results from the engine's blocking threads. Bounded: a thread whose result does not
+    /// fit waits (blocking threads only ever send here), so a flood of requests slows its
+    /// senders instead of growing a queue.
+    internal_tx: mpsc::Sender<Internal>,
     sessions: HashMap<(PeerId, DocId), Session>,
     requests: HashMap<OutboundRequestId, (PeerId, DocRef, Vec<ChangeHash>)>,
     /// Syncs waiting for a connection to the peer.
@@ -851,7 +856,7 @@ pub(crate) fn start(
         (e.event_sender(), bans)
     };
     let (tx, rx) = mpsc::channel(1024);
-    let (internal_tx, internal_rx) = mpsc::unbounded_channel();
+    let (internal_tx, internal_rx) = mpsc::channel(INTERNAL_QUEUE);
     let lp = Loop {
         swarm,
         engine,
@@ -879,7 +884,7 @@ impl Loop {
     async fn run(
         mut self,
         mut commands: mpsc::Receiver<Command>,
-        mut internal: mpsc::UnboundedReceiver<Internal>,
+        mut internal: mpsc::Receiver<Internal>,
     ) {
         let mut redial = tokio::time::interval(REDIAL_EVERY);
         loop {
@@ -921,9 +926,15 @@ impl Loop {
         tokio::task::spawn_blocking(move || {
             let msg = match engine.lock() {
                 Ok(mut e) => f(&mut e),
-                Err(_) => return,
+                Err(_) => {
+                    // The engine panicked mid-operation: its memory may not match its
+                    // store. Stop loudly rather than stay up with sessions that never end;
+                    // everything acknowledged is in the store for the restart.
+                    tracing::error!("the engine failed (a panic); stopping the node");
+                    std::process::abort();
+                }
             };
-            let _ = tx.send(msg);
+            let _ = tx.blocking_send(msg);
         });
     }
 
@@ -952,39 +963,40 @@ impl Loop {
                 }
             }
             Command::Peers { reply } => {
+                // What the swarm knows is read here; the store on a blocking thread, so the
+                // loop never waits for the engine.
                 let connected: HashSet<PeerId> = self.swarm.connected_peers().copied().collect();
-                let stored = self
-                    .engine
-                    .lock()
-                    .ok()
-                    .and_then(|e| e.store().peers().ok())
-                    .unwrap_or_default();
-                let mut out: Vec<PeerInfo> = stored
-                    .into_iter()
-                    .map(|(id, rec)| {
-                        let p = peer_of(&id);
-                        PeerInfo {
-                            peer: id.to_string(),
-                            connected: connected.contains(&p),
-                            addrs: rec.addrs,
-                            agent: self.agents.get(&p).cloned(),
-                            rtt_ms: self.rtts.get(&p).map(|d| d.as_millis() as u64),
+                let agents = self.agents.clone();
+                let rtts = self.rtts.clone();
+                let engine = self.engine.clone();
+                tokio::task::spawn_blocking(move || {
+                    let stored = engine
+                        .lock()
+                        .ok()
+                        .and_then(|e| e.store().peers().ok())
+                        .unwrap_or_default();
+                    let info = |p: &PeerId, connected: bool, addrs: Vec<String>| PeerInfo {
+                        peer: p.to_string(),
+                        connected,
+                        addrs,
+                        agent: agents.get(p).cloned(),
+                        rtt_ms: rtts.get(p).map(|d| d.as_millis() as u64),
+                    };
+                    let mut out: Vec<PeerInfo> = stored
+                        .into_iter()
+                        .map(|(id, rec)| {
+                            let p = peer_of(&id);
+                            info(&p, connected.contains(&p), rec.addrs)
+                        })
+                        .collect();
+                    for p in &connected {
+                        if !out.iter().any(|i| i.peer == p.to_string()) {
+                            out.push(info(p, true, Vec::new()));
                         }
-                    })
-                    .collect();
-                for p in &connected {
-                    if !out.iter().any(|i| i.peer == p.to_string()) {
-                        out.push(PeerInfo {
-                            peer: p.to_string(),
-                            connected: true,
-                            addrs: Vec::new(),
-                            agent: self.agents.get(p).cloned(),
-                            rtt_ms: self.rtts.get(p).map(|d| d.as_millis() as u64),
-                        });
                     }
-                }
-                out.sort_by(|a, b| (!a.connected, &a.peer).cmp(&(!b.connected, &b.peer)));
-                let _ = reply.send(out);
+                    out.sort_by(|a, b| (!a.connected, &a.peer).cmp(&(!b.connected, &b.peer)));
+                    let _ = reply.send(out);
+                });
             }
             Command::Listening { reply } => {
                 let _ = reply.send(self.listening.clone());
@@ -1377,7 +1389,7 @@ impl Loop {
                 match e.envelopes_for(&id, &d, now()) {
                     Ok((s, pushes)) => {
                         if !pushes.is_empty() {
-                            let _ = tx.send(Internal::Pushes(pushes));
+                            let _ = tx.blocking_send(Internal::Pushes(pushes));
                         }
                         if !s.envelopes.is_empty() {
                             sealed.push((d, s));
@@ -1489,7 +1501,7 @@ impl Loop {
                         self.with_engine(move |e| {
                             let report = match e.open_mail(&envs, now()) {
                                 Ok((report, pushes)) => {
-                                    let _ = tx.send(Internal::Pushes(pushes));
+                                    let _ = tx.blocking_send(Internal::Pushes(pushes));
                                     report
                                 }
                                 Err(err) => {
@@ -1617,7 +1629,7 @@ impl Loop {
                 .filter(|p| !connected.contains(&peer_of(p)))
                 .flat_map(|p| e.shared_with(&p, now()).into_iter().map(move |d| (p, d)))
                 .collect();
-            let _ = tx.send(Internal::Pushes(pushes));
+            let _ = tx.blocking_send(Internal::Pushes(pushes));
         });
     }
 
@@ -1677,7 +1689,7 @@ impl Loop {
                 .into_iter()
                 .map(|d| (id, d))
                 .collect();
-            let _ = tx.send(Internal::Pushes(pushes));
+            let _ = tx.blocking_send(Internal::Pushes(pushes));
         });
     }
 
@@ -1879,7 +1891,7 @@ impl Loop {
                 self.with_engine(move |e| {
                     let (resp, pushes, disconnect) = e.handle_request(&id, request, now());
                     if !pushes.is_empty() {
-                        let _ = tx.send(Internal::Pushes(pushes));
+                        let _ = tx.blocking_send(Internal::Pushes(pushes));
                     }
                     Internal::Respond {
                         peer,
@@ -1910,7 +1922,7 @@ impl Loop {
                     let result = e.handle_response(&id, &doc, &sent, response, now());
                     let outcome = match result {
                         Ok((o, pushes)) => {
-                            let _ = tx.send(Internal::Pushes(pushes));
+                            let _ = tx.blocking_send(Internal::Pushes(pushes));
                             Ok(o)
                         }
                         Err(err) => Err(err.to_string()),
