@@ -16,7 +16,7 @@ use rapport_protocol::wire::{DocRef, RefusalCode, SYNC_PROTOCOL, SyncRequest, Sy
 use rapport_protocol::{
     EntryId, Kind, RelBody, RelEntry, RelationshipDoc, SecretKey, SignedChange, actor_for,
 };
-use rapport_tests::{TestNode, WAIT, consent_to, messages, open, send};
+use rapport_tests::{TestNode, WAIT, consent_to, eventually, messages, open, send};
 
 /// A client that writes whatever bytes it is given and reads length-prefixed answers.
 #[derive(Clone, Default)]
@@ -465,6 +465,34 @@ async fn a_peer_sending_undecodable_requests_is_disconnected_and_refused() {
     })
     .await;
     assert!(refused.is_ok(), "a banned peer is turned away on redial");
+
+    // The ban is stored, and outlives a restart of Alice's node.
+    let mallory = SecretKey::from_seed([77; 32]).identity();
+    eventually(10, "the ban is stored", || async {
+        alice
+            .handle
+            .read(move |e| e.store().conduct(&mallory).unwrap())
+            .await
+            .is_some_and(|c| c.banned_until > now())
+    })
+    .await;
+    let alice = alice.restart().await;
+    let mut client = hostile_client(&SecretKey::from_seed([77; 32]));
+    client.dial(alice.addrs[0].clone()).unwrap();
+    let refused = tokio::time::timeout(WAIT, async {
+        loop {
+            match client.select_next_some().await {
+                SwarmEvent::ConnectionClosed { .. }
+                | SwarmEvent::OutgoingConnectionError { .. } => return,
+                _ => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        refused.is_ok(),
+        "a banned peer is still turned away after the node restarts"
+    );
 }
 
 /// One identity cannot hold more than a few connections to a node at once (each costs the
