@@ -3,7 +3,10 @@
 //! it expands it. The customer's node must refuse it like any other bad change, keep
 //! serving, and take the member's next honest change.
 
-use rapport_node::{Engine, GrantArgs, Store};
+mod common;
+
+use common::grant_args;
+use rapport_node::{Engine, Store};
 use rapport_protocol::automerge::transaction::{CommitOptions, Transactable};
 use rapport_protocol::automerge::{Automerge, Change, ObjType, ROOT};
 use rapport_protocol::wire::{DocRef, RefusalKind, SyncRequest, SyncResponse};
@@ -85,18 +88,11 @@ fn a_change_that_panics_automerge_is_refused_and_the_node_goes_on() {
     // Mallory holds a grant, so its changes reach every rule.
     alice
         .grant(
-            GrantArgs {
-                grantee: mallory.me(),
-                scopes: ["conversation:read", "conversation:write", "contact:support"]
-                    .iter()
-                    .map(|s| s.parse().unwrap())
-                    .collect(),
-                purpose: "support".into(),
-                expires: None,
-                terms: None,
-                legal_basis: None,
-                notice_sha256: None,
-            },
+            grant_args(
+                mallory.me(),
+                &["conversation:read", "conversation:write", "contact:support"],
+                "support",
+            ),
             now,
         )
         .unwrap();

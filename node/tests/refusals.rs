@@ -8,7 +8,10 @@
 
 use std::collections::HashSet;
 
-use rapport_node::{Engine, GrantArgs, Store};
+mod common;
+
+use common::grant_args;
+use rapport_node::{Engine, Store};
 use rapport_protocol::automerge::ChangeHash;
 use rapport_protocol::wire::{DocRef, RefusalKind, SyncResponse};
 use rapport_protocol::{ConsentHeader, IdentityKey, Kind, SignedChange};
@@ -99,18 +102,11 @@ fn granted(alice: &mut Side, company: &mut Side, now: u64) -> String {
     let (out, _) = alice
         .engine
         .grant(
-            GrantArgs {
-                grantee: company.me(),
-                scopes: ["conversation:read", "conversation:write", "contact:support"]
-                    .iter()
-                    .map(|s| s.parse().unwrap())
-                    .collect(),
-                purpose: "support".into(),
-                expires: None,
-                terms: None,
-                legal_basis: None,
-                notice_sha256: None,
-            },
+            grant_args(
+                company.me(),
+                &["conversation:read", "conversation:write", "contact:support"],
+                "support",
+            ),
             now,
         )
         .unwrap();
@@ -119,6 +115,21 @@ fn granted(alice: &mut Side, company: &mut Side, now: u64) -> String {
     company.engine.accept(None, None, now).unwrap();
     sync(company, alice, &doc, now);
     out.entry.unwrap().to_hex()
+}
+
+/// Alice and Acme, with consent both ways, in one relationship Alice owns and both hold.
+fn conversation(now: u64) -> (Side, Side, String, DocRef) {
+    let mut alice = Side::new(Kind::Person, "Alice");
+    let mut acme = Side::new(Kind::Org, "Acme");
+    granted(&mut alice, &mut acme, now);
+    let (rel, _) = alice
+        .engine
+        .open_relationship(acme.me(), Some("Acme".into()), None, now)
+        .unwrap();
+    let rel = rel.doc.to_hex();
+    let doc = rel_doc(&alice, &rel);
+    sync(&mut alice, &mut acme, &doc, now);
+    (alice, acme, rel, doc)
 }
 
 fn rel_doc(side: &Side, rel: &str) -> DocRef {
@@ -282,16 +293,7 @@ fn a_member_refusing_the_owners_removal_and_epoch_changes_nothing() {
 #[test]
 fn an_answer_lost_in_a_crash_loses_nothing_acknowledged() {
     let now = T0 + 10;
-    let mut alice = Side::new(Kind::Person, "Alice");
-    let mut acme = Side::new(Kind::Org, "Acme");
-    granted(&mut alice, &mut acme, now);
-    let (rel, _) = alice
-        .engine
-        .open_relationship(acme.me(), Some("Acme".into()), None, now)
-        .unwrap();
-    let rel = rel.doc.to_hex();
-    let doc = rel_doc(&alice, &rel);
-    sync(&mut alice, &mut acme, &doc, now);
+    let (mut alice, mut acme, rel, doc) = conversation(now);
 
     // Acme writes; Alice asks; Acme answers with its message, but Alice crashes before
     // storing the answer.
@@ -400,15 +402,7 @@ fn a_relationship_from_someone_never_opted_in_to_is_refused_and_kept_as_evidence
     let (_, _) = alice
         .engine
         .grant(
-            GrantArgs {
-                grantee: mallory.me(),
-                scopes: vec!["contact:support".parse().unwrap()],
-                purpose: "support".into(),
-                expires: None,
-                terms: None,
-                legal_basis: None,
-                notice_sha256: None,
-            },
+            grant_args(mallory.me(), &["contact:support"], "support"),
             now,
         )
         .unwrap();
@@ -443,15 +437,7 @@ fn a_person_joins_another_persons_relationship_by_accepting_the_invitation() {
     // Bob's invitation: he grants Alice conversation:read.
     bob.engine
         .grant(
-            GrantArgs {
-                grantee: alice.me(),
-                scopes: vec!["conversation:read".parse().unwrap()],
-                purpose: "our trip".into(),
-                expires: None,
-                terms: None,
-                legal_basis: None,
-                notice_sha256: None,
-            },
+            grant_args(alice.me(), &["conversation:read"], "our trip"),
             now,
         )
         .unwrap();
@@ -565,16 +551,7 @@ fn strangers_cannot_fill_the_store() {
 #[test]
 fn a_change_that_comes_before_its_dependency_waits_for_it() {
     let now = T0 + 10;
-    let mut alice = Side::new(Kind::Person, "Alice");
-    let mut acme = Side::new(Kind::Org, "Acme");
-    granted(&mut alice, &mut acme, now);
-    let (rel, _) = alice
-        .engine
-        .open_relationship(acme.me(), Some("Acme".into()), None, now)
-        .unwrap();
-    let rel = rel.doc.to_hex();
-    let doc = rel_doc(&alice, &rel);
-    sync(&mut alice, &mut acme, &doc, now);
+    let (mut alice, mut acme, rel, doc) = conversation(now);
     for text in ["one", "two"] {
         acme.engine
             .send_message(&rel, text.into(), None, None, now)

@@ -138,6 +138,20 @@ async fn ask_raw(swarm: &mut Raw, peer: PeerId, bytes: Vec<u8>) -> Result<Vec<u8
     .unwrap_or_else(|_| Err("no answer".into()))
 }
 
+/// Waits until the client's dial fails or its connection is closed on it.
+async fn turned_away(client: &mut Raw) -> Result<(), tokio::time::error::Elapsed> {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match client.select_next_some().await {
+                SwarmEvent::ConnectionClosed { .. }
+                | SwarmEvent::OutgoingConnectionError { .. } => return,
+                _ => {}
+            }
+        }
+    })
+    .await
+}
+
 fn frame(body: Vec<u8>) -> Vec<u8> {
     let mut v = (body.len() as u32).to_be_bytes().to_vec();
     v.extend(body);
@@ -454,16 +468,7 @@ async fn a_peer_sending_undecodable_requests_is_disconnected_and_refused() {
     );
     // Dialling again gets it nowhere while the ban lasts.
     client.dial(alice.addrs[0].clone()).unwrap();
-    let refused = tokio::time::timeout(WAIT, async {
-        loop {
-            match client.select_next_some().await {
-                SwarmEvent::ConnectionClosed { .. }
-                | SwarmEvent::OutgoingConnectionError { .. } => return,
-                _ => {}
-            }
-        }
-    })
-    .await;
+    let refused = turned_away(&mut client).await;
     assert!(refused.is_ok(), "a banned peer is turned away on redial");
 
     // The ban is stored, and outlives a restart of Alice's node.
@@ -479,16 +484,7 @@ async fn a_peer_sending_undecodable_requests_is_disconnected_and_refused() {
     let alice = alice.restart().await;
     let mut client = hostile_client(&SecretKey::from_seed([77; 32]));
     client.dial(alice.addrs[0].clone()).unwrap();
-    let refused = tokio::time::timeout(WAIT, async {
-        loop {
-            match client.select_next_some().await {
-                SwarmEvent::ConnectionClosed { .. }
-                | SwarmEvent::OutgoingConnectionError { .. } => return,
-                _ => {}
-            }
-        }
-    })
-    .await;
+    let refused = turned_away(&mut client).await;
     assert!(
         refused.is_ok(),
         "a banned peer is still turned away after the node restarts"
