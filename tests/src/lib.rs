@@ -58,6 +58,11 @@ impl Party {
         Self { dir: dir.into() }
     }
 
+    /// Runs a command that prints JSON and parses what it printed.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        serde_json::from_str(&self.ok(args)).expect("the command prints JSON")
+    }
+
     /// Runs `rapport --data-dir DIR ARGS…`.
     pub fn run(&self, args: &[&str]) -> Run {
         let out = Command::new(rapport_bin())
@@ -828,4 +833,55 @@ pub fn run_until_listening_or_exit(args: &[&str]) -> Outcome {
             "rapport {args:?} neither exited nor started within 30s"
         );
     }
+}
+
+/// Polls `check` (a CLI query, say) every 100 ms until it holds; panics after 30 s.
+pub fn until(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !check() {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// Through the CLI of two running nodes: `customer` grants `company` read, write and
+/// contact:support, the company accepts, the customer sees the grant active and opens a
+/// relationship with it (`open` adds arguments to `rel open`), and the company holds it.
+/// Returns the relationship's id.
+pub fn consent_and_open(customer: &Party, company: &Party, open: &[&str]) -> String {
+    let company_id = company.identity();
+    customer.ok(&[
+        "consent",
+        "grant",
+        &company_id,
+        "--scope",
+        "conversation:read",
+        "--scope",
+        "conversation:write",
+        "--scope",
+        "contact:support",
+        "--purpose",
+        "support",
+    ]);
+    until("the grant reaching the company", || {
+        company.json(&["consent", "list", "--json"])[0]["status"] == "pending"
+    });
+    company.ok(&["consent", "accept"]);
+    until("the customer seeing the acceptance", || {
+        customer.json(&["consent", "list", "--json"])[0]["status"] == "active"
+    });
+    let mut args = vec!["rel", "open", company_id.as_str()];
+    args.extend_from_slice(open);
+    customer.ok(&args);
+    let rel = customer.json(&["rel", "list", "--json"])[0]["id"]
+        .as_str()
+        .expect("a relationship id")
+        .to_owned();
+    until("the company holding the relationship", || {
+        company
+            .json(&["rel", "list", "--json"])
+            .as_array()
+            .is_some_and(|a| a.len() == 1)
+    });
+    rel
 }

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rapport_tests::{NodeProcess, Party};
+use rapport_tests::{NodeProcess, Party, free_port};
 use serde_json::Value;
 
 /// How many times a node is killed (`RAPPORT_CRASH_KILLS` overrides, for a longer run).
@@ -61,28 +61,6 @@ impl Lcg {
     fn in_range(&mut self, r: std::ops::Range<u64>) -> u64 {
         r.start + self.next() % (r.end - r.start)
     }
-}
-
-fn json(p: &Party, args: &[&str]) -> Value {
-    serde_json::from_str(&p.ok(args)).unwrap()
-}
-
-/// Polls a CLI query until `check` holds (at most 20 s).
-fn until(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out: {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// A free TCP port on loopback (bound, then released for the node to take).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// The message texts the running node holds in `rel`, or `None` if it cannot say now.
@@ -277,7 +255,6 @@ fn nothing_acknowledged_is_lost_when_nodes_are_killed_while_writing_both_ways() 
     let acme = Arc::new(Party::new(tmp.path().join("acme")));
     alice.ok(&["init", "--kind", "person", "--name", "Alice"]);
     acme.ok(&["init", "--kind", "org", "--name", "Acme"]);
-    let acme_id = acme.identity();
 
     let mut a = Side {
         name: "alice",
@@ -307,38 +284,7 @@ fn nothing_acknowledged_is_lost_when_nodes_are_killed_while_writing_both_ways() 
     alice.ok(&["connect", &a.peer_addr]);
 
     // Consent for both to write: Alice grants, Acme accepts, Alice sees it active.
-    alice.ok(&[
-        "consent",
-        "grant",
-        &acme_id,
-        "--scope",
-        "conversation:read",
-        "--scope",
-        "conversation:write",
-        "--scope",
-        "contact:support",
-        "--purpose",
-        "support",
-    ]);
-    until("the grant reaching Acme", || {
-        json(&acme, &["consent", "list", "--json"])[0]["status"] == "pending"
-    });
-    acme.ok(&["consent", "accept"]);
-    until("Alice seeing the acceptance", || {
-        json(&alice, &["consent", "list", "--json"])[0]["status"] == "active"
-    });
-    alice.ok(&["rel", "open", &acme_id, "--title", "crash loop"]);
-    let rel = json(&alice, &["rel", "list", "--json"])[0]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    until("Acme holding the relationship", || {
-        json(&acme, &["rel", "list", "--json"])
-            .as_array()
-            .unwrap()
-            .len()
-            == 1
-    });
+    let rel = rapport_tests::consent_and_open(&alice, &acme, &["--title", "crash loop"]);
     let setup = started.elapsed();
 
     // Both write, both ways, while one or the other is killed and restarted.

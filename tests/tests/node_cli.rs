@@ -1,21 +1,7 @@
 //! The real `rapport` binary against running `rapport node run` processes: a customer and
 //! a company on loopback, driven only through the CLI.
 
-use rapport_tests::Party;
-use serde_json::Value;
-
-fn json(p: &Party, args: &[&str]) -> Value {
-    serde_json::from_str(&p.ok(args)).unwrap()
-}
-
-/// Polls a CLI query until `check` holds (at most 20 s).
-fn until(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !check() {
-        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-}
+use rapport_tests::{Party, until};
 
 #[test]
 fn customer_and_company_through_the_cli() {
@@ -38,7 +24,7 @@ fn customer_and_company_through_the_cli() {
     let acme_addr = acme.listen_addr();
     let out = alice.ok(&["connect", &acme_addr]);
     assert!(out.contains(&acme_id), "{out}");
-    let peers = json(&alice, &["peers", "--json"]);
+    let peers = alice.json(&["peers", "--json"]);
     assert!(
         peers
             .as_array()
@@ -63,12 +49,12 @@ fn customer_and_company_through_the_cli() {
     ]);
     assert!(out.contains("delivered"), "{out}");
     until("the grant reaching Acme", || {
-        json(&acme, &["consent", "list", "--json"])[0]["status"] == "pending"
+        acme.json(&["consent", "list", "--json"])[0]["status"] == "pending"
     });
     let out = acme.ok(&["consent", "accept"]);
     assert!(out.contains("accepted grant"), "{out}");
     until("Alice seeing the acceptance", || {
-        json(&alice, &["consent", "list", "--json"])[0]["status"] == "active"
+        alice.json(&["consent", "list", "--json"])[0]["status"] == "active"
     });
 
     // A relationship and a conversation.
@@ -82,12 +68,12 @@ fn customer_and_company_through_the_cli() {
         "Order 1234",
     ]);
     assert!(out.contains("delivered"), "{out}");
-    let rel = json(&alice, &["rel", "list", "--json"])[0]["id"]
+    let rel = alice.json(&["rel", "list", "--json"])[0]["id"]
         .as_str()
         .unwrap()
         .to_owned();
     until("Acme holding the relationship", || {
-        json(&acme, &["rel", "list", "--json"])
+        acme.json(&["rel", "list", "--json"])
             .as_array()
             .unwrap()
             .len()
@@ -122,7 +108,7 @@ fn customer_and_company_through_the_cli() {
     );
 
     // Revocation: Acme erases and its receipt arrives; Acme's writes are refused.
-    let gid = json(&alice, &["consent", "list", "--json"])[0]["grant"]
+    let gid = alice.json(&["consent", "list", "--json"])[0]["grant"]
         .as_str()
         .unwrap()
         .to_owned();
@@ -134,10 +120,10 @@ fn customer_and_company_through_the_cli() {
         "closed my account",
     ]);
     until("Acme's erasure receipt reaching Alice", || {
-        json(&alice, &["consent", "list", "--json"])[0]["erasure_acked_at"].is_u64()
+        alice.json(&["consent", "list", "--json"])[0]["erasure_acked_at"].is_u64()
     });
     assert_eq!(
-        json(&acme, &["rel", "list", "--json"])
+        acme.json(&["rel", "list", "--json"])
             .as_array()
             .unwrap()
             .len(),
@@ -154,7 +140,7 @@ fn customer_and_company_through_the_cli() {
     assert!(!alice.dir.join(rapport_node::NODE_FILE).exists());
     let thread = alice.ok(&["thread", &rel[..8]]);
     assert!(thread.contains("It ships today."), "{thread}");
-    let show = json(&acme, &["ledger", "show", &alice_id, "--json"]);
+    let show = acme.json(&["ledger", "show", &alice_id, "--json"]);
     let kinds: Vec<&str> = show[0]["entries"]
         .as_array()
         .unwrap()
@@ -222,7 +208,7 @@ fn nothing_acknowledged_is_lost_when_the_node_is_killed() {
     let acme_id = acme.identity();
     let node = alice.run_node();
     alice.ok(&["rel", "open", &acme_id, "--title", "crash test"]);
-    let rel = json(&alice, &["rel", "list", "--json"])[0]["id"]
+    let rel = alice.json(&["rel", "list", "--json"])[0]["id"]
         .as_str()
         .unwrap()
         .to_owned();
@@ -230,7 +216,7 @@ fn nothing_acknowledged_is_lost_when_the_node_is_killed() {
         alice.ok(&["msg", "send", &rel[..8], &format!("acknowledged {i}")]);
     }
     drop(node); // SIGKILL, no clean shutdown
-    let thread = json(&alice, &["thread", &rel[..8], "--json"]);
+    let thread = alice.json(&["thread", &rel[..8], "--json"]);
     let texts: Vec<&str> = thread["messages"]
         .as_array()
         .unwrap()

@@ -2,23 +2,10 @@
 //! processes that can reach each other only through it. They converse; the company goes
 //! offline and its mail waits at the relay across a relay restart.
 
-use rapport_tests::Party;
-use serde_json::Value;
-
-fn json(p: &Party, args: &[&str]) -> Value {
-    serde_json::from_str(&p.ok(args)).unwrap()
-}
-
-fn until(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !check() {
-        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-}
+use rapport_tests::{Party, until};
 
 fn reachable_through_relay(p: &Party) -> bool {
-    json(p, &["id", "--json"])["listen"]
+    p.json(&["id", "--json"])["listen"]
         .as_array()
         .is_some_and(|a| {
             a.iter()
@@ -72,38 +59,7 @@ fn a_community_relay_through_the_cli() {
         reachable_through_relay(&alice) && reachable_through_relay(&acme)
     });
 
-    alice.ok(&[
-        "consent",
-        "grant",
-        &acme_id,
-        "--scope",
-        "conversation:read",
-        "--scope",
-        "conversation:write",
-        "--scope",
-        "contact:support",
-        "--purpose",
-        "support",
-    ]);
-    until("the grant reaching Acme", || {
-        json(&acme, &["consent", "list", "--json"])[0]["status"] == "pending"
-    });
-    acme.ok(&["consent", "accept"]);
-    until("Alice seeing the acceptance", || {
-        json(&alice, &["consent", "list", "--json"])[0]["status"] == "active"
-    });
-    alice.ok(&["rel", "open", &acme_id, "--name", "Acme"]);
-    let rel = json(&alice, &["rel", "list", "--json"])[0]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    until("Acme holding the relationship", || {
-        json(&acme, &["rel", "list", "--json"])
-            .as_array()
-            .unwrap()
-            .len()
-            == 1
-    });
+    let rel = rapport_tests::consent_and_open(&alice, &acme, &["--name", "Acme"]);
     let out = alice.ok(&["msg", "send", &rel[..8], "Hello via the community relay"]);
     assert!(out.contains("delivered"), "{out}");
     until("Acme reading it", || {
