@@ -885,3 +885,39 @@ pub fn consent_and_open(customer: &Party, company: &Party, open: &[&str]) -> Str
     });
     rel
 }
+
+/// A bare libp2p client (TCP, Noise, Yamux) speaking one request-response protocol with
+/// `codec`, as `key`'s identity: what a hostile, fake or minimal peer is in a test.
+pub fn client_swarm<C>(
+    key: &rapport_protocol::SecretKey,
+    protocol: &'static str,
+    codec: C,
+    config: libp2p::request_response::Config,
+    idle: std::time::Duration,
+) -> libp2p::Swarm<libp2p::request_response::Behaviour<C>>
+where
+    C: libp2p::request_response::Codec<Protocol = libp2p::StreamProtocol> + Clone + Send + 'static,
+{
+    let keypair = libp2p::identity::Keypair::ed25519_from_bytes(key.to_seed()).expect("key");
+    libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(
+            libp2p::tcp::Config::default(),
+            libp2p::noise::Config::new,
+            libp2p::yamux::Config::default,
+        )
+        .expect("tcp")
+        .with_behaviour(|_| {
+            libp2p::request_response::Behaviour::with_codec(
+                codec,
+                [(
+                    libp2p::StreamProtocol::new(protocol),
+                    libp2p::request_response::ProtocolSupport::Outbound,
+                )],
+                config,
+            )
+        })
+        .expect("behaviour")
+        .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
+        .build()
+}

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use libp2p::request_response::{self, ProtocolSupport};
+use libp2p::request_response;
 use libp2p::swarm::SwarmEvent;
 use libp2p::{PeerId, StreamProtocol, Swarm};
 use rapport_node::{Store, now};
@@ -72,28 +72,13 @@ impl request_response::Codec for RawCodec {
 type Raw = Swarm<request_response::Behaviour<RawCodec>>;
 
 fn hostile_client(key: &SecretKey) -> Raw {
-    let keypair = libp2p::identity::Keypair::ed25519_from_bytes(key.to_seed()).unwrap();
-    libp2p::SwarmBuilder::with_existing_identity(keypair)
-        .with_tokio()
-        .with_tcp(
-            libp2p::tcp::Config::default(),
-            libp2p::noise::Config::new,
-            libp2p::yamux::Config::default,
-        )
-        .unwrap()
-        .with_behaviour(|_| {
-            request_response::Behaviour::with_codec(
-                RawCodec,
-                [(
-                    StreamProtocol::new(SYNC_PROTOCOL),
-                    ProtocolSupport::Outbound,
-                )],
-                request_response::Config::default().with_request_timeout(Duration::from_secs(10)),
-            )
-        })
-        .unwrap()
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
-        .build()
+    rapport_tests::client_swarm(
+        key,
+        SYNC_PROTOCOL,
+        RawCodec,
+        request_response::Config::default().with_request_timeout(Duration::from_secs(10)),
+        Duration::from_secs(60),
+    )
 }
 
 async fn connect(swarm: &mut Raw, addr: libp2p::Multiaddr) -> PeerId {

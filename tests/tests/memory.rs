@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use libp2p::request_response::{self, ProtocolSupport};
+use libp2p::request_response;
 use libp2p::swarm::SwarmEvent;
 use libp2p::{StreamProtocol, Swarm};
 use peak_alloc::PeakAlloc;
@@ -84,31 +84,15 @@ impl request_response::Codec for StrangerCodec {
 }
 
 fn stranger(seed: u8) -> Swarm<request_response::Behaviour<StrangerCodec>> {
-    let key = SecretKey::from_seed([seed; 32]);
-    let keypair = libp2p::identity::Keypair::ed25519_from_bytes(key.to_seed()).unwrap();
-    libp2p::SwarmBuilder::with_existing_identity(keypair)
-        .with_tokio()
-        .with_tcp(
-            libp2p::tcp::Config::default(),
-            libp2p::noise::Config::new,
-            libp2p::yamux::Config::default,
-        )
-        .unwrap()
-        .with_behaviour(|_| {
-            request_response::Behaviour::with_codec(
-                StrangerCodec,
-                [(
-                    StreamProtocol::new(SYNC_PROTOCOL),
-                    ProtocolSupport::Outbound,
-                )],
-                request_response::Config::default()
-                    .with_request_timeout(Duration::from_secs(300))
-                    .with_max_concurrent_streams(1000),
-            )
-        })
-        .unwrap()
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
-        .build()
+    rapport_tests::client_swarm(
+        &SecretKey::from_seed([seed; 32]),
+        SYNC_PROTOCOL,
+        StrangerCodec,
+        request_response::Config::default()
+            .with_request_timeout(Duration::from_secs(300))
+            .with_max_concurrent_streams(1000),
+        Duration::from_secs(300),
+    )
 }
 
 /// Strangers (fresh identities) each open many sync streams announcing a frame of the

@@ -366,27 +366,13 @@ async fn an_allow_list_relay_admits_only_its_members() {
 type MailClient = libp2p::Swarm<libp2p::request_response::Behaviour<rapport_node::MailCodec>>;
 
 fn mail_client(key: &rapport_protocol::SecretKey) -> MailClient {
-    let keypair = libp2p::identity::Keypair::ed25519_from_bytes(key.to_seed()).expect("key");
-    libp2p::SwarmBuilder::with_existing_identity(keypair)
-        .with_tokio()
-        .with_tcp(
-            libp2p::tcp::Config::default(),
-            libp2p::noise::Config::new,
-            libp2p::yamux::Config::default,
-        )
-        .expect("tcp")
-        .with_behaviour(|_| {
-            libp2p::request_response::Behaviour::with_codec(
-                rapport_node::MailCodec::default(),
-                [(
-                    libp2p::StreamProtocol::new(rapport_protocol::mail::MAILBOX_PROTOCOL),
-                    libp2p::request_response::ProtocolSupport::Outbound,
-                )],
-                libp2p::request_response::Config::default(),
-            )
-        })
-        .expect("behaviour")
-        .build()
+    rapport_tests::client_swarm(
+        key,
+        rapport_protocol::mail::MAILBOX_PROTOCOL,
+        rapport_node::MailCodec::default(),
+        libp2p::request_response::Config::default(),
+        std::time::Duration::from_secs(10),
+    )
 }
 
 async fn ask(
