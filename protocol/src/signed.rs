@@ -137,8 +137,11 @@ impl SignedChange {
             return Err(ChangeError::BadFormat);
         }
         let signature = Signature::from_bytes(bytes[1..65].try_into().expect("64 bytes"));
-        let change =
-            Change::try_from(&bytes[65..]).map_err(|e| ChangeError::BadChange(e.to_string()))?;
+        // Automerge 0.12's parser itself panics on some chunks (an operation counter over
+        // 32 bits), and this runs before any signature is checked: contain it.
+        let change = crate::guard::contain(|| Change::try_from(&bytes[65..]))
+            .map_err(|_| ChangeError::BadChange("Automerge cannot parse the change".into()))?
+            .map_err(|e| ChangeError::BadChange(e.to_string()))?;
         // Automerge does not check a change chunk's checksum field on parse, and the hash
         // leaves that field out, so bytes that differ only there would carry a valid
         // signature. Insist on the one canonical encoding: checksum = first 4 hash bytes, and
@@ -464,5 +467,28 @@ mod tests {
         fn decode_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..400)) {
             let _ = SignedChange::decode(&bytes);
         }
+    }
+
+    /// Found by the `apply` fuzz target: a change chunk whose operation counter does not
+    /// fit 32 bits makes `Change::try_from` itself panic inside Automerge 0.12 (types.rs,
+    /// `OpId::new`). It arrives before any signature is checked, so any stranger could
+    /// send it.
+    #[test]
+    fn a_chunk_that_panics_automerges_parser_is_refused() {
+        use base64::Engine as _;
+        let chunk = base64::engine::general_purpose::STANDARD
+            .decode(
+                "hW9KgxzbtPgBggEAMIE5dw6ofRdfVqNUZsNMf8zLjYqRtO40ol32D1uPybOUAgICAgICAmUCAgIC\
+                 AgICAgEBAAAACgEGAgYVCTQBQgRWBlcNcAVxAnMCAgICAgFtAv////9rBH8AAwECAgEBBAABAAEA\
+                 AX8BbQIBYX8BawR/AGl0dGVueQB+AQB/AH8C",
+            )
+            .unwrap();
+        let mut bytes = vec![SIGNED_CHANGE_VERSION];
+        bytes.extend_from_slice(&[0u8; 64]);
+        bytes.extend_from_slice(&chunk);
+        assert!(matches!(
+            SignedChange::decode(&bytes),
+            Err(ChangeError::BadChange(_))
+        ));
     }
 }
