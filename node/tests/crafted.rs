@@ -207,3 +207,35 @@ fn fuzz_seed_for_apply() {
         std::fs::write(dir.join("nested-map"), bytes).unwrap();
     }
 }
+
+/// A chunk that makes Automerge's own parser panic (found by the `apply` fuzz target), sent
+/// by a stranger before anything is verified: refused as invalid, and the node answers.
+#[test]
+fn a_chunk_that_panics_automerges_parser_is_refused_before_verification() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut alice = engine(dir.path(), Kind::Person, "Alice");
+    let stranger = SecretKey::from_seed([9; 32]);
+    let chunk = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../fuzz/corpus/apply/parser-panic"
+    ))
+    .unwrap();
+    let mut bytes = vec![rapport_protocol::SIGNED_CHANGE_VERSION];
+    bytes.extend_from_slice(&[0u8; 64]);
+    bytes.extend_from_slice(&chunk);
+    let req = SyncRequest {
+        doc: DocRef::Consent(ConsentHeader {
+            customer: stranger.identity(),
+            grantee: alice.me(),
+        }),
+        heads: vec![],
+        changes: vec![bytes],
+    };
+    let (resp, _, _) = alice.handle_request(&stranger.identity(), req, T0);
+    let SyncResponse::Sync { refused, .. } = resp else {
+        panic!("the request is answered: {resp:?}");
+    };
+    assert_eq!(refused.len(), 1);
+    assert_eq!(refused[0].1, RefusalKind::Invalid);
+    assert_eq!(alice.doc_count(), 0, "nothing is stored");
+}
