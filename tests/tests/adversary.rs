@@ -123,6 +123,16 @@ async fn ask_raw(swarm: &mut Raw, peer: PeerId, bytes: Vec<u8>) -> Result<Vec<u8
     .unwrap_or_else(|_| Err("no answer".into()))
 }
 
+/// Waits until the node has closed the client's connections to `peer`.
+async fn disconnected(client: &mut Raw, peer: PeerId) -> Result<(), tokio::time::error::Elapsed> {
+    tokio::time::timeout(WAIT, async {
+        while client.is_connected(&peer) {
+            let _ = client.select_next_some().await;
+        }
+    })
+    .await
+}
+
 /// Waits until the client's dial fails or its connection is closed on it.
 async fn turned_away(client: &mut Raw) -> Result<(), tokio::time::error::Elapsed> {
     tokio::time::timeout(WAIT, async {
@@ -388,12 +398,7 @@ async fn a_peer_sending_too_many_bad_changes_is_disconnected() {
     };
     let _ = ask_raw(&mut client, peer, frame(req.encode())).await;
     // Alice's node disconnects Mallory and refuses it for a while.
-    let gone = tokio::time::timeout(WAIT, async {
-        while client.is_connected(&peer) {
-            let _ = client.select_next_some().await;
-        }
-    })
-    .await;
+    let gone = disconnected(&mut client, peer).await;
     assert!(
         gone.is_ok(),
         "Alice's node should disconnect a peer past the limit"
@@ -441,12 +446,7 @@ async fn a_peer_sending_undecodable_requests_is_disconnected_and_refused() {
         };
         let _ = ask_raw(&mut client, peer, garbage).await;
     }
-    let gone = tokio::time::timeout(WAIT, async {
-        while client.is_connected(&peer) {
-            let _ = client.select_next_some().await;
-        }
-    })
-    .await;
+    let gone = disconnected(&mut client, peer).await;
     assert!(
         gone.is_ok(),
         "a peer past the limit of undecodable requests should be disconnected"
