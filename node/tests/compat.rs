@@ -1,0 +1,116 @@
+//! Stores written by an earlier release open, read and keep working.
+//!
+//! The files in `fixtures/v0.1-schema4/` were written by the `rapport` binary built from
+//! commit 55ef7f4 (store schema 4), through its CLI, by two real nodes on loopback (see
+//! `fixtures/v0.1-schema4/README.md`). They are never regenerated: a later release must
+//! open exactly these bytes.
+
+use std::path::Path;
+
+use rapport_node::{Engine, Store};
+use rapport_protocol::IdentityKey;
+
+const ALICE: &str = "12D3KooWLvgQn18j1VJXEaBwEtn2R3HzUcvRuE1yXUZFkMkg8naG";
+const ACME: &str = "12D3KooWAqDS7wfsdGLrwku5LwcZCSMjzqvsJcGDhd7yZC5Dms7c";
+const REL: &str = "598da99255d2821ba270180410b5f5db604ca6effe2f324ec599bfd87d39d05a";
+const GRANT: &str = "e72ba71f2c048ccdf7dad7e2cb0e45d076bd566adb3761ab51e025f042262566";
+/// A time after the fixture was written.
+const LATER: u64 = 1_800_000_000;
+
+/// A copy of one fixture store in a fresh data directory (the fixture itself stays as it is).
+fn copy_of(name: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let from = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/v0.1-schema4")
+        .join(format!("{name}.redb"));
+    std::fs::copy(&from, dir.path().join(Store::FILE_NAME)).unwrap();
+    dir
+}
+
+fn texts(engine: &Engine) -> Vec<String> {
+    let mut t: Vec<String> = engine
+        .relationship(REL, LATER)
+        .unwrap()
+        .messages
+        .into_iter()
+        .map(|m| m.text)
+        .collect();
+    t.sort();
+    t
+}
+
+#[test]
+fn the_customers_store_from_the_last_release_opens_with_its_consent_and_conversation() {
+    let dir = copy_of("alice");
+    let engine = Engine::open(Store::open(dir.path()).unwrap()).unwrap();
+    assert_eq!(engine.me().to_string(), ALICE);
+    assert_eq!(engine.profile().name, "Alice");
+
+    let grants = engine.grants(LATER);
+    assert_eq!(grants.len(), 1);
+    assert_eq!(grants[0].grant.to_string(), GRANT);
+    assert_eq!(grants[0].peer.to_string(), ACME);
+    assert_eq!(grants[0].status, "active");
+    assert_eq!(
+        grants[0].scopes,
+        ["conversation:read", "conversation:write", "contact:support"]
+    );
+
+    let rels = engine.relationships();
+    assert_eq!(rels.len(), 1);
+    assert_eq!(rels[0].id.to_string(), REL);
+    assert!(rels[0].mine);
+    // Acme's marketing message was refused and is kept as evidence, not in the thread.
+    assert_eq!(
+        texts(&engine),
+        [
+            "Hello Acme, my order 1042 has not arrived.",
+            "Sorry Alice, it ships tomorrow.",
+            "Thanks."
+        ]
+    );
+    let refusals = engine.refusals(10).unwrap();
+    assert_eq!(refusals.len(), 1);
+    assert!(refusals[0].reason.contains("marketing"), "{:?}", refusals[0]);
+    assert_eq!(engine.ledger_files().len(), 1);
+}
+
+#[test]
+fn the_companys_store_from_the_last_release_opens_and_keeps_its_refused_message() {
+    let dir = copy_of("acme");
+    let engine = Engine::open(Store::open(dir.path()).unwrap()).unwrap();
+    assert_eq!(engine.me().to_string(), ACME);
+    let grants = engine.grants(LATER);
+    assert_eq!(grants.len(), 1);
+    assert_eq!(grants[0].status, "active");
+    assert_eq!(grants[0].peer.to_string(), ALICE);
+    let rels = engine.relationships();
+    assert_eq!(rels.len(), 1);
+    assert!(!rels[0].mine);
+    // The company keeps what it wrote, the refused marketing message included.
+    assert_eq!(
+        texts(&engine),
+        [
+            "Hello Acme, my order 1042 has not arrived.",
+            "Our spring sale starts Monday!",
+            "Sorry Alice, it ships tomorrow.",
+            "Thanks."
+        ]
+    );
+    let alice: IdentityKey = ALICE.parse().unwrap();
+    assert!(!engine.shared_with(&alice, LATER).is_empty());
+}
+
+#[test]
+fn an_old_store_takes_new_writes_that_survive_a_reopen() {
+    let dir = copy_of("alice");
+    {
+        let mut engine = Engine::open(Store::open(dir.path()).unwrap()).unwrap();
+        engine
+            .send_message(REL, "Still waiting.".into(), None, None, LATER)
+            .unwrap();
+    }
+    let engine = Engine::open(Store::open(dir.path()).unwrap()).unwrap();
+    assert!(texts(&engine).contains(&"Still waiting.".to_owned()));
+    assert!(engine.store().schema_version().unwrap() >= 4);
+}
