@@ -175,6 +175,7 @@ impl From<EngineError> for ApiError {
             EngineError::NotFound(_) => StatusCode::NOT_FOUND,
             EngineError::Refused(_) => StatusCode::CONFLICT,
             EngineError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            EngineError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
         };
         ApiError(status, e.to_string())
     }
@@ -465,7 +466,7 @@ async fn auth(
 }
 
 async fn status(State(s): State<AppState>) -> ApiResult {
-    let profile = s.node.read(|e| e.profile().clone()).await;
+    let profile = s.node.query(|e| e.profile().clone()).await?;
     let listening = s.node.net().listening().await;
     let me = libp2p::PeerId::from_bytes(&s.node.identity().peer_id_bytes()).expect("PeerId");
     let stats = s.node.net().stats();
@@ -501,7 +502,7 @@ async fn connect(State(s): State<AppState>, Json(b): Json<ConnectBody>) -> ApiRe
 }
 
 async fn relationships(State(s): State<AppState>) -> ApiResult {
-    ok(s.node.read(crate::engine::Engine::relationships).await)
+    ok(s.node.query(crate::engine::Engine::relationships).await?)
 }
 
 #[derive(Deserialize)]
@@ -538,7 +539,7 @@ async fn open_rel(
 }
 
 async fn relationship(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
-    ok(s.node.read(move |e| e.relationship(&id, now())).await?)
+    ok(s.node.query(move |e| e.relationship(&id, now())).await??)
 }
 
 #[derive(Deserialize)]
@@ -656,11 +657,11 @@ async fn new_thread(
 
 async fn inbox(State(s): State<AppState>, Query(q): Query<WaitQuery>) -> ApiResult {
     let limit = q.limit.unwrap_or(50).min(10_000);
-    ok(s.node.read(move |e| e.inbox(limit)).await)
+    ok(s.node.query(move |e| e.inbox(limit)).await?)
 }
 
 async fn grants(State(s): State<AppState>) -> ApiResult {
-    ok(s.node.read(|e| e.grants(now())).await)
+    ok(s.node.query(|e| e.grants(now())).await?)
 }
 
 #[derive(Deserialize)]
@@ -808,7 +809,7 @@ async fn proffer(
 }
 
 async fn ledgers(State(s): State<AppState>) -> ApiResult {
-    let files = s.node.read(crate::engine::Engine::ledger_files).await;
+    let files = s.node.query(crate::engine::Engine::ledger_files).await?;
     let parsed: Vec<Value> = files
         .iter()
         .map(|f| serde_json::from_str(f).expect("ledger files are JSON"))
@@ -818,7 +819,7 @@ async fn ledgers(State(s): State<AppState>) -> ApiResult {
 
 async fn ledger(State(s): State<AppState>, Path(peer): Path<String>) -> ApiResult {
     let peer = identity(&peer)?;
-    let file = s.node.read(move |e| e.export_ledger(&peer)).await?;
+    let file = s.node.query(move |e| e.export_ledger(&peer)).await??;
     ok(serde_json::from_str::<Value>(&file).expect("ledger files are JSON"))
 }
 
@@ -836,7 +837,7 @@ async fn import(
 
 async fn refusals(State(s): State<AppState>, Query(q): Query<WaitQuery>) -> ApiResult {
     let limit = q.limit.unwrap_or(100).min(10_000);
-    ok(s.node.read(move |e| e.refusals(limit)).await?)
+    ok(s.node.query(move |e| e.refusals(limit)).await??)
 }
 
 fn event_name(e: &Event) -> &'static str {

@@ -40,6 +40,22 @@ pub enum EngineError {
     /// The request is valid but the rules refuse it.
     #[error("{0}")]
     Refused(String),
+    /// The node stopped before the operation ran or finished.
+    #[error("the node stopped")]
+    Stopped,
+}
+
+impl EngineError {
+    /// The same error again, for each of several operations it concerns.
+    pub(crate) fn duplicate(&self) -> EngineError {
+        match self {
+            EngineError::Store(e) => EngineError::Store(e.duplicate()),
+            EngineError::Invalid(s) => EngineError::Invalid(s.clone()),
+            EngineError::NotFound(s) => EngineError::NotFound(s.clone()),
+            EngineError::Refused(s) => EngineError::Refused(s.clone()),
+            EngineError::Stopped => EngineError::Stopped,
+        }
+    }
 }
 
 impl From<ConsentError> for EngineError {
@@ -140,6 +156,12 @@ pub struct Engine {
     pub(crate) waiting: HashMap<(DocId, IdentityKey), Vec<SignedChange>>,
     /// The encoded size of everything in `waiting`.
     pub(crate) waiting_bytes: usize,
+    /// Events of a group of operations, held until the group is durable
+    /// (see [`Engine::begin_group`]); `None` outside a group.
+    held_events: std::cell::RefCell<Option<Vec<Event>>>,
+    /// Memory may hold writes that are not durable (a group's sync failed and the reload
+    /// after it failed too): nothing may run until [`Engine::refresh`] succeeds.
+    stale: bool,
 }
 
 impl std::fmt::Debug for Engine {
@@ -168,20 +190,8 @@ impl Engine {
     pub fn open(store: Store) -> Result<Self> {
         let profile = store.profile()?;
         let key = store.secret_key()?;
-        let mut docs = HashMap::new();
-        for d in store.doc_refs()? {
-            let id = d.doc_id();
-            let doc = match d {
-                DocRef::Consent(_) => Doc::Consent(store.load_consent(&id)?),
-                DocRef::Relationship(_) => Doc::Rel(store.load_relationship(&id)?),
-            };
-            docs.insert(id, doc);
-        }
+        let (docs, keys) = load(&store)?;
         let (events, _) = broadcast::channel(1024);
-        let mut keys: HashMap<DocId, BTreeMap<u32, ContentKey>> = HashMap::new();
-        for (doc, epoch, k) in store.epoch_keys()? {
-            keys.entry(doc).or_default().insert(epoch, k);
-        }
         let mut engine = Self {
             me: profile.identity,
             store,
@@ -196,14 +206,76 @@ impl Engine {
             deposited: HashMap::new(),
             waiting: HashMap::new(),
             waiting_bytes: 0,
+            held_events: std::cell::RefCell::new(None),
+            stale: false,
         };
-        // Keys sealed to this node that it does not hold yet (a crash between storing a
-        // change and its key) are recovered from the documents.
-        let rels: Vec<DocId> = engine.rels().map(RelationshipDoc::id).collect();
-        for id in rels {
-            engine.learn_keys(&id)?;
-        }
+        engine.learn_all_keys()?;
         Ok(engine)
+    }
+
+    /// Keys sealed to this node that it does not hold yet (a crash between storing a
+    /// change and its key) are recovered from the documents.
+    fn learn_all_keys(&mut self) -> Result<()> {
+        let rels: Vec<DocId> = self.rels().map(RelationshipDoc::id).collect();
+        for id in rels {
+            self.learn_keys(&id)?;
+        }
+        Ok(())
+    }
+
+    /// Begins a group of operations that become durable together, with one sync of the
+    /// store ([`Store::begin_group`]); events wait for the group's end. Whoever groups
+    /// operations must not acknowledge any of them before [`Engine::end_group`] succeeds.
+    pub fn begin_group(&mut self) {
+        self.store.begin_group();
+        *self.held_events.borrow_mut() = Some(Vec::new());
+    }
+
+    /// Ends the group: makes its writes durable and sends its events. On an error none of
+    /// the group's writes may be counted on; the engine has reloaded its documents from the
+    /// store, so its memory matches what is durable (the caller reports the error to every
+    /// operation of the group).
+    pub fn end_group(&mut self) -> Result<()> {
+        let held = self.held_events.borrow_mut().take().unwrap_or_default();
+        match self.store.end_group() {
+            Ok(()) => {
+                for e in held {
+                    let _ = self.events.send(e);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!("{e}; reloading the documents from the store");
+                self.stale = true;
+                if let Err(again) = self.refresh() {
+                    tracing::error!("{again}; the engine reloads before its next operation");
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Makes memory match the store again after a failed group, if it does not: until this
+    /// succeeds (the disk may still be full), no operation may run.
+    pub fn refresh(&mut self) -> Result<()> {
+        if self.stale {
+            self.reload_all()?;
+            self.stale = false;
+            tracing::info!("the engine reloaded its documents from the store");
+        }
+        Ok(())
+    }
+
+    /// Reloads every document and key from the store, after writes that were not made
+    /// durable: memory then holds exactly what the store does.
+    fn reload_all(&mut self) -> Result<()> {
+        let (docs, keys) = load(&self.store)?;
+        self.docs = docs;
+        self.keys = keys;
+        self.deposited.clear();
+        self.waiting.clear();
+        self.waiting_bytes = 0;
+        self.learn_all_keys()
     }
 
     /// Accept every grant made to this node on the customer's terms as soon as it arrives
@@ -244,6 +316,10 @@ impl Engine {
     }
 
     pub(crate) fn emit(&self, e: Event) {
+        if let Some(held) = self.held_events.borrow_mut().as_mut() {
+            held.push(e);
+            return;
+        }
         // Nobody listening is fine.
         let _ = self.events.send(e);
     }
@@ -1335,6 +1411,30 @@ impl Engine {
             .map(|m| (m, d))
             .collect()
     }
+}
+
+/// The documents and content keys a store holds, loaded and verified.
+#[allow(clippy::type_complexity)]
+fn load(
+    store: &Store,
+) -> Result<(
+    HashMap<DocId, Doc>,
+    HashMap<DocId, BTreeMap<u32, ContentKey>>,
+)> {
+    let mut docs = HashMap::new();
+    for d in store.doc_refs()? {
+        let id = d.doc_id();
+        let doc = match d {
+            DocRef::Consent(_) => Doc::Consent(store.load_consent(&id)?),
+            DocRef::Relationship(_) => Doc::Rel(store.load_relationship(&id)?),
+        };
+        docs.insert(id, doc);
+    }
+    let mut keys: HashMap<DocId, BTreeMap<u32, ContentKey>> = HashMap::new();
+    for (doc, epoch, k) in store.epoch_keys()? {
+        keys.entry(doc).or_default().insert(epoch, k);
+    }
+    Ok((docs, keys))
 }
 
 fn terms_named(id: &str) -> Result<&'static Terms> {

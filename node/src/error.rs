@@ -81,4 +81,44 @@ impl StoreError {
     pub(crate) fn is_io(&self) -> bool {
         matches!(self, StoreError::Disk { .. })
     }
+
+    /// The same error again, for each of several callers it concerns (an OS error is
+    /// copied as its kind and text).
+    pub(crate) fn duplicate(&self) -> StoreError {
+        match self {
+            StoreError::NotFound(p) => StoreError::NotFound(p.clone()),
+            StoreError::AlreadyExists(p) => StoreError::AlreadyExists(p.clone()),
+            StoreError::Corrupt { path, detail } => StoreError::Corrupt {
+                path: path.clone(),
+                detail: detail.clone(),
+            },
+            StoreError::NewerSchema {
+                path,
+                found,
+                supported,
+            } => StoreError::NewerSchema {
+                path: path.clone(),
+                found: *found,
+                supported: *supported,
+            },
+            StoreError::InUse(p) => StoreError::InUse(p.clone()),
+            StoreError::BadDocument { doc, detail } => StoreError::BadDocument {
+                doc: doc.clone(),
+                detail: detail.clone(),
+            },
+            StoreError::Io { path, source } => StoreError::Io {
+                path: path.clone(),
+                source: std::io::Error::new(source.kind(), source.to_string()),
+            },
+            StoreError::Disk { path, detail } => StoreError::Disk {
+                path: path.clone(),
+                detail: detail.clone(),
+            },
+            StoreError::ReadOnly(p) => StoreError::ReadOnly(p.clone()),
+            StoreError::Database { path, detail } => StoreError::Database {
+                path: path.clone(),
+                detail: detail.clone(),
+            },
+        }
+    }
 }

@@ -12,6 +12,7 @@
 //! # Ok(()) }
 //! ```
 
+mod actor;
 mod api;
 mod crypt;
 mod engine;
@@ -25,6 +26,7 @@ mod store;
 mod sync;
 mod views;
 
+pub use actor::EngineClient;
 pub use api::{DEFAULT_WAIT, OPENAPI_PATH, ROUTES, openapi, router};
 pub use crypt::{MailReport, Sealed};
 pub use engine::{
@@ -34,8 +36,8 @@ pub use engine::{
 pub use error::StoreError;
 pub use mailbox::{RELAY_DB, RelayStore, RelayStoreError, StoredMail};
 pub use net::{
-    FrameCodec, Framed, Inbound, MailCodec, NetClient, NetConfig, PeerInfo, SharedEngine,
-    SyncCodec, SyncResult, Undecodable, WireStats,
+    FrameCodec, Framed, Inbound, MailCodec, NetClient, NetConfig, PeerInfo, SyncCodec, SyncResult,
+    Undecodable, WireStats,
 };
 pub use node::{NODE_FILE, Node, NodeConfig, NodeError, NodeFile, NodeHandle, TOKEN_FILE, now};
 pub use store::{Conduct, MAX_PEER_ADDRS, MAX_REFUSALS, PeerRecord, Profile, Refusal, Store};

@@ -5,8 +5,8 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::prelude::*;
@@ -30,9 +30,11 @@ use rapport_protocol::{DocId, IdentityKey, SecretKey};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::actor::{Done, EngineClient, Job, TrySubmit};
 use crate::crypt::{MailReport, Sealed};
-use crate::engine::{Engine, Push, RoundOutcome};
+use crate::engine::{Engine, EngineError, Push, RoundOutcome};
 use crate::relay::RENDEZVOUS_NAMESPACE;
+use crate::store::PeerRecord;
 use crate::views::Event;
 
 /// How long a connection with no open stream stays up. Long, on purpose: a conversation
@@ -50,8 +52,11 @@ pub(crate) const BAN_FOR: Duration = Duration::from_secs(crate::engine::BAN_SECO
 pub(crate) const MAX_SESSIONS_PER_PEER: usize = 16;
 /// Undecodable requests a peer may send before it is disconnected.
 pub(crate) const MAX_BAD_REQUESTS: u32 = 16;
-/// Results the engine's threads may have waiting for the network loop.
+/// Results the engine may have waiting for the network loop.
 pub(crate) const INTERNAL_QUEUE: usize = 4096;
+/// Jobs the loop holds while the engine's queue is full; past it, peers' requests are
+/// dropped (they fail on the peer's side, which tries again later).
+pub(crate) const MAX_DEFERRED: usize = 4096;
 /// Peers whose undecodable requests are counted at once; past it, the counts of peers no
 /// longer connected are dropped.
 const MAX_TRACKED_PEERS: usize = 4096;
@@ -73,9 +78,6 @@ pub(crate) const MAX_ESTABLISHED_OUTGOING: u32 = 256;
 /// Connections with one peer at once: direct TCP and QUIC, one through a relay, and a
 /// simultaneous dial from both sides.
 pub(crate) const MAX_CONNECTIONS_PER_PEER: u32 = 4;
-
-/// What the engine is shared as: one writer at a time, on blocking threads.
-pub type SharedEngine = Arc<Mutex<Engine>>;
 
 /// Bytes of sync messages sent and received, for benchmarks and `rapport peers`.
 #[derive(Debug, Default)]
@@ -475,6 +477,50 @@ enum Internal {
     },
 }
 
+impl Internal {
+    /// What becomes of this result when the engine's group that produced it could not be
+    /// made durable: nothing that reports a stored change goes out.
+    fn failed(self, err: &EngineError) -> Option<Internal> {
+        match self {
+            // Built from memory the engine has since reloaded: end the session instead.
+            Internal::Send { peer, doc, .. } => Some(Internal::RoundDone {
+                peer,
+                doc: doc.doc_id(),
+                outcome: Err(err.to_string()),
+            }),
+            // The peer's request fails on its side; it asks again.
+            Internal::Respond { .. } => None,
+            Internal::RoundDone { peer, doc, .. } => Some(Internal::RoundDone {
+                peer,
+                doc,
+                outcome: Err(err.to_string()),
+            }),
+            Internal::Pushes(p) => Some(Internal::Pushes(p)),
+            Internal::Sealed { replies, .. } => {
+                for r in replies {
+                    let _ = r.send(SyncResult::Offline(format!(
+                        "the peer is not reachable, and its mail could not be sealed: {err}"
+                    )));
+                }
+                None
+            }
+            // Not stored: not acknowledged, so the relay hands it over again.
+            Internal::MailOpened { .. } => Some(Internal::MailOpened {
+                last: 0,
+                report: MailReport::default(),
+            }),
+        }
+    }
+}
+
+/// What the loop reads from the store once, before it starts.
+pub(crate) struct Startup {
+    /// Known peers and their addresses.
+    pub(crate) known: Vec<(IdentityKey, PeerRecord)>,
+    /// Peers banned now, and until when (Unix seconds).
+    pub(crate) bans: Vec<(IdentityKey, u64)>,
+}
+
 /// The relay this node uses.
 struct RelayLink {
     /// Its address, ending in `/p2p/<relay>`.
@@ -602,7 +648,9 @@ struct Session {
 
 struct Loop {
     swarm: Swarm<Behaviour>,
-    engine: SharedEngine,
+    engine: EngineClient,
+    /// Jobs for the engine that did not fit its queue, in order; see [`MAX_DEFERRED`].
+    deferred: VecDeque<Job>,
     events: tokio::sync::broadcast::Sender<Event>,
     /// Results from the engine's blocking threads. Bounded: a thread whose result does not
     /// fit waits (blocking threads only ever send here), so a flood of requests slows its
@@ -716,7 +764,8 @@ pub(crate) fn port_free(addr: &Multiaddr) -> Result<(), String> {
 /// Starts the network loop on the current tokio runtime.
 pub(crate) fn start(
     key: &SecretKey,
-    engine: SharedEngine,
+    engine: EngineClient,
+    startup: Startup,
     config: NetConfig,
 ) -> Result<(NetClient, tokio::task::JoinHandle<()>), String> {
     let keypair = libp2p_keypair(key)?;
@@ -809,13 +858,7 @@ pub(crate) fn start(
             .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     }
     // Known peers' addresses seed Kademlia, so dialling a peer by identity finds them.
-    let known = engine
-        .lock()
-        .map_err(|_| "engine lock poisoned".to_string())?
-        .store()
-        .peers()
-        .map_err(|e| e.to_string())?;
-    for (id, rec) in known {
+    for (id, rec) in startup.known {
         for a in rec.addrs {
             if let Ok(addr) = a.parse::<Multiaddr>() {
                 swarm.behaviour_mut().kad.add_address(&peer_of(&id), addr);
@@ -835,31 +878,25 @@ pub(crate) fn start(
             tracing::warn!("cannot dial bootstrap {addr}: {e}");
         }
     }
-    let (events, bans) = {
-        let e = engine
-            .lock()
-            .map_err(|_| "engine lock poisoned".to_string())?;
-        // Bans outlive a restart: a peer banned a minute ago is still banned.
-        let t = now();
-        let bans: HashMap<PeerId, Instant> = e
-            .store()
-            .bans(t)
-            .map_err(|e| e.to_string())?
-            .into_iter()
-            .map(|(id, until)| {
-                (
-                    peer_of(&id),
-                    Instant::now() + Duration::from_secs(until.saturating_sub(t)),
-                )
-            })
-            .collect();
-        (e.event_sender(), bans)
-    };
+    // Bans outlive a restart: a peer banned a minute ago is still banned.
+    let t = now();
+    let bans: HashMap<PeerId, Instant> = startup
+        .bans
+        .into_iter()
+        .map(|(id, until)| {
+            (
+                peer_of(&id),
+                Instant::now() + Duration::from_secs(until.saturating_sub(t)),
+            )
+        })
+        .collect();
+    let events = engine.event_sender();
     let (tx, rx) = mpsc::channel(1024);
     let (internal_tx, internal_rx) = mpsc::channel(INTERNAL_QUEUE);
     let lp = Loop {
         swarm,
         engine,
+        deferred: VecDeque::new(),
         events,
         internal_tx,
         sessions: HashMap::new(),
@@ -887,8 +924,15 @@ impl Loop {
         mut internal: mpsc::Receiver<Internal>,
     ) {
         let mut redial = tokio::time::interval(REDIAL_EVERY);
+        let engine = self.engine.clone();
         loop {
             tokio::select! {
+                // Room in the engine's queue for what waits: first, in order.
+                Some(permit) = engine.reserve(), if !self.deferred.is_empty() => {
+                    if let Some(job) = self.deferred.pop_front() {
+                        crate::actor::send_with(permit, job);
+                    }
+                }
                 cmd = commands.recv() => match cmd {
                     Some(Command::Shutdown { reply }) => {
                         self.finish_all();
@@ -916,26 +960,66 @@ impl Loop {
         }
     }
 
-    /// Runs `f` on the engine on a blocking thread and hands its result to the loop.
-    fn with_engine<F>(&self, f: F)
+    /// Runs `f` on the engine actor. The results it pushes reach the loop once what it
+    /// wrote is durable (see [`Internal::failed`] for when it could not be). The loop never
+    /// waits: a job that does not fit the engine's queue waits in `deferred`.
+    fn with_engine<F>(&mut self, f: F)
     where
-        F: FnOnce(&mut Engine) -> Internal + Send + 'static,
+        F: FnOnce(&mut Engine, &mut Vec<Internal>) + Send + 'static,
     {
-        let engine = self.engine.clone();
+        self.with_engine_or(f, None);
+    }
+
+    /// [`Loop::with_engine`], with the result the loop gets instead when the engine cannot
+    /// run `f` now (whatever `f` holds is dropped: waiters hear that it failed).
+    fn with_engine_or<F>(&mut self, f: F, unavailable: Option<Internal>)
+    where
+        F: FnOnce(&mut Engine, &mut Vec<Internal>) + Send + 'static,
+    {
         let tx = self.internal_tx.clone();
-        tokio::task::spawn_blocking(move || {
-            let msg = match engine.lock() {
-                Ok(mut e) => f(&mut e),
-                Err(_) => {
-                    // The engine panicked mid-operation: its memory may not match its
-                    // store. Stop loudly rather than stay up with sessions that never end;
-                    // everything acknowledged is in the store for the restart.
-                    tracing::error!("the engine failed (a panic); stopping the node");
-                    std::process::abort();
+        let job: Job = Box::new(move |engine| {
+            let mut out = Vec::new();
+            match engine {
+                Ok(e) => f(e, &mut out),
+                Err(err) => {
+                    tracing::warn!("the engine cannot work now: {err}");
+                    out.extend(unavailable);
                 }
-            };
-            let _ = tx.blocking_send(msg);
+            }
+            let done: Done = Box::new(move |synced| {
+                for msg in out {
+                    let msg = match synced {
+                        Ok(()) => Some(msg),
+                        Err(err) => msg.failed(err),
+                    };
+                    // The loop always drains this queue and never waits for the engine, so
+                    // waiting here for room cannot deadlock.
+                    if let Some(msg) = msg {
+                        let _ = tx.blocking_send(msg);
+                    }
+                }
+            });
+            done
         });
+        self.submit(job);
+    }
+
+    /// Queues `job` for the engine, or keeps it for later if the engine's queue is full.
+    fn submit(&mut self, job: Job) {
+        if !self.deferred.is_empty() {
+            self.deferred.push_back(job);
+            return;
+        }
+        match self.engine.try_submit(job) {
+            Ok(()) => {}
+            Err(TrySubmit::Full(job)) => self.deferred.push_back(job),
+            Err(TrySubmit::Stopped) => tracing::debug!("the engine stopped; a job was dropped"),
+        }
+    }
+
+    /// Whether the engine is so far behind that peers' requests should be turned away.
+    fn overloaded(&self) -> bool {
+        self.deferred.len() >= MAX_DEFERRED
     }
 
     fn command(&mut self, cmd: Command) {
@@ -968,13 +1052,8 @@ impl Loop {
                 let connected: HashSet<PeerId> = self.swarm.connected_peers().copied().collect();
                 let agents = self.agents.clone();
                 let rtts = self.rtts.clone();
-                let engine = self.engine.clone();
-                tokio::task::spawn_blocking(move || {
-                    let stored = engine
-                        .lock()
-                        .ok()
-                        .and_then(|e| e.store().peers().ok())
-                        .unwrap_or_default();
+                self.with_engine(move |e, _| {
+                    let stored = e.store().peers().unwrap_or_default();
                     let info = |p: &PeerId, connected: bool, addrs: Vec<String>| PeerInfo {
                         peer: p.to_string(),
                         connected,
@@ -1058,13 +1137,21 @@ impl Loop {
         let Some(id) = identity_of(&peer) else {
             return;
         };
-        self.with_engine(move |e| {
-            let req = e.start_round(&id, &doc, now()).unwrap_or_else(|err| {
-                tracing::warn!("cannot start a sync round: {err}");
-                None
-            });
-            Internal::Send { peer, doc, req }
-        });
+        let unavailable = Internal::RoundDone {
+            peer,
+            doc: doc.doc_id(),
+            outcome: Err("this node's store cannot be used now".into()),
+        };
+        self.with_engine_or(
+            move |e, out| {
+                let req = e.start_round(&id, &doc, now()).unwrap_or_else(|err| {
+                    tracing::warn!("cannot start a sync round: {err}");
+                    None
+                });
+                out.push(Internal::Send { peer, doc, req });
+            },
+            Some(unavailable),
+        );
     }
 
     fn end_session(&mut self, peer: PeerId, doc: DocId, result: SyncResult) {
@@ -1374,8 +1461,7 @@ impl Loop {
         let Some(id) = identity_of(&peer) else {
             return;
         };
-        let tx = self.internal_tx.clone();
-        self.with_engine(move |e| {
+        self.with_engine(move |e, out| {
             let mut docs: Vec<DocRef> = Vec::new();
             let mut replies = Vec::new();
             for (d, r) in waiting {
@@ -1389,7 +1475,7 @@ impl Loop {
                 match e.envelopes_for(&id, &d, now()) {
                     Ok((s, pushes)) => {
                         if !pushes.is_empty() {
-                            let _ = tx.blocking_send(Internal::Pushes(pushes));
+                            out.push(Internal::Pushes(pushes));
                         }
                         if !s.envelopes.is_empty() {
                             sealed.push((d, s));
@@ -1398,11 +1484,11 @@ impl Loop {
                     Err(err) => tracing::warn!("cannot seal mail for {id}: {err}"),
                 }
             }
-            Internal::Sealed {
+            out.push(Internal::Sealed {
                 peer,
                 sealed,
                 replies,
-            }
+            });
         });
     }
 
@@ -1497,24 +1583,31 @@ impl Loop {
                     MailResponse::Mail { items, .. } if !items.is_empty() => {
                         let last = items.iter().map(|(s, _)| *s).max().unwrap_or(0);
                         let envs: Vec<Vec<u8>> = items.into_iter().map(|(_, e)| e).collect();
-                        let tx = self.internal_tx.clone();
-                        self.with_engine(move |e| {
-                            let report = match e.open_mail(&envs, now()) {
-                                Ok((report, pushes)) => {
-                                    let _ = tx.blocking_send(Internal::Pushes(pushes));
-                                    report
-                                }
-                                Err(err) => {
-                                    // Not stored: do not acknowledge; it comes again.
-                                    tracing::error!("cannot take mail: {err}");
-                                    return Internal::MailOpened {
-                                        last: 0,
-                                        report: MailReport::default(),
-                                    };
-                                }
-                            };
-                            Internal::MailOpened { last, report }
-                        });
+                        let unavailable = Internal::MailOpened {
+                            last: 0,
+                            report: MailReport::default(),
+                        };
+                        self.with_engine_or(
+                            move |e, out| {
+                                let report = match e.open_mail(&envs, now()) {
+                                    Ok((report, pushes)) => {
+                                        out.push(Internal::Pushes(pushes));
+                                        report
+                                    }
+                                    Err(err) => {
+                                        // Not stored: do not acknowledge; it comes again.
+                                        tracing::error!("cannot take mail: {err}");
+                                        out.push(Internal::MailOpened {
+                                            last: 0,
+                                            report: MailReport::default(),
+                                        });
+                                        return;
+                                    }
+                                };
+                                out.push(Internal::MailOpened { last, report });
+                            },
+                            Some(unavailable),
+                        );
                     }
                     MailResponse::Refused { detail, .. } => {
                         tracing::warn!("the relay refused to hand over mail: {detail}");
@@ -1555,12 +1648,9 @@ impl Loop {
             MailResponse::Stored { count } => {
                 tracing::info!(peer = %dep.peer, count, "sealed mail left at the relay");
                 let docs = dep.docs;
-                let engine = self.engine.clone();
-                tokio::task::spawn_blocking(move || {
-                    if let Ok(mut e) = engine.lock() {
-                        for (d, heads) in docs {
-                            e.deposited(&id, &d, heads);
-                        }
+                self.with_engine(move |e, _| {
+                    for (d, heads) in docs {
+                        e.deposited(&id, &d, heads);
                     }
                 });
                 for r in dep.replies {
@@ -1595,9 +1685,7 @@ impl Loop {
         let _ = self.swarm.disconnect_peer_id(peer);
         // The ban outlives a restart (the engine records bans for refused changes itself).
         if let Some(id) = identity_of(&peer) {
-            let engine = self.engine.clone();
-            tokio::task::spawn_blocking(move || {
-                let Ok(e) = engine.lock() else { return };
+            self.with_engine(move |e, _| {
                 let mut c = e.store().conduct(&id).ok().flatten().unwrap_or_default();
                 let until = now() + BAN_FOR.as_secs();
                 if c.banned_until < until {
@@ -1618,18 +1706,15 @@ impl Loop {
                 tracing::debug!("cannot dial the relay: {e}");
             }
         }
-        let engine = self.engine.clone();
-        let tx = self.internal_tx.clone();
         let connected: HashSet<PeerId> = self.swarm.connected_peers().copied().collect();
-        tokio::task::spawn_blocking(move || {
-            let Ok(e) = engine.lock() else { return };
+        self.with_engine(move |e, out| {
             let pushes: Vec<Push> = e
                 .counterparts()
                 .into_iter()
                 .filter(|p| !connected.contains(&peer_of(p)))
                 .flat_map(|p| e.shared_with(&p, now()).into_iter().map(move |d| (p, d)))
                 .collect();
-            let _ = tx.blocking_send(Internal::Pushes(pushes));
+            out.push(Internal::Pushes(pushes));
         });
     }
 
@@ -1666,11 +1751,8 @@ impl Loop {
         };
         if endpoint.is_dialer() && dialable(&remote) {
             let addr = remote.to_string();
-            let engine = self.engine.clone();
-            tokio::task::spawn_blocking(move || {
-                if let Ok(e) = engine.lock()
-                    && let Err(err) = e.store().put_peer(&id, &[addr], now())
-                {
+            self.with_engine(move |e, _| {
+                if let Err(err) = e.store().put_peer(&id, &[addr], now()) {
                     tracing::warn!("cannot record peer address: {err}");
                 }
             });
@@ -1680,16 +1762,13 @@ impl Loop {
             self.sync(id, doc, reply);
         }
         // Catch up on everything shared with this peer.
-        let engine = self.engine.clone();
-        let tx = self.internal_tx.clone();
-        tokio::task::spawn_blocking(move || {
-            let Ok(e) = engine.lock() else { return };
+        self.with_engine(move |e, out| {
             let pushes: Vec<Push> = e
                 .shared_with(&id, now())
                 .into_iter()
                 .map(|d| (id, d))
                 .collect();
-            let _ = tx.blocking_send(Internal::Pushes(pushes));
+            out.push(Internal::Pushes(pushes));
         });
     }
 
@@ -1809,11 +1888,8 @@ impl Loop {
                 }
                 if let Some(id) = identity_of(&peer_id) {
                     let texts: Vec<String> = addrs.iter().map(ToString::to_string).collect();
-                    let engine = self.engine.clone();
-                    tokio::task::spawn_blocking(move || {
-                        if let Ok(e) = engine.lock()
-                            && let Err(err) = e.store().put_peer(&id, &texts, now())
-                        {
+                    self.with_engine(move |e, _| {
+                        if let Err(err) = e.store().put_peer(&id, &texts, now()) {
                             tracing::warn!("cannot record peer addresses: {err}");
                         }
                     });
@@ -1887,18 +1963,23 @@ impl Loop {
                 let Some(id) = identity_of(&peer) else {
                     return;
                 };
-                let tx = self.internal_tx.clone();
-                self.with_engine(move |e| {
+                if self.overloaded() {
+                    // Dropping the channel fails the request on the peer's side; it tries
+                    // again later.
+                    tracing::debug!(%peer, "the engine is behind: a sync request is turned away");
+                    return;
+                }
+                self.with_engine(move |e, out| {
                     let (resp, pushes, disconnect) = e.handle_request(&id, request, now());
                     if !pushes.is_empty() {
-                        let _ = tx.blocking_send(Internal::Pushes(pushes));
+                        out.push(Internal::Pushes(pushes));
                     }
-                    Internal::Respond {
+                    out.push(Internal::Respond {
                         peer,
                         channel,
                         resp,
                         disconnect,
-                    }
+                    });
                 });
             }
             request_response::Event::Message {
@@ -1917,22 +1998,29 @@ impl Loop {
                 let Some(id) = identity_of(&peer) else {
                     return;
                 };
-                let tx = self.internal_tx.clone();
-                self.with_engine(move |e| {
-                    let result = e.handle_response(&id, &doc, &sent, response, now());
-                    let outcome = match result {
-                        Ok((o, pushes)) => {
-                            let _ = tx.blocking_send(Internal::Pushes(pushes));
-                            Ok(o)
-                        }
-                        Err(err) => Err(err.to_string()),
-                    };
-                    Internal::RoundDone {
-                        peer,
-                        doc: doc.doc_id(),
-                        outcome,
-                    }
-                });
+                let unavailable = Internal::RoundDone {
+                    peer,
+                    doc: doc.doc_id(),
+                    outcome: Err("this node's store cannot be used now".into()),
+                };
+                self.with_engine_or(
+                    move |e, out| {
+                        let result = e.handle_response(&id, &doc, &sent, response, now());
+                        let outcome = match result {
+                            Ok((o, pushes)) => {
+                                out.push(Internal::Pushes(pushes));
+                                Ok(o)
+                            }
+                            Err(err) => Err(err.to_string()),
+                        };
+                        out.push(Internal::RoundDone {
+                            peer,
+                            doc: doc.doc_id(),
+                            outcome,
+                        });
+                    },
+                    Some(unavailable),
+                );
             }
             request_response::Event::OutboundFailure {
                 peer,

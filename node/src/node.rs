@@ -3,7 +3,6 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use libp2p::Multiaddr;
@@ -11,8 +10,9 @@ use rapport_protocol::IdentityKey;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
+use crate::actor::EngineClient;
 use crate::engine::{Engine, EngineError, Push};
-use crate::net::{self, NetClient, NetConfig, SharedEngine, SyncResult};
+use crate::net::{self, NetClient, NetConfig, SyncResult};
 use crate::store::Store;
 use crate::views::Event;
 
@@ -96,7 +96,7 @@ pub enum NodeError {
 
 /// A running node.
 pub struct Node {
-    engine: SharedEngine,
+    engine: EngineClient,
     net: NetClient,
     identity: IdentityKey,
     api_addr: Option<SocketAddr>,
@@ -136,9 +136,26 @@ impl Node {
         engine.set_auto_accept(config.auto_accept);
         let identity = engine.me();
         let key = engine.store().secret_key().map_err(EngineError::from)?;
-        let engine: SharedEngine = Arc::new(Mutex::new(engine));
-        let (net, net_task) =
-            net::start(&key, engine.clone(), config.net).map_err(NodeError::Net)?;
+        // What the network loop needs from the store before it starts.
+        let known = engine.store().peers().map_err(EngineError::from)?;
+        let bans = engine.store().bans(now()).map_err(EngineError::from)?;
+        let engine = EngineClient::start(engine).map_err(|source| NodeError::Io {
+            path: config.data_dir.clone(),
+            source,
+        })?;
+        let started = net::start(
+            &key,
+            engine.clone(),
+            net::Startup { known, bans },
+            config.net,
+        );
+        let (net, net_task) = match started {
+            Ok(s) => s,
+            Err(e) => {
+                engine.stop().await;
+                return Err(NodeError::Net(e));
+            }
+        };
         let mut node = Node {
             engine,
             net,
@@ -269,9 +286,8 @@ impl Node {
         if let Some(t) = self.net_task.take() {
             let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
         }
-        // Wait for any engine call still on a blocking thread.
-        let engine = self.engine.clone();
-        let _ = tokio::task::spawn_blocking(move || drop(engine.lock())).await;
+        // Let the engine finish what is queued, then close the store.
+        self.engine.stop().await;
         let _ = std::fs::remove_file(self.data_dir.join(NODE_FILE));
     }
 }
@@ -279,7 +295,7 @@ impl Node {
 /// What the API and embedding programs use to work with a running node.
 #[derive(Clone)]
 pub struct NodeHandle {
-    engine: SharedEngine,
+    engine: EngineClient,
     net: NetClient,
     identity: IdentityKey,
 }
@@ -303,16 +319,30 @@ impl NodeHandle {
         &self.net
     }
 
-    /// Reads from the engine on a blocking thread.
+    /// The engine actor's client.
+    pub fn engine(&self) -> &EngineClient {
+        &self.engine
+    }
+
+    /// Reads from the engine; fails only if the node stopped.
+    pub async fn query<T, F>(&self, f: F) -> Result<T, EngineError>
+    where
+        F: FnOnce(&Engine) -> T + Send + 'static,
+        T: Send + 'static,
+    {
+        self.engine.call(move |e| f(e)).await
+    }
+
+    /// Reads from the engine, for programs and tests that embed a running node.
+    ///
+    /// # Panics
+    /// If the node stopped.
     pub async fn read<T, F>(&self, f: F) -> T
     where
         F: FnOnce(&Engine) -> T + Send + 'static,
         T: Send + 'static,
     {
-        let engine = self.engine.clone();
-        tokio::task::spawn_blocking(move || f(&engine.lock().expect("engine lock")))
-            .await
-            .expect("engine calls do not panic")
+        self.query(f).await.expect("the node is running")
     }
 
     /// Runs a write on the engine on a blocking thread, then syncs what it changed with the
@@ -327,11 +357,7 @@ impl NodeHandle {
         F: FnOnce(&mut Engine) -> Result<(T, Vec<Push>), EngineError> + Send + 'static,
         T: Send + 'static,
     {
-        let engine = self.engine.clone();
-        let (value, pushes) =
-            tokio::task::spawn_blocking(move || f(&mut engine.lock().expect("engine lock")))
-                .await
-                .expect("engine calls do not panic")?;
+        let (value, pushes) = self.engine.try_call(f).await?;
         let delivery = self.deliver(pushes, wait).await;
         Ok((value, delivery))
     }
@@ -367,7 +393,7 @@ impl NodeHandle {
 
     /// Events from now on.
     pub async fn subscribe(&self) -> broadcast::Receiver<Event> {
-        self.read(Engine::subscribe).await
+        self.engine.subscribe()
     }
 }
 

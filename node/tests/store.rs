@@ -1,5 +1,7 @@
 //! The store on real redb files in temporary directories.
 
+mod common;
+
 use rapport_node::{Store, StoreError};
 use rapport_protocol::{
     ConsentDoc, ConsentHeader, EntryBody, Kind, LegalBasis, SecretKey, SignedChange, Terms,
@@ -226,93 +228,6 @@ fn a_schema_1_store_is_migrated_in_place_and_keeps_its_documents() {
     assert_eq!(store.bans(T0).unwrap(), vec![(identity, T0 + 60)]);
 }
 
-/// A redb backend over the real file that fails every write, resize and sync with "No
-/// space left on device" while `full` is set, as a full disk does.
-#[derive(Debug)]
-struct FullDisk {
-    inner: redb::backends::FileBackend,
-    full: std::sync::Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl FullDisk {
-    fn check(&self) -> std::io::Result<()> {
-        if self.full.load(std::sync::atomic::Ordering::SeqCst) {
-            Err(std::io::Error::new(
-                std::io::ErrorKind::StorageFull,
-                "No space left on device (injected)",
-            ))
-        } else {
-            Ok(())
-        }
-    }
-}
-
-impl redb::StorageBackend for FullDisk {
-    fn len(&self) -> std::io::Result<u64> {
-        self.inner.len()
-    }
-    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
-        self.inner.read(offset, out)
-    }
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.check()?;
-        self.inner.set_len(len)
-    }
-    fn sync_data(&self) -> std::io::Result<()> {
-        self.check()?;
-        self.inner.sync_data()
-    }
-    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        self.check()?;
-        self.inner.write(offset, data)
-    }
-    fn close(&self) -> std::io::Result<()> {
-        self.inner.close()
-    }
-    fn try_lock_range(
-        &self,
-        start: std::ops::Bound<u64>,
-        end: std::ops::Bound<u64>,
-    ) -> Result<bool, redb::BackendError> {
-        self.inner.try_lock_range(start, end)
-    }
-    fn try_lock_shared_range(
-        &self,
-        start: std::ops::Bound<u64>,
-        end: std::ops::Bound<u64>,
-    ) -> Result<bool, redb::BackendError> {
-        self.inner.try_lock_shared_range(start, end)
-    }
-    fn lock_range(
-        &self,
-        start: std::ops::Bound<u64>,
-        end: std::ops::Bound<u64>,
-    ) -> Result<(), redb::BackendError> {
-        self.inner.lock_range(start, end)
-    }
-    fn lock_shared_range(
-        &self,
-        start: std::ops::Bound<u64>,
-        end: std::ops::Bound<u64>,
-    ) -> Result<(), redb::BackendError> {
-        self.inner.lock_shared_range(start, end)
-    }
-    fn unlock_range(
-        &self,
-        start: std::ops::Bound<u64>,
-        end: std::ops::Bound<u64>,
-    ) -> Result<(), redb::BackendError> {
-        self.inner.unlock_range(start, end)
-    }
-    fn query_lock_range(
-        &self,
-        start: std::ops::Bound<u64>,
-        end: std::ops::Bound<u64>,
-    ) -> Result<bool, redb::BackendError> {
-        self.inner.query_lock_range(start, end)
-    }
-}
-
 /// Break 9: after "No space left on device" the store used to answer every later call with
 /// redb's "Previous I/O error … re-open the database" until the node restarted. It must
 /// recover by itself once space is free, and lose nothing it acknowledged.
@@ -327,22 +242,7 @@ fn a_full_disk_fails_one_write_clearly_and_the_store_recovers_without_a_restart(
     drop(Store::create(tmp.path(), Kind::Person, "Alice", T0).unwrap());
     let full = Arc::new(AtomicBool::new(false));
     let path = tmp.path().join(Store::FILE_NAME);
-    let store = {
-        let full = full.clone();
-        let path = path.clone();
-        Store::open_with_backend(&path.clone(), move || {
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&path)?;
-            Ok(FullDisk {
-                inner: redb::backends::FileBackend::new(file)
-                    .map_err(|e| std::io::Error::other(e.to_string()))?,
-                full: full.clone(),
-            })
-        })
-        .unwrap()
-    };
+    let store = common::full_disk_store(&path, &full);
     assert_eq!(store.put_consent_changes(&header, &all[..2]).unwrap(), 2);
 
     full.store(true, Ordering::SeqCst);

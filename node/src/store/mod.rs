@@ -9,7 +9,8 @@ use std::collections::HashSet;
 use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::{PoisonError, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError, RwLock};
 
 use rapport_protocol::automerge::ChangeHash;
 use rapport_protocol::wire::{DocRef, RefusalKind};
@@ -152,6 +153,22 @@ pub struct Store {
     db: RwLock<Option<Db>>,
     open: Opener,
     path: PathBuf,
+    /// The group of writes under way, if any (see [`Store::begin_group`]).
+    group: Mutex<Option<Group>>,
+    /// How many times the database was reopened: a reopen during a group loses its
+    /// writes that were not yet durable.
+    reopens: AtomicU64,
+    /// Durable commits made (each one a sync of the file).
+    syncs: AtomicU64,
+}
+
+/// Writes committed without syncing, waiting for the one sync that makes them durable.
+#[derive(Debug, Clone, Copy)]
+struct Group {
+    /// [`Store::reopens`] when the group began.
+    reopens: u64,
+    /// Whether any write was committed in the group.
+    wrote: bool,
 }
 
 impl std::fmt::Debug for Store {
@@ -219,6 +236,9 @@ impl Store {
             db: RwLock::new(Some(Db::Write(db))),
             open: writable(&path),
             path,
+            group: Mutex::new(None),
+            reopens: AtomicU64::new(0),
+            syncs: AtomicU64::new(0),
         };
         let written = store.write(|tx| {
             let mut meta = tx.open_table(META)?;
@@ -309,6 +329,9 @@ impl Store {
             db: RwLock::new(Some(db)),
             open,
             path,
+            group: Mutex::new(None),
+            reopens: AtomicU64::new(0),
+            syncs: AtomicU64::new(0),
         };
         let found = store.schema_version()?;
         match migrations::plan(found) {
@@ -351,6 +374,9 @@ impl Store {
             db: RwLock::new(Some(db)),
             open,
             path,
+            group: Mutex::new(None),
+            reopens: AtomicU64::new(0),
+            syncs: AtomicU64::new(0),
         };
         let found = store.schema_version()?;
         match migrations::plan(found) {
@@ -847,11 +873,80 @@ impl Store {
             let Db::Write(db) = db else {
                 return Err(StoreError::ReadOnly(self.path.clone()));
             };
-            let tx = db.begin_write().map_err(|e| self.db_error(e))?;
+            let mut tx = db.begin_write().map_err(|e| self.db_error(e))?;
+            let mut group = self.group.lock().unwrap_or_else(PoisonError::into_inner);
+            let durable = match group.as_mut() {
+                Some(g) => {
+                    // Durable with the group's sync, not before.
+                    tx.set_durability(redb::Durability::None)
+                        .map_err(|e| self.database(&e.to_string()))?;
+                    g.wrote = true;
+                    false
+                }
+                None => true,
+            };
+            drop(group);
             let out = f(&tx).map_err(|e| self.db_error(e))?;
             tx.commit().map_err(|e| self.db_error(e))?;
+            if durable {
+                self.syncs.fetch_add(1, Ordering::Relaxed);
+            }
             Ok(out)
         })
+    }
+
+    /// How many durable commits (syncs of the file) this handle has made.
+    pub fn syncs(&self) -> u64 {
+        self.syncs.load(Ordering::Relaxed)
+    }
+
+    /// Begins a group of writes: until [`Store::end_group`], each write commits without
+    /// syncing to disk, so that many operations share one sync (group commit). Reads see
+    /// the group's writes at once; a crash before the group ends loses all of them, so
+    /// nothing written in a group may be acknowledged before it ends.
+    pub fn begin_group(&self) {
+        let mut group = self.group.lock().unwrap_or_else(PoisonError::into_inner);
+        *group = Some(Group {
+            reopens: self.reopens.load(Ordering::SeqCst),
+            wrote: false,
+        });
+    }
+
+    /// Ends the group begun by [`Store::begin_group`]: one durable commit makes all its
+    /// writes durable. An error means none of them may be counted on: the caller must
+    /// reload what it holds in memory from the store.
+    pub fn end_group(&self) -> Result<(), StoreError> {
+        let Some(g) = self
+            .group
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        else {
+            return Ok(());
+        };
+        let lost = |store: &Self| {
+            store.disk("the store was reopened after an I/O error while writes waited for their sync; they are lost")
+        };
+        if self.reopens.load(Ordering::SeqCst) != g.reopens {
+            return Err(lost(self));
+        }
+        if !g.wrote {
+            return Ok(());
+        }
+        let synced = self.run(|db| {
+            let Db::Write(db) = db else {
+                return Err(StoreError::ReadOnly(self.path.clone()));
+            };
+            // An empty durable commit makes the non-durable commits before it durable.
+            let tx = db.begin_write().map_err(|e| self.db_error(e))?;
+            tx.commit().map_err(|e| self.db_error(e))?;
+            self.syncs.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        });
+        if self.reopens.load(Ordering::SeqCst) != g.reopens {
+            return Err(synced.err().unwrap_or_else(|| lost(self)));
+        }
+        synced
     }
 
     /// Runs `f` in one read transaction.
@@ -924,6 +1019,7 @@ impl Store {
                 .map_err(|panic| panicked(&self.path, &panic))?
                 .map_err(|e| db_err(&self.path, e))?;
             tracing::info!("store {} reopened", self.path.display());
+            self.reopens.fetch_add(1, Ordering::SeqCst);
             *slot = Some(db);
         }
         Ok(())
@@ -931,6 +1027,13 @@ impl Store {
 
     fn disk(&self, detail: &str) -> StoreError {
         StoreError::Disk {
+            path: self.path.clone(),
+            detail: detail.to_owned(),
+        }
+    }
+
+    fn database(&self, detail: &str) -> StoreError {
+        StoreError::Database {
             path: self.path.clone(),
             detail: detail.to_owned(),
         }
