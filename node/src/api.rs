@@ -22,7 +22,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::engine::{EngineError, GrantArgs};
-use crate::node::{NodeHandle, now};
+use crate::node::NodeHandle;
 use crate::views::{Event, WriteOutcome};
 
 /// Where the OpenAPI document is served.
@@ -531,7 +531,7 @@ async fn open_rel(
     let (mut out, delivery) = s
         .node
         .write(q.wait(), move |e| {
-            e.open_relationship(peer, b.name, b.title, now())
+            e.open_relationship(peer, b.name, b.title, e.now())
         })
         .await?;
     out.delivery = delivery;
@@ -539,7 +539,9 @@ async fn open_rel(
 }
 
 async fn relationship(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
-    ok(s.node.query(move |e| e.relationship(&id, now())).await??)
+    ok(s.node
+        .query(move |e| e.relationship(&id, e.now()))
+        .await??)
 }
 
 #[derive(Deserialize)]
@@ -566,7 +568,7 @@ async fn send_message(
     let (mut out, delivery): (WriteOutcome, _) = s
         .node
         .write(q.wait(), move |e| {
-            e.send_message(&id, b.text, b.purpose, thread, now())
+            e.send_message(&id, b.text, b.purpose, thread, e.now())
         })
         .await?;
     out.delivery = delivery;
@@ -587,7 +589,7 @@ async fn remove_member(
     let peer = identity(&b.peer)?;
     let (mut out, delivery) = s
         .node
-        .write(q.wait(), move |e| e.remove_member(&id, peer, now()))
+        .write(q.wait(), move |e| e.remove_member(&id, peer, e.now()))
         .await?;
     out.delivery = delivery;
     ok(out)
@@ -608,7 +610,7 @@ async fn add_member(
     let peer = identity(&b.peer)?;
     let (mut out, delivery) = s
         .node
-        .write(q.wait(), move |e| e.add_member(&id, peer, b.name, now()))
+        .write(q.wait(), move |e| e.add_member(&id, peer, b.name, e.now()))
         .await?;
     out.delivery = delivery;
     ok(out)
@@ -629,7 +631,7 @@ async fn set_profile(
     let (mut out, delivery) = s
         .node
         .write(q.wait(), move |e| {
-            e.set_profile(&id, b.field, b.value, now())
+            e.set_profile(&id, b.field, b.value, e.now())
         })
         .await?;
     out.delivery = delivery;
@@ -649,7 +651,7 @@ async fn new_thread(
 ) -> ApiResult {
     let (mut out, delivery) = s
         .node
-        .write(q.wait(), move |e| e.new_thread(&id, b.title, now()))
+        .write(q.wait(), move |e| e.new_thread(&id, b.title, e.now()))
         .await?;
     out.delivery = delivery;
     ok(out)
@@ -661,7 +663,7 @@ async fn inbox(State(s): State<AppState>, Query(q): Query<WaitQuery>) -> ApiResu
 }
 
 async fn grants(State(s): State<AppState>) -> ApiResult {
-    ok(s.node.query(|e| e.grants(now())).await?)
+    ok(s.node.query(|e| e.grants(e.now())).await?)
 }
 
 #[derive(Deserialize)]
@@ -695,7 +697,7 @@ async fn grant(
     };
     let (mut out, delivery) = s
         .node
-        .write(q.wait(), move |e| e.grant(args, now()))
+        .write(q.wait(), move |e| e.grant(args, e.now()))
         .await?;
     out.delivery = delivery;
     ok(out)
@@ -716,7 +718,7 @@ async fn amend(
     let scopes = scopes(&b.scopes)?;
     let (mut out, delivery) = s
         .node
-        .write(q.wait(), move |e| e.amend(&id, scopes, b.expires, now()))
+        .write(q.wait(), move |e| e.amend(&id, scopes, b.expires, e.now()))
         .await?;
     out.delivery = delivery;
     ok(out)
@@ -736,7 +738,7 @@ async fn revoke(
     let reason = body.map(|Json(b)| b).unwrap_or_default().reason;
     let (mut out, delivery) = s
         .node
-        .write(q.wait(), move |e| e.revoke(&id, reason, now()))
+        .write(q.wait(), move |e| e.revoke(&id, reason, e.now()))
         .await?;
     out.delivery = delivery;
     ok(out)
@@ -760,7 +762,7 @@ async fn ack_erasure(
         .unwrap_or_else(|| "all data held under this grant".into());
     let (mut out, delivery) = s
         .node
-        .write(q.wait(), move |e| e.ack_erasure(&id, erased, now()))
+        .write(q.wait(), move |e| e.ack_erasure(&id, erased, e.now()))
         .await?;
     out.delivery = delivery;
     ok(out)
@@ -782,7 +784,7 @@ async fn accept(
     let (rows, delivery) = s
         .node
         .write(q.wait(), move |e| {
-            e.accept(b.grant.as_deref(), customer, now())
+            e.accept(b.grant.as_deref(), customer, e.now())
         })
         .await?;
     ok(json!({"accepted": rows, "delivery": delivery}))
@@ -802,7 +804,7 @@ async fn proffer(
     let grantee = identity(&b.grantee)?;
     let (mut out, delivery) = s
         .node
-        .write(q.wait(), move |e| e.proffer(grantee, &b.terms, now()))
+        .write(q.wait(), move |e| e.proffer(grantee, &b.terms, e.now()))
         .await?;
     out.delivery = delivery;
     ok(out)
@@ -830,7 +832,7 @@ async fn import(
 ) -> ApiResult {
     let (applied, delivery) = s
         .node
-        .write(q.wait(), move |e| e.import_ledger(&body, now()))
+        .write(q.wait(), move |e| e.import_ledger(&body, e.now()))
         .await?;
     ok(json!({"imported": applied, "delivery": delivery}))
 }

@@ -17,7 +17,7 @@ use rapport_protocol::seal::{ContentKey, open_epoch, seal_epoch};
 use rapport_protocol::wire::{DocRef, RefusalKind};
 use rapport_protocol::{DocId, EpochView, IdentityKey, RelBody, RelationshipDoc, UnixSeconds};
 
-use crate::engine::{Doc, Engine, EngineError, Push, random};
+use crate::engine::{Doc, Engine, EngineError, Push};
 use crate::sync::Received;
 
 type Result<T> = std::result::Result<T, EngineError>;
@@ -91,9 +91,9 @@ impl Engine {
                 EngineError::Refused("this relationship has used every epoch number".into())
             })?,
         };
-        let key = ContentKey::from_bytes(random()?);
+        let key = ContentKey::from_bytes(self.random()?);
         let list: Vec<IdentityKey> = readers.into_iter().collect();
-        let sealed = seal_epoch(id, next, &key, random()?, &list);
+        let sealed = seal_epoch(id, next, &key, self.random()?, &list);
         // The key is stored before the entry that announces it, so a crash in between
         // leaves at most an unused key, never an epoch this node cannot read.
         self.store().put_epoch_key(id, next, &key)?;
@@ -204,9 +204,16 @@ impl Engine {
             let direct = epoch.is_none() || starts_epoch.contains(&true);
             let env = match (&epoch, direct) {
                 (Some((n, k)), false) => {
-                    Envelope::seal_epoch(&self.key, *peer, *doc, *n, k, random()?, &batch)
+                    Envelope::seal_epoch(&self.key, *peer, *doc, *n, k, self.random()?, &batch)
                 }
-                _ => Envelope::seal_to(&self.key, *peer, *doc, random()?, random()?, &batch),
+                _ => Envelope::seal_to(
+                    &self.key,
+                    *peer,
+                    *doc,
+                    self.random()?,
+                    self.random()?,
+                    &batch,
+                ),
             }
             .map_err(|e| EngineError::Invalid(format!("cannot seal mail: {e}")))?;
             envelopes.push(env.encode());

@@ -1,7 +1,8 @@
 //! The engine: a node's documents and every rule that decides what it stores, serves and
-//! accepts. It does no networking and reads no clock (time is passed in); the network loop
-//! and the local API call it, one call at a time (it sits behind a mutex and runs on
-//! blocking threads), and carry out the pushes it asks for.
+//! accepts. It does no networking. Its operations take the time as an argument; the node's
+//! one clock and random source reach it as [`crate::clock::Sources`]. One thread owns it
+//! (the actor in `actor.rs`); the network loop and the local API send it operations and
+//! carry out the pushes it asks for.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -159,6 +160,8 @@ pub struct Engine {
     /// Events of a group of operations, held until the group is durable
     /// (see [`Engine::begin_group`]); `None` outside a group.
     held_events: std::cell::RefCell<Option<Vec<Event>>>,
+    /// The node's clock and random source.
+    sources: crate::clock::Sources,
     /// Memory may hold writes that are not durable (a group's sync failed and the reload
     /// after it failed too): nothing may run until [`Engine::refresh`] succeeds.
     stale: bool,
@@ -173,15 +176,11 @@ impl std::fmt::Debug for Engine {
     }
 }
 
-fn random16() -> Result<[u8; 16]> {
-    random()
-}
-
-/// `N` bytes from the OS random source.
-pub(crate) fn random<const N: usize>() -> Result<[u8; N]> {
+/// `N` bytes from the OS random source, before an engine (and its sources) exists.
+fn os_random<const N: usize>() -> Result<[u8; N]> {
     let mut n = [0u8; N];
-    getrandom::fill(&mut n)
-        .map_err(|e| EngineError::Invalid(format!("the OS random source failed: {e}")))?;
+    crate::clock::Entropy::fill(&crate::clock::OsEntropy, &mut n)
+        .map_err(|e| EngineError::Invalid(e.to_string()))?;
     Ok(n)
 }
 
@@ -197,7 +196,7 @@ impl Engine {
             store,
             key,
             profile,
-            nonce: random16()?,
+            nonce: os_random()?,
             docs,
             events,
             auto_accept: false,
@@ -207,6 +206,7 @@ impl Engine {
             waiting: HashMap::new(),
             waiting_bytes: 0,
             held_events: std::cell::RefCell::new(None),
+            sources: crate::clock::Sources::system(),
             stale: false,
         };
         engine.learn_all_keys()?;
@@ -276,6 +276,30 @@ impl Engine {
         self.waiting.clear();
         self.waiting_bytes = 0;
         self.learn_all_keys()
+    }
+
+    /// Uses `sources` for time ([`Engine::now`]) and randomness from now on (a fresh
+    /// actor nonce is drawn from it).
+    pub fn set_sources(&mut self, sources: crate::clock::Sources) -> Result<()> {
+        self.sources = sources;
+        self.nonce = self.random()?;
+        Ok(())
+    }
+
+    /// The time by the node's clock. Operations still take the time as an argument, so a
+    /// caller can act at any time it chooses.
+    pub fn now(&self) -> UnixSeconds {
+        self.sources.clock.now()
+    }
+
+    /// `N` bytes from the node's random source.
+    pub(crate) fn random<const N: usize>(&self) -> Result<[u8; N]> {
+        let mut n = [0u8; N];
+        self.sources
+            .entropy
+            .fill(&mut n)
+            .map_err(|e| EngineError::Invalid(e.to_string()))?;
+        Ok(n)
     }
 
     /// Accept every grant made to this node on the customer's terms as soon as it arrives
@@ -1183,7 +1207,7 @@ impl Engine {
         }
         let header = RelHeader {
             owner: self.me,
-            nonce: random16()?,
+            nonce: self.random()?,
         };
         let mut doc = RelationshipDoc::new(header);
         let title = title.unwrap_or_else(|| format!("{} and {}", self.profile.name, peer.short()));
@@ -1375,7 +1399,7 @@ impl Engine {
         let fresh = if refused.is_empty() {
             self.nonce
         } else {
-            random16()?
+            self.random()?
         };
         let Some(Doc::Rel(doc)) = self.docs.get_mut(&id) else {
             return Err(EngineError::NotFound(format!("no relationship {id}")));

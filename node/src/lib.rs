@@ -14,6 +14,7 @@
 
 mod actor;
 mod api;
+pub mod clock;
 mod crypt;
 mod engine;
 mod error;

@@ -519,6 +519,8 @@ pub(crate) struct Startup {
     pub(crate) known: Vec<(IdentityKey, PeerRecord)>,
     /// Peers banned now, and until when (Unix seconds).
     pub(crate) bans: Vec<(IdentityKey, u64)>,
+    /// The time the bans were read at.
+    pub(crate) now: u64,
 }
 
 /// The relay this node uses.
@@ -671,13 +673,6 @@ struct Loop {
     listening: Vec<Multiaddr>,
     relay: Option<RelayLink>,
     deposits: HashMap<OutboundRequestId, Deposit>,
-}
-
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 pub(crate) fn identity_of(peer: &PeerId) -> Option<IdentityKey> {
@@ -879,7 +874,7 @@ pub(crate) fn start(
         }
     }
     // Bans outlive a restart: a peer banned a minute ago is still banned.
-    let t = now();
+    let t = startup.now;
     let bans: HashMap<PeerId, Instant> = startup
         .bans
         .into_iter()
@@ -1144,7 +1139,7 @@ impl Loop {
         };
         self.with_engine_or(
             move |e, out| {
-                let req = e.start_round(&id, &doc, now()).unwrap_or_else(|err| {
+                let req = e.start_round(&id, &doc, e.now()).unwrap_or_else(|err| {
                     tracing::warn!("cannot start a sync round: {err}");
                     None
                 });
@@ -1472,7 +1467,7 @@ impl Loop {
             }
             let mut sealed = Vec::new();
             for d in docs {
-                match e.envelopes_for(&id, &d, now()) {
+                match e.envelopes_for(&id, &d, e.now()) {
                     Ok((s, pushes)) => {
                         if !pushes.is_empty() {
                             out.push(Internal::Pushes(pushes));
@@ -1589,7 +1584,7 @@ impl Loop {
                         };
                         self.with_engine_or(
                             move |e, out| {
-                                let report = match e.open_mail(&envs, now()) {
+                                let report = match e.open_mail(&envs, e.now()) {
                                     Ok((report, pushes)) => {
                                         out.push(Internal::Pushes(pushes));
                                         report
@@ -1687,7 +1682,7 @@ impl Loop {
         if let Some(id) = identity_of(&peer) {
             self.with_engine(move |e, _| {
                 let mut c = e.store().conduct(&id).ok().flatten().unwrap_or_default();
-                let until = now() + BAN_FOR.as_secs();
+                let until = e.now() + BAN_FOR.as_secs();
                 if c.banned_until < until {
                     c.banned_until = until;
                     if let Err(err) = e.store().put_conduct(&id, &c) {
@@ -1712,7 +1707,7 @@ impl Loop {
                 .counterparts()
                 .into_iter()
                 .filter(|p| !connected.contains(&peer_of(p)))
-                .flat_map(|p| e.shared_with(&p, now()).into_iter().map(move |d| (p, d)))
+                .flat_map(|p| e.shared_with(&p, e.now()).into_iter().map(move |d| (p, d)))
                 .collect();
             out.push(Internal::Pushes(pushes));
         });
@@ -1752,7 +1747,7 @@ impl Loop {
         if endpoint.is_dialer() && dialable(&remote) {
             let addr = remote.to_string();
             self.with_engine(move |e, _| {
-                if let Err(err) = e.store().put_peer(&id, &[addr], now()) {
+                if let Err(err) = e.store().put_peer(&id, &[addr], e.now()) {
                     tracing::warn!("cannot record peer address: {err}");
                 }
             });
@@ -1764,7 +1759,7 @@ impl Loop {
         // Catch up on everything shared with this peer.
         self.with_engine(move |e, out| {
             let pushes: Vec<Push> = e
-                .shared_with(&id, now())
+                .shared_with(&id, e.now())
                 .into_iter()
                 .map(|d| (id, d))
                 .collect();
@@ -1889,7 +1884,7 @@ impl Loop {
                 if let Some(id) = identity_of(&peer_id) {
                     let texts: Vec<String> = addrs.iter().map(ToString::to_string).collect();
                     self.with_engine(move |e, _| {
-                        if let Err(err) = e.store().put_peer(&id, &texts, now()) {
+                        if let Err(err) = e.store().put_peer(&id, &texts, e.now()) {
                             tracing::warn!("cannot record peer addresses: {err}");
                         }
                     });
@@ -1970,7 +1965,7 @@ impl Loop {
                     return;
                 }
                 self.with_engine(move |e, out| {
-                    let (resp, pushes, disconnect) = e.handle_request(&id, request, now());
+                    let (resp, pushes, disconnect) = e.handle_request(&id, request, e.now());
                     if !pushes.is_empty() {
                         out.push(Internal::Pushes(pushes));
                     }
@@ -2005,7 +2000,7 @@ impl Loop {
                 };
                 self.with_engine_or(
                     move |e, out| {
-                        let result = e.handle_response(&id, &doc, &sent, response, now());
+                        let result = e.handle_response(&id, &doc, &sent, response, e.now());
                         let outcome = match result {
                             Ok((o, pushes)) => {
                                 out.push(Internal::Pushes(pushes));

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use crate::actor::EngineClient;
+use crate::clock::{Clock, Sources, SystemClock};
 use crate::engine::{Engine, EngineError, Push};
 use crate::net::{self, NetClient, NetConfig, SyncResult};
 use crate::store::Store;
@@ -115,17 +116,21 @@ impl std::fmt::Debug for Node {
     }
 }
 
-/// The current time, Unix seconds: the node is where the clock is read.
+/// The current time by the system clock, Unix seconds (a running node reads its own
+/// [`Sources`]' clock).
 pub fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    SystemClock.now()
 }
 
 impl Node {
-    /// Opens the store in `config.data_dir` and starts the network and the API.
+    /// Opens the store in `config.data_dir` and starts the network and the API, on the
+    /// system clock and the OS random source.
     pub async fn start(config: NodeConfig) -> Result<Node, NodeError> {
+        Self::start_with(config, Sources::system()).await
+    }
+
+    /// [`Node::start`] with another clock and random source (for tests and simulations).
+    pub async fn start_with(config: NodeConfig, sources: Sources) -> Result<Node, NodeError> {
         let dir = config.data_dir.clone();
         let engine = tokio::task::spawn_blocking(move || -> Result<Engine, EngineError> {
             Engine::open(Store::open(&dir)?)
@@ -133,12 +138,14 @@ impl Node {
         .await
         .map_err(|e| NodeError::Net(format!("the store loader stopped: {e}")))??;
         let mut engine = engine;
+        engine.set_sources(sources)?;
         engine.set_auto_accept(config.auto_accept);
         let identity = engine.me();
         let key = engine.store().secret_key().map_err(EngineError::from)?;
         // What the network loop needs from the store before it starts.
         let known = engine.store().peers().map_err(EngineError::from)?;
-        let bans = engine.store().bans(now()).map_err(EngineError::from)?;
+        let t = engine.now();
+        let bans = engine.store().bans(t).map_err(EngineError::from)?;
         let engine = EngineClient::start(engine).map_err(|source| NodeError::Io {
             path: config.data_dir.clone(),
             source,
@@ -146,7 +153,11 @@ impl Node {
         let started = net::start(
             &key,
             engine.clone(),
-            net::Startup { known, bans },
+            net::Startup {
+                known,
+                bans,
+                now: t,
+            },
             config.net,
         );
         let (net, net_task) = match started {
