@@ -496,8 +496,8 @@ async fn connect(State(s): State<AppState>, Json(b): Json<ConnectBody>) -> ApiRe
         .parse()
         .map_err(|e| bad(format!("{:?} is not a multiaddr: {e}", b.addr)))?;
     match s.node.net().dial(addr).await {
-        Ok(peer) => ok(json!({"peer": peer})),
-        Err(e) => Err(ApiError(StatusCode::BAD_GATEWAY, e)),
+        Ok(peer) => ok(json!({"peer": peer.to_string()})),
+        Err(e) => Err(ApiError(StatusCode::BAD_GATEWAY, e.to_string())),
     }
 }
 

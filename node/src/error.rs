@@ -122,3 +122,59 @@ impl StoreError {
         }
     }
 }
+
+/// Why the network (of a node or a relay) could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NetError {
+    /// Another process holds the port.
+    #[error("cannot listen on {addr}: port {port} is in use by another process")]
+    PortInUse {
+        /// The address asked for.
+        addr: libp2p::Multiaddr,
+        /// Its port.
+        port: u16,
+    },
+    /// libp2p could not listen on the address.
+    #[error("cannot listen on {addr}: {detail}")]
+    Listen {
+        /// The address asked for.
+        addr: libp2p::Multiaddr,
+        /// libp2p's reason.
+        detail: String,
+    },
+    /// No listener came up in time.
+    #[error("no listener came up within {0:?}")]
+    ListenTimeout(std::time::Duration),
+    /// The relay address does not name the relay.
+    #[error("the relay address {0} must end in /p2p/<relay id>")]
+    RelayAddress(libp2p::Multiaddr),
+    /// A transport or behaviour could not be built.
+    #[error("the {what} could not start: {detail}")]
+    Setup {
+        /// Which part.
+        what: &'static str,
+        /// libp2p's reason.
+        detail: String,
+    },
+    /// The node's key is not usable as a libp2p key.
+    #[error("the key is not usable by libp2p: {0}")]
+    Key(String),
+}
+
+/// Why a dial failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DialError {
+    /// libp2p could not dial or connect.
+    #[error("cannot dial {addr}: {detail}")]
+    Failed {
+        /// The address dialled.
+        addr: libp2p::Multiaddr,
+        /// libp2p's reason.
+        detail: String,
+    },
+    /// The node stopped.
+    #[error("the node stopped")]
+    Stopped,
+}

@@ -34,7 +34,7 @@ pub use engine::{
     BAN_SECONDS, Engine, EngineError, GrantArgs, MAX_RELS_PER_OWNER, MAX_STRIKES,
     MAX_UNANSWERED_CHANGES, MAX_UNANSWERED_DOCS, Push, RoundOutcome, STRIKE_WINDOW,
 };
-pub use error::StoreError;
+pub use error::{DialError, NetError, StoreError};
 pub use mailbox::{RELAY_DB, RelayStore, RelayStoreError, StoredMail};
 pub use net::{
     FrameCodec, Framed, Inbound, MailCodec, NetClient, NetConfig, PeerInfo, SyncCodec, SyncResult,

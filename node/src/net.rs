@@ -33,6 +33,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::actor::{Done, EngineClient, Job, TrySubmit};
 use crate::crypt::{MailReport, Sealed};
 use crate::engine::{Engine, EngineError, Push, RoundOutcome};
+use crate::error::{DialError, NetError};
 use crate::relay::RENDEZVOUS_NAMESPACE;
 use crate::store::PeerRecord;
 use crate::views::Event;
@@ -40,6 +41,8 @@ use crate::views::Event;
 /// How long a connection with no open stream stays up. Long, on purpose: a conversation
 /// pauses, and the customer's node must reach its companies at once when it writes.
 pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long a dial asked for through [`NetClient::dial`] may take.
+pub(crate) const DIAL_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long one sync request may take before it counts as failed.
 pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 /// The most rounds one sync session may run.
@@ -432,7 +435,7 @@ enum Command {
     },
     Dial {
         addr: Multiaddr,
-        reply: oneshot::Sender<Result<String, String>>,
+        reply: DialReply,
     },
     Peers {
         reply: oneshot::Sender<Vec<PeerInfo>>,
@@ -595,16 +598,22 @@ impl NetClient {
     }
 
     /// Dials an address; returns the peer's identity once connected.
-    pub async fn dial(&self, addr: Multiaddr) -> Result<String, String> {
+    pub async fn dial(&self, addr: Multiaddr) -> Result<PeerId, DialError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Command::Dial { addr, reply })
+            .send(Command::Dial {
+                addr: addr.clone(),
+                reply,
+            })
             .await
-            .map_err(|_| "the node is shutting down".to_string())?;
-        match tokio::time::timeout(Duration::from_secs(20), rx).await {
+            .map_err(|_| DialError::Stopped)?;
+        match tokio::time::timeout(DIAL_TIMEOUT, rx).await {
             Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err("the dial was dropped".into()),
-            Err(_) => Err("no connection within 20s".into()),
+            Ok(Err(_)) => Err(DialError::Stopped),
+            Err(_) => Err(DialError::Failed {
+                addr,
+                detail: format!("no connection within {}s", DIAL_TIMEOUT.as_secs()),
+            }),
         }
     }
 
@@ -648,6 +657,9 @@ struct Session {
     waiters: Vec<oneshot::Sender<SyncResult>>,
 }
 
+/// Where a dial's outcome goes.
+type DialReply = oneshot::Sender<Result<PeerId, DialError>>;
+
 struct Loop {
     swarm: Swarm<Behaviour>,
     engine: EngineClient,
@@ -664,8 +676,8 @@ struct Loop {
     waiting: HashMap<PeerId, Vec<Waiting>>,
     /// Sessions waiting for a free slot with a connected peer.
     queued: HashMap<PeerId, VecDeque<Queued>>,
-    dials: HashMap<PeerId, Vec<oneshot::Sender<Result<String, String>>>>,
-    addr_dials: Vec<(Multiaddr, oneshot::Sender<Result<String, String>>)>,
+    dials: HashMap<PeerId, Vec<(Multiaddr, DialReply)>>,
+    addr_dials: Vec<(Multiaddr, DialReply)>,
     banned: HashMap<PeerId, Instant>,
     bad_requests: HashMap<PeerId, u32>,
     agents: HashMap<PeerId, String>,
@@ -693,9 +705,9 @@ fn dialable(addr: &Multiaddr) -> bool {
 }
 
 /// `key` as a libp2p keypair: a Rapport identity is its libp2p identity.
-pub(crate) fn libp2p_keypair(key: &SecretKey) -> Result<libp2p::identity::Keypair, String> {
+pub(crate) fn libp2p_keypair(key: &SecretKey) -> Result<libp2p::identity::Keypair, NetError> {
     libp2p::identity::Keypair::ed25519_from_bytes(key.to_seed())
-        .map_err(|e| format!("the key is not usable by libp2p: {e}"))
+        .map_err(|e| NetError::Key(e.to_string()))
 }
 
 /// Identify, as every Rapport node and relay speaks it; `agent` names the program.
@@ -726,7 +738,7 @@ pub(crate) fn connection_limits_behaviour(max_incoming: u32) -> connection_limit
 /// listening sockets for port reuse, so a second process would bind the same port without
 /// error and take half the connections; a plain bind, which does not ask for reuse, fails
 /// on a port in use, and is undone at once.
-pub(crate) fn port_free(addr: &Multiaddr) -> Result<(), String> {
+pub(crate) fn port_free(addr: &Multiaddr) -> Result<(), NetError> {
     let mut ip = None;
     let mut port = None;
     for p in addr.iter() {
@@ -748,11 +760,20 @@ pub(crate) fn port_free(addr: &Multiaddr) -> Result<(), String> {
         std::net::UdpSocket::bind(at).map(drop)
     };
     match bound {
-        Err(e) if e.kind() == io::ErrorKind::AddrInUse => Err(format!(
-            "cannot listen on {addr}: port {port} is in use by another process"
-        )),
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => Err(NetError::PortInUse {
+            addr: addr.clone(),
+            port,
+        }),
         // Other failures (an address not on this machine…) are libp2p's to report.
         _ => Ok(()),
+    }
+}
+
+/// A part of the network that could not be built, and libp2p's reason.
+pub(crate) fn setup(what: &'static str, e: &dyn std::fmt::Display) -> NetError {
+    NetError::Setup {
+        what,
+        detail: e.to_string(),
     }
 }
 
@@ -762,7 +783,7 @@ pub(crate) fn start(
     engine: EngineClient,
     startup: Startup,
     config: NetConfig,
-) -> Result<(NetClient, tokio::task::JoinHandle<()>), String> {
+) -> Result<(NetClient, tokio::task::JoinHandle<()>), NetError> {
     let keypair = libp2p_keypair(key)?;
     let stats = Arc::new(WireStats::default());
     let codec = SyncCodec::new(stats.clone());
@@ -772,9 +793,7 @@ pub(crate) fn start(
         None => None,
         Some(addr) => {
             let Some(Protocol::P2p(peer)) = addr.iter().last() else {
-                return Err(format!(
-                    "the relay address {addr} must end in /p2p/<relay id>"
-                ));
+                return Err(NetError::RelayAddress(addr.clone()));
             };
             Some(RelayLink {
                 addr: addr.clone(),
@@ -792,10 +811,10 @@ pub(crate) fn start(
             noise::Config::new,
             yamux::Config::default,
         )
-        .map_err(|e| format!("TCP transport: {e}"))?
+        .map_err(|e| setup("TCP transport", &e))?
         .with_quic()
         .with_relay_client(noise::Config::new, yamux::Config::default)
-        .map_err(|e| format!("relay client transport: {e}"))?
+        .map_err(|e| setup("relay client transport", &e))?
         .with_behaviour(|key, relay_client| {
             let peer_id = key.public().to_peer_id();
             let mut kad_config = kad::Config::new(StreamProtocol::new("/rapport/kad/1.0.0"));
@@ -843,14 +862,17 @@ pub(crate) fn start(
                 ),
             }
         })
-        .map_err(|e| format!("behaviour: {e}"))?
+        .map_err(|e| setup("network behaviour", &e))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_TIMEOUT))
         .build();
     for addr in &config.listen {
         port_free(addr)?;
         swarm
             .listen_on(addr.clone())
-            .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+            .map_err(|e| NetError::Listen {
+                addr: addr.clone(),
+                detail: e.to_string(),
+            })?;
     }
     // Known peers' addresses seed Kademlia, so dialling a peer by identity finds them.
     for (id, rec) in startup.known {
@@ -1028,16 +1050,19 @@ impl Loop {
                 if let Some(peer) = peer
                     && self.swarm.is_connected(&peer)
                 {
-                    let _ = reply.send(Ok(peer.to_string()));
+                    let _ = reply.send(Ok(peer));
                     return;
                 }
                 match self.swarm.dial(addr.clone()) {
                     Ok(()) => match peer {
-                        Some(peer) => self.dials.entry(peer).or_default().push(reply),
+                        Some(peer) => self.dials.entry(peer).or_default().push((addr, reply)),
                         None => self.addr_dials.push((addr, reply)),
                     },
                     Err(e) => {
-                        let _ = reply.send(Err(format!("cannot dial {addr}: {e}")));
+                        let _ = reply.send(Err(DialError::Failed {
+                            addr,
+                            detail: e.to_string(),
+                        }));
                     }
                 }
             }
@@ -1722,7 +1747,7 @@ impl Loop {
             peer: peer.to_string(),
         });
         for r in self.dials.remove(&peer).unwrap_or_default() {
-            let _ = r.send(Ok(peer.to_string()));
+            let _ = r.1.send(Ok(peer));
         }
         let remote = endpoint.get_remote_address().clone();
         let mut rest = Vec::new();
@@ -1730,7 +1755,7 @@ impl Loop {
             if endpoint.is_dialer()
                 && (addr == remote || remote.to_string().starts_with(&addr.to_string()))
             {
-                let _ = r.send(Ok(peer.to_string()));
+                let _ = r.send(Ok(peer));
             } else {
                 rest.push((addr, r));
             }
@@ -1834,8 +1859,11 @@ impl Loop {
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 let msg = format!("cannot connect: {error}");
                 if let Some(peer) = peer_id {
-                    for r in self.dials.remove(&peer).unwrap_or_default() {
-                        let _ = r.send(Err(msg.clone()));
+                    for (addr, r) in self.dials.remove(&peer).unwrap_or_default() {
+                        let _ = r.send(Err(DialError::Failed {
+                            addr,
+                            detail: msg.clone(),
+                        }));
                     }
                     if self.relay.as_ref().is_some_and(|l| l.peer == peer) {
                         tracing::warn!("cannot reach the relay: {error}");
@@ -1858,8 +1886,11 @@ impl Loop {
                         }
                     }
                 } else {
-                    for (_, r) in self.addr_dials.drain(..) {
-                        let _ = r.send(Err(msg.clone()));
+                    for (addr, r) in self.addr_dials.drain(..) {
+                        let _ = r.send(Err(DialError::Failed {
+                            addr,
+                            detail: msg.clone(),
+                        }));
                     }
                 }
             }

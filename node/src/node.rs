@@ -13,6 +13,7 @@ use tokio::sync::broadcast;
 use crate::actor::EngineClient;
 use crate::clock::{Clock, Sources, SystemClock};
 use crate::engine::{Engine, EngineError, Push};
+use crate::error::NetError;
 use crate::net::{self, NetClient, NetConfig, SyncResult};
 use crate::store::Store;
 use crate::views::Event;
@@ -76,7 +77,10 @@ pub enum NodeError {
     Engine(#[from] EngineError),
     /// The network could not start.
     #[error("the network could not start: {0}")]
-    Net(String),
+    Net(#[from] NetError),
+    /// The store could not be loaded (the loader thread failed).
+    #[error("the store loader stopped: {0}")]
+    Loader(String),
     /// The local API could not start.
     #[error("the local API could not start on {addr}: {detail}")]
     Api {
@@ -136,7 +140,7 @@ impl Node {
             Engine::open(Store::open(&dir)?)
         })
         .await
-        .map_err(|e| NodeError::Net(format!("the store loader stopped: {e}")))??;
+        .map_err(|e| NodeError::Loader(e.to_string()))??;
         let mut engine = engine;
         engine.set_sources(sources)?;
         engine.set_auto_accept(config.auto_accept);

@@ -23,11 +23,12 @@ use rapport_protocol::IdentityKey;
 use rapport_protocol::mail::{Envelope, MAILBOX_PROTOCOL, MailRefusal, MailRequest, MailResponse};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::error::NetError;
 use crate::mailbox::RelayStore;
 use crate::net::MailCodec;
 use crate::net::{
     IDLE_TIMEOUT, Inbound, MAX_ESTABLISHED_INCOMING, connection_limits_behaviour,
-    identify_behaviour, identity_of, libp2p_keypair, peer_of, port_free,
+    identify_behaviour, identity_of, libp2p_keypair, peer_of, port_free, setup,
 };
 
 /// The allow-list file in a relay's data directory: one identity per line, `#` comments.
@@ -81,13 +82,43 @@ pub struct RelayConfig {
     pub quotas: Quotas,
 }
 
+/// Why a relay could not start, or its allow-list could not be read or written.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RelayError {
+    /// The relay's store failed.
+    #[error(transparent)]
+    Store(#[from] crate::RelayStoreError),
+    /// The network could not start.
+    #[error("the relay's network could not start: {0}")]
+    Net(#[from] NetError),
+    /// A file could not be read or written.
+    #[error("cannot use {path}: {source}")]
+    Io {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A line of the allow-list is not an identity.
+    #[error("{path} line {line}: not an identity: {detail}")]
+    AllowList {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The line number, from 1.
+        line: usize,
+        /// What is wrong with it.
+        detail: String,
+    },
+}
+
 /// Reads the allow-list in `dir` (missing file: empty).
-pub fn read_allow_list(dir: &Path) -> Result<BTreeSet<IdentityKey>, String> {
+pub fn read_allow_list(dir: &Path) -> Result<BTreeSet<IdentityKey>, RelayError> {
     let path = dir.join(ALLOW_FILE);
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeSet::new()),
-        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+        Err(source) => return Err(RelayError::Io { path, source }),
     };
     let mut out = BTreeSet::new();
     for (n, line) in text.lines().enumerate() {
@@ -97,14 +128,18 @@ pub fn read_allow_list(dir: &Path) -> Result<BTreeSet<IdentityKey>, String> {
         }
         let id = line
             .parse::<IdentityKey>()
-            .map_err(|e| format!("{} line {}: not an identity: {e}", path.display(), n + 1))?;
+            .map_err(|e| RelayError::AllowList {
+                path: path.clone(),
+                line: n + 1,
+                detail: e.to_string(),
+            })?;
         out.insert(id);
     }
     Ok(out)
 }
 
 /// Adds (or removes) an identity in the allow-list of `dir`. Returns whether it changed.
-pub fn edit_allow_list(dir: &Path, id: &IdentityKey, allow: bool) -> Result<bool, String> {
+pub fn edit_allow_list(dir: &Path, id: &IdentityKey, allow: bool) -> Result<bool, RelayError> {
     let mut set = read_allow_list(dir)?;
     let changed = if allow {
         set.insert(*id)
@@ -120,7 +155,7 @@ pub fn edit_allow_list(dir: &Path, id: &IdentityKey, allow: bool) -> Result<bool
         let tmp = dir.join(format!("{ALLOW_FILE}.tmp"));
         std::fs::write(&tmp, text)
             .and_then(|()| std::fs::rename(&tmp, &path))
-            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            .map_err(|source| RelayError::Io { path, source })?;
     }
     Ok(changed)
 }
@@ -204,9 +239,9 @@ fn now_secs() -> u64 {
 
 impl Relay {
     /// Starts a relay on the current tokio runtime; returns once it listens.
-    pub async fn start(config: RelayConfig) -> Result<Relay, String> {
-        let store = Arc::new(RelayStore::open(&config.data_dir).map_err(|e| e.to_string())?);
-        let key = store.secret_key().map_err(|e| e.to_string())?;
+    pub async fn start(config: RelayConfig) -> Result<Relay, RelayError> {
+        let store = Arc::new(RelayStore::open(&config.data_dir)?);
+        let key = store.secret_key()?;
         let id = key.identity();
         let keypair = libp2p_keypair(&key)?;
         let q = config.quotas.clone();
@@ -218,7 +253,7 @@ impl Relay {
                 noise::Config::new,
                 yamux::Config::default,
             )
-            .map_err(|e| format!("TCP transport: {e}"))?
+            .map_err(|e| setup("TCP transport", &e))?
             .with_quic()
             .with_behaviour(|key| {
                 let relay_config = relay::Config {
@@ -260,7 +295,7 @@ impl Relay {
                     ),
                 }
             })
-            .map_err(|e| format!("behaviour: {e}"))?
+            .map_err(|e| setup("relay behaviour", &e))?
             .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_TIMEOUT))
             .build();
         // A community relay is a relay by purpose: it serves reservations from the start,
@@ -273,7 +308,10 @@ impl Relay {
             port_free(addr)?;
             swarm
                 .listen_on(addr.clone())
-                .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+                .map_err(|e| NetError::Listen {
+                    addr: addr.clone(),
+                    detail: e.to_string(),
+                })?;
         }
         // Wait for the listeners, so callers can print and hand out the addresses.
         let mut listening = Vec::new();
@@ -287,10 +325,10 @@ impl Relay {
                     listening.push(address);
                 }
                 Ok(SwarmEvent::ListenerError { error, .. }) => {
-                    return Err(format!("listener failed: {error}"));
+                    return Err(setup("listener", &error).into());
                 }
                 Ok(_) => {}
-                Err(_) => return Err("the relay did not start listening within 10s".into()),
+                Err(_) => return Err(NetError::ListenTimeout(Duration::from_secs(10)).into()),
             }
         }
         let (done_tx, done_rx) = mpsc::unbounded_channel();
