@@ -295,6 +295,42 @@ pub async fn heads(h: &rapport_node::NodeHandle, rel: &str) -> Vec<String> {
     h.read(move |e| e.heads(&rel).unwrap_or_default()).await
 }
 
+/// A barrier between two connected nodes: `from` syncs with `to` every document they share
+/// now, and insists that each session ends with both holding the same changes. It runs
+/// after everything `from` wrote before it, over the same connection, so a test can check
+/// afterwards that something else did not reach `to`.
+pub async fn in_sync(from: &TestNode, to: &TestNode) {
+    let peer = to.id();
+    let docs = from
+        .handle
+        .read(move |e| e.shared_with(&peer, rapport_node::now()))
+        .await;
+    assert!(!docs.is_empty(), "the two nodes share no document");
+    for doc in docs {
+        let r = from.handle.net().sync(peer, doc, WAIT).await;
+        assert_eq!(r, rapport_node::SyncResult::Delivered, "syncing {doc:?}");
+    }
+}
+
+/// A barrier for a node whose peer is away: `from` seals for `peer`'s mailbox at the relay
+/// whatever of every document they share now the mailbox lacks, and insists that each such
+/// sync ends with the relay holding it. Nothing `from` wrote for `peer` before it is still
+/// on its way to the relay afterwards.
+pub async fn all_in_mailbox(from: &TestNode, peer: rapport_protocol::IdentityKey) {
+    let docs = from
+        .handle
+        .read(move |e| e.shared_with(&peer, rapport_node::now()))
+        .await;
+    assert!(!docs.is_empty(), "{peer} shares no document");
+    for doc in docs {
+        let r = from.handle.net().sync(peer, doc, WAIT).await;
+        assert!(
+            matches!(r, rapport_node::SyncResult::Deposited(_)),
+            "syncing {doc:?} with {peer}: {r:?}"
+        );
+    }
+}
+
 /// A community relay in this process, on loopback, with its store in a temporary directory.
 pub struct TestRelay {
     /// The running relay.
