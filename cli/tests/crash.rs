@@ -219,6 +219,7 @@ fn writer(
                         .take(80)
                         .collect();
                     *tally.errors.entry(format!("{status} {why}")).or_default() += 1;
+                    // A backoff before the next send, not a wait for anything.
                     std::thread::sleep(Duration::from_millis(20));
                 }
                 Err(e) => {
@@ -337,12 +338,14 @@ fn nothing_acknowledged_is_lost_when_nodes_are_killed_while_writing_both_ways() 
                     }
                     lost.extend(missing.into_iter().cloned());
                 }
+                // The watcher's polling interval.
                 std::thread::sleep(Duration::from_millis(300));
             }
         })
     };
     let kills = knob("RAPPORT_CRASH_KILLS", KILLS);
     for k in 0..kills {
+        // The fault schedule: a pseudo-random delay before each kill.
         std::thread::sleep(Duration::from_millis(rng.in_range(DELAY_MS)));
         // The victim alternates; so does the moment: right after the victim's own message
         // reached the other node (the sender killed once its peer builds on that message),
@@ -363,6 +366,7 @@ fn nothing_acknowledged_is_lost_when_nodes_are_killed_while_writing_both_ways() 
         while trigger.lock().unwrap().len() == seen && Instant::now() < wait {
             std::thread::sleep(Duration::from_millis(1));
         }
+        // The fault schedule: a pseudo-random moment just after the trigger.
         std::thread::sleep(Duration::from_millis(rng.in_range(0..30)));
         let t0 = Instant::now();
         side.kill();
