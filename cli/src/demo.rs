@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use libp2p::Multiaddr;
 use rapport_node::relay::{Quotas, Relay, RelayConfig};
-use rapport_node::{GrantArgs, Node, NodeConfig, NodeHandle, RelayStore, Store, now};
-use rapport_protocol::{IdentityKey, Kind, Ledger, read_ledger_file};
+use rapport_node::{GrantArgs, Node, NodeConfig, NodeHandle, RelayStore, Store, SyncResult, now};
+use rapport_protocol::wire::DocRef;
+use rapport_protocol::{ConsentHeader, IdentityKey, Kind, Ledger, read_ledger_file};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -362,7 +363,17 @@ async fn story() -> Result<()> {
         !d.contains("delivered"),
         "nothing should be delivered to a revoked company"
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A sync of the consent ledger Alice and Acme still share goes both ways after that
+    // note; Acme still holds nothing.
+    let ledger = DocRef::Consent(ConsentHeader {
+        customer: a.identity(),
+        grantee: ac.identity(),
+    });
+    let synced = a.net().sync(ac.identity(), ledger, WAIT).await;
+    ensure!(
+        synced == SyncResult::Delivered,
+        "step failed: the consent ledger did not sync with Acme: {synced:?}"
+    );
     ensure!(rel_count(&ac).await == 0, "Acme should hold nothing");
     println!("   Acme still holds 0 relationships; it keeps the consent ledger as its proof");
 

@@ -1,130 +1,10 @@
-//! Helpers for the end-to-end tests in `tests/tests/`: run the real `rapport` binary
-//! against real stores in temporary directories.
+//! Helpers for the end-to-end tests: real nodes and relays on loopback in the test's own
+//! process, with real stores in temporary directories; a tap on a relay's links; a bare
+//! libp2p client. Used by the tests in `tests/tests/` and by the CLI tests beside the
+//! binary in `cli/tests/`, whose helpers for running the `rapport` binary are in
+//! `cli/tests/support/`.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::sync::OnceLock;
-
-/// The path of the `rapport` binary, built once per test process with the same profile as
-/// the tests; `RAPPORT_BIN` names another one instead (to run a test against an older build).
-pub fn rapport_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(bin) = std::env::var_os("RAPPORT_BIN") {
-            return PathBuf::from(bin);
-        }
-        let exe = std::env::current_exe().expect("test binary path");
-        // target/<profile>/deps/<test> -> target/<profile>
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("test binary lives in target/<profile>/deps");
-        let release = profile_dir.file_name().is_some_and(|n| n == "release");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut build = Command::new(cargo);
-        build.args(["build", "--quiet", "-p", "rapport-cli", "--bin", "rapport"]);
-        if release {
-            build.arg("--release");
-        }
-        let status = build
-            .status()
-            .expect("run cargo build for the rapport binary");
-        assert!(status.success(), "building the rapport binary failed");
-        let bin = profile_dir.join(format!("rapport{}", std::env::consts::EXE_SUFFIX));
-        assert!(bin.exists(), "{} was not built", bin.display());
-        bin
-    })
-}
-
-/// One node's data directory, used through the real binary.
-pub struct Party {
-    /// The data directory.
-    pub dir: PathBuf,
-}
-
-/// What one run of the binary printed.
-pub struct Run {
-    /// Exit status was success.
-    pub ok: bool,
-    /// Standard output.
-    pub stdout: String,
-    /// Standard error.
-    pub stderr: String,
-}
-
-impl Party {
-    /// A party whose store lives in `dir` (not yet initialised).
-    pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into() }
-    }
-
-    /// Runs a command that prints JSON and parses what it printed.
-    pub fn json(&self, args: &[&str]) -> serde_json::Value {
-        serde_json::from_str(&self.ok(args)).expect("the command prints JSON")
-    }
-
-    /// Runs `rapport --data-dir DIR ARGS…`.
-    pub fn run(&self, args: &[&str]) -> Run {
-        let out = Command::new(rapport_bin())
-            .arg("--data-dir")
-            .arg(&self.dir)
-            .args(args)
-            .env_remove("RAPPORT_HOME")
-            .output()
-            .expect("run rapport");
-        to_run(out)
-    }
-
-    /// Runs and insists on success; returns stdout.
-    pub fn ok(&self, args: &[&str]) -> String {
-        let r = self.run(args);
-        assert!(
-            r.ok,
-            "rapport {args:?} failed:\nstdout: {}\nstderr: {}",
-            r.stdout, r.stderr
-        );
-        r.stdout
-    }
-
-    /// Runs and insists on failure; returns stderr.
-    pub fn fails(&self, args: &[&str]) -> String {
-        let r = self.run(args);
-        assert!(
-            !r.ok,
-            "rapport {args:?} should have failed:\nstdout: {}",
-            r.stdout
-        );
-        r.stderr
-    }
-
-    /// This party's identity text.
-    pub fn identity(&self) -> String {
-        self.ok(&["id"])
-            .lines()
-            .next()
-            .expect("identity line")
-            .trim()
-            .to_owned()
-    }
-}
-
-/// Runs the binary with explicit environment and no `--data-dir`.
-pub fn run_with_env(args: &[&str], env: &[(&str, &Path)]) -> Run {
-    let mut cmd = Command::new(rapport_bin());
-    cmd.args(args).env_remove("RAPPORT_HOME");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    to_run(cmd.output().expect("run rapport"))
-}
-
-fn to_run(out: Output) -> Run {
-    Run {
-        ok: out.status.success(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
 
 /// A real node on loopback, in this process, with a store in a temporary directory.
 pub struct TestNode {
@@ -415,170 +295,39 @@ pub async fn heads(h: &rapport_node::NodeHandle, rel: &str) -> Vec<String> {
     h.read(move |e| e.heads(&rel).unwrap_or_default()).await
 }
 
-/// A `rapport node run` process on loopback (no mDNS); killed on drop if still running.
-pub struct NodeProcess {
-    child: std::process::Child,
-}
-
-impl Party {
-    /// Starts `rapport node run` for this party and waits (at most 30 s) until its API
-    /// answers.
-    pub fn run_node(&self) -> NodeProcess {
-        self.run_node_with(&["--listen", "/ip4/127.0.0.1/tcp/0"])
-    }
-
-    /// Starts `rapport node run` (no mDNS) with these arguments; returns once its API
-    /// answers.
-    pub fn run_node_with(&self, args: &[&str]) -> NodeProcess {
-        self.spawn_node(args, std::process::Stdio::null(), None)
-    }
-
-    /// Starts `rapport node run` (no mDNS) with these arguments, appending its log (at
-    /// `RAPPORT_LOG`, default `info`) to the file `log`; returns once its API answers.
-    pub fn run_node_logged(&self, args: &[&str], log: &Path) -> NodeProcess {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .expect("open the node's log file");
-        let level = std::env::var("RAPPORT_LOG").unwrap_or_else(|_| "info".into());
-        self.spawn_node(args, file.into(), Some(level))
-    }
-
-    fn spawn_node(
-        &self,
-        args: &[&str],
-        stderr: std::process::Stdio,
-        log: Option<String>,
-    ) -> NodeProcess {
-        let mut cmd = Command::new(rapport_bin());
-        cmd.arg("--data-dir")
-            .arg(&self.dir)
-            .args(["node", "run", "--no-mdns"])
-            .args(args)
-            .env_remove("RAPPORT_HOME")
-            .stdout(std::process::Stdio::null())
-            .stderr(stderr);
-        if let Some(level) = log {
-            cmd.env("RAPPORT_LOG", level);
-        }
-        let child = cmd.spawn().expect("spawn rapport node run");
-        let proc = NodeProcess { child };
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        loop {
-            if self.dir.join(rapport_node::NODE_FILE).exists() && self.run(&["peers"]).ok {
-                return proc;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "rapport node run did not come up"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-    }
-
-    /// The running node's first listen address (from `rapport id --json`).
-    pub fn listen_addr(&self) -> String {
-        let v: serde_json::Value =
-            serde_json::from_str(&self.ok(&["id", "--json"])).expect("id --json");
-        v["listen"][0]
-            .as_str()
-            .expect("a listen address")
-            .to_owned()
+/// A barrier between two connected nodes: `from` syncs with `to` every document they share
+/// now, and insists that each session ends with both holding the same changes. It runs
+/// after everything `from` wrote before it, over the same connection, so a test can check
+/// afterwards that something else did not reach `to`.
+pub async fn in_sync(from: &TestNode, to: &TestNode) {
+    let peer = to.id();
+    let docs = from
+        .handle
+        .read(move |e| e.shared_with(&peer, rapport_node::now()))
+        .await;
+    assert!(!docs.is_empty(), "the two nodes share no document");
+    for doc in docs {
+        let r = from.handle.net().sync(peer, doc, WAIT).await;
+        assert_eq!(r, rapport_node::SyncResult::Delivered, "syncing {doc:?}");
     }
 }
 
-impl NodeProcess {
-    /// Kills the node with SIGKILL (no clean shutdown) and waits for it to be gone.
-    pub fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// Sends SIGTERM and waits (at most 20 s) for the exit; returns whether it exited 0.
-    pub fn terminate(mut self) -> bool {
-        terminate(&mut self.child)
-    }
-}
-
-impl Drop for NodeProcess {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// Sends SIGTERM to `child` and waits (at most 20 s) for the exit; returns whether it
-/// exited 0.
-fn terminate(child: &mut std::process::Child) -> bool {
-    let pid = child.id().to_string();
-    let _ = Command::new("kill").args(["-TERM", &pid]).status();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            return status.success();
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            return false;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-}
-
-/// A `rapport relay run` process.
-pub struct RelayProcess {
-    /// The child.
-    pub child: std::process::Child,
-    /// The address members pass to `--relay`.
-    pub addr: String,
-}
-
-impl Party {
-    /// Starts `rapport relay run` on this party's data directory with these arguments and
-    /// returns once it prints its address.
-    pub fn run_relay(&self, args: &[&str]) -> RelayProcess {
-        use std::io::BufRead;
-        let mut child = Command::new(rapport_bin())
-            .arg("--data-dir")
-            .arg(&self.dir)
-            .args(["relay", "run"])
-            .args(args)
-            .env_remove("RAPPORT_HOME")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("spawn rapport relay run");
-        let out = child.stdout.take().expect("stdout");
-        let mut lines = std::io::BufReader::new(out).lines();
-        let addr = loop {
-            let line = lines
-                .next()
-                .expect("rapport relay run printed its address")
-                .expect("a line");
-            if let Some(a) = line.strip_prefix("listening: ") {
-                break a.to_owned();
-            }
-        };
-        // Keep reading so the relay never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        RelayProcess { child, addr }
-    }
-}
-
-impl RelayProcess {
-    /// Sends SIGTERM and waits (at most 20 s); true if it exited 0.
-    pub fn terminate(mut self) -> bool {
-        terminate(&mut self.child)
-    }
-}
-
-impl Drop for RelayProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+/// A barrier for a node whose peer is away: `from` seals for `peer`'s mailbox at the relay
+/// whatever of every document they share now the mailbox lacks, and insists that each such
+/// sync ends with the relay holding it. Nothing `from` wrote for `peer` before it is still
+/// on its way to the relay afterwards.
+pub async fn all_in_mailbox(from: &TestNode, peer: rapport_protocol::IdentityKey) {
+    let docs = from
+        .handle
+        .read(move |e| e.shared_with(&peer, rapport_node::now()))
+        .await;
+    assert!(!docs.is_empty(), "{peer} shares no document");
+    for doc in docs {
+        let r = from.handle.net().sync(peer, doc, WAIT).await;
+        assert!(
+            matches!(r, rapport_node::SyncResult::Deposited(_)),
+            "syncing {doc:?} with {peer}: {r:?}"
+        );
     }
 }
 
@@ -773,117 +522,6 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .expect("bind an ephemeral port")
         .port()
-}
-
-/// How a `rapport` process that should refuse to start ended.
-pub enum Outcome {
-    /// It exited, with this status and standard error.
-    Exited {
-        /// Exit status was success.
-        ok: bool,
-        /// Standard error.
-        stderr: String,
-    },
-    /// It printed a `listening:` line: it started.
-    Started,
-}
-
-/// Runs `rapport ARGS…` and waits (at most 30 s) until it either exits or prints that it
-/// listens; a process that started is killed.
-pub fn run_until_listening_or_exit(args: &[&str]) -> Outcome {
-    use std::io::{BufRead, Read};
-    let mut child = Command::new(rapport_bin())
-        .args(args)
-        .env_remove("RAPPORT_HOME")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn rapport");
-    let out = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-            if line.starts_with("listening:") {
-                let _ = tx.send(());
-            }
-        }
-    });
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            let mut stderr = String::new();
-            if let Some(mut e) = child.stderr.take() {
-                let _ = e.read_to_string(&mut stderr);
-            }
-            return Outcome::Exited {
-                ok: status.success(),
-                stderr,
-            };
-        }
-        if rx
-            .recv_timeout(std::time::Duration::from_millis(50))
-            .is_ok()
-        {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Outcome::Started;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "rapport {args:?} neither exited nor started within 30s"
-        );
-    }
-}
-
-/// Polls `check` (a CLI query, say) every 100 ms until it holds; panics after 30 s.
-pub fn until(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !check() {
-        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-}
-
-/// Through the CLI of two running nodes: `customer` grants `company` read, write and
-/// contact:support, the company accepts, the customer sees the grant active and opens a
-/// relationship with it (`open` adds arguments to `rel open`), and the company holds it.
-/// Returns the relationship's id.
-pub fn consent_and_open(customer: &Party, company: &Party, open: &[&str]) -> String {
-    let company_id = company.identity();
-    customer.ok(&[
-        "consent",
-        "grant",
-        &company_id,
-        "--scope",
-        "conversation:read",
-        "--scope",
-        "conversation:write",
-        "--scope",
-        "contact:support",
-        "--purpose",
-        "support",
-    ]);
-    until("the grant reaching the company", || {
-        company.json(&["consent", "list", "--json"])[0]["status"] == "pending"
-    });
-    company.ok(&["consent", "accept"]);
-    until("the customer seeing the acceptance", || {
-        customer.json(&["consent", "list", "--json"])[0]["status"] == "active"
-    });
-    let mut args = vec!["rel", "open", company_id.as_str()];
-    args.extend_from_slice(open);
-    customer.ok(&args);
-    let rel = customer.json(&["rel", "list", "--json"])[0]["id"]
-        .as_str()
-        .expect("a relationship id")
-        .to_owned();
-    until("the company holding the relationship", || {
-        company
-            .json(&["rel", "list", "--json"])
-            .as_array()
-            .is_some_and(|a| a.len() == 1)
-    });
-    rel
 }
 
 /// A bare libp2p client (TCP, Noise, Yamux) speaking one request-response protocol with

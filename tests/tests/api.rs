@@ -128,7 +128,12 @@ async fn the_event_stream_carries_new_messages() {
             let _ = tx.send(line);
         }
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The node subscribes before it answers: once the status line is here, the stream
+    // carries every event from then on.
+    let status = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("/v1/events answers within 20s");
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
     send(&acme.handle, &rel, "hello over the stream", Some("support")).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let mut saw_event = false;

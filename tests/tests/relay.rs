@@ -6,8 +6,8 @@ use rapport_node::relay::Quotas;
 use rapport_protocol::Kind;
 use rapport_protocol::mail::Envelope;
 use rapport_tests::{
-    Reach, Tap, TestNode, TestRelay, WAIT, consent_to, eventually, file_contains, messages, open,
-    send,
+    Reach, Tap, TestNode, TestRelay, WAIT, all_in_mailbox, consent_to, eventually, file_contains,
+    messages, open, send,
 };
 
 fn via(relay: libp2p::Multiaddr, relay_only: bool) -> Reach {
@@ -86,6 +86,7 @@ async fn an_offline_customer_gets_its_mail_after_the_company_is_gone() {
     })
     .await;
 
+    let customer_id = customer.id();
     let away = customer.stop().await;
     let texts: Vec<String> = (0..5)
         .map(|i| format!("mailbox reply number {i} about the late order"))
@@ -98,7 +99,8 @@ async fn an_offline_customer_gets_its_mail_after_the_company_is_gone() {
         relay.relay.stats().await.deposited >= 1
     })
     .await;
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    // Nothing the company wrote for the customer is still on its way to the relay.
+    all_in_mailbox(&company, customer_id).await;
     company.stop().await;
 
     let db = relay.dir.join(rapport_node::RELAY_DB);
@@ -209,8 +211,10 @@ async fn a_revoked_company_cannot_decrypt_later_mail_or_epochs() {
     assert!(!sealed_to.contains(&acme_id.to_string()), "{sealed_to:?}");
     assert!(sealed_to.contains(&globex_id.to_string()), "{sealed_to:?}");
 
+    // Once nothing the customer wrote for Acme or Globex is still on its way to the relay,
     // Acme reads the relay's whole store with every key it kept.
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    all_in_mailbox(&customer, acme_id).await;
+    all_in_mailbox(&customer, globex_id).await;
     let (relay, mail) = relay.restart_with(|s| s.all_mail().expect("mail")).await;
     assert!(!mail.is_empty());
     for (_, m) in &mail {
@@ -321,10 +325,14 @@ async fn an_allow_list_relay_admits_only_its_members() {
     let store = rapport_node::Store::create(&dir, Kind::Person, "Member", rapport_node::now())
         .expect("store");
     let member_id = store.profile().expect("profile").identity;
+    let member_key = store.secret_key().expect("secret key");
     drop(store);
     rapport_node::relay::edit_allow_list(&relay.dir, &member_id, true).expect("allow");
     // Re-read within seconds: the member is admitted and gets a circuit.
-    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    eventually(10, "the relay admitting the member", || {
+        admits(&relay, &member_key)
+    })
+    .await;
     let member = TestNode::start_with(&dir, via(relay.addr(), false)).await;
     assert!(
         member
@@ -335,7 +343,7 @@ async fn an_allow_list_relay_admits_only_its_members() {
     // The stranger's connection is closed by the relay as soon as it is made.
     let _ = stranger.handle.net().dial(relay.addr()).await;
     let relay_id = relay.relay.identity().to_string();
-    eventually(10, "the stranger cut off", || async {
+    let cut_off = || async {
         !stranger
             .handle
             .net()
@@ -343,19 +351,11 @@ async fn an_allow_list_relay_admits_only_its_members() {
             .await
             .iter()
             .any(|p| p.peer == relay_id && p.connected)
-    })
-    .await;
-    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-    assert!(
-        !stranger
-            .handle
-            .net()
-            .peers()
-            .await
-            .iter()
-            .any(|p| p.peer == relay_id && p.connected),
-        "a stranger stays cut off"
-    );
+    };
+    eventually(10, "the stranger cut off", cut_off).await;
+    // It stays cut off: dialling again, it is cut off again.
+    let _ = stranger.handle.net().dial(relay.addr()).await;
+    eventually(10, "a stranger stays cut off", cut_off).await;
     assert_eq!(
         relay.relay.stats().await.reservations,
         1,
@@ -373,6 +373,40 @@ fn mail_client(key: &rapport_protocol::SecretKey) -> MailClient {
         libp2p::request_response::Config::default(),
         std::time::Duration::from_secs(10),
     )
+}
+
+/// Whether the relay admits `key`'s identity now: a bare client in its name connects and
+/// its mailbox fetch is answered (not refused, and the connection not cut).
+async fn admits(relay: &TestRelay, key: &rapport_protocol::SecretKey) -> bool {
+    use futures::StreamExt;
+    use libp2p::request_response::{Event, Message};
+    use rapport_protocol::mail::{MailRequest, MailResponse};
+    let mut c = mail_client(key);
+    let peer = libp2p::PeerId::from_bytes(&relay.relay.identity().peer_id_bytes()).expect("peer");
+    c.dial(relay.addr()).expect("dial");
+    let id = c
+        .behaviour_mut()
+        .send_request(&peer, Ok(MailRequest::Fetch { after: 0 }));
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while let Ok(ev) = tokio::time::timeout_at(deadline, c.select_next_some()).await {
+        match ev {
+            libp2p::swarm::SwarmEvent::Behaviour(Event::Message {
+                message:
+                    Message::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            }) if request_id == id => return matches!(response, MailResponse::Mail { .. }),
+            libp2p::swarm::SwarmEvent::Behaviour(Event::OutboundFailure { request_id, .. })
+                if request_id == id =>
+            {
+                return false;
+            }
+            _ => {}
+        }
+    }
+    false
 }
 
 async fn ask(

@@ -1,11 +1,9 @@
 //! Real nodes on loopback syncing consent and relationship documents.
 
-use std::time::Duration;
-
 use rapport_node::now;
 use rapport_protocol::Kind;
 use rapport_tests::{
-    TestNode, WAIT, consent_to, eventually, grant, heads, messages, open, send, status,
+    TestNode, WAIT, consent_to, eventually, grant, heads, in_sync, messages, open, send, status,
 };
 
 /// Grant, accept, open, talk both ways, refuse an unsolicited message, revoke: the whole
@@ -136,10 +134,11 @@ async fn customer_and_company_talk_under_consent_and_revocation_cuts_off() {
     })
     .await;
 
-    // Alice writes after the revocation: nothing reaches Acme.
+    // Alice writes after the revocation: nothing reaches Acme, not even once a sync of the
+    // consent ledger they still share has gone both ways after that write.
     let d = send(&alice.handle, &rel, "Written after the revocation", None).await;
     assert!(!d.contains("delivered"), "{d}");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    in_sync(&alice, &acme).await;
     assert_eq!(acme.handle.read(|e| e.relationships().len()).await, 0);
     // Acme keeps the consent ledger as its proof.
     assert_eq!(status(&acme.handle, &gid).await, "revoked");

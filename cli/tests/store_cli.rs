@@ -1,12 +1,13 @@
 //! The store as the `rapport` binary uses it: damaged files and read-only commands.
 
+mod support;
+
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::Duration;
 
 use rapport_node::{Engine, Store};
-use rapport_tests::rapport_bin;
 
 /// Where a store made by `rapport init` is damaged: these bytes of every 4 KiB page (each
 /// flipped on its own). With redb 4.6 and the store code before this test, 38 of these
@@ -22,11 +23,10 @@ const LIMIT: Duration = Duration::from_secs(60);
 /// Runs the binary on `dir` and returns (exit code, stdout, stderr), killing it past
 /// [`LIMIT`].
 fn run(dir: &Path, args: &[&str]) -> (Option<i32>, String, String) {
-    let mut child = Command::new(rapport_bin())
+    let mut child = support::rapport()
         .arg("--data-dir")
         .arg(dir)
         .args(args)
-        .env_remove("RAPPORT_HOME")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -11,14 +11,17 @@
 //! must not stop the nodes from converging. `RAPPORT_KEEP=1` keeps the stores and the
 //! nodes' logs (at `RAPPORT_LOG`, default info) for a look afterwards.
 
+mod support;
+
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rapport_tests::{NodeProcess, Party, free_port};
+use rapport_tests::free_port;
 use serde_json::Value;
+use support::{NodeProcess, Party};
 
 /// How many times a node is killed (`RAPPORT_CRASH_KILLS` overrides, for a longer run).
 const KILLS: usize = 12;
@@ -216,6 +219,7 @@ fn writer(
                         .take(80)
                         .collect();
                     *tally.errors.entry(format!("{status} {why}")).or_default() += 1;
+                    // A backoff before the next send, not a wait for anything.
                     std::thread::sleep(Duration::from_millis(20));
                 }
                 Err(e) => {
@@ -241,10 +245,6 @@ fn log_lines(log: &Path, needle: &str) -> Vec<String> {
 
 #[test]
 fn nothing_acknowledged_is_lost_when_nodes_are_killed_while_writing_both_ways() {
-    // Building the binary is not part of the test's time.
-    let build = Instant::now();
-    rapport_tests::rapport_bin();
-    let build = build.elapsed();
     let started = Instant::now();
     let tmp = tempfile::tempdir().unwrap();
     // RAPPORT_KEEP=1 keeps the stores and the nodes' logs for a look afterwards.
@@ -284,7 +284,7 @@ fn nothing_acknowledged_is_lost_when_nodes_are_killed_while_writing_both_ways() 
     alice.ok(&["connect", &a.peer_addr]);
 
     // Consent for both to write: Alice grants, Acme accepts, Alice sees it active.
-    let rel = rapport_tests::consent_and_open(&alice, &acme, &["--title", "crash loop"]);
+    let rel = support::consent_and_open(&alice, &acme, &["--title", "crash loop"]);
     let setup = started.elapsed();
 
     // Both write, both ways, while one or the other is killed and restarted.
@@ -338,12 +338,14 @@ fn nothing_acknowledged_is_lost_when_nodes_are_killed_while_writing_both_ways() 
                     }
                     lost.extend(missing.into_iter().cloned());
                 }
+                // The watcher's polling interval.
                 std::thread::sleep(Duration::from_millis(300));
             }
         })
     };
     let kills = knob("RAPPORT_CRASH_KILLS", KILLS);
     for k in 0..kills {
+        // The fault schedule: a pseudo-random delay before each kill.
         std::thread::sleep(Duration::from_millis(rng.in_range(DELAY_MS)));
         // The victim alternates; so does the moment: right after the victim's own message
         // reached the other node (the sender killed once its peer builds on that message),
@@ -364,6 +366,7 @@ fn nothing_acknowledged_is_lost_when_nodes_are_killed_while_writing_both_ways() 
         while trigger.lock().unwrap().len() == seen && Instant::now() < wait {
             std::thread::sleep(Duration::from_millis(1));
         }
+        // The fault schedule: a pseudo-random moment just after the trigger.
         std::thread::sleep(Duration::from_millis(rng.in_range(0..30)));
         let t0 = Instant::now();
         side.kill();
@@ -468,7 +471,7 @@ fn nothing_acknowledged_is_lost_when_nodes_are_killed_while_writing_both_ways() 
     let total = started.elapsed();
     report.push(format!(
         "{kills} kills; converged: {converged} (alice holds {}, acme holds {}); \
-         building the binary {build:.1?}, then setup {setup:.1?}, faults {faults:.1?}, \
+         setup {setup:.1?}, faults {faults:.1?}, \
          total {total:.1?}",
         held_a.len(),
         held_b.len()

@@ -2,7 +2,9 @@
 //! processes that can reach each other only through it. They converse; the company goes
 //! offline and its mail waits at the relay across a relay restart.
 
-use rapport_tests::{Party, until};
+mod support;
+
+use support::{Party, until};
 
 fn reachable_through_relay(p: &Party) -> bool {
     p.json(&["id", "--json"])["listen"]
@@ -59,7 +61,7 @@ fn a_community_relay_through_the_cli() {
         reachable_through_relay(&alice) && reachable_through_relay(&acme)
     });
 
-    let rel = rapport_tests::consent_and_open(&alice, &acme, &["--name", "Acme"]);
+    let rel = support::consent_and_open(&alice, &acme, &["--name", "Acme"]);
     let out = alice.ok(&["msg", "send", &rel[..8], "Hello via the community relay"]);
     assert!(out.contains("delivered"), "{out}");
     until("Acme reading it", || {
@@ -98,7 +100,7 @@ fn a_second_relay_on_a_port_in_use_refuses_to_start() {
     let listen = format!("/ip4/127.0.0.1/tcp/{port}");
     let relay = first.run_relay(&["--open", "--listen", &listen]);
     let dir = tmp.path().join("second");
-    match rapport_tests::run_until_listening_or_exit(&[
+    match support::run_until_listening_or_exit(&[
         "--data-dir",
         dir.to_str().unwrap(),
         "relay",
@@ -107,10 +109,10 @@ fn a_second_relay_on_a_port_in_use_refuses_to_start() {
         "--listen",
         &listen,
     ]) {
-        rapport_tests::Outcome::Started => {
+        support::Outcome::Started => {
             panic!("a second relay started on port {port}, which a running relay holds")
         }
-        rapport_tests::Outcome::Exited { ok, stderr } => {
+        support::Outcome::Exited { ok, stderr } => {
             assert!(!ok, "it must exit with an error");
             assert!(
                 stderr.contains(&format!("port {port} is in use by another process")),

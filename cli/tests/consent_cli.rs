@@ -2,8 +2,10 @@
 
 use std::path::Path;
 
-use rapport_tests::{Party, run_with_env};
+mod support;
+
 use serde_json::Value;
+use support::{Party, run_with_env};
 
 fn grants(p: &Party) -> Vec<Value> {
     serde_json::from_str::<Value>(&p.ok(&["consent", "list", "--json"]))

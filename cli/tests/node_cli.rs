@@ -1,7 +1,9 @@
 //! The real `rapport` binary against running `rapport node run` processes: a customer and
 //! a company on loopback, driven only through the CLI.
 
-use rapport_tests::{Party, until};
+mod support;
+
+use support::{Party, until};
 
 #[test]
 fn customer_and_company_through_the_cli() {
@@ -247,7 +249,7 @@ fn a_second_node_on_a_port_in_use_refuses_to_start() {
     let listen = format!("/ip4/127.0.0.1/tcp/{port}");
     let node = alice.run_node_with(&["--listen", &listen]);
     let dir = bob.dir.to_str().unwrap();
-    match rapport_tests::run_until_listening_or_exit(&[
+    match support::run_until_listening_or_exit(&[
         "--data-dir",
         dir,
         "node",
@@ -256,10 +258,10 @@ fn a_second_node_on_a_port_in_use_refuses_to_start() {
         "--listen",
         &listen,
     ]) {
-        rapport_tests::Outcome::Started => {
+        support::Outcome::Started => {
             panic!("a second node started on port {port}, which a running node holds")
         }
-        rapport_tests::Outcome::Exited { ok, stderr } => {
+        support::Outcome::Exited { ok, stderr } => {
             assert!(!ok, "it must exit with an error");
             assert!(
                 stderr.contains(&format!("port {port} is in use by another process")),
@@ -284,7 +286,7 @@ fn the_api_answers_its_owner_under_a_flood_of_idle_connections() {
     let mut child = std::process::Command::new("sh")
         .arg("-c")
         .arg("ulimit -n 256 && exec \"$0\" \"$@\"")
-        .arg(rapport_tests::rapport_bin())
+        .arg(support::bin())
         .arg("--data-dir")
         .arg(&alice.dir)
         .args([
