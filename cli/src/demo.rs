@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use libp2p::Multiaddr;
 use rapport_node::relay::{Quotas, Relay, RelayConfig};
-use rapport_node::{GrantArgs, Node, NodeConfig, NodeHandle, RelayStore, Store, SyncResult, now};
+use rapport_node::{
+    Deliveries, GrantArgs, Node, NodeConfig, NodeHandle, RelayStore, Store, SyncResult, now,
+};
 use rapport_protocol::wire::DocRef;
 use rapport_protocol::{ConsentHeader, IdentityKey, Kind, Ledger, read_ledger_file};
 
@@ -90,7 +92,7 @@ async fn grant(h: &NodeHandle, to: IdentityKey, scopes: &[&str], purpose: &str) 
         to.short(),
         scopes.join(", ")
     );
-    println!("   {}", delivery.unwrap_or_default());
+    println!("   {delivery}");
     Ok(id)
 }
 
@@ -100,14 +102,16 @@ async fn say(
     rel: &str,
     text: &str,
     purpose: Option<&str>,
-) -> Result<String> {
+) -> Result<Deliveries> {
     let (r, t, p) = (rel.to_owned(), text.to_owned(), purpose.map(str::to_owned));
     let (_, delivery) = h
         .write(WAIT, move |e| e.send_message(&r, t, p, None, now()))
         .await?;
-    let delivery = delivery.unwrap_or_else(|| "kept here only: no member may read it now".into());
+    let line = delivery
+        .summary()
+        .unwrap_or_else(|| "kept here only: no member may read it now".into());
     println!(
-        "   {who}{}: {text:?}\n     → {delivery}",
+        "   {who}{}: {text:?}\n     → {line}",
         purpose.map(|p| format!(" [{p}]")).unwrap_or_default()
     );
     Ok(delivery)
@@ -214,10 +218,7 @@ async fn story() -> Result<()> {
         .await?;
         let (rows, delivery) = h.write(WAIT, |e| e.accept(None, None, now())).await?;
         ensure!(rows.len() == 1, "{name} should accept one grant");
-        println!(
-            "   {name} signs its acceptance: {}",
-            delivery.unwrap_or_default()
-        );
+        println!("   {name} signs its acceptance: {}", delivery);
         until("Alice seeing the acceptance", || async {
             grant_status(&a, g).await.0 == "active"
         })
@@ -235,11 +236,7 @@ async fn story() -> Result<()> {
             })
             .await?;
         let rel = out.rel.context("a relationship")?.to_hex();
-        println!(
-            "   relationship {} with {name}: {}",
-            &rel[..8],
-            delivery.unwrap_or_default()
-        );
+        println!("   relationship {} with {name}: {}", &rel[..8], delivery);
         rels.push(rel);
     }
     let (r_acme, r_globex) = (rels[0].clone(), rels[1].clone());
@@ -250,7 +247,7 @@ async fn story() -> Result<()> {
 
     step(5, "A conversation, synced both ways");
     let d = say(&a, "Alice", &r_acme, "My order 1234 has not arrived.", None).await?;
-    ensure!(d.contains("delivered"), "Alice's message should reach Acme");
+    ensure!(d.any_delivered(), "Alice's message should reach Acme");
     let d = say(
         &ac,
         "Acme",
@@ -259,7 +256,7 @@ async fn story() -> Result<()> {
         Some("support"),
     )
     .await?;
-    ensure!(d.contains("delivered"), "Acme's reply should reach Alice");
+    ensure!(d.any_delivered(), "Acme's reply should reach Alice");
     until("both holding both messages", || async {
         messages(&a, &r_acme).await == 2 && messages(&ac, &r_acme).await == 2
     })
@@ -279,7 +276,7 @@ async fn story() -> Result<()> {
     )
     .await?;
     ensure!(
-        d.contains("refused"),
+        !d.refusals().is_empty(),
         "the marketing message should be refused"
     );
     ensure!(
@@ -317,7 +314,7 @@ async fn story() -> Result<()> {
             e.revoke(&g, Some("closed my account".into()), now())
         })
         .await?;
-    println!("   revocation: {}", delivery.unwrap_or_default());
+    println!("   revocation: {}", delivery);
 
     step(
         8,
@@ -360,7 +357,7 @@ async fn story() -> Result<()> {
     )
     .await?;
     ensure!(
-        !d.contains("delivered"),
+        !d.any_delivered(),
         "nothing should be delivered to a revoked company"
     );
     // A sync of the consent ledger Alice and Acme still share goes both ways after that
@@ -386,7 +383,7 @@ async fn story() -> Result<()> {
         None,
     )
     .await?;
-    ensure!(d.contains("delivered"), "Globex should still be served");
+    ensure!(d.any_delivered(), "Globex should still be served");
     let d = say(
         &gx,
         "Globex",
@@ -395,7 +392,7 @@ async fn story() -> Result<()> {
         Some("support"),
     )
     .await?;
-    ensure!(d.contains("delivered"), "Globex's reply should reach Alice");
+    ensure!(d.any_delivered(), "Globex's reply should reach Alice");
     ensure!(
         grant_status(&a, &g_globex).await.0 == "active",
         "Globex's grant stays active"
@@ -426,7 +423,7 @@ async fn story() -> Result<()> {
     let text = "Your new kettle ships on Monday.";
     let d = say(&gx, "Globex", &r_globex, text, Some("support")).await?;
     ensure!(
-        d.contains("mailbox"),
+        d.any_deposited(),
         "Globex's reply should go to Alice's mailbox"
     );
     let stats = relay.stats().await;

@@ -258,12 +258,9 @@ pub(crate) fn send(dir: &Path, rel: &str, text: &str, purpose: Option<String>) -
         &out.doc.to_hex()[..8]
     );
     print_delivery(&out);
-    if out
-        .delivery
-        .as_deref()
-        .is_some_and(|d| d.contains("refused") && !d.contains("delivered"))
-    {
-        bail!("the message was refused and is not kept");
+    let went = rapport_node::Deliveries(out.deliveries.clone());
+    if !went.refusals().is_empty() && !went.any_delivered() {
+        bail!("the message was refused; it stays in this node's copy of the relationship only");
     }
     Ok(())
 }

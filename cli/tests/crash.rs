@@ -120,7 +120,7 @@ struct Tally {
     delivered: usize,
     /// Acknowledged, stored for later (the peer not reached).
     stored: usize,
-    /// Acknowledged (2xx), but the delivery summary says the peer refused.
+    /// Acknowledged (2xx), but the peer refused it (by its `deliveries`).
     refused: Vec<String>,
     /// Not acknowledged: what went wrong, and how often.
     errors: std::collections::BTreeMap<String, usize>,
@@ -196,13 +196,20 @@ fn writer(
             match post_message(&party.dir, &rel, &text) {
                 Ok((status, body)) if (200..300).contains(&status) => {
                     let v: Value = serde_json::from_str(&body).unwrap_or_default();
-                    let delivery = v["delivery"].as_str().unwrap_or_default();
-                    if delivery.contains("refused by") {
+                    let outcomes: Vec<&str> = v["deliveries"]
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|d| d["outcome"]["result"].as_str())
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    if outcomes.contains(&"refused") {
                         if tally.refused.is_empty() {
-                            eprintln!("{text}: acknowledged, delivery: {delivery}");
+                            eprintln!("{text}: acknowledged, delivery: {}", v["delivery"]);
                         }
                         tally.refused.push(text.clone());
-                    } else if delivery.contains("delivered") {
+                    } else if outcomes.contains(&"delivered") {
                         tally.delivered += 1;
                         delivered.fetch_add(1, Ordering::SeqCst);
                     } else {

@@ -528,13 +528,13 @@ async fn open_rel(
             tracing::info!("could not connect to {peer} yet: {e}");
         }
     }
-    let (mut out, delivery) = s
+    let (out, delivery) = s
         .node
         .write(q.wait(), move |e| {
             e.open_relationship(peer, b.name, b.title, e.now())
         })
         .await?;
-    out.delivery = delivery;
+    let out = out.went(delivery);
     ok(out)
 }
 
@@ -565,13 +565,13 @@ async fn send_message(
                 .ok_or_else(|| bad(format!("{t:?} is not a thread id (64 hex digits)")))
         })
         .transpose()?;
-    let (mut out, delivery): (WriteOutcome, _) = s
+    let (out, delivery): (WriteOutcome, _) = s
         .node
         .write(q.wait(), move |e| {
             e.send_message(&id, b.text, b.purpose, thread, e.now())
         })
         .await?;
-    out.delivery = delivery;
+    let out = out.went(delivery);
     ok(out)
 }
 
@@ -587,11 +587,11 @@ async fn remove_member(
     Json(b): Json<RemovalBody>,
 ) -> ApiResult {
     let peer = identity(&b.peer)?;
-    let (mut out, delivery) = s
+    let (out, delivery) = s
         .node
         .write(q.wait(), move |e| e.remove_member(&id, peer, e.now()))
         .await?;
-    out.delivery = delivery;
+    let out = out.went(delivery);
     ok(out)
 }
 
@@ -608,11 +608,11 @@ async fn add_member(
     Json(b): Json<MemberBody>,
 ) -> ApiResult {
     let peer = identity(&b.peer)?;
-    let (mut out, delivery) = s
+    let (out, delivery) = s
         .node
         .write(q.wait(), move |e| e.add_member(&id, peer, b.name, e.now()))
         .await?;
-    out.delivery = delivery;
+    let out = out.went(delivery);
     ok(out)
 }
 
@@ -628,13 +628,13 @@ async fn set_profile(
     Query(q): Query<WaitQuery>,
     Json(b): Json<ProfileBody>,
 ) -> ApiResult {
-    let (mut out, delivery) = s
+    let (out, delivery) = s
         .node
         .write(q.wait(), move |e| {
             e.set_profile(&id, b.field, b.value, e.now())
         })
         .await?;
-    out.delivery = delivery;
+    let out = out.went(delivery);
     ok(out)
 }
 
@@ -649,11 +649,11 @@ async fn new_thread(
     Query(q): Query<WaitQuery>,
     Json(b): Json<ThreadBody>,
 ) -> ApiResult {
-    let (mut out, delivery) = s
+    let (out, delivery) = s
         .node
         .write(q.wait(), move |e| e.new_thread(&id, b.title, e.now()))
         .await?;
-    out.delivery = delivery;
+    let out = out.went(delivery);
     ok(out)
 }
 
@@ -695,11 +695,11 @@ async fn grant(
             .transpose()?,
         notice_sha256: b.notice_sha256,
     };
-    let (mut out, delivery) = s
+    let (out, delivery) = s
         .node
         .write(q.wait(), move |e| e.grant(args, e.now()))
         .await?;
-    out.delivery = delivery;
+    let out = out.went(delivery);
     ok(out)
 }
 
@@ -716,11 +716,11 @@ async fn amend(
     Json(b): Json<AmendBody>,
 ) -> ApiResult {
     let scopes = scopes(&b.scopes)?;
-    let (mut out, delivery) = s
+    let (out, delivery) = s
         .node
         .write(q.wait(), move |e| e.amend(&id, scopes, b.expires, e.now()))
         .await?;
-    out.delivery = delivery;
+    let out = out.went(delivery);
     ok(out)
 }
 
@@ -736,11 +736,11 @@ async fn revoke(
     body: Option<Json<RevokeBody>>,
 ) -> ApiResult {
     let reason = body.map(|Json(b)| b).unwrap_or_default().reason;
-    let (mut out, delivery) = s
+    let (out, delivery) = s
         .node
         .write(q.wait(), move |e| e.revoke(&id, reason, e.now()))
         .await?;
-    out.delivery = delivery;
+    let out = out.went(delivery);
     ok(out)
 }
 
@@ -760,11 +760,11 @@ async fn ack_erasure(
         .unwrap_or_default()
         .erased
         .unwrap_or_else(|| "all data held under this grant".into());
-    let (mut out, delivery) = s
+    let (out, delivery) = s
         .node
         .write(q.wait(), move |e| e.ack_erasure(&id, erased, e.now()))
         .await?;
-    out.delivery = delivery;
+    let out = out.went(delivery);
     ok(out)
 }
 
@@ -787,7 +787,7 @@ async fn accept(
             e.accept(b.grant.as_deref(), customer, e.now())
         })
         .await?;
-    ok(json!({"accepted": rows, "delivery": delivery}))
+    ok(json!({"accepted": rows, "delivery": delivery.summary(), "deliveries": delivery}))
 }
 
 #[derive(Deserialize)]
@@ -802,11 +802,11 @@ async fn proffer(
     Json(b): Json<ProfferBody>,
 ) -> ApiResult {
     let grantee = identity(&b.grantee)?;
-    let (mut out, delivery) = s
+    let (out, delivery) = s
         .node
         .write(q.wait(), move |e| e.proffer(grantee, &b.terms, e.now()))
         .await?;
-    out.delivery = delivery;
+    let out = out.went(delivery);
     ok(out)
 }
 
@@ -834,7 +834,7 @@ async fn import(
         .node
         .write(q.wait(), move |e| e.import_ledger(&body, e.now()))
         .await?;
-    ok(json!({"imported": applied, "delivery": delivery}))
+    ok(json!({"imported": applied, "delivery": delivery.summary(), "deliveries": delivery}))
 }
 
 async fn refusals(State(s): State<AppState>, Query(q): Query<WaitQuery>) -> ApiResult {

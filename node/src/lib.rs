@@ -43,5 +43,6 @@ pub use net::{
 pub use node::{NODE_FILE, Node, NodeConfig, NodeError, NodeFile, NodeHandle, TOKEN_FILE, now};
 pub use store::{Conduct, MAX_PEER_ADDRS, MAX_REFUSALS, PeerRecord, Profile, Refusal, Store};
 pub use views::{
-    Event, GrantRow, MemberRow, MessageView, RelDetail, RelSummary, ThreadView, WriteOutcome,
+    Deliveries, Delivery, Event, GrantRow, MemberRow, MessageView, RelDetail, RelSummary,
+    ThreadView, WriteOutcome,
 };

@@ -401,6 +401,8 @@ pub enum SyncResult {
     /// The peer could not be reached; the changes it lacks were sealed and left in its
     /// mailbox at the relay.
     Deposited(String),
+    /// Handed to the network loop without waiting for the outcome.
+    Queued,
 }
 
 /// A connected peer, as listed by `rapport peers`.

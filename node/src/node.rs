@@ -16,7 +16,7 @@ use crate::engine::{Engine, EngineError, Push};
 use crate::error::NetError;
 use crate::net::{self, NetClient, NetConfig, SyncResult};
 use crate::store::Store;
-use crate::views::Event;
+use crate::views::{Deliveries, Delivery, Event};
 
 /// The file, in the data directory, that tells the CLI a node is running and where its API
 /// is. Removed on a clean shutdown.
@@ -360,14 +360,10 @@ impl NodeHandle {
         self.query(f).await.expect("the node is running")
     }
 
-    /// Runs a write on the engine on a blocking thread, then syncs what it changed with the
-    /// peers concerned, waiting up to `wait` for them (zero: do not wait). Returns the
-    /// write's value and a summary of where it went.
-    pub async fn write<T, F>(
-        &self,
-        wait: Duration,
-        f: F,
-    ) -> Result<(T, Option<String>), EngineError>
+    /// Runs a write on the engine, then syncs what it changed with the peers concerned,
+    /// waiting up to `wait` for them (zero: do not wait). Returns the write's value and
+    /// where it went.
+    pub async fn write<T, F>(&self, wait: Duration, f: F) -> Result<(T, Deliveries), EngineError>
     where
         F: FnOnce(&mut Engine) -> Result<(T, Vec<Push>), EngineError> + Send + 'static,
         T: Send + 'static,
@@ -377,14 +373,21 @@ impl NodeHandle {
         Ok((value, delivery))
     }
 
-    /// Syncs documents with peers; returns a one-line summary, or none if nothing to do.
-    pub async fn deliver(&self, pushes: Vec<Push>, wait: Duration) -> Option<String> {
-        if pushes.is_empty() {
-            return None;
-        }
+    /// Syncs documents with peers; returns how each sync ended (or that it was queued,
+    /// when `wait` is zero).
+    pub async fn deliver(&self, pushes: Vec<Push>, wait: Duration) -> Deliveries {
         if wait.is_zero() {
-            self.net.push(pushes).await;
-            return Some("queued".into());
+            let queued = pushes
+                .iter()
+                .map(|(peer, _)| Delivery {
+                    peer: *peer,
+                    outcome: SyncResult::Queued,
+                })
+                .collect();
+            if !pushes.is_empty() {
+                self.net.push(pushes).await;
+            }
+            return Deliveries(queued);
         }
         let results = futures::future::join_all(
             pushes
@@ -392,18 +395,16 @@ impl NodeHandle {
                 .map(|(peer, doc)| self.net.sync(*peer, *doc, wait)),
         )
         .await;
-        let parts: Vec<String> = pushes
-            .iter()
-            .zip(results)
-            .map(|((peer, _), r)| match r {
-                SyncResult::Delivered => format!("delivered to {peer}"),
-                SyncResult::Refused(why) => format!("refused by {peer}: {why}"),
-                SyncResult::Offline(why) => format!("stored; {peer} not reached ({why})"),
-                SyncResult::NotShared => format!("not sent to {peer}: it may not read this now"),
-                SyncResult::Deposited(why) => format!("stored; {why}"),
-            })
-            .collect();
-        Some(parts.join("; "))
+        Deliveries(
+            pushes
+                .iter()
+                .zip(results)
+                .map(|((peer, _), outcome)| Delivery {
+                    peer: *peer,
+                    outcome,
+                })
+                .collect(),
+        )
     }
 
     /// Events from now on.

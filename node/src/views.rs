@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use rapport_protocol::{DocId, EntryId, GrantView, IdentityKey, UnixSeconds};
 use serde::{Deserialize, Serialize};
 
+use crate::net::SyncResult;
 use crate::store::Refusal;
 
 /// One grant as listed by `rapport consent list --json` and `GET /v1/consent`.
@@ -76,9 +77,12 @@ pub struct WriteOutcome {
     pub grant: Option<EntryId>,
     /// The other party.
     pub peer: IdentityKey,
-    /// Where the write went: `delivered`, `stored` (the peer is not reachable now; it
-    /// syncs when it is), or `refused: …` by the peer.
+    /// Where the write went, in a line for people (see `deliveries` for each peer's
+    /// outcome).
     pub delivery: Option<String>,
+    /// Where the write went, peer by peer.
+    #[serde(default)]
+    pub deliveries: Vec<Delivery>,
     /// Anything the user should know.
     pub note: Option<String>,
 }
@@ -93,6 +97,7 @@ impl WriteOutcome {
             grant: None,
             peer,
             delivery: None,
+            deliveries: Vec::new(),
             note: None,
         }
     }
@@ -106,6 +111,7 @@ impl WriteOutcome {
             grant: None,
             peer,
             delivery: None,
+            deliveries: Vec::new(),
             note: None,
         }
     }
@@ -265,4 +271,92 @@ pub enum Event {
         /// The peer.
         peer: String,
     },
+}
+
+/// Where a write went, for one peer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delivery {
+    /// The peer.
+    pub peer: IdentityKey,
+    /// How the sync with it ended.
+    pub outcome: SyncResult,
+}
+
+/// Where a write went, peer by peer (empty: it concerns no other peer now).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Deliveries(pub Vec<Delivery>);
+
+impl Deliveries {
+    /// Whether it reached `peer`.
+    pub fn delivered_to(&self, peer: &IdentityKey) -> bool {
+        self.0
+            .iter()
+            .any(|d| d.peer == *peer && d.outcome == SyncResult::Delivered)
+    }
+
+    /// Whether it reached some peer.
+    pub fn any_delivered(&self) -> bool {
+        self.0.iter().any(|d| d.outcome == SyncResult::Delivered)
+    }
+
+    /// The reasons of the peers that refused it.
+    pub fn refusals(&self) -> Vec<&str> {
+        self.0
+            .iter()
+            .filter_map(|d| match &d.outcome {
+                SyncResult::Refused(why) => Some(why.as_str()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Whether it waits sealed in some peer's mailbox at the relay.
+    pub fn any_deposited(&self) -> bool {
+        self.0
+            .iter()
+            .any(|d| matches!(d.outcome, SyncResult::Deposited(_)))
+    }
+
+    /// Whether some peer was not reached (it syncs when it connects).
+    pub fn any_offline(&self) -> bool {
+        self.0
+            .iter()
+            .any(|d| matches!(d.outcome, SyncResult::Offline(_)))
+    }
+
+    /// One line for people, or none when it went to no peer.
+    pub fn summary(&self) -> Option<String> {
+        if self.0.is_empty() {
+            return None;
+        }
+        let parts: Vec<String> = self
+            .0
+            .iter()
+            .map(|Delivery { peer, outcome }| match outcome {
+                SyncResult::Delivered => format!("delivered to {peer}"),
+                SyncResult::Refused(why) => format!("refused by {peer}: {why}"),
+                SyncResult::Offline(why) => format!("stored; {peer} not reached ({why})"),
+                SyncResult::NotShared => format!("not sent to {peer}: it may not read this now"),
+                SyncResult::Deposited(why) => format!("stored; {why}"),
+                SyncResult::Queued => format!("queued for {peer}"),
+            })
+            .collect();
+        Some(parts.join("; "))
+    }
+}
+
+impl std::fmt::Display for Deliveries {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.summary().unwrap_or_default())
+    }
+}
+
+impl WriteOutcome {
+    /// This outcome with where it went.
+    pub fn went(mut self, deliveries: Deliveries) -> Self {
+        self.delivery = deliveries.summary();
+        self.deliveries = deliveries.0;
+        self
+    }
 }

@@ -213,13 +213,13 @@ pub async fn messages(h: &rapport_node::NodeHandle, rel: &str) -> Vec<String> {
     .await
 }
 
-/// Sends a message; returns the delivery summary.
+/// Sends a message; returns where it went.
 pub async fn send(
     h: &rapport_node::NodeHandle,
     rel: &str,
     text: &str,
     purpose: Option<&str>,
-) -> String {
+) -> rapport_node::Deliveries {
     let (rel, text, purpose) = (rel.to_owned(), text.to_owned(), purpose.map(str::to_owned));
     let (_, delivery) = h
         .write(WAIT, move |e| {
@@ -227,7 +227,7 @@ pub async fn send(
         })
         .await
         .expect("send");
-    delivery.unwrap_or_default()
+    delivery
 }
 
 /// Grants the usual support scopes to each company and has it accept; waits until the
