@@ -429,6 +429,44 @@ pub fn router(node: NodeHandle, token: String) -> Router {
             )
         })
         .with_state(state)
+        .layer(middleware::from_fn(json_errors))
+}
+
+/// The most of a plain-text error body (an extractor's rejection) kept in the JSON error.
+const MAX_REJECTION_TEXT: usize = 16 << 10;
+
+/// Every failure gets the API's error shape, `{"error": "..."}`: axum's own rejections (a
+/// body that is not JSON or lacks a field, a bad query, a body over the limit, a method
+/// the route does not take) answer in plain text or with no body at all.
+async fn json_errors(req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let text = axum::body::to_bytes(resp.into_body(), MAX_REJECTION_TEXT)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        .unwrap_or_default();
+    let text = if text.is_empty() {
+        match status {
+            StatusCode::METHOD_NOT_ALLOWED => {
+                "this route does not take that method: see /openapi.json".to_owned()
+            }
+            s => s
+                .canonical_reason()
+                .unwrap_or("the request failed")
+                .to_owned(),
+        }
+    } else {
+        text
+    };
+    ApiError(status, text).into_response()
 }
 
 async fn auth(

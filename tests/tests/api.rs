@@ -146,3 +146,136 @@ async fn the_event_stream_carries_new_messages() {
     }
     panic!("no message event on /v1/events");
 }
+
+/// One HTTP/1.1 request with a chosen content type; returns (status, content type, body).
+fn raw(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: &str,
+    content_type: &str,
+    body: &[u8],
+) -> (u16, String, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    // A server may answer before it has read a body it refuses.
+    let _ = s.write_all(body);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let out = String::from_utf8_lossy(&out).into_owned();
+    let status = out[9..12].parse().unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    let ctype = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-type:")
+                .map(|v| v.trim().to_owned())
+        })
+        .unwrap_or_default();
+    (status, ctype, body.to_owned())
+}
+
+/// Whatever a client gets wrong, the answer is the API's error shape: a JSON object whose
+/// `error` says what was wrong, with a 4xx status, never a bare text or an empty body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_failure_the_api_gives_is_its_json_error_shape() {
+    let alice = TestNode::new(Kind::Person, "Alice").await;
+    let addr = alice.node.api_addr().unwrap();
+    let t = token(&alice);
+    let json = "application/json";
+    let huge = vec![b' '; 2 << 20];
+    let cases: Vec<(&str, &str, &str, &str, Vec<u8>, u16)> = vec![
+        (
+            "malformed JSON",
+            "POST",
+            "/v1/consent/grants",
+            json,
+            b"{not json".to_vec(),
+            400,
+        ),
+        (
+            "missing fields",
+            "POST",
+            "/v1/consent/grants",
+            json,
+            b"{}".to_vec(),
+            422,
+        ),
+        (
+            "not JSON at all",
+            "POST",
+            "/v1/consent/grants",
+            "text/plain",
+            b"hello".to_vec(),
+            415,
+        ),
+        (
+            "a bad query",
+            "GET",
+            "/v1/inbox?limit=many",
+            json,
+            Vec::new(),
+            400,
+        ),
+        (
+            "an unknown route",
+            "GET",
+            "/v1/nothing-here",
+            json,
+            Vec::new(),
+            404,
+        ),
+        (
+            "a wrong method",
+            "DELETE",
+            "/v1/inbox",
+            json,
+            Vec::new(),
+            405,
+        ),
+        (
+            "a body over the limit",
+            "POST",
+            "/v1/relationships/abcd/messages",
+            json,
+            huge,
+            413,
+        ),
+    ];
+    for (what, method, path, ctype, body, want) in cases {
+        let (m, p, c, tok) = (
+            method.to_owned(),
+            path.to_owned(),
+            ctype.to_owned(),
+            t.clone(),
+        );
+        let (status, got_type, text) =
+            tokio::task::spawn_blocking(move || raw(addr, &m, &p, &tok, &c, &body))
+                .await
+                .unwrap();
+        assert_eq!(status, want, "{what}: {text}");
+        assert!(
+            got_type.starts_with("application/json"),
+            "{what}: content type {got_type:?}, body {text:?}"
+        );
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{what}: not JSON ({e}): {text:?}"));
+        let error = v["error"].as_str().unwrap_or_default();
+        assert!(!error.trim().is_empty(), "{what}: no error text: {text}");
+    }
+    // Without the token as well.
+    let (status, got_type, text) = tokio::task::spawn_blocking(move || {
+        raw(addr, "GET", "/v1/inbox", "wrong", "application/json", b"")
+    })
+    .await
+    .unwrap();
+    assert_eq!(status, 401, "{text}");
+    assert!(got_type.starts_with("application/json"), "{text}");
+}
