@@ -182,6 +182,17 @@ fn raw(
     (status, ctype, body.to_owned())
 }
 
+/// What a case sends and the status it must get: (what, method, path, content type, body,
+/// status).
+type Case = (
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static str,
+    Vec<u8>,
+    u16,
+);
+
 /// Whatever a client gets wrong, the answer is the API's error shape: a JSON object whose
 /// `error` says what was wrong, with a 4xx status, never a bare text or an empty body.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -191,7 +202,7 @@ async fn every_failure_the_api_gives_is_its_json_error_shape() {
     let t = token(&alice);
     let json = "application/json";
     let huge = vec![b' '; 2 << 20];
-    let cases: Vec<(&str, &str, &str, &str, Vec<u8>, u16)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "malformed JSON",
             "POST",
