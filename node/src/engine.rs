@@ -126,7 +126,7 @@ pub struct RoundOutcome {
     /// Whether the peer's reported heads changed since the last round.
     pub peer_moved: bool,
     /// The peer refused our request or changes of ours, with its reasons.
-    pub refused: Vec<String>,
+    pub refused: Vec<crate::net::PeerRefusal>,
     /// The peer misbehaved past the limit: disconnect it.
     pub disconnect: bool,
 }

@@ -37,8 +37,8 @@ pub use engine::{
 pub use error::{DialError, NetError, StoreError};
 pub use mailbox::{RELAY_DB, RelayStore, RelayStoreError, StoredMail};
 pub use net::{
-    FrameCodec, Framed, Inbound, MailCodec, NetClient, NetConfig, PeerInfo, SyncCodec, SyncResult,
-    Undecodable, WireStats,
+    FrameCodec, Framed, Inbound, MailCodec, NetClient, NetConfig, PeerInfo, PeerRefusal, Refused,
+    SyncCodec, SyncResult, Undecodable, WireStats,
 };
 pub use node::{NODE_FILE, Node, NodeConfig, NodeError, NodeFile, NodeHandle, TOKEN_FILE, now};
 pub use store::{Conduct, MAX_PEER_ADDRS, MAX_REFUSALS, PeerRecord, Profile, Refusal, Store};

@@ -386,14 +386,41 @@ pub struct NetConfig {
     pub relay: Option<Multiaddr>,
 }
 
+/// What a peer refused of ours, and its words.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerRefusal {
+    /// The whole request, or one change.
+    pub what: Refused,
+    /// The peer's reason, for people (decide by `what`, never by this text).
+    pub reason: String,
+}
+
+/// What a peer refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "refused", rename_all = "snake_case")]
+pub enum Refused {
+    /// The whole sync request.
+    Request {
+        /// Why, as the peer coded it.
+        code: RefusalCode,
+    },
+    /// One change of ours, for good.
+    Change {
+        /// The change's hash (hex).
+        change: String,
+        /// Why, as the peer coded it.
+        kind: rapport_protocol::wire::RefusalKind,
+    },
+}
+
 /// How a sync with a peer ended, as told to whoever asked for it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "result", content = "detail", rename_all = "snake_case")]
 pub enum SyncResult {
     /// Both sides hold the same changes.
     Delivered,
-    /// The peer refused (with its reasons).
-    Refused(String),
+    /// The peer refused (what, and its reasons).
+    Refused(Vec<PeerRefusal>),
     /// The peer could not be reached now; the document syncs when it connects.
     Offline(String),
     /// This node does not share the document with the peer now (no access, or not held).
@@ -655,7 +682,7 @@ struct Session {
     doc: DocRef,
     rounds: u32,
     again: bool,
-    refused: Vec<String>,
+    refused: Vec<PeerRefusal>,
     waiters: Vec<oneshot::Sender<SyncResult>>,
 }
 
@@ -1219,11 +1246,9 @@ impl Loop {
                         .map(|s| s.refused.clone())
                         .unwrap_or_default();
                     let result = if refused.is_empty() {
-                        SyncResult::Refused(
-                            "this node does not share that document with the peer now".into(),
-                        )
+                        SyncResult::NotShared
                     } else {
-                        SyncResult::Refused(refused.join("; "))
+                        SyncResult::Refused(refused)
                     };
                     self.end_session(peer, doc.doc_id(), result);
                     return;
@@ -1297,7 +1322,7 @@ impl Loop {
                     let result = if s.refused.is_empty() {
                         SyncResult::Delivered
                     } else {
-                        SyncResult::Refused(s.refused.join("; "))
+                        SyncResult::Refused(s.refused.clone())
                     };
                     self.end_session(peer, doc, result);
                 }

@@ -24,6 +24,7 @@ use crate::engine::{
     BAN_SECONDS, Doc, Engine, EngineError, MAX_RELS_PER_OWNER, MAX_STRIKES, MAX_UNANSWERED_CHANGES,
     MAX_WAITING_BYTES, MAX_WAITING_PER_DOC, Push, RoundOutcome, STRIKE_WINDOW,
 };
+use crate::net::{PeerRefusal, Refused};
 use crate::store::Refusal;
 use crate::views::Event;
 
@@ -291,7 +292,10 @@ impl Engine {
                     change: None,
                     reason: detail.clone(),
                 });
-                out.refused.push(detail);
+                out.refused.push(PeerRefusal {
+                    what: Refused::Request { code },
+                    reason: detail,
+                });
                 return Ok((out, Vec::new()));
             }
             SyncResponse::Sync {
@@ -326,7 +330,13 @@ impl Engine {
                 change: Some(hash.to_string()),
                 reason: reason.clone(),
             });
-            out.refused.push(reason);
+            out.refused.push(PeerRefusal {
+                what: Refused::Change {
+                    change: hash.to_string(),
+                    kind,
+                },
+                reason,
+            });
             for_good.push((hash, kind));
         }
         if !self.holds(&id) {

@@ -305,9 +305,10 @@ impl Deliveries {
         self.0
             .iter()
             .filter_map(|d| match &d.outcome {
-                SyncResult::Refused(why) => Some(why.as_str()),
+                SyncResult::Refused(why) => Some(why.iter().map(|r| r.reason.as_str())),
                 _ => None,
             })
+            .flatten()
             .collect()
     }
 
@@ -335,7 +336,10 @@ impl Deliveries {
             .iter()
             .map(|Delivery { peer, outcome }| match outcome {
                 SyncResult::Delivered => format!("delivered to {peer}"),
-                SyncResult::Refused(why) => format!("refused by {peer}: {why}"),
+                SyncResult::Refused(why) => {
+                    let reasons: Vec<&str> = why.iter().map(|r| r.reason.as_str()).collect();
+                    format!("refused by {peer}: {}", reasons.join("; "))
+                }
                 SyncResult::Offline(why) => format!("stored; {peer} not reached ({why})"),
                 SyncResult::NotShared => format!("not sent to {peer}: it may not read this now"),
                 SyncResult::Deposited(why) => format!("stored; {why}"),

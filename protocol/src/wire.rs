@@ -83,7 +83,8 @@ pub struct SyncRequest {
 }
 
 /// Why a responder refuses a whole request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum RefusalCode {
     /// The requester may not sync this document (no grant, revoked, not a party).

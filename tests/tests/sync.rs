@@ -75,7 +75,20 @@ async fn customer_and_company_talk_under_consent_and_revocation_cuts_off() {
     // what it wrote (a peer's refusal never changes a node's own history) and is not
     // stopped by it: its next message, under a purpose Alice allows, is delivered.
     let d = send(&acme.handle, &rel, "50% off everything!", Some("marketing")).await;
-    // The reason names the scope the company lacks.
+    // Refused for good, as forbidden, and the reason names the scope the company lacks.
+    let forbidden = d.0.iter().any(|x| match &x.outcome {
+        rapport_node::SyncResult::Refused(r) => r.iter().any(|p| {
+            matches!(
+                p.what,
+                rapport_node::Refused::Change {
+                    kind: rapport_protocol::wire::RefusalKind::Forbidden,
+                    ..
+                }
+            )
+        }),
+        _ => false,
+    });
+    assert!(forbidden, "{d}");
     assert!(
         d.refusals().iter().any(|r| r.contains("contact:marketing")),
         "{d}"
