@@ -71,7 +71,11 @@ fn the_customers_store_from_the_last_release_opens_with_its_consent_and_conversa
     );
     let refusals = engine.refusals(10).unwrap();
     assert_eq!(refusals.len(), 1);
-    assert!(refusals[0].reason.contains("marketing"), "{:?}", refusals[0]);
+    assert!(
+        refusals[0].reason.contains("marketing"),
+        "{:?}",
+        refusals[0]
+    );
     assert_eq!(engine.ledger_files().len(), 1);
 }
 
