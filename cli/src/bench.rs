@@ -51,6 +51,9 @@ pub(crate) enum BenchCmd {
         /// Relationship sizes (members) to rotate the key of.
         #[arg(long, value_delimiter = ',', default_values_t = [10usize, 1_000])]
         members: Vec<usize>,
+        /// Print the figures as one JSON object on stdout, and nothing else.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -72,8 +75,12 @@ pub(crate) fn run(cmd: BenchCmd) -> Result<()> {
             per_rel,
             json,
         } => (messages, rels, per_rel, json),
-        BenchCmd::Relay { messages, members } => {
-            return crate::bench_relay::run(messages, &members);
+        BenchCmd::Relay {
+            messages,
+            members,
+            json,
+        } => {
+            return crate::bench_relay::run(messages, &members, json);
         }
     };
     let rt = crate::runtime("off")?;
