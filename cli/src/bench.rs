@@ -1,5 +1,12 @@
-//! `rapport bench sync`: two real nodes on loopback sync relationships from cold, and the
-//! same changes are applied by plain Automerge in memory, in the same run, for comparison.
+//! `rapport bench sync`: two real nodes on loopback sync relationships from cold, and in the
+//! same run the same changes are measured against two references:
+//!
+//! - the floor: the changes' signatures batch-verified (`verify_all`, as a node does it) and
+//!   the changes applied by plain Automerge in memory, one call per document;
+//! - samod (the Rust automerge-repo) as the peer: two samod repos syncing documents built
+//!   from the very same Automerge changes over TCP on 127.0.0.1 (see `bench_samod`).
+//!
+//! With `--json` the figures are printed as one JSON object on stdout, and nothing else.
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -8,27 +15,32 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 use rapport_node::{Node, NodeConfig, Store};
-use rapport_protocol::automerge::Automerge;
+use rapport_protocol::automerge::{Automerge, Change};
 use rapport_protocol::wire::DocRef;
 use rapport_protocol::{
     ConsentDoc, ConsentHeader, DocId, EntryBody, Kind, LegalBasis, RelBody, RelHeader,
-    RelationshipDoc, SecretKey, SignedChange, Terms,
+    RelationshipDoc, SecretKey, SignedChange, Terms, verify_all,
 };
+use serde_json::json;
 
 /// Benchmarks.
 #[derive(Subcommand)]
 pub(crate) enum BenchCmd {
-    /// Cold sync between two nodes over loopback TCP, against plain Automerge in memory.
+    /// Cold sync between two nodes over loopback TCP, against the floor (batch signature
+    /// verification + Automerge in memory) and against two samod repos over loopback TCP.
     Sync {
         /// Relationship sizes to sync, one run each (messages per relationship).
-        #[arg(long, value_delimiter = ',', default_values_t = [1_000usize, 10_000, 100_000])]
+        #[arg(long, value_delimiter = ',', default_values_t = [10_000usize, 100_000])]
         messages: Vec<usize>,
-        /// Then many relationships at once: how many …
+        /// Then many relationships at once: how many (0: skip) …
         #[arg(long, default_value_t = 1_000)]
         rels: usize,
         /// … of how many messages each.
         #[arg(long, default_value_t = 20)]
         per_rel: usize,
+        /// Print the figures as one JSON object on stdout, and nothing else.
+        #[arg(long)]
+        json: bool,
     },
     /// Messages through a relay's circuit and through its mailbox against direct, in the
     /// same run; and the cost of a content-key rotation.
@@ -39,47 +51,223 @@ pub(crate) enum BenchCmd {
         /// Relationship sizes (members) to rotate the key of.
         #[arg(long, value_delimiter = ',', default_values_t = [10usize, 1_000])]
         members: Vec<usize>,
+        /// Print the figures as one JSON object on stdout, and nothing else.
+        #[arg(long)]
+        json: bool,
     },
 }
 
+/// The longest one sync may take, Rapport's or samod's.
+const SYNC_LIMIT: Duration = Duration::from_secs(1800);
+
+/// Targets (issue 10): one relationship, against the floor and against samod; many small
+/// relationships, against Automerge in memory; and wire bytes against the changes' own size.
+const TARGET_FLOOR: f64 = 2.0;
+const TARGET_SAMOD: f64 = 1.5;
+const TARGET_APPLY_MANY: f64 = 3.0;
+const TARGET_WIRE: f64 = 2.0;
+
 pub(crate) fn run(cmd: BenchCmd) -> Result<()> {
-    let (messages, rels, per_rel) = match cmd {
+    let (messages, rels, per_rel, json) = match cmd {
         BenchCmd::Sync {
             messages,
             rels,
             per_rel,
-        } => (messages, rels, per_rel),
-        BenchCmd::Relay { messages, members } => {
-            return crate::bench_relay::run(messages, &members);
+            json,
+        } => (messages, rels, per_rel, json),
+        BenchCmd::Relay {
+            messages,
+            members,
+            json,
+        } => {
+            return crate::bench_relay::run(messages, &members, json);
         }
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    println!("rapport bench sync: two nodes on 127.0.0.1 (TCP, Noise, Yamux), cold stores");
-    println!(
-        "{:<16} {:>9} {:>10} {:>12} {:>11} {:>7} {:>11} {:>11} {:>6}",
-        "case",
-        "changes",
-        "sync s",
-        "changes/s",
-        "automerge s",
-        "ratio",
-        "wire B/chg",
-        "own B/chg",
-        "ratio"
-    );
-    for n in messages {
-        rt.block_on(case(&format!("1 rel x {n}"), 1, n))?;
-    }
+    let rt = crate::runtime("off")?;
+    let mut cases: Vec<(String, usize, usize)> = messages
+        .iter()
+        .map(|&n| (format!("1 rel x {n}"), 1, n))
+        .collect();
     if rels > 0 {
-        rt.block_on(case(&format!("{rels} rels x {per_rel}"), rels, per_rel))?;
+        cases.push((format!("{rels} rels x {per_rel}"), rels, per_rel));
     }
-    println!("\nsync s: from dialling until the company's node holds every change, verified and");
-    println!("durable. automerge s: Automerge::apply_changes of the same changes in memory, one");
-    println!("call per document. Targets: time ratio <= 3, wire ratio <= 2.");
+    if !json {
+        println!(
+            "rapport bench sync: two nodes on 127.0.0.1 (TCP, Noise, Yamux), cold stores; the floor and samod on the same changes"
+        );
+        println!(
+            "{:<16} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>7} {:>7} {:>7} {:>7} {:>6} {:>7}",
+            "case",
+            "changes",
+            "sync s",
+            "floor s",
+            "apply s",
+            "samod s",
+            "/floor",
+            "/apply",
+            "/samod",
+            "wire B",
+            "own B",
+            "ratio",
+            "samod B"
+        );
+    }
+    let mut figures = Vec::new();
+    for (label, rels, per_rel) in cases {
+        let f = rt.block_on(case(&label, rels, per_rel))?;
+        if !json {
+            f.print_row();
+        }
+        figures.push(f);
+    }
+    if json {
+        let cases: Vec<serde_json::Value> = figures.iter().map(Figures::json).collect();
+        println!(
+            "{}",
+            json!({
+                "bench": "sync",
+                "verify_threads": verify_threads(),
+                "cases": cases,
+            })
+        );
+        return Ok(());
+    }
+    println!(
+        "\nsync s: from dialling until the company's node holds every change, verified and durable."
+    );
+    println!(
+        "floor s: verify s + apply s, in memory: the same changes' signatures batch-verified with"
+    );
+    println!(
+        "verify_all (on up to {} threads here, as a node does it) and Automerge::apply_changes,",
+        verify_threads()
+    );
+    println!("one call per document. samod s: samod 0.16, repo B dialling repo A over TCP on");
+    println!("127.0.0.1 until B holds every head of documents built from the very same changes;");
+    println!("samod signs and checks nothing and keeps its documents in memory, and for a peer");
+    println!("that has nothing it sends each document whole (Automerge's compressed save format).");
+    println!(
+        "wire B / own B: bytes per change on the connection (both directions) / in the signed"
+    );
+    println!("changes themselves; samod B: bytes per change on samod's connection.\n");
+    for f in &figures {
+        for line in f.verdicts() {
+            println!("{line}");
+        }
+    }
     Ok(())
+}
+
+/// How many threads `verify_all` may use on this machine for a large set.
+fn verify_threads() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, std::num::NonZeroUsize::get)
+        .min(4)
+}
+
+/// One case's figures.
+struct Figures {
+    case: String,
+    rels: usize,
+    per_rel: usize,
+    changes: usize,
+    sync_s: f64,
+    verify_s: f64,
+    apply_s: f64,
+    samod_s: f64,
+    wire_bytes: u64,
+    own_bytes: u64,
+    samod_wire_bytes: u64,
+}
+
+impl Figures {
+    fn floor_s(&self) -> f64 {
+        self.verify_s + self.apply_s
+    }
+
+    fn per_change(&self, bytes: u64) -> f64 {
+        bytes as f64 / self.changes as f64
+    }
+
+    fn wire_ratio(&self) -> f64 {
+        self.wire_bytes as f64 / self.own_bytes as f64
+    }
+
+    fn print_row(&self) {
+        println!(
+            "{:<16} {:>8} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>7.2} {:>7.2} {:>7.2} {:>7.1} {:>7.1} {:>6.2} {:>7.1}",
+            self.case,
+            self.changes,
+            self.sync_s,
+            self.floor_s(),
+            self.apply_s,
+            self.samod_s,
+            self.sync_s / self.floor_s(),
+            self.sync_s / self.apply_s,
+            self.sync_s / self.samod_s,
+            self.per_change(self.wire_bytes),
+            self.per_change(self.own_bytes),
+            self.wire_ratio(),
+            self.per_change(self.samod_wire_bytes),
+        );
+    }
+
+    /// One line per target that applies to this case: met, or missed by how much.
+    fn verdicts(&self) -> Vec<String> {
+        let check = |what: &str, ratio: f64, target: f64| {
+            if ratio <= target {
+                format!("{}: {what} {ratio:.2} (target <= {target}): met", self.case)
+            } else {
+                format!(
+                    "{}: {what} {ratio:.2} (target <= {target}): MISSED, {:.1}x over",
+                    self.case,
+                    ratio / target
+                )
+            }
+        };
+        let mut out = Vec::new();
+        if self.rels == 1 {
+            out.push(check(
+                "sync/floor",
+                self.sync_s / self.floor_s(),
+                TARGET_FLOOR,
+            ));
+            out.push(check(
+                "sync/samod",
+                self.sync_s / self.samod_s,
+                TARGET_SAMOD,
+            ));
+        } else {
+            out.push(check(
+                "sync/apply",
+                self.sync_s / self.apply_s,
+                TARGET_APPLY_MANY,
+            ));
+        }
+        out.push(check("wire ratio", self.wire_ratio(), TARGET_WIRE));
+        out
+    }
+
+    fn json(&self) -> serde_json::Value {
+        json!({
+            "case": self.case,
+            "rels": self.rels,
+            "per_rel": self.per_rel,
+            "changes": self.changes,
+            "sync_s": self.sync_s,
+            "floor_s": self.floor_s(),
+            "verify_s": self.verify_s,
+            "apply_s": self.apply_s,
+            "samod_s": self.samod_s,
+            "sync_floor_ratio": self.sync_s / self.floor_s(),
+            "sync_apply_ratio": self.sync_s / self.apply_s,
+            "sync_samod_ratio": self.sync_s / self.samod_s,
+            "wire_ratio": self.wire_ratio(),
+            "wire_bytes_per_change": self.per_change(self.wire_bytes),
+            "own_bytes_per_change": self.per_change(self.own_bytes),
+            "samod_wire_bytes_per_change": self.per_change(self.samod_wire_bytes),
+        })
+    }
 }
 
 pub(crate) fn key_of(dir: &Path) -> Result<SecretKey> {
@@ -164,8 +352,9 @@ pub(crate) fn pair(root: &Path) -> Result<Pair> {
     })
 }
 
-/// Builds both stores, then measures one cold sync.
-async fn case(label: &str, rels: usize, per_rel: usize) -> Result<()> {
+/// Builds both stores, measures the floor on the same changes, then one cold sync between
+/// two nodes, then samod on the same changes.
+async fn case(label: &str, rels: usize, per_rel: usize) -> Result<Figures> {
     let tmp = tempfile::tempdir()?;
     let Pair {
         cdir,
@@ -209,18 +398,31 @@ async fn case(label: &str, rels: usize, per_rel: usize) -> Result<()> {
     drop(store);
     let total: usize = all.iter().map(Vec::len).sum();
     let own_bytes: usize = all.iter().flatten().map(|c| c.encode().len()).sum();
-
-    // Plain Automerge, in memory, the same changes.
-    let raw: Vec<Vec<rapport_protocol::automerge::Change>> = all
+    // The Automerge changes inside the signed ones: the floor and samod get exactly these.
+    let raw: Vec<Vec<Change>> = all
         .iter()
         .map(|cs| cs.iter().map(|c| c.change().clone()).collect())
         .collect();
+
+    // The floor: every signature batch-verified, then plain Automerge in memory.
+    let authorised = [ck.identity(), gk.identity()];
     let start = Instant::now();
-    for cs in raw {
+    for (id, cs) in ids.iter().zip(&all) {
+        if let Some(e) = verify_all(id, cs, &authorised)
+            .into_iter()
+            .find_map(Result::err)
+        {
+            bail!("{label}: a change does not verify: {e}");
+        }
+    }
+    let verify = start.elapsed();
+    let batches = raw.clone();
+    let start = Instant::now();
+    for cs in batches {
         let mut doc = Automerge::new();
         doc.apply_changes(cs)?;
     }
-    let automerge = start.elapsed();
+    let apply = start.elapsed();
 
     let customer = Node::start(NodeConfig::loopback(&cdir)).await?;
     let company = Node::start(NodeConfig::loopback(&gdir)).await?;
@@ -236,7 +438,7 @@ async fn case(label: &str, rels: usize, per_rel: usize) -> Result<()> {
         .dial(addr)
         .await
         .map_err(|e| anyhow::anyhow!("dial: {e}"))?;
-    let deadline = start + Duration::from_secs(1800);
+    let deadline = start + SYNC_LIMIT;
     let want: Vec<(DocId, usize)> = ids.iter().copied().zip(all.iter().map(Vec::len)).collect();
     loop {
         let want = want.clone();
@@ -247,7 +449,10 @@ async fn case(label: &str, rels: usize, per_rel: usize) -> Result<()> {
             break;
         }
         if Instant::now() > deadline {
-            bail!("{label}: the sync did not finish in 30 minutes");
+            bail!(
+                "{label}: the sync did not finish in {} s",
+                SYNC_LIMIT.as_secs()
+            );
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -256,17 +461,23 @@ async fn case(label: &str, rels: usize, per_rel: usize) -> Result<()> {
     let wire = stats.sent.load(Ordering::Relaxed) + stats.received.load(Ordering::Relaxed);
     customer.shutdown().await;
     company.shutdown().await;
-    println!(
-        "{:<16} {:>9} {:>10.3} {:>12.0} {:>11.3} {:>7.2} {:>11.1} {:>11.1} {:>6.2}",
-        label,
-        total,
-        synced.as_secs_f64(),
-        total as f64 / synced.as_secs_f64(),
-        automerge.as_secs_f64(),
-        synced.as_secs_f64() / automerge.as_secs_f64(),
-        wire as f64 / total as f64,
-        own_bytes as f64 / total as f64,
-        wire as f64 / own_bytes as f64
-    );
-    Ok(())
+    drop(all);
+
+    let samod = crate::bench_samod::sync(&raw, SYNC_LIMIT)
+        .await
+        .with_context(|| format!("{label}: samod"))?;
+
+    Ok(Figures {
+        case: label.to_string(),
+        rels,
+        per_rel,
+        changes: total,
+        sync_s: synced.as_secs_f64(),
+        verify_s: verify.as_secs_f64(),
+        apply_s: apply.as_secs_f64(),
+        samod_s: samod.secs,
+        wire_bytes: wire,
+        own_bytes: own_bytes as u64,
+        samod_wire_bytes: samod.wire,
+    })
 }

@@ -1,6 +1,6 @@
 //! `rapport bench relay`: the same batch of messages from a company to a customer, directly,
 //! through a relay's circuit, and through a relay's mailbox, in one run; then the cost of a
-//! content-key rotation.
+//! content-key rotation. With `--json` the figures are printed as one JSON object on stdout.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -17,23 +17,64 @@ use rapport_protocol::{
 
 use crate::bench::key_of;
 
-pub(crate) fn run(messages: usize, members: &[usize]) -> Result<()> {
+pub(crate) fn run(messages: usize, members: &[usize], json: bool) -> Result<()> {
     let rt = crate::runtime("off")?;
-    println!(
-        "rapport bench relay: {messages} messages from a company to a customer on 127.0.0.1, encrypted mail"
-    );
-    println!(
-        "{:<10} {:>10} {:>12} {:>14}",
-        "path", "seconds", "messages/s", "vs direct"
-    );
+    if !json {
+        println!(
+            "rapport bench relay: {messages} messages from a company to a customer on 127.0.0.1, encrypted mail"
+        );
+        println!(
+            "{:<10} {:>10} {:>12} {:>14}",
+            "path", "seconds", "messages/s", "vs direct"
+        );
+    }
     let direct = rt.block_on(case(Path::new("direct"), messages))?;
     let relayed = rt.block_on(case(Path::new("relayed"), messages))?;
     let mailbox = rt.block_on(case(Path::new("mailbox"), messages))?;
-    for (name, t) in [
+    let paths = [
         ("direct", direct),
         ("relayed", relayed),
         ("mailbox", mailbox),
-    ] {
+    ];
+    let rotations: Vec<(usize, f64, f64)> = members
+        .iter()
+        .map(|&n| rotation(n).map(|(seal, entry)| (n, seal, entry)))
+        .collect::<Result<_>>()?;
+    if json {
+        let paths: Vec<serde_json::Value> = paths
+            .iter()
+            .map(|&(name, t)| {
+                serde_json::json!({
+                    "path": name,
+                    "messages": messages,
+                    "s": t,
+                    "messages_per_s": messages as f64 / t,
+                    "vs_direct": direct / t,
+                })
+            })
+            .collect();
+        let rotations: Vec<serde_json::Value> = rotations
+            .iter()
+            .map(|&(n, seal, entry)| {
+                serde_json::json!({
+                    "members": n,
+                    "seal_ms": seal * 1e3,
+                    "seal_entry_ms": entry * 1e3,
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({
+                "bench": "relay",
+                "messages": messages,
+                "paths": paths,
+                "rotations": rotations,
+            })
+        );
+        return Ok(());
+    }
+    for (name, t) in paths {
         println!(
             "{:<10} {:>10.3} {:>12.0} {:>14.2}",
             name,
@@ -53,8 +94,7 @@ pub(crate) fn run(messages: usize, members: &[usize]) -> Result<()> {
         "{:<10} {:>14} {:>20}",
         "members", "seal ms", "seal + signed entry ms"
     );
-    for &n in members {
-        let (seal, entry) = rotation(n)?;
+    for (n, seal, entry) in rotations {
         println!("{:<10} {:>14.2} {:>20.2}", n, seal * 1e3, entry * 1e3);
     }
     println!(

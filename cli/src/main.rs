@@ -20,6 +20,7 @@ use sha2::{Digest, Sha256};
 mod backend;
 mod bench;
 mod bench_relay;
+mod bench_samod;
 mod demo;
 mod node_cmd;
 mod relay_cmd;
