@@ -23,10 +23,11 @@ use rapport_protocol::automerge::ChangeHash;
 use rapport_protocol::mail::{
     MAILBOX_PROTOCOL, MAX_ENVELOPES_PER_MESSAGE, MAX_MAIL_BATCH_BYTES, MailRequest, MailResponse,
 };
+use rapport_protocol::session::{self, End, Ending, Round, Sessions, Start, Step, Ticket};
 use rapport_protocol::wire::{
     DocRef, MAX_WIRE_MESSAGE, RefusalCode, SYNC_PROTOCOL, SyncRequest, SyncResponse, WireError,
 };
-use rapport_protocol::{DocId, IdentityKey, SecretKey};
+use rapport_protocol::{IdentityKey, SecretKey};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
@@ -45,14 +46,12 @@ pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 pub(crate) const DIAL_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long one sync request may take before it counts as failed.
 pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
-/// The most rounds one sync session may run.
-pub(crate) const MAX_ROUNDS: u32 = 10_000;
 /// How often the node redials peers it shares documents with.
 pub(crate) const REDIAL_EVERY: Duration = Duration::from_secs(20);
 /// How long a peer that passed the misbehaviour limit stays disconnected.
 pub(crate) const BAN_FOR: Duration = Duration::from_secs(crate::engine::BAN_SECONDS);
 /// Sync sessions run at once with one peer; more wait in a queue.
-pub(crate) const MAX_SESSIONS_PER_PEER: usize = 16;
+pub(crate) const MAX_SESSIONS_PER_PEER: usize = session::MAX_SESSIONS_PER_PEER;
 /// Undecodable requests a peer may send before it is disconnected.
 pub(crate) const MAX_BAD_REQUESTS: u32 = 16;
 /// Results the engine may have waiting for the network loop.
@@ -448,8 +447,6 @@ pub struct PeerInfo {
 }
 
 /// A session waiting for a free slot: the document and who wants to hear how it ended.
-type Queued = (DocRef, Vec<oneshot::Sender<SyncResult>>);
-
 /// A sync waiting for a connection: the document and who wants to hear how it ended.
 type Waiting = (DocRef, Option<oneshot::Sender<SyncResult>>);
 
@@ -481,8 +478,10 @@ enum Command {
 enum Internal {
     Send {
         peer: PeerId,
-        doc: DocRef,
-        req: Option<SyncRequest>,
+        ticket: Ticket,
+        /// The request and the hashes of the changes it carries; none when this node does
+        /// not share the document with the peer now.
+        req: Option<(SyncRequest, Vec<ChangeHash>)>,
     },
     Respond {
         peer: PeerId,
@@ -492,7 +491,7 @@ enum Internal {
     },
     RoundDone {
         peer: PeerId,
-        doc: DocId,
+        ticket: Ticket,
         outcome: Result<RoundOutcome, String>,
     },
     Pushes(Vec<Push>),
@@ -510,21 +509,30 @@ enum Internal {
 }
 
 impl Internal {
+    /// The end of a round the engine could not run (its store cannot be used now).
+    fn unavailable(peer: PeerId, ticket: Ticket) -> Internal {
+        Internal::RoundDone {
+            peer,
+            ticket,
+            outcome: Err("this node's store cannot be used now".into()),
+        }
+    }
+
     /// What becomes of this result when the engine's group that produced it could not be
     /// made durable: nothing that reports a stored change goes out.
     fn failed(self, err: &EngineError) -> Option<Internal> {
         match self {
             // Built from memory the engine has since reloaded: end the session instead.
-            Internal::Send { peer, doc, .. } => Some(Internal::RoundDone {
+            Internal::Send { peer, ticket, .. } => Some(Internal::RoundDone {
                 peer,
-                doc: doc.doc_id(),
+                ticket,
                 outcome: Err(err.to_string()),
             }),
             // The peer's request fails on its side; it asks again.
             Internal::Respond { .. } => None,
-            Internal::RoundDone { peer, doc, .. } => Some(Internal::RoundDone {
+            Internal::RoundDone { peer, ticket, .. } => Some(Internal::RoundDone {
                 peer,
-                doc,
+                ticket,
                 outcome: Err(err.to_string()),
             }),
             Internal::Pushes(p) => Some(Internal::Pushes(p)),
@@ -678,13 +686,8 @@ impl NetClient {
     }
 }
 
-struct Session {
-    doc: DocRef,
-    rounds: u32,
-    again: bool,
-    refused: Vec<PeerRefusal>,
-    waiters: Vec<oneshot::Sender<SyncResult>>,
-}
+/// The loop's sync sessions: one per peer and document, with who waits for each.
+type LoopSessions = Sessions<PeerId, DocRef, oneshot::Sender<SyncResult>, PeerRefusal>;
 
 /// Where a dial's outcome goes.
 type DialReply = oneshot::Sender<Result<PeerId, DialError>>;
@@ -699,12 +702,10 @@ struct Loop {
     /// fit waits (blocking threads only ever send here), so a flood of requests slows its
     /// senders instead of growing a queue.
     internal_tx: mpsc::Sender<Internal>,
-    sessions: HashMap<(PeerId, DocId), Session>,
-    requests: HashMap<OutboundRequestId, (PeerId, DocRef, Vec<ChangeHash>)>,
+    sessions: LoopSessions,
+    requests: HashMap<OutboundRequestId, (PeerId, DocRef, Vec<ChangeHash>, Ticket)>,
     /// Syncs waiting for a connection to the peer.
     waiting: HashMap<PeerId, Vec<Waiting>>,
-    /// Sessions waiting for a free slot with a connected peer.
-    queued: HashMap<PeerId, VecDeque<Queued>>,
     dials: HashMap<PeerId, Vec<(Multiaddr, DialReply)>>,
     addr_dials: Vec<(Multiaddr, DialReply)>,
     banned: HashMap<PeerId, Instant>,
@@ -945,10 +946,9 @@ pub(crate) fn start(
         deferred: VecDeque::new(),
         events,
         internal_tx,
-        sessions: HashMap::new(),
+        sessions: Sessions::default(),
         requests: HashMap::new(),
         waiting: HashMap::new(),
-        queued: HashMap::new(),
         dials: HashMap::new(),
         addr_dials: Vec::new(),
         banned: bans,
@@ -999,8 +999,8 @@ impl Loop {
     }
 
     fn finish_all(&mut self) {
-        for (_, s) in self.sessions.drain() {
-            for w in s.waiters {
+        for e in self.sessions.drain("the node stopped") {
+            for w in e.waiters {
                 let _ = w.send(SyncResult::Offline("the node stopped".into()));
             }
         }
@@ -1152,126 +1152,95 @@ impl Loop {
             }
             return;
         }
-        let key = (pid, doc.doc_id());
-        if let Some(s) = self.sessions.get_mut(&key) {
-            s.again = true;
-            s.waiters.extend(reply);
-            return;
-        }
         // A bounded number of sessions per peer run at once; the rest wait their turn (a
         // node with a thousand relationships must not open a thousand streams at once).
-        let active = self.sessions.keys().filter(|(p, _)| *p == pid).count();
-        if active >= MAX_SESSIONS_PER_PEER {
-            let queue = self.queued.entry(pid).or_default();
-            match queue.iter_mut().find(|(d, _)| d.doc_id() == doc.doc_id()) {
-                Some((_, waiters)) => waiters.extend(reply),
-                None => queue.push_back((doc, reply.into_iter().collect())),
-            }
-            return;
+        if let Some(start) = self.sessions.want(pid, doc, reply) {
+            self.next_round(start);
         }
-        self.sessions.insert(
-            key,
-            Session {
-                doc,
-                rounds: 0,
-                again: false,
-                refused: Vec::new(),
-                waiters: reply.into_iter().collect(),
-            },
-        );
-        self.next_round(pid, doc);
     }
 
-    fn next_round(&mut self, peer: PeerId, doc: DocRef) {
+    fn next_round(&mut self, start: Start<PeerId, DocRef>) {
+        let Start { peer, doc, ticket } = start;
         let Some(id) = identity_of(&peer) else {
+            if let Some(e) = self
+                .sessions
+                .failed(ticket, "not a Rapport identity".into())
+            {
+                self.end(e);
+            }
             return;
         };
-        let unavailable = Internal::RoundDone {
-            peer,
-            doc: doc.doc_id(),
-            outcome: Err("this node's store cannot be used now".into()),
-        };
+        let unavailable = Internal::unavailable(peer, ticket);
         self.with_engine_or(
             move |e, out| {
-                let req = e.start_round(&id, &doc, e.now()).unwrap_or_else(|err| {
+                let req = e.round_request(&id, &doc, e.now()).unwrap_or_else(|err| {
                     tracing::warn!("cannot start a sync round: {err}");
                     None
                 });
-                out.push(Internal::Send { peer, doc, req });
+                out.push(Internal::Send { peer, ticket, req });
             },
             Some(unavailable),
         );
     }
 
-    fn end_session(&mut self, peer: PeerId, doc: DocId, result: SyncResult) {
-        if let Some(s) = self.sessions.remove(&(peer, doc)) {
-            let lost = matches!(result, SyncResult::Offline(_))
-                && !self.swarm.is_connected(&peer)
-                && self.relay_connected()
-                && self.relay.as_ref().is_some_and(|l| l.peer != peer);
-            if lost {
-                // The peer went away mid-session: what it lacks goes to its mailbox.
-                let mut list: Vec<Waiting> = vec![(s.doc, None)];
-                list.extend(s.waiters.into_iter().map(|w| (s.doc, Some(w))));
-                self.deposit(peer, list);
-            } else {
-                for w in s.waiters {
-                    let _ = w.send(result.clone());
-                }
+    /// A session ended: tell whoever waits (or, for a peer that went away mid-session
+    /// while the relay is there, leave what it lacks in its mailbox), and start the session
+    /// that took its slot.
+    fn end(&mut self, end: End<PeerId, DocRef, oneshot::Sender<SyncResult>, PeerRefusal>) {
+        let End {
+            peer,
+            doc,
+            waiters,
+            ending,
+            next,
+        } = end;
+        let result = match ending {
+            Ending::Done => SyncResult::Delivered,
+            Ending::Refused(r) => SyncResult::Refused(r),
+            Ending::NotShared => SyncResult::NotShared,
+            Ending::Broken(why) => SyncResult::Offline(why),
+        };
+        let lost = matches!(result, SyncResult::Offline(_))
+            && !self.swarm.is_connected(&peer)
+            && self.relay_connected()
+            && self.relay.as_ref().is_some_and(|l| l.peer != peer);
+        if lost {
+            // The peer went away mid-session: what it lacks goes to its mailbox.
+            let mut list: Vec<Waiting> = vec![(doc, None)];
+            list.extend(waiters.into_iter().map(|w| (doc, Some(w))));
+            self.deposit(peer, list);
+        } else {
+            for w in waiters {
+                let _ = w.send(result.clone());
             }
         }
-        // Start the next waiting session with this peer, if any.
-        let next = self.queued.get_mut(&peer).and_then(VecDeque::pop_front);
-        if self.queued.get(&peer).is_some_and(VecDeque::is_empty) {
-            self.queued.remove(&peer);
-        }
-        if let Some((d, waiters)) = next
-            && let Some(id) = identity_of(&peer)
-        {
-            let mut waiters = waiters.into_iter();
-            self.sync(id, d, waiters.next());
-            if let Some(s) = self.sessions.get_mut(&(peer, d.doc_id())) {
-                s.waiters.extend(waiters);
-            }
+        if let Some(start) = next {
+            self.next_round(start);
         }
     }
 
     fn internal(&mut self, msg: Internal) {
         match msg {
-            Internal::Send { peer, doc, req } => {
-                let Some(req) = req else {
-                    let refused = self
-                        .sessions
-                        .get(&(peer, doc.doc_id()))
-                        .map(|s| s.refused.clone())
-                        .unwrap_or_default();
-                    let result = if refused.is_empty() {
-                        SyncResult::NotShared
-                    } else {
-                        SyncResult::Refused(refused)
-                    };
-                    self.end_session(peer, doc.doc_id(), result);
+            Internal::Send { peer, ticket, req } => {
+                let Some((req, sent)) = req else {
+                    if let Some(e) = self.sessions.built(ticket, false) {
+                        self.end(e);
+                    }
                     return;
                 };
-                if !self.swarm.is_connected(&peer) {
-                    self.end_session(
-                        peer,
-                        doc.doc_id(),
-                        SyncResult::Offline("the peer disconnected".into()),
-                    );
+                if !self.sessions.is_current(ticket) {
+                    // The session ended meanwhile (its peer went away): nothing to send.
                     return;
                 }
-                let sent: Vec<ChangeHash> = req
-                    .changes
-                    .iter()
-                    .filter_map(|b| {
-                        rapport_protocol::SignedChange::decode(b)
-                            .ok()
-                            .map(|c| c.hash())
-                    })
-                    .collect();
+                if !self.swarm.is_connected(&peer) {
+                    if let Some(e) = self.sessions.failed(ticket, "the peer disconnected".into()) {
+                        self.end(e);
+                    }
+                    return;
+                }
+                let doc = req.doc;
                 let id = self.swarm.behaviour_mut().sync.send_request(&peer, Ok(req));
-                self.requests.insert(id, (peer, doc, sent));
+                self.requests.insert(id, (peer, doc, sent, ticket));
             }
             Internal::Respond {
                 peer,
@@ -1292,39 +1261,30 @@ impl Loop {
                     self.ban(peer);
                 }
             }
-            Internal::RoundDone { peer, doc, outcome } => {
-                let outcome = match outcome {
-                    Ok(o) => o,
-                    Err(e) => {
-                        self.end_session(
-                            peer,
-                            doc,
-                            SyncResult::Offline(format!("sync failed here: {e}")),
-                        );
-                        return;
+            Internal::RoundDone {
+                peer,
+                ticket,
+                outcome,
+            } => {
+                let round = match outcome {
+                    Ok(o) => {
+                        if o.disconnect {
+                            self.ban(peer);
+                        }
+                        Ok(Round {
+                            received: o.received,
+                            again: o.again,
+                            peer_moved: o.peer_moved,
+                            refused: o.refused,
+                            disconnect: o.disconnect,
+                        })
                     }
+                    Err(e) => Err(format!("sync failed here: {e}")),
                 };
-                if outcome.disconnect {
-                    self.ban(peer);
-                }
-                let Some(s) = self.sessions.get_mut(&(peer, doc)) else {
-                    return;
-                };
-                s.rounds += 1;
-                s.refused.extend(outcome.refused.iter().cloned());
-                let progress = outcome.received > 0 || outcome.peer_moved || s.rounds == 1;
-                let more = (outcome.again && progress) || s.again;
-                if more && s.rounds < MAX_ROUNDS && !outcome.disconnect {
-                    s.again = false;
-                    let d = s.doc;
-                    self.next_round(peer, d);
-                } else {
-                    let result = if s.refused.is_empty() {
-                        SyncResult::Delivered
-                    } else {
-                        SyncResult::Refused(s.refused.clone())
-                    };
-                    self.end_session(peer, doc, result);
+                match self.sessions.answered(ticket, round) {
+                    Step::Round(start) => self.next_round(start),
+                    Step::End(e) => self.end(e),
+                    Step::Stale => {}
                 }
             }
             Internal::Pushes(pushes) => {
@@ -1863,24 +1823,9 @@ impl Loop {
                 let _ = self.events.send(Event::PeerDisconnected {
                     peer: peer_id.to_string(),
                 });
-                let ended: Vec<DocId> = self
-                    .sessions
-                    .keys()
-                    .filter(|(p, _)| *p == peer_id)
-                    .map(|(_, d)| *d)
-                    .collect();
                 // Queued sessions end too; they run again when the peer reconnects.
-                for (_, waiters) in self.queued.remove(&peer_id).unwrap_or_default() {
-                    for w in waiters {
-                        let _ = w.send(SyncResult::Offline("the peer disconnected".into()));
-                    }
-                }
-                for d in ended {
-                    self.end_session(
-                        peer_id,
-                        d,
-                        SyncResult::Offline("the peer disconnected".into()),
-                    );
+                for e in self.sessions.peer_gone(peer_id, "the peer disconnected") {
+                    self.end(e);
                 }
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
@@ -2044,18 +1989,14 @@ impl Loop {
                     },
                 ..
             } => {
-                let Some((p, doc, sent)) = self.requests.remove(&request_id) else {
+                let Some((p, doc, sent, ticket)) = self.requests.remove(&request_id) else {
                     return;
                 };
                 debug_assert_eq!(p, peer);
                 let Some(id) = identity_of(&peer) else {
                     return;
                 };
-                let unavailable = Internal::RoundDone {
-                    peer,
-                    doc: doc.doc_id(),
-                    outcome: Err("this node's store cannot be used now".into()),
-                };
+                let unavailable = Internal::unavailable(peer, ticket);
                 self.with_engine_or(
                     move |e, out| {
                         let result = e.handle_response(&id, &doc, &sent, response, e.now());
@@ -2068,7 +2009,7 @@ impl Loop {
                         };
                         out.push(Internal::RoundDone {
                             peer,
-                            doc: doc.doc_id(),
+                            ticket,
                             outcome,
                         });
                     },
@@ -2076,17 +2017,14 @@ impl Loop {
                 );
             }
             request_response::Event::OutboundFailure {
-                peer,
-                request_id,
-                error,
-                ..
+                request_id, error, ..
             } => {
-                if let Some((_, doc, _)) = self.requests.remove(&request_id) {
-                    self.end_session(
-                        peer,
-                        doc.doc_id(),
-                        SyncResult::Offline(format!("sync request failed: {error}")),
-                    );
+                if let Some((_, _, _, ticket)) = self.requests.remove(&request_id)
+                    && let Some(e) = self
+                        .sessions
+                        .failed(ticket, format!("sync request failed: {error}"))
+                {
+                    self.end(e);
                 }
             }
             request_response::Event::InboundFailure { peer, error, .. } => {

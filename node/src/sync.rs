@@ -50,6 +50,9 @@ pub(crate) struct Received {
     discarded: bool,
 }
 
+/// Encoded changes for one message, whether more remain, and the hashes of those sent.
+type Chunk = (Vec<Vec<u8>>, bool, Vec<ChangeHash>);
+
 impl Engine {
     pub(crate) fn role(
         &self,
@@ -152,6 +155,17 @@ impl Engine {
         doc: &DocRef,
         now: UnixSeconds,
     ) -> Result<Option<SyncRequest>, EngineError> {
+        Ok(self.round_request(peer, doc, now)?.map(|(req, _)| req))
+    }
+
+    /// [`Engine::start_round`], with the hashes of the changes the request carries (what
+    /// `handle_response` needs to know what the peer refused).
+    pub fn round_request(
+        &mut self,
+        peer: &IdentityKey,
+        doc: &DocRef,
+        now: UnixSeconds,
+    ) -> Result<Option<(SyncRequest, Vec<ChangeHash>)>, EngineError> {
         if self.role(peer, doc, now).is_err() {
             return Ok(None);
         }
@@ -163,12 +177,15 @@ impl Engine {
         // with this peer: it most likely lacks the document, so the first round carries its
         // first chunk instead of costing a round trip to find out.
         let known = self.store().peer_heads(&id, peer)?.unwrap_or_default();
-        let changes = self.encoded_missing(&id, peer, &known, &HashSet::new())?.0;
-        Ok(Some(SyncRequest {
-            doc: *doc,
-            heads: self.heads_of(&id),
-            changes,
-        }))
+        let (changes, _, sent) = self.encoded_missing(&id, peer, &known, &HashSet::new())?;
+        Ok(Some((
+            SyncRequest {
+                doc: *doc,
+                heads: self.heads_of(&id),
+                changes,
+            },
+            sent,
+        )))
     }
 
     /// Answers a peer's request: checks access, applies and stores its changes (each one
@@ -235,7 +252,7 @@ impl Engine {
         }
         let (changes, more) = if self.holds(&id) {
             match self.encoded_missing(&id, peer, &basis, &just) {
-                Ok(x) => x,
+                Ok((changes, more, _)) => (changes, more),
                 Err(e) => {
                     tracing::warn!(%peer, "sync request failed: {e}");
                     return (
@@ -388,28 +405,31 @@ impl Engine {
     }
 
     /// [`to_send`](Self::to_send) less `skip`, encoded, cut to one message's worth
-    /// ([`CHUNK_BYTES`], at least one change). The flag says more remain.
+    /// ([`CHUNK_BYTES`], at least one change). The flag says more remain; the hashes are
+    /// those of the changes in the chunk.
     fn encoded_missing(
         &self,
         id: &rapport_protocol::DocId,
         peer: &IdentityKey,
         heads: &[ChangeHash],
         skip: &HashSet<ChangeHash>,
-    ) -> Result<(Vec<Vec<u8>>, bool), EngineError> {
+    ) -> Result<Chunk, EngineError> {
         let list = self.to_send(id, peer, heads)?;
         let mut out = Vec::new();
+        let mut hashes = Vec::new();
         let mut size = 0;
         let mut rest = list.into_iter().filter(|c| !skip.contains(&c.hash()));
         for c in rest.by_ref() {
             let bytes = c.encode();
             size += bytes.len() + 4;
             out.push(bytes);
+            hashes.push(c.hash());
             if size >= CHUNK_BYTES || out.len() >= MAX_CHANGES_PER_MESSAGE {
                 break;
             }
         }
         let more = rest.next().is_some();
-        Ok((out, more))
+        Ok((out, more, hashes))
     }
 
     /// A request refused whole. A relationship its owner pushes to a node that never agreed

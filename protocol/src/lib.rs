@@ -1,5 +1,6 @@
 //! Rapport's pure core: identities, signed changes, the consent ledger, relationships, the
-//! consent rules that gate them, scopes, terms, content encryption and the wire formats.
+//! consent rules that gate them, scopes, terms, content encryption, the wire formats and
+//! the sync session machine.
 //!
 //! Nothing here does I/O or reads the clock: time and randomness are passed in, so every
 //! rule is deterministic and testable.
@@ -15,6 +16,7 @@ mod records;
 mod relationship;
 mod scope;
 pub mod seal;
+pub mod session;
 mod signed;
 mod terms;
 pub mod wire;
