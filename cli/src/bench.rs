@@ -42,6 +42,20 @@ pub(crate) enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
+    /// A company's store with many customers, then `rapport node run` on it: time until
+    /// its API answers, memory, the inbox of the latest 20, and the longest the engine was
+    /// held by one job.
+    Scale {
+        /// Customers (each with an accepted grant and a relationship of two messages).
+        #[arg(long, default_value_t = 100_000)]
+        relationships: usize,
+        /// How long to wait for the node's API to answer, in seconds.
+        #[arg(long, default_value_t = 300)]
+        start_limit: u64,
+        /// Print the figures as one JSON object on stdout, and nothing else.
+        #[arg(long)]
+        json: bool,
+    },
     /// Messages through a relay's circuit and through its mailbox against direct, in the
     /// same run; and the cost of a content-key rotation.
     Relay {
@@ -75,6 +89,13 @@ pub(crate) fn run(cmd: BenchCmd) -> Result<()> {
             per_rel,
             json,
         } => (messages, rels, per_rel, json),
+        BenchCmd::Scale {
+            relationships,
+            start_limit,
+            json,
+        } => {
+            return crate::bench_scale::run(relationships, Duration::from_secs(start_limit), json);
+        }
         BenchCmd::Relay {
             messages,
             members,

@@ -21,6 +21,7 @@ mod backend;
 mod bench;
 mod bench_relay;
 mod bench_samod;
+mod bench_scale;
 mod demo;
 mod node_cmd;
 mod relay_cmd;

@@ -104,3 +104,19 @@ fn bench_relay_json_has_every_figure() {
     let seal = positive(&rotations[0], "seal_ms");
     assert!(positive(&rotations[0], "seal_entry_ms") >= seal);
 }
+
+#[test]
+fn bench_scale_json_has_every_figure() {
+    let v = bench(&["scale", "--relationships", "12", "--json"]);
+    assert_eq!(v["bench"], "scale");
+    assert_eq!(v["relationships"], 12);
+    for field in [
+        "build_s",
+        "start_s",
+        "rss_mib",
+        "inbox20_ms",
+        "max_engine_hold_ms",
+    ] {
+        positive(&v, field);
+    }
+}

@@ -13,6 +13,9 @@
 //! its documents from the store.
 
 use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use tokio::sync::{broadcast, mpsc, oneshot};
 
@@ -43,6 +46,31 @@ pub(crate) enum Msg {
 pub struct EngineClient {
     tx: mpsc::Sender<Msg>,
     events: broadcast::Sender<Event>,
+    stats: Arc<Counters>,
+}
+
+/// What the actor has done, counted as it goes.
+#[derive(Debug, Default)]
+struct Counters {
+    jobs: AtomicU64,
+    groups: AtomicU64,
+    max_job_us: AtomicU64,
+    max_group_us: AtomicU64,
+}
+
+/// What the engine actor has done since it started: how long the engine was held at most
+/// by one job (a periodic task, an API call, a peer's request) and by one group (its jobs
+/// and their one sync), during which every other caller waits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct EngineStats {
+    /// Jobs run.
+    pub jobs: u64,
+    /// Groups run (each one sync of the store, if it wrote).
+    pub groups: u64,
+    /// The longest one job ran, in microseconds.
+    pub max_job_us: u64,
+    /// The longest one group ran, its sync included, in microseconds.
+    pub max_group_us: u64,
 }
 
 impl std::fmt::Debug for EngineClient {
@@ -51,7 +79,8 @@ impl std::fmt::Debug for EngineClient {
     }
 }
 
-fn run(mut engine: Engine, mut rx: mpsc::Receiver<Msg>) {
+fn run(mut engine: Engine, mut rx: mpsc::Receiver<Msg>, stats: Arc<Counters>) {
+    let micros = |since: Instant| u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX);
     let mut stop = None;
     while stop.is_none() {
         let Some(first) = rx.blocking_recv() else {
@@ -74,10 +103,22 @@ fn run(mut engine: Engine, mut rx: mpsc::Receiver<Msg>) {
         }
         // A panic here (outside `rapport_protocol::contain`) may leave memory that does not
         // match the store: stop the process loudly; everything acknowledged is on disk.
+        let group_started = Instant::now();
         let ran = std::panic::catch_unwind(AssertUnwindSafe(|| match engine.refresh() {
             Ok(()) => {
                 engine.begin_group();
-                let done: Vec<Done> = jobs.into_iter().map(|job| job(Ok(&mut engine))).collect();
+                let done: Vec<Done> = jobs
+                    .into_iter()
+                    .map(|job| {
+                        let started = Instant::now();
+                        let d = job(Ok(&mut engine));
+                        stats.jobs.fetch_add(1, Ordering::Relaxed);
+                        stats
+                            .max_job_us
+                            .fetch_max(micros(started), Ordering::Relaxed);
+                        d
+                    })
+                    .collect();
                 (done, engine.end_group())
             }
             Err(e) => {
@@ -89,6 +130,10 @@ fn run(mut engine: Engine, mut rx: mpsc::Receiver<Msg>) {
             tracing::error!("the engine failed (a panic); stopping the node");
             std::process::abort();
         };
+        stats.groups.fetch_add(1, Ordering::Relaxed);
+        stats
+            .max_group_us
+            .fetch_max(micros(group_started), Ordering::Relaxed);
         for d in done {
             d(synced.as_ref().map(|_| ()));
         }
@@ -107,10 +152,22 @@ impl EngineClient {
     pub fn start(engine: Engine) -> std::io::Result<EngineClient> {
         let (tx, rx) = mpsc::channel(ENGINE_QUEUE);
         let events = engine.event_sender();
+        let stats = Arc::new(Counters::default());
+        let counters = stats.clone();
         std::thread::Builder::new()
             .name("rapport-engine".into())
-            .spawn(move || run(engine, rx))?;
-        Ok(EngineClient { tx, events })
+            .spawn(move || run(engine, rx, counters))?;
+        Ok(EngineClient { tx, events, stats })
+    }
+
+    /// What the actor has done so far.
+    pub fn stats(&self) -> EngineStats {
+        EngineStats {
+            jobs: self.stats.jobs.load(Ordering::Relaxed),
+            groups: self.stats.groups.load(Ordering::Relaxed),
+            max_job_us: self.stats.max_job_us.load(Ordering::Relaxed),
+            max_group_us: self.stats.max_group_us.load(Ordering::Relaxed),
+        }
     }
 
     /// Operations waiting in the queue now.

@@ -27,7 +27,7 @@ mod store;
 mod sync;
 mod views;
 
-pub use actor::EngineClient;
+pub use actor::{EngineClient, EngineStats};
 pub use api::{DEFAULT_WAIT, OPENAPI_PATH, ROUTES, openapi, router};
 pub use crypt::{MailReport, Sealed};
 pub use engine::{
