@@ -332,12 +332,14 @@ impl Pair {
     }
 }
 
-pub(crate) fn pair(root: &Path) -> Result<Pair> {
-    let (cdir, gdir) = (root.join("customer"), root.join("company"));
-    Store::create(&cdir, Kind::Person, "Customer", rapport_node::now())?;
-    Store::create(&gdir, Kind::Org, "Company", rapport_node::now())?;
-    let (ck, gk) = (key_of(&cdir)?, key_of(&gdir)?);
-    let t0 = rapport_node::now() - 10;
+/// The consent document in which `ck` grants `gk` `conversation:read`,
+/// `conversation:write` and `contact:support` for `purpose`, and `gk` accepts.
+pub(crate) fn accepted_consent(
+    ck: &SecretKey,
+    gk: &SecretKey,
+    t0: u64,
+    purpose: &str,
+) -> Result<ConsentDoc> {
     let h = ConsentHeader {
         customer: ck.identity(),
         grantee: gk.identity(),
@@ -345,7 +347,7 @@ pub(crate) fn pair(root: &Path) -> Result<Pair> {
     let mut consent = ConsentDoc::new(h)?;
     let terms = Terms::by_id("SD-BASE").expect("roster").reference();
     let (grant, _) = consent.append(
-        &ck,
+        ck,
         [1; 16],
         t0,
         EntryBody::Grant {
@@ -353,14 +355,25 @@ pub(crate) fn pair(root: &Path) -> Result<Pair> {
                 .iter()
                 .map(|s| s.parse().expect("scope"))
                 .collect(),
-            purpose: "benchmark".into(),
+            purpose: purpose.into(),
             legal_basis: LegalBasis::Consent,
             notice_sha256: "00".repeat(32),
             terms: terms.clone(),
             expires: None,
         },
     )?;
-    consent.append(&gk, [2; 16], t0, EntryBody::Accept { grant, terms })?;
+    consent.append(gk, [2; 16], t0, EntryBody::Accept { grant, terms })?;
+    Ok(consent)
+}
+
+pub(crate) fn pair(root: &Path) -> Result<Pair> {
+    let (cdir, gdir) = (root.join("customer"), root.join("company"));
+    Store::create(&cdir, Kind::Person, "Customer", rapport_node::now())?;
+    Store::create(&gdir, Kind::Org, "Company", rapport_node::now())?;
+    let (ck, gk) = (key_of(&cdir)?, key_of(&gdir)?);
+    let t0 = rapport_node::now() - 10;
+    let consent = accepted_consent(&ck, &gk, t0, "benchmark")?;
+    let h = *consent.ledger().header();
     for dir in [&cdir, &gdir] {
         Store::open(dir)?.put_consent_changes(&h, consent.ledger().changes())?;
     }

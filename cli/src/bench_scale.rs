@@ -11,14 +11,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use rapport_node::{EngineStats, Store};
 use rapport_protocol::wire::DocRef;
-use rapport_protocol::{
-    ConsentDoc, ConsentHeader, EntryBody, Kind, LegalBasis, RelBody, SecretKey, Terms,
-};
+use rapport_protocol::{Kind, RelBody, SecretKey};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use crate::backend::Api;
-use crate::bench::Pair;
+use crate::bench::{Pair, accepted_consent};
 
 /// Targets (issue 10) for a store of 100,000 relationships.
 const TARGET_START_S: f64 = 2.0;
@@ -117,42 +115,13 @@ fn build(dir: &Path, n: usize, quiet: bool) -> Result<()> {
     let store = Store::create(dir, Kind::Org, "Acme", rapport_node::now())?;
     let gk = store.secret_key()?;
     let t0 = rapport_node::now() - 3600;
-    let terms = Terms::by_id("SD-BASE").expect("roster").reference();
     let mut i = 0;
     while i < n {
         store.begin_group();
         for c in i..(i + BUILD_GROUP).min(n) {
             let ck = customer(c);
-            let h = ConsentHeader {
-                customer: ck.identity(),
-                grantee: gk.identity(),
-            };
-            let mut consent = ConsentDoc::new(h)?;
-            let (grant, _) = consent.append(
-                &ck,
-                [1; 16],
-                t0,
-                EntryBody::Grant {
-                    scopes: ["conversation:read", "conversation:write", "contact:support"]
-                        .iter()
-                        .map(|s| s.parse().expect("scope"))
-                        .collect(),
-                    purpose: "support".into(),
-                    legal_basis: LegalBasis::Consent,
-                    notice_sha256: "00".repeat(32),
-                    terms: terms.clone(),
-                    expires: None,
-                },
-            )?;
-            consent.append(
-                &gk,
-                [2; 16],
-                t0,
-                EntryBody::Accept {
-                    grant,
-                    terms: terms.clone(),
-                },
-            )?;
+            let consent = accepted_consent(&ck, &gk, t0, "support")?;
+            let h = *consent.ledger().header();
             store.put_consent_changes(&h, consent.ledger().changes())?;
             let mut nonce = [0u8; 16];
             nonce[..8].copy_from_slice(&(c as u64).to_be_bytes());

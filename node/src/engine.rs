@@ -131,6 +131,19 @@ pub struct RoundOutcome {
     pub disconnect: bool,
 }
 
+impl RoundOutcome {
+    /// What the session machine needs of this round.
+    pub fn into_round(self) -> rapport_protocol::session::Round<crate::net::PeerRefusal> {
+        rapport_protocol::session::Round {
+            received: self.received,
+            again: self.again,
+            peer_moved: self.peer_moved,
+            refused: self.refused,
+            disconnect: self.disconnect,
+        }
+    }
+}
+
 pub(crate) enum Doc {
     Consent(ConsentDoc),
     Rel(RelationshipDoc),

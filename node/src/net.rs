@@ -23,7 +23,7 @@ use rapport_protocol::automerge::ChangeHash;
 use rapport_protocol::mail::{
     MAILBOX_PROTOCOL, MAX_ENVELOPES_PER_MESSAGE, MAX_MAIL_BATCH_BYTES, MailRequest, MailResponse,
 };
-use rapport_protocol::session::{self, End, Ending, Round, Sessions, Start, Step, Ticket};
+use rapport_protocol::session::{self, End, Ending, Sessions, Start, Step, Ticket};
 use rapport_protocol::wire::{
     DocRef, MAX_WIRE_MESSAGE, RefusalCode, SYNC_PROTOCOL, SyncRequest, SyncResponse, WireError,
 };
@@ -1271,13 +1271,7 @@ impl Loop {
                         if o.disconnect {
                             self.ban(peer);
                         }
-                        Ok(Round {
-                            received: o.received,
-                            again: o.again,
-                            peer_moved: o.peer_moved,
-                            refused: o.refused,
-                            disconnect: o.disconnect,
-                        })
+                        Ok(o.into_round())
                     }
                     Err(e) => Err(format!("sync failed here: {e}")),
                 };

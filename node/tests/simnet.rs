@@ -15,7 +15,7 @@ use std::collections::{HashMap, VecDeque};
 use proptest::prelude::*;
 use rapport_node::{Engine, PeerRefusal, Push, Store};
 use rapport_protocol::automerge::ChangeHash;
-use rapport_protocol::session::{End, Round, Sessions, Start, Step, Ticket};
+use rapport_protocol::session::{End, Sessions, Start, Step, Ticket};
 use rapport_protocol::wire::{DocRef, SyncRequest, SyncResponse};
 use rapport_protocol::{IdentityKey, Kind};
 
@@ -157,16 +157,7 @@ impl Sim {
                     .unwrap();
                 assert!(!o.disconnect);
                 self.pushes(to, pushes);
-                let step = self.sides[to].sessions.answered(
-                    ticket,
-                    Ok(Round {
-                        received: o.received,
-                        again: o.again,
-                        peer_moved: o.peer_moved,
-                        refused: o.refused,
-                        disconnect: o.disconnect,
-                    }),
-                );
+                let step = self.sides[to].sessions.answered(ticket, Ok(o.into_round()));
                 match step {
                     Step::Round(start) => self.round(to, start),
                     Step::End(e) => self.ended(to, Some(e)),
