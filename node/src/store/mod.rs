@@ -232,14 +232,8 @@ impl Store {
             name: name.to_owned(),
             created_at: now,
         };
-        let store = Store {
-            db: RwLock::new(Some(Db::Write(db))),
-            open: writable(&path),
-            path,
-            group: Mutex::new(None),
-            reopens: AtomicU64::new(0),
-            syncs: AtomicU64::new(0),
-        };
+        let open = writable(&path);
+        let store = Store::assemble(Db::Write(db), open, path);
         let written = store.write(|tx| {
             let mut meta = tx.open_table(META)?;
             meta.insert(META_SCHEMA, &SCHEMA_VERSION.to_be_bytes()[..])?;
@@ -325,14 +319,7 @@ impl Store {
             Err(redb::DatabaseError::RepairAborted) => return Self::open(data_dir),
             Err(e) => return Err(db_err(&path, e)),
         };
-        let store = Store {
-            db: RwLock::new(Some(db)),
-            open,
-            path,
-            group: Mutex::new(None),
-            reopens: AtomicU64::new(0),
-            syncs: AtomicU64::new(0),
-        };
+        let store = Store::assemble(db, open, path);
         let found = store.schema_version()?;
         match migrations::plan(found) {
             Plan::Current => Ok(store),
@@ -370,14 +357,7 @@ impl Store {
         let db = guarded(&open)
             .map_err(|panic| panicked(&path, &panic))?
             .map_err(|e| db_err(&path, e))?;
-        let store = Store {
-            db: RwLock::new(Some(db)),
-            open,
-            path,
-            group: Mutex::new(None),
-            reopens: AtomicU64::new(0),
-            syncs: AtomicU64::new(0),
-        };
+        let store = Store::assemble(db, open, path);
         let found = store.schema_version()?;
         match migrations::plan(found) {
             Plan::Current => Ok(store),
@@ -390,6 +370,18 @@ impl Store {
                 found,
                 supported: SCHEMA_VERSION,
             }),
+        }
+    }
+
+    /// A store on an open handle, before any check of what it holds.
+    fn assemble(db: Db, open: Opener, path: PathBuf) -> Store {
+        Store {
+            db: RwLock::new(Some(db)),
+            open,
+            path,
+            group: Mutex::new(None),
+            reopens: AtomicU64::new(0),
+            syncs: AtomicU64::new(0),
         }
     }
 
