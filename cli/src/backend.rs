@@ -278,7 +278,7 @@ impl Backend {
 
     pub(crate) fn relationships(&self) -> Result<Vec<RelSummary>> {
         match self {
-            Backend::Local(e) => Ok(e.relationships()),
+            Backend::Local(e) => Ok(e.relationships()?),
             Backend::Remote(api) => api.get("/v1/relationships"),
         }
     }
@@ -292,7 +292,7 @@ impl Backend {
 
     pub(crate) fn inbox(&self, limit: usize) -> Result<Vec<MessageView>> {
         match self {
-            Backend::Local(e) => Ok(e.inbox(limit)),
+            Backend::Local(e) => Ok(e.inbox(limit)?),
             Backend::Remote(api) => api.get(&format!("/v1/inbox?limit={limit}")),
         }
     }

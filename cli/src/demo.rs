@@ -128,7 +128,8 @@ async fn messages(h: &NodeHandle, rel: &str) -> usize {
 }
 
 async fn rel_count(h: &NodeHandle) -> usize {
-    h.read(|e| e.relationships().len()).await
+    h.read(|e| e.relationships().expect("the store answers").len())
+        .await
 }
 
 /// Verifies every consent ledger a node holds, from its exported files.

@@ -541,7 +541,7 @@ async fn connect(State(s): State<AppState>, Json(b): Json<ConnectBody>) -> ApiRe
 }
 
 async fn relationships(State(s): State<AppState>) -> ApiResult {
-    ok(s.node.query(crate::engine::Engine::relationships).await?)
+    ok(s.node.query(crate::engine::Engine::relationships).await??)
 }
 
 #[derive(Deserialize)]
@@ -698,7 +698,7 @@ async fn new_thread(
 
 async fn inbox(State(s): State<AppState>, Query(q): Query<WaitQuery>) -> ApiResult {
     let limit = q.limit.unwrap_or(50).min(10_000);
-    ok(s.node.query(move |e| e.inbox(limit)).await?)
+    ok(s.node.query(move |e| e.inbox(limit)).await??)
 }
 
 async fn grants(State(s): State<AppState>) -> ApiResult {

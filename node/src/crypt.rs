@@ -67,7 +67,11 @@ impl Engine {
         let readers = self.readers(r, now);
         if let Some(e) = r.latest_epoch().and_then(|n| r.epoch(n)) {
             let sealed: BTreeSet<IdentityKey> = e.slots.iter().map(|(m, _)| *m).collect();
-            let held = self.keys.get(id).is_some_and(|k| k.contains_key(&e.epoch));
+            let held = self
+                .keys
+                .borrow()
+                .get(id)
+                .is_some_and(|k| k.contains_key(&e.epoch));
             if sealed == readers && held {
                 return Ok(Vec::new());
             }
@@ -97,7 +101,11 @@ impl Engine {
         // The key is stored before the entry that announces it, so a crash in between
         // leaves at most an unused key, never an epoch this node cannot read.
         self.store().put_epoch_key(id, next, &key)?;
-        self.keys.entry(*id).or_default().insert(next, key);
+        self.keys
+            .borrow_mut()
+            .entry(*id)
+            .or_default()
+            .insert(next, key);
         let (_, pushes) = self.write_rel(*id, EpochView::body(next, &sealed), now)?;
         tracing::info!(doc = %id, epoch = next, recipients = list.len(), "new content-key epoch");
         Ok(pushes)
@@ -105,14 +113,22 @@ impl Engine {
 
     /// Opens and keeps the epoch keys of `id` sealed to this node that it does not hold yet.
     pub(crate) fn learn_keys(&mut self, id: &DocId) -> Result<()> {
-        let Some(r) = self.rel(id) else {
-            return Ok(());
+        match self.rel(id) {
+            Some(r) => self.learn_keys_of(r),
+            None => Ok(()),
+        }
+    }
+
+    /// Opens and keeps the epoch keys of `r` sealed to this node that it does not hold yet.
+    pub(crate) fn learn_keys_of(&self, r: &RelationshipDoc) -> Result<()> {
+        let id = r.id();
+        let missing: Vec<u32> = {
+            let keys = self.keys.borrow();
+            let held = keys.get(&id);
+            r.epoch_numbers()
+                .filter(|n| !held.is_some_and(|k| k.contains_key(n)))
+                .collect()
         };
-        let held = self.keys.get(id);
-        let missing: Vec<u32> = r
-            .epoch_numbers()
-            .filter(|n| !held.is_some_and(|k| k.contains_key(n)))
-            .collect();
         let me = self.me();
         let mut found = Vec::new();
         for n in missing {
@@ -120,7 +136,7 @@ impl Engine {
             let Some(slot) = e.slot_for(&me) else {
                 continue;
             };
-            match open_epoch(id, n, &e.eph, slot, &self.key) {
+            match open_epoch(&id, n, &e.eph, slot, &self.key) {
                 Ok(k) => found.push((n, k)),
                 Err(err) => {
                     tracing::warn!(doc = %id, epoch = n, "cannot open the key sealed to this node: {err}");
@@ -128,20 +144,21 @@ impl Engine {
             }
         }
         for (n, k) in found {
-            match self.store().put_epoch_key(id, n, &k) {
+            match self.store().put_epoch_key(&id, n, &k) {
                 // A read-only command keeps the key in memory; the next writable open stores it.
                 Ok(()) | Err(crate::StoreError::ReadOnly(_)) => {}
                 Err(e) => return Err(e.into()),
             }
-            self.keys.entry(*id).or_default().insert(n, k);
+            self.keys.borrow_mut().entry(id).or_default().insert(n, k);
         }
         Ok(())
     }
 
     /// The newest epoch of `r` this node holds a key for and `to` was sealed, if any.
     fn epoch_for(&self, r: &RelationshipDoc, to: &IdentityKey) -> Option<(u32, ContentKey)> {
-        let keys = self.keys.get(&r.id())?;
-        keys.iter()
+        let keys = self.keys.borrow();
+        keys.get(&r.id())?
+            .iter()
             .rev()
             .find(|(n, _)| r.epoch(**n).is_some_and(|e| e.slot_for(to).is_some()))
             .map(|(n, k)| (*n, k.clone()))
@@ -172,7 +189,7 @@ impl Engine {
             known.extend(d.iter().copied());
         }
         // Each change, encoded, with whether it starts an epoch.
-        let list: Vec<(Vec<u8>, bool)> = match self.docs.get(&id) {
+        let list: Vec<(Vec<u8>, bool)> = match self.doc(&id) {
             Some(Doc::Consent(c)) => c
                 .changes_missing_from(&known)
                 .into_iter()
@@ -194,7 +211,7 @@ impl Engine {
         if list.is_empty() {
             return Ok((Sealed::default(), pushes));
         }
-        let epoch = match self.docs.get(&id) {
+        let epoch = match self.doc(&id) {
             Some(Doc::Rel(r)) => self.epoch_for(r, peer),
             _ => None,
         };
@@ -254,7 +271,7 @@ impl Engine {
             };
             let id = env.doc.doc_id();
             let opened = env.open(&self.key, |n| {
-                self.keys.get(&id).and_then(|k| k.get(&n)).cloned()
+                self.keys.borrow().get(&id).and_then(|k| k.get(&n)).cloned()
             });
             let mut out = Received::default();
             let changes = match opened {
@@ -289,6 +306,7 @@ impl Engine {
     /// The epochs of relationship `id` this node holds keys for.
     pub fn held_epochs(&self, id: &DocId) -> Vec<u32> {
         self.keys
+            .borrow()
             .get(id)
             .map(|k| k.keys().copied().collect())
             .unwrap_or_default()

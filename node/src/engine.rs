@@ -4,6 +4,7 @@
 //! (the actor in `actor.rs`); the network loop and the local API send it operations and
 //! carry out the pushes it asks for.
 
+use std::cell::{Cell, OnceCell, RefCell};
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use rapport_protocol::access::may_read;
@@ -20,10 +21,9 @@ use sha2::{Digest, Sha256};
 use tokio::sync::broadcast;
 
 use crate::error::StoreError;
+use crate::index::{Facts, Viewer};
 use crate::store::{Profile, Refusal, Store};
-use crate::views::{
-    Event, GrantRow, MemberRow, MessageView, RelDetail, RelSummary, ThreadView, WriteOutcome,
-};
+use crate::views::{Event, GrantRow, MessageView, RelDetail, RelSummary, ThreadView, WriteOutcome};
 
 /// Why an engine operation failed. Each message says what happened and what to do.
 #[derive(Debug, thiserror::Error)]
@@ -149,6 +149,29 @@ pub(crate) enum Doc {
     Rel(RelationshipDoc),
 }
 
+impl Doc {
+    fn doc_ref(&self) -> DocRef {
+        match self {
+            Doc::Consent(c) => DocRef::Consent(*c.ledger().header()),
+            Doc::Rel(r) => DocRef::Relationship(*r.header()),
+        }
+    }
+}
+
+/// The most documents kept loaded between operations; past it, the least recently used are
+/// dropped from memory (they load again from the store when next used).
+pub const MAX_LOADED_DOCS: usize = 2048;
+
+/// A document held: what is known of it without loading it, and its state once loaded.
+pub(crate) struct Slot {
+    r: DocRef,
+    facts: Facts,
+    doc: OnceCell<Doc>,
+    /// When it was last used, on the engine's use counter (for dropping the least recently
+    /// used).
+    used: Cell<u64>,
+}
+
 /// The node's documents and rules.
 pub struct Engine {
     store: Store,
@@ -156,13 +179,23 @@ pub struct Engine {
     me: IdentityKey,
     profile: Profile,
     nonce: [u8; 16],
-    pub(crate) docs: HashMap<DocId, Doc>,
+    /// Every document held. Loaded when first used ([`Engine::doc`]).
+    docs: HashMap<DocId, Slot>,
+    /// The documents shared with each peer, by [`Facts`]: consent documents with it, the
+    /// relationships it owns, and those this node owns that it was ever a member of.
+    by_peer: BTreeMap<IdentityKey, HashSet<DocId>>,
+    /// Counts uses of documents (see [`Slot::used`]).
+    uses: Cell<u64>,
+    /// How many documents are loaded.
+    loaded: Cell<usize>,
+    /// See [`MAX_LOADED_DOCS`].
+    max_loaded: usize,
     events: broadcast::Sender<Event>,
     auto_accept: bool,
     /// See [`MAX_UNANSWERED_DOCS`].
     pub(crate) max_unanswered_docs: usize,
     /// Content keys held, by relationship and epoch (see [`rapport_protocol::seal`]).
-    pub(crate) keys: HashMap<DocId, BTreeMap<u32, ContentKey>>,
+    pub(crate) keys: RefCell<HashMap<DocId, BTreeMap<u32, ContentKey>>>,
     /// Heads of what was deposited in a peer's mailbox, per document and peer, so a
     /// failed dial every few seconds does not deposit the same changes again.
     pub(crate) deposited: HashMap<(DocId, IdentityKey), Vec<ChangeHash>>,
@@ -202,7 +235,6 @@ impl Engine {
     pub fn open(store: Store) -> Result<Self> {
         let profile = store.profile()?;
         let key = store.secret_key()?;
-        let (docs, keys) = load(&store)?;
         let (events, _) = broadcast::channel(1024);
         let mut engine = Self {
             me: profile.identity,
@@ -210,11 +242,15 @@ impl Engine {
             key,
             profile,
             nonce: os_random()?,
-            docs,
+            docs: HashMap::new(),
+            by_peer: BTreeMap::new(),
+            uses: Cell::new(0),
+            loaded: Cell::new(0),
+            max_loaded: MAX_LOADED_DOCS,
             events,
             auto_accept: false,
             max_unanswered_docs: MAX_UNANSWERED_DOCS,
-            keys,
+            keys: RefCell::new(HashMap::new()),
             deposited: HashMap::new(),
             waiting: HashMap::new(),
             waiting_bytes: 0,
@@ -222,18 +258,8 @@ impl Engine {
             sources: crate::clock::Sources::system(),
             stale: false,
         };
-        engine.learn_all_keys()?;
+        engine.reload_all()?;
         Ok(engine)
-    }
-
-    /// Keys sealed to this node that it does not hold yet (a crash between storing a
-    /// change and its key) are recovered from the documents.
-    fn learn_all_keys(&mut self) -> Result<()> {
-        let rels: Vec<DocId> = self.rels().map(RelationshipDoc::id).collect();
-        for id in rels {
-            self.learn_keys(&id)?;
-        }
-        Ok(())
     }
 
     /// Begins a group of operations that become durable together, with one sync of the
@@ -255,6 +281,7 @@ impl Engine {
                 for e in held {
                     let _ = self.events.send(e);
                 }
+                self.trim();
                 Ok(())
             }
             Err(e) => {
@@ -282,13 +309,297 @@ impl Engine {
     /// Reloads every document and key from the store, after writes that were not made
     /// durable: memory then holds exactly what the store does.
     fn reload_all(&mut self) -> Result<()> {
-        let (docs, keys) = load(&self.store)?;
-        self.docs = docs;
-        self.keys = keys;
+        self.docs.clear();
+        self.by_peer.clear();
+        self.loaded.set(0);
+        let mut facts: HashMap<DocId, Facts> = self.store.doc_facts()?.into_iter().collect();
+        for r in self.store.doc_refs()? {
+            let id = r.doc_id();
+            match facts.remove(&id) {
+                Some(f) => self.put_slot(r, f, None),
+                None => {
+                    // Every write indexes its document; a store written otherwise (by an
+                    // older build without the migration) is indexed here, in memory.
+                    let doc = self.load_doc(&r)?;
+                    let f = self.facts_of(&doc);
+                    self.put_slot(r, f, Some(doc));
+                }
+            }
+        }
+        let mut keys: HashMap<DocId, BTreeMap<u32, ContentKey>> = HashMap::new();
+        for (doc, epoch, k) in self.store.epoch_keys()? {
+            keys.entry(doc).or_default().insert(epoch, k);
+        }
+        *self.keys.borrow_mut() = keys;
         self.deposited.clear();
         self.waiting.clear();
         self.waiting_bytes = 0;
-        self.learn_all_keys()
+        Ok(())
+    }
+
+    // ----- documents, loaded when used -----
+
+    fn facts_of(&self, doc: &Doc) -> Facts {
+        match doc {
+            Doc::Consent(c) => Facts::of_consent(&self.me, c),
+            Doc::Rel(r) => Facts::of_rel(r),
+        }
+    }
+
+    /// The peers a document with these facts is shared with (see [`Engine::by_peer`]).
+    fn peers_of(&self, r: &DocRef, facts: &Facts) -> Vec<IdentityKey> {
+        match (r, facts) {
+            (DocRef::Consent(h), _) => vec![if h.customer == self.me {
+                h.grantee
+            } else {
+                h.customer
+            }],
+            (DocRef::Relationship(h), Facts::Relationship { members }) if h.owner == self.me => {
+                members.iter().map(|(m, _)| *m).collect()
+            }
+            (DocRef::Relationship(h), _) => vec![h.owner],
+        }
+    }
+
+    /// Registers (or replaces) a document's slot and its place in [`Engine::by_peer`].
+    fn put_slot(&mut self, r: DocRef, facts: Facts, doc: Option<Doc>) {
+        let id = r.doc_id();
+        self.drop_slot(&id);
+        for p in self.peers_of(&r, &facts) {
+            if p != self.me {
+                self.by_peer.entry(p).or_default().insert(id);
+            }
+        }
+        let cell = OnceCell::new();
+        if let Some(d) = doc {
+            let _ = cell.set(d);
+            self.loaded.set(self.loaded.get() + 1);
+        }
+        self.docs.insert(
+            id,
+            Slot {
+                r,
+                facts,
+                doc: cell,
+                used: Cell::new(self.tick()),
+            },
+        );
+    }
+
+    /// Forgets a document (in memory only). Returns its state if it was loaded.
+    fn drop_slot(&mut self, id: &DocId) -> Option<Doc> {
+        let slot = self.docs.remove(id)?;
+        for p in self.peers_of(&slot.r, &slot.facts) {
+            if let Some(set) = self.by_peer.get_mut(&p) {
+                set.remove(id);
+                if set.is_empty() {
+                    self.by_peer.remove(&p);
+                }
+            }
+        }
+        let doc = slot.doc.into_inner();
+        if doc.is_some() {
+            self.loaded.set(self.loaded.get() - 1);
+        }
+        doc
+    }
+
+    fn tick(&self) -> u64 {
+        let t = self.uses.get() + 1;
+        self.uses.set(t);
+        t
+    }
+
+    /// Loads a document from the store (verifying every change) and learns the content
+    /// keys sealed to this node in it that it does not hold yet (a crash between storing a
+    /// change and its key leaves one to learn).
+    fn load_doc(&self, r: &DocRef) -> Result<Doc> {
+        let id = r.doc_id();
+        let doc = match r {
+            DocRef::Consent(_) => Doc::Consent(self.store.load_consent(&id)?),
+            DocRef::Relationship(_) => Doc::Rel(self.store.load_relationship(&id)?),
+        };
+        if let Doc::Rel(rel) = &doc {
+            self.learn_keys_of(rel)?;
+        }
+        Ok(doc)
+    }
+
+    /// A document held, loaded from the store on first use. A document that cannot be
+    /// loaded (the store failed, or it does not verify any more) is logged and treated as
+    /// absent; `rapport store verify` names it.
+    pub(crate) fn doc(&self, id: &DocId) -> Option<&Doc> {
+        let slot = self.docs.get(id)?;
+        slot.used.set(self.tick());
+        if let Some(d) = slot.doc.get() {
+            return Some(d);
+        }
+        match self.load_doc(&slot.r) {
+            Ok(d) => {
+                let _ = slot.doc.set(d);
+                self.loaded.set(self.loaded.get() + 1);
+                slot.doc.get()
+            }
+            Err(e) => {
+                tracing::error!(doc = %id, "cannot load a stored document: {e}");
+                None
+            }
+        }
+    }
+
+    /// A document held, loaded, for changing in memory. Whoever changes it stores the
+    /// change with [`Engine::put_indexed`].
+    pub(crate) fn doc_mut(&mut self, id: &DocId) -> Option<&mut Doc> {
+        self.doc(id)?;
+        self.docs.get_mut(id)?.doc.get_mut()
+    }
+
+    /// Takes a document out of memory (loading it first) to change it; put it back with
+    /// [`Engine::insert_doc`].
+    pub(crate) fn take_doc(&mut self, id: &DocId) -> Option<Doc> {
+        self.doc(id)?;
+        self.drop_slot(id)
+    }
+
+    /// Puts a document in memory, with its facts.
+    pub(crate) fn insert_doc(&mut self, doc: Doc) {
+        let facts = self.facts_of(&doc);
+        self.put_slot(doc.doc_ref(), facts, Some(doc));
+    }
+
+    /// Runs `f` on a document without keeping it loaded if it was not: for scans over
+    /// many documents, which must not fill memory.
+    fn peek<T>(&self, id: &DocId, f: impl FnOnce(&Doc) -> T) -> Option<T> {
+        let slot = self.docs.get(id)?;
+        if let Some(d) = slot.doc.get() {
+            return Some(f(d));
+        }
+        match self.load_doc(&slot.r) {
+            Ok(d) => Some(f(&d)),
+            Err(e) => {
+                tracing::error!(doc = %id, "cannot load a stored document: {e}");
+                None
+            }
+        }
+    }
+
+    /// Drops the least recently used documents from memory when more than
+    /// [`MAX_LOADED_DOCS`] (or the number set with [`Engine::set_max_loaded_docs`]) are
+    /// loaded, down to half of it. The engine's actor calls it after each group of
+    /// operations.
+    pub fn trim(&mut self) {
+        if self.loaded.get() <= self.max_loaded {
+            return;
+        }
+        let mut used: Vec<(u64, DocId)> = self
+            .docs
+            .iter()
+            .filter(|(_, s)| s.doc.get().is_some())
+            .map(|(id, s)| (s.used.get(), *id))
+            .collect();
+        used.sort_unstable();
+        let drop = used.len().saturating_sub(self.max_loaded / 2);
+        for (_, id) in used.into_iter().take(drop) {
+            if let Some(s) = self.docs.get_mut(&id)
+                && s.doc.take().is_some()
+            {
+                self.loaded.set(self.loaded.get() - 1);
+            }
+        }
+    }
+
+    /// Keeps at most `n` documents loaded between groups of operations (see
+    /// [`Engine::trim`]).
+    pub fn set_max_loaded_docs(&mut self, n: usize) {
+        self.max_loaded = n;
+    }
+
+    /// How many documents are loaded in memory now.
+    pub fn loaded_docs(&self) -> usize {
+        self.loaded.get()
+    }
+
+    /// The document ids of every slot whose header satisfies `f`.
+    fn ids_where(&self, f: impl Fn(&DocRef) -> bool) -> Vec<DocId> {
+        let mut v: Vec<DocId> = self
+            .docs
+            .iter()
+            .filter(|(_, s)| f(&s.r))
+            .map(|(id, _)| *id)
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The relationships held whose owner is `owner` (by the index, without loading).
+    pub(crate) fn rels_owned_by(&self, owner: &IdentityKey) -> Vec<DocId> {
+        let Some(set) = self.by_peer.get(owner) else {
+            return Vec::new();
+        };
+        let mut v: Vec<DocId> = set
+            .iter()
+            .filter(|id| {
+                self.docs
+                    .get(id)
+                    .is_some_and(|s| matches!(s.r, DocRef::Relationship(h) if h.owner == *owner))
+            })
+            .copied()
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Stores `changes` of a document held in memory (already applied to it) with its
+    /// index records, in one transaction; `new` are the hashes whose messages go to the
+    /// inbox. The document's facts in memory follow.
+    pub(crate) fn put_indexed(
+        &mut self,
+        d: &DocRef,
+        changes: &[SignedChange],
+        new: &[ChangeHash],
+    ) -> Result<usize> {
+        let id = d.doc_id();
+        let viewer = self.viewer();
+        let indexed = match self.doc(&id) {
+            Some(Doc::Consent(c)) => viewer.consent(c),
+            Some(Doc::Rel(r)) => viewer.rel(r, new),
+            None => return Err(EngineError::NotFound(format!("no document {id}"))),
+        };
+        let n = self.store.put_changes_indexed(d, changes, &indexed)?;
+        let doc = self.drop_slot(&id);
+        self.put_slot(*d, indexed.facts, doc);
+        Ok(n)
+    }
+
+    /// Whether a document is held (loaded or not).
+    pub(crate) fn holds_doc(&self, id: &DocId) -> bool {
+        self.docs.contains_key(id)
+    }
+
+    /// How many consent documents hold grants to `me` that it never answered (by the
+    /// index).
+    pub(crate) fn unanswered_consent_count(&self, me: &IdentityKey) -> usize {
+        self.docs
+            .values()
+            .filter(|s| {
+                matches!(s.r, DocRef::Consent(h) if h.grantee == *me)
+                    && matches!(
+                        s.facts,
+                        Facts::Consent {
+                            answered: false,
+                            ..
+                        }
+                    )
+            })
+            .count()
+    }
+
+    /// How this node shows itself in views.
+    fn viewer(&self) -> Viewer<'_> {
+        Viewer {
+            me: self.me,
+            name: &self.profile.name,
+        }
     }
 
     /// Uses `sources` for time ([`Engine::now`]) and randomness from now on (a fresh
@@ -364,14 +675,14 @@ impl Engine {
     // ----- lookups -----
 
     fn consent(&self, id: &DocId) -> Option<&ConsentDoc> {
-        match self.docs.get(id) {
+        match self.doc(id) {
             Some(Doc::Consent(c)) => Some(c),
             _ => None,
         }
     }
 
     pub(crate) fn rel(&self, id: &DocId) -> Option<&RelationshipDoc> {
-        match self.docs.get(id) {
+        match self.doc(id) {
             Some(Doc::Rel(r)) => Some(r),
             _ => None,
         }
@@ -381,20 +692,6 @@ impl Engine {
     pub(crate) fn ledger(&self, customer: IdentityKey, grantee: IdentityKey) -> Option<&Ledger> {
         self.consent(&ConsentHeader { customer, grantee }.doc_id())
             .map(ConsentDoc::ledger)
-    }
-
-    fn consents(&self) -> impl Iterator<Item = &ConsentDoc> {
-        self.docs.values().filter_map(|d| match d {
-            Doc::Consent(c) => Some(c),
-            Doc::Rel(_) => None,
-        })
-    }
-
-    pub(crate) fn rels(&self) -> impl Iterator<Item = &RelationshipDoc> {
-        self.docs.values().filter_map(|d| match d {
-            Doc::Rel(r) => Some(r),
-            Doc::Consent(_) => None,
-        })
     }
 
     /// Finds a relationship by id or unique id prefix (at least 4 hex digits).
@@ -407,8 +704,8 @@ impl Engine {
             )));
         }
         let found: Vec<DocId> = self
-            .rels()
-            .map(RelationshipDoc::id)
+            .ids_where(|r| matches!(r, DocRef::Relationship(_)))
+            .into_iter()
             .filter(|id| id.to_hex().starts_with(&p))
             .collect();
         match found.as_slice() {
@@ -432,10 +729,12 @@ impl Engine {
             )));
         }
         let mut found = Vec::new();
-        for c in self.consents() {
-            for g in c.ledger().grants(UnixSeconds::MAX) {
-                if g.id.to_hex().starts_with(&p) {
-                    found.push((c.ledger().id(), g.id));
+        for (id, slot) in &self.docs {
+            if let Facts::Consent { grants, .. } = &slot.facts {
+                for g in grants {
+                    if g.to_hex().starts_with(&p) {
+                        found.push((*id, *g));
+                    }
                 }
             }
         }
@@ -450,49 +749,15 @@ impl Engine {
         }
     }
 
-    fn name_of(&self, rel: &RelationshipDoc, who: &IdentityKey) -> String {
-        if *who == self.me {
-            return self.profile.name.clone();
-        }
-        if *who == rel.header().owner {
-            return rel
-                .profile_field("name")
-                .map_or_else(|| who.short(), str::to_owned);
-        }
-        rel.members()
-            .find(|m| m.identity == *who)
-            .map(|m| m.name.clone())
-            .unwrap_or_else(|| who.short())
-    }
-
     pub(crate) fn message_view(&self, rel: &RelationshipDoc, id: EntryId) -> Option<MessageView> {
-        let e = rel.entries().get(&id)?;
-        let RelBody::Message {
-            thread,
-            text,
-            purpose,
-        } = &e.body
-        else {
-            return None;
-        };
-        Some(MessageView {
-            rel: rel.id(),
-            id,
-            by: e.by,
-            by_name: self.name_of(rel, &e.by),
-            at: e.at,
-            text: text.clone(),
-            purpose: purpose.clone(),
-            thread: *thread,
-            mine: e.by == self.me,
-        })
+        self.viewer().message(rel, id)
     }
 
     // ----- queries -----
 
     /// How many changes a document holds, if held (cheap: for progress checks).
     pub fn change_count(&self, id: &DocId) -> Option<usize> {
-        match self.docs.get(id)? {
+        match self.doc(id)? {
             Doc::Consent(c) => Some(c.ledger().changes().len()),
             Doc::Rel(r) => Some(r.changes().len()),
         }
@@ -517,31 +782,38 @@ impl Engine {
         self.docs.len()
     }
 
-    /// Every grant this node gave or holds, at `now`.
+    /// Every grant this node gave or holds, at `now`. Loads each consent document in turn
+    /// without keeping it.
     pub fn grants(&self, now: UnixSeconds) -> Vec<GrantRow> {
         let mut rows = Vec::new();
-        let mut docs: Vec<&ConsentDoc> = self.consents().collect();
-        docs.sort_by_key(|d| d.ledger().id());
-        for doc in docs {
-            let h = *doc.ledger().header();
-            let (role, peer) = if h.customer == self.me {
-                ("granted", h.grantee)
-            } else {
-                ("held", h.customer)
-            };
-            for g in doc.ledger().grants(now) {
-                rows.push(GrantRow::new(role, peer, &g));
-            }
+        for id in self.ids_where(|r| matches!(r, DocRef::Consent(_))) {
+            self.peek(&id, |d| {
+                let Doc::Consent(doc) = d else { return };
+                let h = *doc.ledger().header();
+                let (role, peer) = if h.customer == self.me {
+                    ("granted", h.grantee)
+                } else {
+                    ("held", h.customer)
+                };
+                for g in doc.ledger().grants(now) {
+                    rows.push(GrantRow::new(role, peer, &g));
+                }
+            });
         }
         rows
     }
 
     /// Every consent ledger held, as ledger files (`rapport-ledger/1` JSON).
     pub fn ledger_files(&self) -> Vec<String> {
-        let mut docs: Vec<&ConsentDoc> = self.consents().collect();
-        docs.sort_by_key(|d| d.ledger().id());
-        docs.into_iter()
-            .map(|d| write_ledger_file(d.ledger()))
+        self.ids_where(|r| matches!(r, DocRef::Consent(_)))
+            .into_iter()
+            .filter_map(|id| {
+                self.peek(&id, |d| match d {
+                    Doc::Consent(c) => Some(write_ledger_file(c.ledger())),
+                    Doc::Rel(_) => None,
+                })
+                .flatten()
+            })
             .collect()
     }
 
@@ -563,34 +835,15 @@ impl Engine {
         .ok_or_else(|| EngineError::NotFound(format!("you share no consent document with {peer}")))
     }
 
-    /// Every relationship, newest activity first.
-    pub fn relationships(&self) -> Vec<RelSummary> {
-        let mut out: Vec<RelSummary> = self.rels().map(|r| self.summary(r)).collect();
-        out.sort_by_key(|s| std::cmp::Reverse(s.last_at));
-        out
+    /// Every relationship, newest activity first (from the summaries the store keeps).
+    pub fn relationships(&self) -> Result<Vec<RelSummary>> {
+        let mut out = self.store.rel_summaries()?;
+        out.sort_by_key(|s| std::cmp::Reverse((s.last_at, s.id)));
+        Ok(out)
     }
 
     fn summary(&self, r: &RelationshipDoc) -> RelSummary {
-        let msgs = r.messages();
-        let last = msgs.last().and_then(|(id, _)| self.message_view(r, *id));
-        RelSummary {
-            id: r.id(),
-            owner: r.header().owner,
-            owner_name: self.name_of(r, &r.header().owner),
-            mine: r.header().owner == self.me,
-            title: r.title().map(str::to_owned),
-            members: r
-                .members()
-                .map(|m| MemberRow {
-                    identity: m.identity,
-                    name: m.name.clone(),
-                    removed: m.removed_at.is_some(),
-                })
-                .collect(),
-            message_count: msgs.len(),
-            last_at: last.as_ref().map_or(0, |m| m.at),
-            last,
-        }
+        self.viewer().summary(r)
     }
 
     /// One relationship in full.
@@ -642,21 +895,10 @@ impl Engine {
         })
     }
 
-    /// Messages from others across every relationship, newest first, at most `limit`.
-    pub fn inbox(&self, limit: usize) -> Vec<MessageView> {
-        let mut all: Vec<MessageView> = self
-            .rels()
-            .flat_map(|r| {
-                r.messages()
-                    .into_iter()
-                    .filter(|(_, e)| e.by != self.me)
-                    .filter_map(|(id, _)| self.message_view(r, id))
-                    .collect::<Vec<_>>()
-            })
-            .collect();
-        all.sort_by_key(|m| std::cmp::Reverse((m.at, m.id)));
-        all.truncate(limit);
-        all
+    /// Messages from others across every relationship, newest first, at most `limit` (from
+    /// the inbox the store keeps).
+    pub fn inbox(&self, limit: usize) -> Result<Vec<MessageView>> {
+        Ok(self.store.inbox(limit)?)
     }
 
     /// Changes this node refused, newest first.
@@ -671,25 +913,31 @@ impl Engine {
 
     /// The documents this node syncs with `peer` now: consent documents with it, the
     /// relationships it owns that `peer` may read, and the relationships `peer` owns.
+    /// Found by the index; loads at most the consent document with `peer`.
     pub fn shared_with(&self, peer: &IdentityKey, now: UnixSeconds) -> Vec<DocRef> {
+        let Some(set) = self.by_peer.get(peer) else {
+            return Vec::new();
+        };
+        let mut ids: Vec<&DocId> = set.iter().collect();
+        ids.sort();
         let mut out = Vec::new();
-        for d in self.docs.values() {
-            match d {
-                Doc::Consent(c) => {
-                    let h = *c.ledger().header();
-                    if (h.customer == self.me && h.grantee == *peer)
-                        || (h.grantee == self.me && h.customer == *peer)
-                    {
-                        out.push(DocRef::Consent(h));
+        let mut reads: Option<bool> = None;
+        for id in ids {
+            let Some(slot) = self.docs.get(id) else {
+                continue;
+            };
+            match slot.r {
+                DocRef::Consent(_) => out.push(slot.r),
+                DocRef::Relationship(h) if h.owner == *peer => out.push(slot.r),
+                DocRef::Relationship(h) if h.owner == self.me && slot.facts.is_member(peer) => {
+                    let ok = *reads.get_or_insert_with(|| {
+                        may_read(self.ledger(self.me, *peer), peer, now).is_ok()
+                    });
+                    if ok {
+                        out.push(slot.r);
                     }
                 }
-                Doc::Rel(r) => {
-                    let h = *r.header();
-                    if h.owner == *peer || (h.owner == self.me && self.serves(r, peer, now).is_ok())
-                    {
-                        out.push(DocRef::Relationship(h));
-                    }
-                }
+                DocRef::Relationship(_) => {}
             }
         }
         out
@@ -697,34 +945,31 @@ impl Engine {
 
     /// Every peer this node shares a document with.
     pub fn counterparts(&self) -> Vec<IdentityKey> {
-        let mut set = HashSet::new();
-        for d in self.docs.values() {
-            match d {
-                Doc::Consent(c) => {
-                    let h = c.ledger().header();
-                    set.insert(if h.customer == self.me {
-                        h.grantee
-                    } else {
-                        h.customer
-                    });
-                }
-                Doc::Rel(r) => {
-                    if r.header().owner == self.me {
-                        set.extend(
-                            r.members()
-                                .filter(|m| m.removed_at.is_none())
-                                .map(|m| m.identity),
-                        );
-                    } else {
-                        set.insert(r.header().owner);
-                    }
-                }
-            }
-        }
-        set.remove(&self.me);
-        let mut v: Vec<_> = set.into_iter().collect();
-        v.sort();
-        v
+        self.counterparts_after(None, usize::MAX)
+    }
+
+    /// At most `n` peers this node shares a document with, in order, after `after`: for a
+    /// sweep over all of them in slices.
+    pub fn counterparts_after(&self, after: Option<IdentityKey>, n: usize) -> Vec<IdentityKey> {
+        use std::ops::Bound;
+        let from = match after {
+            Some(p) => Bound::Excluded(p),
+            None => Bound::Unbounded,
+        };
+        self.by_peer
+            .range((from, Bound::Unbounded))
+            .filter(|(p, set)| {
+                set.iter().any(|id| {
+                    self.docs.get(id).is_some_and(|s| match s.r {
+                        DocRef::Consent(_) => true,
+                        DocRef::Relationship(h) if h.owner == self.me => s.facts.is_member(p),
+                        DocRef::Relationship(h) => h.owner == **p,
+                    })
+                })
+            })
+            .map(|(p, _)| *p)
+            .take(n)
+            .collect()
     }
 
     /// Whether this node (the owner) serves relationship `r` to `peer` now.
@@ -743,12 +988,12 @@ impl Engine {
     // ----- storing and reacting -----
 
     /// Stores the changes `applied` (hashes, in order) of document `id` durably.
-    pub(crate) fn persist(&self, doc: &DocRef, applied: &[ChangeHash]) -> Result<()> {
+    pub(crate) fn persist(&mut self, doc: &DocRef, applied: &[ChangeHash]) -> Result<()> {
         if applied.is_empty() {
             return Ok(());
         }
         let id = doc.doc_id();
-        let changes: Vec<SignedChange> = match self.docs.get(&id) {
+        let changes: Vec<SignedChange> = match self.doc(&id) {
             Some(Doc::Consent(c)) => {
                 let set: HashSet<&ChangeHash> = applied.iter().collect();
                 c.ledger()
@@ -779,7 +1024,7 @@ impl Engine {
             }
             None => Vec::new(),
         };
-        self.store.put_changes(doc, &changes)?;
+        self.put_indexed(doc, &changes, applied)?;
         Ok(())
     }
 
@@ -865,14 +1110,17 @@ impl Engine {
         let (mut docs, mut messages) = (0usize, 0usize);
         if !still_reads {
             let covered: Vec<(DocId, usize)> = self
-                .rels()
-                .filter(|r| r.header().owner == h.customer)
-                .map(|r| (r.id(), r.messages().len()))
+                .rels_owned_by(&h.customer)
+                .into_iter()
+                .map(|id| {
+                    let n = self.store.rel_summary(&id).ok().flatten();
+                    (id, n.map_or(0, |s| s.message_count))
+                })
                 .collect();
             for (id, n) in covered {
                 self.store.delete_document(&id)?;
-                self.docs.remove(&id);
-                self.keys.remove(&id);
+                self.drop_slot(&id);
+                self.keys.borrow_mut().remove(&id);
                 docs += 1;
                 messages += n;
             }
@@ -912,26 +1160,30 @@ impl Engine {
         body: EntryBody,
     ) -> Result<EntryId> {
         let id = h.doc_id();
-        let doc = match self.docs.entry(id).or_insert_with(|| {
-            Doc::Consent(ConsentDoc::new(h).expect("parties differ: checked by callers"))
-        }) {
-            Doc::Consent(c) => c,
-            Doc::Rel(_) => unreachable!("a consent id names a consent document"),
+        if !self.docs.contains_key(&id) {
+            self.insert_doc(Doc::Consent(ConsentDoc::new(h)?));
+        }
+        let (key, nonce) = (self.key.clone(), self.nonce);
+        let Some(Doc::Consent(doc)) = self.doc_mut(&id) else {
+            return Err(EngineError::NotFound(format!(
+                "consent document {id} could not be loaded"
+            )));
         };
-        let result = doc.append(&self.key, self.nonce, now, body);
+        let result = doc.append(&key, nonce, now, body);
         let (entry, change) = match result {
             Ok(x) => x,
             Err(e) => {
                 if doc.ledger().changes().is_empty() {
-                    self.docs.remove(&id);
+                    self.drop_slot(&id);
                 }
                 return Err(e.into());
             }
         };
-        if let Err(e) = self.store.put_changes(&DocRef::Consent(h), &[change]) {
+        let hash = change.hash();
+        if let Err(e) = self.put_indexed(&DocRef::Consent(h), &[change], &[hash]) {
             // Not durable: forget it in memory too, so memory matches the store.
             self.reload(&DocRef::Consent(h))?;
-            return Err(e.into());
+            return Err(e);
         }
         Ok(entry)
     }
@@ -939,15 +1191,12 @@ impl Engine {
     /// Replaces the in-memory document with what the store holds.
     fn reload(&mut self, d: &DocRef) -> Result<()> {
         let id = d.doc_id();
+        self.drop_slot(&id);
         if self.store.doc_ref(&id)?.is_none() {
-            self.docs.remove(&id);
             return Ok(());
         }
-        let doc = match d {
-            DocRef::Consent(_) => Doc::Consent(self.store.load_consent(&id)?),
-            DocRef::Relationship(_) => Doc::Rel(self.store.load_relationship(&id)?),
-        };
-        self.docs.insert(id, doc);
+        let doc = self.load_doc(d)?;
+        self.insert_doc(doc);
         Ok(())
     }
 
@@ -1096,18 +1345,23 @@ impl Engine {
         now: UnixSeconds,
     ) -> Result<(Vec<GrantRow>, Vec<Push>)> {
         let mut todo: Vec<(ConsentHeader, GrantView)> = Vec::new();
-        for c in self.consents() {
-            let h = *c.ledger().header();
-            if h.grantee != self.me || customer.is_some_and(|x| x != h.customer) {
-                continue;
-            }
-            for g in c.ledger().grants(now) {
-                let wanted =
-                    grant.is_none_or(|p| g.id.to_hex().starts_with(&p.to_ascii_lowercase()));
-                if g.status == GrantStatus::Pending && wanted {
-                    todo.push((h, g));
+        let me = self.me;
+        let ids = self.ids_where(|r| {
+            matches!(r, DocRef::Consent(h)
+                if h.grantee == me && customer.is_none_or(|x| x == h.customer))
+        });
+        for id in ids {
+            self.peek(&id, |d| {
+                let Doc::Consent(c) = d else { return };
+                let h = *c.ledger().header();
+                for g in c.ledger().grants(now) {
+                    let wanted =
+                        grant.is_none_or(|p| g.id.to_hex().starts_with(&p.to_ascii_lowercase()));
+                    if g.status == GrantStatus::Pending && wanted {
+                        todo.push((h, g));
+                    }
                 }
-            }
+            });
         }
         if todo.is_empty() {
             return Err(EngineError::NotFound(match grant {
@@ -1192,9 +1446,13 @@ impl Engine {
             return Err(EngineError::Refused(format!("the file was refused: {e}")));
         }
         let applied = report.applied.len();
-        self.store
-            .put_changes(&DocRef::Consent(header), doc.ledger().changes())?;
-        self.docs.insert(id, Doc::Consent(doc));
+        let all = doc.ledger().changes().to_vec();
+        let d = DocRef::Consent(header);
+        self.insert_doc(Doc::Consent(doc));
+        if let Err(e) = self.put_indexed(&d, &all, &report.applied) {
+            self.reload(&d)?;
+            return Err(e);
+        }
         let pushes = if applied > 0 {
             self.after_consent(header, now)?
         } else {
@@ -1237,9 +1495,13 @@ impl Engine {
             changes.push(doc.append(&self.key, self.nonce, now, body)?.1);
         }
         let d = DocRef::Relationship(header);
-        self.store.put_changes(&d, &changes)?;
         let id = doc.id();
-        self.docs.insert(id, Doc::Rel(doc));
+        let hashes: Vec<ChangeHash> = changes.iter().map(SignedChange::hash).collect();
+        self.insert_doc(Doc::Rel(doc));
+        if let Err(e) = self.put_indexed(&d, &changes, &hashes) {
+            self.reload(&d)?;
+            return Err(e);
+        }
         self.ensure_epoch(&id, now)?;
         let mut out = WriteOutcome::doc(id, peer);
         out.note = match may_read(self.ledger(self.me, peer), &peer, now) {
@@ -1285,10 +1547,23 @@ impl Engine {
     /// changed.
     fn rotate_where_member(&mut self, member: &IdentityKey, now: UnixSeconds) -> Result<Vec<Push>> {
         let ids: Vec<DocId> = self
-            .rels()
-            .filter(|r| r.header().owner == self.me && r.members().any(|m| m.identity == *member))
-            .map(RelationshipDoc::id)
-            .collect();
+            .by_peer
+            .get(member)
+            .map(|set| {
+                let mut v: Vec<DocId> = set
+                    .iter()
+                    .filter(|id| {
+                        self.docs.get(id).is_some_and(|s| {
+                            matches!(s.r, DocRef::Relationship(h) if h.owner == self.me)
+                                && s.facts.ever_member(member)
+                        })
+                    })
+                    .copied()
+                    .collect();
+                v.sort();
+                v
+            })
+            .unwrap_or_default();
         let mut pushes = Vec::new();
         for id in ids {
             pushes.extend(self.ensure_epoch(&id, now)?);
@@ -1398,7 +1673,7 @@ impl Engine {
         body: RelBody,
         now: UnixSeconds,
     ) -> Result<(EntryId, Vec<Push>)> {
-        let owner = match self.docs.get(&id) {
+        let owner = match self.doc(&id) {
             Some(Doc::Rel(doc)) => doc.header().owner,
             _ => return Err(EngineError::NotFound(format!("no relationship {id}"))),
         };
@@ -1414,15 +1689,17 @@ impl Engine {
         } else {
             self.random()?
         };
-        let Some(Doc::Rel(doc)) = self.docs.get_mut(&id) else {
+        let key = self.key.clone();
+        let Some(Doc::Rel(doc)) = self.doc_mut(&id) else {
             return Err(EngineError::NotFound(format!("no relationship {id}")));
         };
-        let (entry, change) = doc.append_excluding(&refused, &self.key, fresh, now, body)?;
+        let (entry, change) = doc.append_excluding(&refused, &key, fresh, now, body)?;
         let header = *doc.header();
         let d = DocRef::Relationship(header);
-        if let Err(e) = self.store.put_changes(&d, &[change]) {
+        let hash = change.hash();
+        if let Err(e) = self.put_indexed(&d, &[change], &[hash]) {
             self.reload(&d)?;
-            return Err(e.into());
+            return Err(e);
         }
         Ok((entry, self.rel_pushes(&header, None, now)))
     }
@@ -1448,30 +1725,6 @@ impl Engine {
             .map(|m| (m, d))
             .collect()
     }
-}
-
-/// The documents and content keys a store holds, loaded and verified.
-#[allow(clippy::type_complexity)]
-fn load(
-    store: &Store,
-) -> Result<(
-    HashMap<DocId, Doc>,
-    HashMap<DocId, BTreeMap<u32, ContentKey>>,
-)> {
-    let mut docs = HashMap::new();
-    for d in store.doc_refs()? {
-        let id = d.doc_id();
-        let doc = match d {
-            DocRef::Consent(_) => Doc::Consent(store.load_consent(&id)?),
-            DocRef::Relationship(_) => Doc::Rel(store.load_relationship(&id)?),
-        };
-        docs.insert(id, doc);
-    }
-    let mut keys: HashMap<DocId, BTreeMap<u32, ContentKey>> = HashMap::new();
-    for (doc, epoch, k) in store.epoch_keys()? {
-        keys.entry(doc).or_default().insert(epoch, k);
-    }
-    Ok((docs, keys))
 }
 
 fn terms_named(id: &str) -> Result<&'static Terms> {

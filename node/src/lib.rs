@@ -18,6 +18,7 @@ pub mod clock;
 mod crypt;
 mod engine;
 mod error;
+mod index;
 mod ip_limits;
 mod mailbox;
 mod net;
@@ -31,7 +32,7 @@ pub use actor::{EngineClient, EngineStats};
 pub use api::{DEFAULT_WAIT, OPENAPI_PATH, ROUTES, openapi, router};
 pub use crypt::{MailReport, Sealed};
 pub use engine::{
-    BAN_SECONDS, Engine, EngineError, GrantArgs, MAX_RELS_PER_OWNER, MAX_STRIKES,
+    BAN_SECONDS, Engine, EngineError, GrantArgs, MAX_LOADED_DOCS, MAX_RELS_PER_OWNER, MAX_STRIKES,
     MAX_UNANSWERED_CHANGES, MAX_UNANSWERED_DOCS, Push, RoundOutcome, STRIKE_WINDOW,
 };
 pub use error::{DialError, NetError, StoreError};

@@ -46,6 +46,11 @@ pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 pub(crate) const DIAL_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long one sync request may take before it counts as failed.
 pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+/// The engine time one slice of the redial sweep may take (see `Loop::sweep_slice`).
+const SWEEP_SLICE: Duration = Duration::from_millis(5);
+/// Peers taken at a time within a slice of the redial sweep.
+const SWEEP_PEERS: usize = 4;
+
 /// How often the node redials peers it shares documents with.
 pub(crate) const REDIAL_EVERY: Duration = Duration::from_secs(20);
 /// How long a peer that passed the misbehaviour limit stays disconnected.
@@ -495,6 +500,8 @@ enum Internal {
         outcome: Result<RoundOutcome, String>,
     },
     Pushes(Vec<Push>),
+    /// A slice of the redial sweep is done: go on after this peer, or the sweep is over.
+    Swept(Option<IdentityKey>),
     /// Mail sealed for a peer that could not be reached.
     Sealed {
         peer: PeerId,
@@ -536,6 +543,8 @@ impl Internal {
                 outcome: Err(err.to_string()),
             }),
             Internal::Pushes(p) => Some(Internal::Pushes(p)),
+            // The next sweep starts over.
+            Internal::Swept(_) => Some(Internal::Swept(None)),
             Internal::Sealed { replies, .. } => {
                 for r in replies {
                     let _ = r.send(SyncResult::Offline(format!(
@@ -697,6 +706,8 @@ struct Loop {
     engine: EngineClient,
     /// Jobs for the engine that did not fit its queue, in order; see [`MAX_DEFERRED`].
     deferred: VecDeque<Job>,
+    /// A redial sweep is under way (one slice at a time: [`Loop::sweep_slice`]).
+    sweeping: bool,
     events: tokio::sync::broadcast::Sender<Event>,
     /// Results from the engine's blocking threads. Bounded: a thread whose result does not
     /// fit waits (blocking threads only ever send here), so a flood of requests slows its
@@ -944,6 +955,7 @@ pub(crate) fn start(
         swarm,
         engine,
         deferred: VecDeque::new(),
+        sweeping: false,
         events,
         internal_tx,
         sessions: Sessions::default(),
@@ -1286,6 +1298,10 @@ impl Loop {
                     self.sync(peer, doc, None);
                 }
             }
+            Internal::Swept(next) => match next {
+                Some(after) => self.sweep_slice(Some(after)),
+                None => self.sweeping = false,
+            },
             Internal::Sealed {
                 peer,
                 sealed,
@@ -1707,16 +1723,42 @@ impl Loop {
                 tracing::debug!("cannot dial the relay: {e}");
             }
         }
+        if !self.sweeping {
+            self.sweeping = true;
+            self.sweep_slice(None);
+        }
+    }
+
+    /// One slice of the redial sweep: the peers after `after` this node shares documents
+    /// with and is not connected to get those documents pushed, for at most
+    /// [`SWEEP_SLICE`] of the engine's time; the loop then asks for the next slice, so
+    /// other work runs in between however many peers there are.
+    fn sweep_slice(&mut self, after: Option<IdentityKey>) {
         let connected: HashSet<PeerId> = self.swarm.connected_peers().copied().collect();
-        self.with_engine(move |e, out| {
-            let pushes: Vec<Push> = e
-                .counterparts()
-                .into_iter()
-                .filter(|p| !connected.contains(&peer_of(p)))
-                .flat_map(|p| e.shared_with(&p, e.now()).into_iter().map(move |d| (p, d)))
-                .collect();
-            out.push(Internal::Pushes(pushes));
-        });
+        self.with_engine_or(
+            move |e, out| {
+                let started = std::time::Instant::now();
+                let now = e.now();
+                let mut pushes: Vec<Push> = Vec::new();
+                let mut last = after;
+                let mut more = true;
+                while more && started.elapsed() < SWEEP_SLICE {
+                    let peers = e.counterparts_after(last, SWEEP_PEERS);
+                    more = peers.len() == SWEEP_PEERS;
+                    for p in peers {
+                        last = Some(p);
+                        if !connected.contains(&peer_of(&p)) {
+                            pushes.extend(e.shared_with(&p, now).into_iter().map(|d| (p, d)));
+                        }
+                    }
+                }
+                if !pushes.is_empty() {
+                    out.push(Internal::Pushes(pushes));
+                }
+                out.push(Internal::Swept(if more { last } else { None }));
+            },
+            Some(Internal::Swept(None)),
+        );
     }
 
     fn on_connected(&mut self, peer: PeerId, endpoint: &ConnectedPoint) {

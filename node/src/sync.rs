@@ -126,8 +126,7 @@ impl Engine {
                 )
                 .map_err(|d| (RefusalCode::Forbidden, d.to_string()))?;
                 if self.rel(&h.doc_id()).is_none()
-                    && self.rels().filter(|r| r.header().owner == h.owner).count()
-                        >= MAX_RELS_PER_OWNER
+                    && self.rels_owned_by(&h.owner).len() >= MAX_RELS_PER_OWNER
                 {
                     return Err((
                         RefusalCode::RateLimited,
@@ -379,7 +378,7 @@ impl Engine {
         peer: &IdentityKey,
         heads: &[ChangeHash],
     ) -> Result<Vec<&SignedChange>, EngineError> {
-        let list: Vec<&SignedChange> = match self.docs.get(id) {
+        let list: Vec<&SignedChange> = match self.doc(id) {
             Some(Doc::Consent(c)) => c.changes_missing_from(heads),
             Some(Doc::Rel(r)) => r.changes_missing_from(heads),
             None => Vec::new(),
@@ -513,17 +512,11 @@ impl Engine {
     /// How many consent documents hold grants to this node that it never answered.
     fn unanswered_consents(&self) -> usize {
         let me = self.me();
-        self.docs
-            .values()
-            .filter(|d| match d {
-                Doc::Consent(c) => c.ledger().header().grantee == me && !self.wrote_in(c.ledger()),
-                Doc::Rel(_) => false,
-            })
-            .count()
+        self.unanswered_consent_count(&me)
     }
 
     pub(crate) fn heads_of(&self, id: &rapport_protocol::DocId) -> Vec<ChangeHash> {
-        match self.docs.get(id) {
+        match self.doc(id) {
             Some(Doc::Consent(c)) => c.heads(),
             Some(Doc::Rel(r)) => r.heads(),
             None => Vec::new(),
@@ -531,7 +524,7 @@ impl Engine {
     }
 
     fn has_change(&self, id: &rapport_protocol::DocId, h: &ChangeHash) -> bool {
-        match self.docs.get(id) {
+        match self.doc(id) {
             Some(Doc::Consent(c)) => c.ledger().has_change(h),
             Some(Doc::Rel(r)) => r.has_change(h),
             None => false,
@@ -539,7 +532,7 @@ impl Engine {
     }
 
     fn holds(&self, id: &rapport_protocol::DocId) -> bool {
-        self.docs.contains_key(id)
+        self.holds_doc(id)
     }
 
     /// Verifies, checks, applies and stores changes from `peer`; records refusals.
@@ -574,7 +567,7 @@ impl Engine {
             changes.iter().map(|c| (c.hash(), c.clone())).collect();
         let rejected: Vec<(ChangeHash, RefusalKind, String)> = match (doc, role) {
             (DocRef::Consent(h), _) => {
-                let mut c = match self.docs.remove(&id) {
+                let mut c = match self.take_doc(&id) {
                     Some(Doc::Consent(c)) => c,
                     _ => ConsentDoc::new(*h).map_err(|e| EngineError::Invalid(e.to_string()))?,
                 };
@@ -593,7 +586,7 @@ impl Engine {
                 let report = c.apply(changes);
                 out.applied = report.applied;
                 if !c.ledger().changes().is_empty() {
-                    self.docs.insert(id, Doc::Consent(c));
+                    self.insert_doc(Doc::Consent(c));
                 }
                 report
                     .rejected
@@ -602,7 +595,7 @@ impl Engine {
                     .collect()
             }
             (DocRef::Relationship(_), Role::Owner) => {
-                let Some(Doc::Rel(mut r)) = self.docs.remove(&id) else {
+                let Some(Doc::Rel(mut r)) = self.take_doc(&id) else {
                     return Ok(out);
                 };
                 let me = self.me();
@@ -623,12 +616,12 @@ impl Engine {
                         .map_err(|e| e.to_string())
                 });
                 out.applied = report.applied;
-                self.docs.insert(id, Doc::Rel(r));
+                self.insert_doc(Doc::Rel(r));
                 rel_rejections(report.rejected)
             }
             (DocRef::Relationship(h), _) => {
                 let existed = self.holds(&id);
-                let mut r = match self.docs.remove(&id) {
+                let mut r = match self.take_doc(&id) {
                     Some(Doc::Rel(r)) => r,
                     _ => RelationshipDoc::new(*h),
                 };
@@ -641,7 +634,7 @@ impl Engine {
                 }
                 out.applied = report.applied;
                 if !r.changes().is_empty() {
-                    self.docs.insert(id, Doc::Rel(r));
+                    self.insert_doc(Doc::Rel(r));
                 }
                 if !existed && !out.applied.is_empty() {
                     self.emit(Event::Relationship {

@@ -56,7 +56,7 @@ fn the_customers_store_from_the_last_release_opens_with_its_consent_and_conversa
         ["conversation:read", "conversation:write", "contact:support"]
     );
 
-    let rels = engine.relationships();
+    let rels = engine.relationships().unwrap();
     assert_eq!(rels.len(), 1);
     assert_eq!(rels[0].id.to_string(), REL);
     assert!(rels[0].mine);
@@ -88,7 +88,7 @@ fn the_companys_store_from_the_last_release_opens_and_keeps_its_refused_message(
     assert_eq!(grants.len(), 1);
     assert_eq!(grants[0].status, "active");
     assert_eq!(grants[0].peer.to_string(), ALICE);
-    let rels = engine.relationships();
+    let rels = engine.relationships().unwrap();
     assert_eq!(rels.len(), 1);
     assert!(!rels[0].mine);
     // The company keeps what it wrote, the refused marketing message included.

@@ -239,7 +239,7 @@ impl Sim {
         self.rel = Some(out.rel.expect("a relationship").to_hex());
         self.pushes(0, pushes);
         self.settle();
-        assert_eq!(self.sides[1].engine.relationships().len(), 1);
+        assert_eq!(self.sides[1].engine.relationships().unwrap().len(), 1);
     }
 
     fn texts(&self, i: usize) -> Vec<String> {

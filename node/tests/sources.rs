@@ -61,7 +61,7 @@ fn the_same_seed_gives_the_same_relationship_id() {
             })
             .unwrap();
         engine.open_relationship(peer, None, None, T0).unwrap();
-        engine.relationships()[0].id
+        engine.relationships().unwrap()[0].id
     };
     let a = open_with_seed([1; 32]);
     assert_eq!(open_with_seed([1; 32]), a);

@@ -51,7 +51,7 @@ fn create_then_open_round_trips_profile_and_key() {
     let store = Store::open(&dir).unwrap();
     assert_eq!(store.profile().unwrap(), profile);
     assert_eq!(store.secret_key().unwrap().to_seed(), key.to_seed());
-    assert_eq!(store.schema_version().unwrap(), 4);
+    assert_eq!(store.schema_version().unwrap(), 5);
     assert_eq!(profile.kind, Kind::Org);
     assert_eq!(profile.name, "Acme");
 }
@@ -116,7 +116,7 @@ fn missing_garbage_and_newer_stores_give_clear_errors_and_stay_untouched() {
             err,
             StoreError::NewerSchema {
                 found: 7,
-                supported: 4,
+                supported: 5,
                 ..
             }
         ),
@@ -198,7 +198,7 @@ fn a_schema_1_store_is_migrated_in_place_and_keeps_its_documents() {
         tx.commit().unwrap();
     }
     let store = Store::open(tmp.path()).unwrap();
-    assert_eq!(store.schema_version().unwrap(), 4);
+    assert_eq!(store.schema_version().unwrap(), 5);
     assert_eq!(store.profile().unwrap().identity, identity);
     assert_eq!(store.consent_changes(&header.doc_id()).unwrap(), all);
     // The new tables work.
@@ -226,6 +226,13 @@ fn a_schema_1_store_is_migrated_in_place_and_keeps_its_documents() {
     store.put_conduct(&identity, &conduct).unwrap();
     assert_eq!(store.conduct(&identity).unwrap(), Some(conduct));
     assert_eq!(store.bans(T0).unwrap(), vec![(identity, T0 + 60)]);
+    // Schema 5: the migration indexed the consent document it found, so an engine knows
+    // it (and its grants) without loading it.
+    drop(store);
+    let engine = rapport_node::Engine::open(Store::open(tmp.path()).unwrap()).unwrap();
+    assert_eq!(engine.doc_count(), 1);
+    assert_eq!(engine.loaded_docs(), 0, "nothing is loaded at start");
+    assert!(!engine.grants(T0).is_empty());
 }
 
 /// Break 9: after "No space left on device" the store used to answer every later call with

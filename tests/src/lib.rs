@@ -282,7 +282,10 @@ pub async fn open(customer: &TestNode, members: &[&TestNode]) -> String {
     }
     for m in members {
         eventually(10, "a member receiving the relationship", || async {
-            m.handle.read(|e| e.relationships().len()).await == 1
+            m.handle
+                .read(|e| e.relationships().expect("the store answers").len())
+                .await
+                == 1
         })
         .await;
     }

@@ -51,7 +51,10 @@ async fn customer_and_company_talk_under_consent_and_revocation_cuts_off() {
     assert!(delivery.any_delivered(), "{delivery}");
     let rel = opened.rel.unwrap().to_hex();
     eventually(10, "Acme holds the relationship", || async {
-        acme.handle.read(|e| e.relationships().len()).await == 1
+        acme.handle
+            .read(|e| e.relationships().expect("the store answers").len())
+            .await
+            == 1
     })
     .await;
 
@@ -132,7 +135,10 @@ async fn customer_and_company_talk_under_consent_and_revocation_cuts_off() {
         .await
         .unwrap();
     eventually(10, "Acme erases the relationship", || async {
-        acme.handle.read(|e| e.relationships().len()).await == 0
+        acme.handle
+            .read(|e| e.relationships().expect("the store answers").len())
+            .await
+            == 0
     })
     .await;
     eventually(10, "Alice holds Acme's erasure receipt", || async {
@@ -153,7 +159,12 @@ async fn customer_and_company_talk_under_consent_and_revocation_cuts_off() {
     let d = send(&alice.handle, &rel, "Written after the revocation", None).await;
     assert!(!d.any_delivered(), "{d}");
     in_sync(&alice, &acme).await;
-    assert_eq!(acme.handle.read(|e| e.relationships().len()).await, 0);
+    assert_eq!(
+        acme.handle
+            .read(|e| e.relationships().expect("the store answers").len())
+            .await,
+        0
+    );
     // Acme keeps the consent ledger as its proof.
     assert_eq!(status(&acme.handle, &gid).await, "revoked");
 }
@@ -326,7 +337,10 @@ async fn a_company_revoked_while_away_is_refused_and_receives_nothing_new() {
         "Acme erasing and its receipt reaching Alice",
         || async {
             let g = g.clone();
-            acme.handle.read(|e| e.relationships().len()).await == 0
+            acme.handle
+                .read(|e| e.relationships().expect("the store answers").len())
+                .await
+                == 0
                 && alice
                     .handle
                     .read(move |e| {

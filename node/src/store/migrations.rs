@@ -6,9 +6,10 @@
 //! | 2 | network | relationship documents in `docs-1`; new tables `peers-1`, `peer-heads-1`, `refusals-1` |
 //! | 3 | relays | new table `epoch-keys-1` (content keys per relationship and epoch) |
 //! | 4 | core | new tables `peer-refused-1` (our changes a peer refused for good) and `conduct-1` (strikes and bans) |
+//! | 5 | engine | new tables `doc-facts-1`, `rel-summaries-1` and `inbox-1`, built from every document held, so a node starts without loading its documents |
 
 /// The schema this build writes and reads.
-pub(crate) const SCHEMA_VERSION: u32 = 4;
+pub(crate) const SCHEMA_VERSION: u32 = 5;
 
 /// What to do with a store of schema `found`.
 pub(crate) enum Plan {
@@ -48,6 +49,16 @@ pub(crate) fn migrate(tx: &redb::WriteTransaction, from: u32) -> Result<(), redb
         // earlier schemas start with both empty.
         tx.open_table(PEER_REFUSED)?;
         tx.open_table(CONDUCT)?;
+    }
+    if from < 5 {
+        // Schema 5 indexes every document: what the node must know of each without loading
+        // it, relationship summaries and the inbox. A document that does not verify any
+        // more stops the migration (and nothing of it is written): it could not be loaded
+        // by the schema it came from either.
+        tx.open_table(DOC_FACTS)?;
+        tx.open_table(REL_SUMMARIES)?;
+        tx.open_table(INBOX)?;
+        super::index_all(tx)?;
     }
     tx.open_table(META)?
         .insert(META_SCHEMA, &SCHEMA_VERSION.to_be_bytes()[..])?;

@@ -23,6 +23,8 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use crate::error::StoreError;
+use crate::index::{Facts, Indexed, Viewer};
+use crate::views::{MessageView, RelSummary};
 use migrations::{Plan, SCHEMA_VERSION};
 use rapport_protocol::contain as guarded;
 use tables::*;
@@ -245,9 +247,10 @@ impl Store {
             )?;
             meta.insert(META_SECRET, &key.to_seed()[..])?;
             drop(meta);
-            for t in [DOCS, SNAPSHOTS] {
+            for t in [DOCS, SNAPSHOTS, DOC_FACTS, REL_SUMMARIES] {
                 tx.open_table(t)?;
             }
+            tx.open_table(INBOX)?;
             tx.open_table(CHANGES)?;
             tx.open_table(CHANGE_INDEX)?;
             tx.open_table(PEERS)?;
@@ -428,35 +431,99 @@ impl Store {
     }
 
     /// Stores changes of any document in one durable transaction, registering the document
-    /// if new. Changes already held are skipped; `changes` must list each change after its
-    /// dependencies. Returns how many were new.
+    /// if new, and indexes the document again from what the store then holds (its facts,
+    /// summary and inbox: [`crate::index`]). Changes already held are skipped; `changes`
+    /// must list each change after its dependencies. Returns how many were new. The engine,
+    /// which holds the document in memory, uses [`Store::put_changes_indexed`] instead.
     pub fn put_changes(&self, doc: &DocRef, changes: &[SignedChange]) -> Result<usize, StoreError> {
-        let id = doc.doc_id();
-        let doc_header = serde_json::to_vec(&DocHeader::from(*doc)).expect("header serialises");
         self.write(|tx| {
-            let mut docs = tx.open_table(DOCS)?;
-            if docs.get(&id.0)?.is_none() {
-                docs.insert(&id.0, doc_header.as_slice())?;
+            let new = put_changes_tx(tx, doc, changes)?;
+            if !new.is_empty() {
+                let profile = profile_tx(tx)?;
+                let viewer = Viewer {
+                    me: profile.identity,
+                    name: &profile.name,
+                };
+                let indexed = index_doc_tx(tx, doc, &viewer, &new)?;
+                put_index_tx(tx, &doc.doc_id(), &indexed)?;
             }
-            drop(docs);
-            let mut index = tx.open_table(CHANGE_INDEX)?;
-            let mut table = tx.open_table(CHANGES)?;
-            let mut next = match table.range((&id.0, 0)..=(&id.0, u64::MAX))?.next_back() {
-                Some(last) => last?.0.value().1 + 1,
-                None => 0,
-            };
-            let mut new = 0;
-            for c in changes {
-                let hash = c.hash().0;
-                if index.get((&id.0, &hash))?.is_some() {
-                    continue;
-                }
-                table.insert((&id.0, next), c.encode().as_slice())?;
-                index.insert((&id.0, &hash), next)?;
-                next += 1;
-                new += 1;
+            Ok(new.len())
+        })
+    }
+
+    /// Stores changes of a document and its index records (computed by the caller from the
+    /// document with these changes applied) in one transaction. Returns how many changes
+    /// were new.
+    pub(crate) fn put_changes_indexed(
+        &self,
+        doc: &DocRef,
+        changes: &[SignedChange],
+        indexed: &Indexed,
+    ) -> Result<usize, StoreError> {
+        self.write(|tx| {
+            let new = put_changes_tx(tx, doc, changes)?;
+            put_index_tx(tx, &doc.doc_id(), indexed)?;
+            Ok(new.len())
+        })
+    }
+
+    /// Every document's facts ([`crate::index::Facts`]).
+    pub(crate) fn doc_facts(&self) -> Result<Vec<(DocId, Facts)>, StoreError> {
+        self.read(|tx| {
+            let t = tx.open_table(DOC_FACTS).map_err(|e| self.db_error(e))?;
+            let mut out = Vec::new();
+            for row in t.iter().map_err(|e| self.db_error(e))? {
+                let (k, v) = row.map_err(|e| self.db_error(e))?;
+                let facts = serde_json::from_slice(v.value())
+                    .map_err(|e| self.corrupt(&format!("document facts: {e}")))?;
+                out.push((DocId(*k.value()), facts));
             }
-            Ok(new)
+            Ok(out)
+        })
+    }
+
+    /// Every relationship as listed, unordered.
+    pub fn rel_summaries(&self) -> Result<Vec<RelSummary>, StoreError> {
+        self.read(|tx| {
+            let t = tx.open_table(REL_SUMMARIES).map_err(|e| self.db_error(e))?;
+            let mut out = Vec::new();
+            for row in t.iter().map_err(|e| self.db_error(e))? {
+                let (_, v) = row.map_err(|e| self.db_error(e))?;
+                out.push(
+                    serde_json::from_slice(v.value())
+                        .map_err(|e| self.corrupt(&format!("relationship summary: {e}")))?,
+                );
+            }
+            Ok(out)
+        })
+    }
+
+    /// One relationship as listed, if held.
+    pub fn rel_summary(&self, doc: &DocId) -> Result<Option<RelSummary>, StoreError> {
+        self.read(|tx| {
+            let t = tx.open_table(REL_SUMMARIES).map_err(|e| self.db_error(e))?;
+            match t.get(&doc.0).map_err(|e| self.db_error(e))? {
+                None => Ok(None),
+                Some(v) => serde_json::from_slice(v.value())
+                    .map(Some)
+                    .map_err(|e| self.corrupt(&format!("relationship summary: {e}"))),
+            }
+        })
+    }
+
+    /// The newest `limit` messages from others, newest first.
+    pub fn inbox(&self, limit: usize) -> Result<Vec<MessageView>, StoreError> {
+        self.read(|tx| {
+            let t = tx.open_table(INBOX).map_err(|e| self.db_error(e))?;
+            let mut out = Vec::new();
+            for row in t.iter().map_err(|e| self.db_error(e))?.rev().take(limit) {
+                let (_, v) = row.map_err(|e| self.db_error(e))?;
+                out.push(
+                    serde_json::from_slice(v.value())
+                        .map_err(|e| self.corrupt(&format!("inbox entry: {e}")))?,
+                );
+            }
+            Ok(out)
         })
     }
 
@@ -836,6 +903,10 @@ impl Store {
                 (&doc.0, &[0u8; 32], &[0u8; 32])..=(&doc.0, &[0xffu8; 32], &[0xffu8; 32]),
                 |_, _| false,
             )?;
+            tx.open_table(DOC_FACTS)?.remove(&doc.0)?;
+            tx.open_table(REL_SUMMARIES)?.remove(&doc.0)?;
+            // The inbox is ordered by time: this document's messages are found by a scan.
+            tx.open_table(INBOX)?.retain(|k, _| k.1 != &doc.0)?;
             Ok(held)
         })
     }
@@ -1120,6 +1191,127 @@ fn check_magic(data_dir: &Path, path: &Path) -> Result<(), StoreError> {
             Ok(())
         }
     }
+}
+
+/// Stores the changes of `doc` not held yet inside `tx`, registering the document if new.
+/// Returns the hashes of the new ones.
+fn put_changes_tx(
+    tx: &redb::WriteTransaction,
+    doc: &DocRef,
+    changes: &[SignedChange],
+) -> Result<Vec<ChangeHash>, redb::Error> {
+    let id = doc.doc_id();
+    let mut docs = tx.open_table(DOCS)?;
+    if docs.get(&id.0)?.is_none() {
+        let header = serde_json::to_vec(&DocHeader::from(*doc)).expect("header serialises");
+        docs.insert(&id.0, header.as_slice())?;
+    }
+    drop(docs);
+    let mut index = tx.open_table(CHANGE_INDEX)?;
+    let mut table = tx.open_table(CHANGES)?;
+    let mut next = match table.range((&id.0, 0)..=(&id.0, u64::MAX))?.next_back() {
+        Some(last) => last?.0.value().1 + 1,
+        None => 0,
+    };
+    let mut new = Vec::new();
+    for c in changes {
+        let hash = c.hash().0;
+        if index.get((&id.0, &hash))?.is_some() {
+            continue;
+        }
+        table.insert((&id.0, next), c.encode().as_slice())?;
+        index.insert((&id.0, &hash), next)?;
+        next += 1;
+        new.push(c.hash());
+    }
+    Ok(new)
+}
+
+/// Writes a document's index records inside `tx`.
+fn put_index_tx(tx: &redb::WriteTransaction, id: &DocId, ix: &Indexed) -> Result<(), redb::Error> {
+    let facts = serde_json::to_vec(&ix.facts).expect("facts serialise");
+    tx.open_table(DOC_FACTS)?.insert(&id.0, facts.as_slice())?;
+    if let Some(s) = &ix.summary {
+        let v = serde_json::to_vec(s).expect("a summary serialises");
+        tx.open_table(REL_SUMMARIES)?.insert(&id.0, v.as_slice())?;
+    }
+    if !ix.inbox.is_empty() {
+        let mut inbox = tx.open_table(INBOX)?;
+        for m in &ix.inbox {
+            let v = serde_json::to_vec(m).expect("a message serialises");
+            inbox.insert((m.at, &id.0, &m.id.0), v.as_slice())?;
+        }
+    }
+    Ok(())
+}
+
+/// The profile, read inside a write transaction.
+fn profile_tx(tx: &redb::WriteTransaction) -> Result<Profile, redb::Error> {
+    let meta = tx.open_table(META)?;
+    let v = meta
+        .get(META_PROFILE)?
+        .ok_or_else(|| redb::Error::Corrupted("the profile is missing".into()))?;
+    serde_json::from_slice(v.value())
+        .map_err(|e| redb::Error::Corrupted(format!("the profile does not parse: {e}")))
+}
+
+/// Loads `doc` from what `tx` holds (verifying every change) and derives its index records,
+/// with the inbox entries of the changes `new`.
+fn index_doc_tx(
+    tx: &redb::WriteTransaction,
+    doc: &DocRef,
+    viewer: &Viewer<'_>,
+    new: &[ChangeHash],
+) -> Result<Indexed, redb::Error> {
+    let id = doc.doc_id();
+    let bad = |detail: String| {
+        redb::Error::Corrupted(format!("stored document {id} does not verify: {detail}"))
+    };
+    let table = tx.open_table(CHANGES)?;
+    let mut changes = Vec::new();
+    for row in table.range((&id.0, 0)..=(&id.0, u64::MAX))? {
+        let (_, v) = row?;
+        changes.push(SignedChange::decode(v.value()).map_err(|e| bad(e.to_string()))?);
+    }
+    Ok(match doc {
+        DocRef::Consent(h) => {
+            viewer.consent(&ConsentDoc::load(*h, changes).map_err(|e| bad(e.to_string()))?)
+        }
+        DocRef::Relationship(h) => {
+            let r = RelationshipDoc::load(*h, changes).map_err(|e| bad(e.to_string()))?;
+            viewer.rel(&r, new)
+        }
+    })
+}
+
+/// Indexes every document held (the migration to schema 5).
+pub(crate) fn index_all(tx: &redb::WriteTransaction) -> Result<(), redb::Error> {
+    let profile = profile_tx(tx)?;
+    let viewer = Viewer {
+        me: profile.identity,
+        name: &profile.name,
+    };
+    let mut refs = Vec::new();
+    for row in tx.open_table(DOCS)?.iter()? {
+        let (_, v) = row?;
+        let h: DocHeader = serde_json::from_slice(v.value())
+            .map_err(|e| redb::Error::Corrupted(format!("document header: {e}")))?;
+        refs.push(DocRef::from(h));
+    }
+    for d in refs {
+        let all: Vec<ChangeHash> = {
+            let index = tx.open_table(CHANGE_INDEX)?;
+            let id = d.doc_id();
+            let mut v = Vec::new();
+            for row in index.range((&id.0, &[0u8; 32])..=(&id.0, &[0xffu8; 32]))? {
+                v.push(ChangeHash(*row?.0.value().1));
+            }
+            v
+        };
+        let indexed = index_doc_tx(tx, &d, &viewer, &all)?;
+        put_index_tx(tx, &d.doc_id(), &indexed)?;
+    }
+    Ok(())
 }
 
 /// Reads the schema version through any redb handle, read-only included.

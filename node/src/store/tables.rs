@@ -66,3 +66,21 @@ pub(crate) type PeerRefusedKey<'a> = (&'a [u8; 32], &'a [u8; 32], &'a [u8; 32]);
 /// restart neither forgives a misbehaving peer nor forgets a ban. Key: peer key bytes.
 /// Value: JSON of [`crate::store::Conduct`].
 pub(crate) const CONDUCT: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("conduct-1");
+
+/// What the node keeps in memory about each document (schema 5), so it starts without
+/// loading any. Key: document id. Value: JSON of [`crate::index::Facts`]. Written with the
+/// document's changes, in the same transaction.
+pub(crate) const DOC_FACTS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("doc-facts-1");
+
+/// Each relationship as listed (schema 5). Key: document id. Value: JSON of
+/// [`crate::RelSummary`]. Written with the relationship's changes.
+pub(crate) const REL_SUMMARIES: TableDefinition<&[u8; 32], &[u8]> =
+    TableDefinition::new("rel-summaries-1");
+
+/// Messages from others, for the inbox (schema 5). Key: (time, document id, entry id), so
+/// the newest come last. Value: JSON of [`crate::MessageView`]. Written with the changes
+/// that carry them; deleted with the document.
+pub(crate) const INBOX: TableDefinition<InboxKey, &[u8]> = TableDefinition::new("inbox-1");
+
+/// (time, document id, entry id).
+pub(crate) type InboxKey<'a> = (u64, &'a [u8; 32], &'a [u8; 32]);

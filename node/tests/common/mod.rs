@@ -1,8 +1,112 @@
 //! Helpers shared by the node's integration tests.
 #![allow(dead_code)] // each test binary uses some of them
 
-use rapport_node::GrantArgs;
-use rapport_protocol::IdentityKey;
+use rapport_node::{Engine, GrantArgs, Store};
+use rapport_protocol::automerge::ChangeHash;
+use rapport_protocol::wire::DocRef;
+use rapport_protocol::{ConsentHeader, IdentityKey, Kind, SignedChange};
+use tempfile::TempDir;
+
+/// The time the engine-level tests start at.
+pub(crate) const T0: u64 = 1_800_000_000;
+
+/// An engine that can be closed and opened again in place.
+pub(crate) struct Slot(pub(crate) Option<Engine>);
+
+impl std::ops::Deref for Slot {
+    type Target = Engine;
+    fn deref(&self) -> &Engine {
+        self.0.as_ref().expect("open")
+    }
+}
+
+impl std::ops::DerefMut for Slot {
+    fn deref_mut(&mut self) -> &mut Engine {
+        self.0.as_mut().expect("open")
+    }
+}
+
+pub(crate) struct Side {
+    pub(crate) dir: TempDir,
+    pub(crate) engine: Slot,
+}
+
+impl Side {
+    pub(crate) fn new(kind: Kind, name: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::create(dir.path(), kind, name, T0).unwrap();
+        let engine = Slot(Some(Engine::open(store).unwrap()));
+        Self { dir, engine }
+    }
+
+    pub(crate) fn me(&self) -> IdentityKey {
+        self.engine.me()
+    }
+
+    /// Closes the engine and opens it again on the same file: what a restart sees.
+    pub(crate) fn reopen(&mut self) {
+        self.engine.0 = None;
+        self.engine.0 = Some(Engine::open(Store::open(self.dir.path()).unwrap()).unwrap());
+    }
+}
+
+pub(crate) fn hashes(changes: &[Vec<u8>]) -> Vec<ChangeHash> {
+    changes
+        .iter()
+        .map(|b| SignedChange::decode(b).unwrap().hash())
+        .collect()
+}
+
+/// One honest round from `a` to `b` for `doc`; returns whether `a` wants another.
+pub(crate) fn round(a: &mut Side, b: &mut Side, doc: &DocRef, now: u64) -> bool {
+    let Some(req) = a.engine.start_round(&b.me(), doc, now).unwrap() else {
+        return false;
+    };
+    let sent = hashes(&req.changes);
+    let (resp, _, _) = b.engine.handle_request(&a.me(), req, now);
+    let (outcome, _) = a
+        .engine
+        .handle_response(&b.me(), doc, &sent, resp, now)
+        .unwrap();
+    outcome.again && (outcome.received > 0 || outcome.peer_moved)
+}
+
+/// Honest rounds until `a` has nothing more to say, bounded.
+pub(crate) fn sync(a: &mut Side, b: &mut Side, doc: &DocRef, now: u64) {
+    for _ in 0..20 {
+        if !round(a, b, doc, now) {
+            return;
+        }
+    }
+    panic!("sync did not settle in 20 rounds");
+}
+
+pub(crate) fn consent(customer: &Side, grantee: &Side) -> DocRef {
+    DocRef::Consent(ConsentHeader {
+        customer: customer.me(),
+        grantee: grantee.me(),
+    })
+}
+
+/// Alice grants `company` read, write and contact:support; the company accepts.
+pub(crate) fn granted(alice: &mut Side, company: &mut Side, now: u64) -> String {
+    let (out, _) = alice
+        .engine
+        .grant(
+            grant_args(
+                company.me(),
+                &["conversation:read", "conversation:write", "contact:support"],
+                "support",
+            ),
+            now,
+        )
+        .unwrap();
+    let doc = consent(alice, company);
+    sync(alice, company, &doc, now);
+    company.engine.accept(None, None, now).unwrap();
+    sync(company, alice, &doc, now);
+    out.entry.unwrap().to_hex()
+}
 
 /// A grant of `scopes` to `grantee` for `purpose`, everything else by default.
 pub(crate) fn grant_args(grantee: IdentityKey, scopes: &[&str], purpose: &str) -> GrantArgs {

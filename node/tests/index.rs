@@ -1,0 +1,184 @@
+//! A company's node holds a document per customer and per conversation; it must start
+//! without loading them (issue 10: "documents load when used; indexes answer the inbox and
+//! lists"). These tests check, from the outside, that what the index answers is exactly
+//! what the loaded documents say, after every kind of write (local, synced, erased), and
+//! that memory holds a bounded number of documents.
+
+mod common;
+
+use common::{Side, T0, granted, sync};
+use rapport_node::MessageView;
+use rapport_protocol::wire::DocRef;
+use rapport_protocol::{IdentityKey, Kind};
+
+/// A customer who granted `company` read, write and contact:support, opened a relationship
+/// with it and wrote a message that `company` answered, both synced.
+fn customer(name: &str, company: &mut Side, now: u64) -> (Side, String, DocRef) {
+    let mut c = Side::new(Kind::Person, name);
+    granted(&mut c, company, now);
+    let (out, _) = c
+        .engine
+        .open_relationship(company.me(), Some("Acme".into()), None, now)
+        .unwrap();
+    let rel = out.doc.to_hex();
+    c.engine
+        .send_message(&rel, format!("hello from {name}"), None, None, now + 1)
+        .unwrap();
+    let doc = c
+        .engine
+        .shared_with(&company.me(), now)
+        .into_iter()
+        .find(|d| d.doc_id() == out.doc)
+        .expect("the relationship is shared with the company");
+    sync(&mut c, company, &doc, now + 1);
+    company
+        .engine
+        .send_message(&rel, format!("hello {name}"), None, None, now + 2)
+        .unwrap();
+    sync(company, &mut c, &doc, now + 2);
+    (c, rel, doc)
+}
+
+/// Checks that the lists the index answers match the documents themselves (loading
+/// them), and returns the inbox.
+fn index_matches_documents(side: &Side, now: u64) -> Vec<MessageView> {
+    let listed = side.engine.relationships().unwrap();
+    let inbox = side.engine.inbox(1000).unwrap();
+    let mut expected_inbox: Vec<MessageView> = Vec::new();
+    for s in &listed {
+        let detail = side.engine.relationship(&s.id.to_hex(), now).unwrap();
+        assert_eq!(*s, detail.summary, "the listed summary is the document's");
+        expected_inbox.extend(detail.messages.into_iter().filter(|m| !m.mine));
+    }
+    expected_inbox.sort_by_key(|m| std::cmp::Reverse((m.at, m.rel, m.id)));
+    assert_eq!(
+        inbox, expected_inbox,
+        "the inbox is every message from others"
+    );
+    inbox
+}
+
+#[test]
+fn a_node_starts_without_loading_its_documents_and_answers_from_the_index() {
+    let now = T0 + 10;
+    let mut acme = Side::new(Kind::Org, "Acme");
+    let customers: Vec<(Side, String, DocRef)> = (0..5)
+        .map(|i| customer(&format!("customer {i}"), &mut acme, now + i * 10))
+        .collect();
+
+    acme.reopen();
+    assert_eq!(
+        acme.engine.doc_count(),
+        10,
+        "five consents, five relationships"
+    );
+    assert_eq!(acme.engine.loaded_docs(), 0, "nothing is loaded at start");
+
+    // Lists, the inbox and whom to redial come from the index, without loading.
+    let listed = acme.engine.relationships().unwrap();
+    assert_eq!(listed.len(), 5);
+    assert!(listed.windows(2).all(|w| w[0].last_at >= w[1].last_at));
+    let inbox = acme.engine.inbox(3).unwrap();
+    let texts: Vec<&str> = inbox.iter().map(|m| m.text.as_str()).collect();
+    assert_eq!(
+        texts,
+        [
+            "hello from customer 4",
+            "hello from customer 3",
+            "hello from customer 2"
+        ]
+    );
+    let mut who: Vec<IdentityKey> = customers.iter().map(|(c, _, _)| c.me()).collect();
+    who.sort();
+    assert_eq!(acme.engine.counterparts(), who);
+    assert_eq!(acme.engine.loaded_docs(), 0, "still nothing loaded");
+
+    // What is shared with one customer loads at most the consent document with it.
+    let shared = acme.engine.shared_with(&customers[2].0.me(), now + 100);
+    assert_eq!(shared.len(), 2, "its consent document and its relationship");
+    assert!(shared.contains(&customers[2].2));
+    assert!(acme.engine.loaded_docs() <= 1);
+
+    // And what the index says is what the documents say.
+    assert_eq!(index_matches_documents(&acme, now + 100).len(), 5);
+}
+
+#[test]
+fn every_write_keeps_the_index_true_and_an_erasure_leaves_no_trace_in_it() {
+    let now = T0 + 10;
+    let mut acme = Side::new(Kind::Org, "Acme");
+    let (mut alice, rel_a, doc_a) = customer("Alice", &mut acme, now);
+    let (mut bob, rel_b, doc_b) = customer("Bob", &mut acme, now + 5);
+
+    // More messages both ways, synced; the index follows each write and each sync.
+    alice
+        .engine
+        .send_message(&rel_a, "a second question".into(), None, None, now + 20)
+        .unwrap();
+    sync(&mut alice, &mut acme, &doc_a, now + 20);
+    acme.engine
+        .send_message(&rel_b, "news for Bob".into(), None, None, now + 21)
+        .unwrap();
+    sync(&mut acme, &mut bob, &doc_b, now + 21);
+    for side in [&acme, &alice, &bob] {
+        index_matches_documents(side, now + 30);
+    }
+    assert_eq!(acme.engine.inbox(10).unwrap().len(), 3);
+
+    // Alice revokes; Acme erases what it held of hers and acknowledges.
+    let grant = alice.engine.grants(now + 30)[0].grant.to_hex();
+    alice
+        .engine
+        .revoke(&grant, Some("done".into()), now + 30)
+        .unwrap();
+    let consent = DocRef::Consent(rapport_protocol::ConsentHeader {
+        customer: alice.me(),
+        grantee: acme.me(),
+    });
+    sync(&mut alice, &mut acme, &consent, now + 31);
+    for when in ["after the erasure", "after a restart"] {
+        let listed = acme.engine.relationships().unwrap();
+        assert_eq!(listed.len(), 1, "{when}: only Bob's relationship is listed");
+        assert_eq!(listed[0].id, doc_b.doc_id());
+        let inbox = index_matches_documents(&acme, now + 40);
+        assert!(
+            inbox.iter().all(|m| m.by != alice.me()),
+            "{when}: none of Alice's messages stays in the inbox"
+        );
+        assert!(!acme.engine.counterparts().is_empty());
+        assert!(
+            acme.engine
+                .shared_with(&alice.me(), now + 40)
+                .iter()
+                .all(|d| matches!(d, DocRef::Consent(_))),
+            "{when}: only the consent document is shared with Alice"
+        );
+        acme.reopen();
+    }
+}
+
+#[test]
+fn memory_holds_a_bounded_number_of_documents_and_dropped_ones_load_again() {
+    let now = T0 + 10;
+    let mut acme = Side::new(Kind::Org, "Acme");
+    let customers: Vec<(Side, String, DocRef)> = (0..6)
+        .map(|i| customer(&format!("customer {i}"), &mut acme, now + i * 10))
+        .collect();
+    acme.reopen();
+    acme.engine.set_max_loaded_docs(4);
+    for (_, rel, _) in &customers {
+        acme.engine.relationship(rel, now + 100).unwrap();
+    }
+    assert_eq!(acme.engine.loaded_docs(), 6, "each relationship read");
+    acme.engine.trim();
+    assert_eq!(acme.engine.loaded_docs(), 2, "down to half the cap");
+    // A dropped document loads again when used, and a write to it is kept.
+    let (_, rel, _) = &customers[0];
+    acme.engine
+        .send_message(rel, "still here".into(), None, None, now + 200)
+        .unwrap();
+    acme.reopen();
+    let d = acme.engine.relationship(rel, now + 200).unwrap();
+    assert_eq!(d.messages.last().unwrap().text, "still here");
+    index_matches_documents(&acme, now + 200);
+}
