@@ -55,6 +55,10 @@ pub(crate) enum BenchCmd {
         /// Print the figures as one JSON object on stdout, and nothing else.
         #[arg(long)]
         json: bool,
+        /// Build the company's store in this new directory and keep it (to run a node on
+        /// it again, or `rapport store verify` it).
+        #[arg(long)]
+        keep: Option<std::path::PathBuf>,
     },
     /// Messages through a relay's circuit and through its mailbox against direct, in the
     /// same run; and the cost of a content-key rotation.
@@ -93,8 +97,14 @@ pub(crate) fn run(cmd: BenchCmd) -> Result<()> {
             relationships,
             start_limit,
             json,
+            keep,
         } => {
-            return crate::bench_scale::run(relationships, Duration::from_secs(start_limit), json);
+            return crate::bench_scale::run(
+                relationships,
+                Duration::from_secs(start_limit),
+                json,
+                keep,
+            );
         }
         BenchCmd::Relay {
             messages,

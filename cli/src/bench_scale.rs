@@ -4,7 +4,7 @@
 //! inbox of the latest 20 takes, and how long one job held the engine at most while the
 //! node started and ran its periodic work.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -36,9 +36,21 @@ struct Figures {
     max_engine_hold_ms: Option<f64>,
 }
 
-pub(crate) fn run(relationships: usize, start_limit: Duration, json: bool) -> Result<()> {
+pub(crate) fn run(
+    relationships: usize,
+    start_limit: Duration,
+    json: bool,
+    keep: Option<PathBuf>,
+) -> Result<()> {
     let tmp = tempfile::tempdir()?;
-    let dir = tmp.path().join("company");
+    let dir = match keep {
+        Some(d) if d.exists() => bail!(
+            "{} exists: give a new directory to keep the store in",
+            d.display()
+        ),
+        Some(d) => d,
+        None => tmp.path().join("company"),
+    };
     if !json {
         println!(
             "rapport bench scale: a company's store with {relationships} customers, then `rapport node run` on it"

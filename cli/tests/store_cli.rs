@@ -8,6 +8,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use rapport_node::{Engine, Store};
+use redb::ReadableTable;
 
 /// Where a store made by `rapport init` is damaged: these bytes of every 4 KiB page (each
 /// flipped on its own). With redb 4.6 and the store code before this test, 38 of these
@@ -206,4 +207,82 @@ fn thread_and_other_reads_open_the_store_read_only() {
             assert_eq!(code, Some(0), "{out}\n{err}");
         }
     }
+}
+
+/// `rapport store verify` checks every stored change again and the index beside each
+/// document, from the side of whoever damaged the file: a change whose signature no
+/// longer checks, and an index row that lies about whom a document is shared with.
+#[test]
+fn store_verify_finds_a_bad_signature_and_a_lying_index() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("v");
+    let (code, _, err) = run(&dir, &["init", "--kind", "person", "--name", "Alice"]);
+    assert_eq!(code, Some(0), "{err}");
+    let rel = {
+        let mut engine = Engine::open(Store::open(&dir).unwrap()).unwrap();
+        let peer = rapport_protocol::SecretKey::from_seed([5; 32]).identity();
+        let (out, _) = engine
+            .open_relationship(peer, None, Some("Repairs".into()), rapport_node::now())
+            .unwrap();
+        engine
+            .send_message(
+                &out.doc.to_hex(),
+                "hello".into(),
+                None,
+                None,
+                rapport_node::now(),
+            )
+            .unwrap();
+        out.doc
+    };
+    let (code, out, err) = run(&dir, &["store", "verify"]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(out.contains("checked 1 documents and "), "{out}");
+    assert!(out.contains("everything checks"), "{out}");
+
+    let file = dir.join(Store::FILE_NAME);
+    let clean = std::fs::read(&file).unwrap();
+    let changes: redb::TableDefinition<(&[u8; 32], u64), &[u8]> =
+        redb::TableDefinition::new("changes-1");
+    let facts: redb::TableDefinition<&[u8; 32], &[u8]> = redb::TableDefinition::new("doc-facts-1");
+
+    // A flipped bit in the last byte of the first change (its signature).
+    {
+        let db = redb::Database::open(&file).unwrap();
+        let tx = db.begin_write().unwrap();
+        {
+            let mut t = tx.open_table(changes).unwrap();
+            let mut bytes = t.get((&rel.0, 0)).unwrap().unwrap().value().to_vec();
+            *bytes.last_mut().unwrap() ^= 1;
+            t.insert((&rel.0, 0), bytes.as_slice()).unwrap();
+        }
+        tx.commit().unwrap();
+    }
+    let (code, out, err) = run(&dir, &["store", "verify", "--json"]);
+    assert_eq!(code, Some(1), "{out}\n{err}");
+    let report: rapport_node::VerifyReport = serde_json::from_str(&out).unwrap();
+    assert_eq!(report.problems.len(), 1, "{out}");
+    assert_eq!(report.problems[0].doc, rel.to_hex());
+    assert!(err.contains("does not check"), "{err}");
+
+    // An index that says the relationship is shared with nobody.
+    std::fs::write(&file, &clean).unwrap();
+    {
+        let db = redb::Database::open(&file).unwrap();
+        let tx = db.begin_write().unwrap();
+        tx.open_table(facts)
+            .unwrap()
+            .insert(
+                &rel.0,
+                br#"{"kind":"relationship","members":[]}"#.as_slice(),
+            )
+            .unwrap();
+        tx.commit().unwrap();
+    }
+    let (code, out, _) = run(&dir, &["store", "verify"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains(&format!("document {}: its index", rel.to_hex())),
+        "{out}"
+    );
 }

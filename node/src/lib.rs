@@ -42,7 +42,10 @@ pub use net::{
     SyncCodec, SyncResult, Undecodable, WireStats,
 };
 pub use node::{NODE_FILE, Node, NodeConfig, NodeError, NodeFile, NodeHandle, TOKEN_FILE, now};
-pub use store::{Conduct, MAX_PEER_ADDRS, MAX_REFUSALS, PeerRecord, Profile, Refusal, Store};
+pub use store::{
+    Conduct, MAX_PEER_ADDRS, MAX_REFUSALS, PeerRecord, Profile, Refusal, Store, VerifyProblem,
+    VerifyReport,
+};
 pub use views::{
     Deliveries, Delivery, Event, GrantRow, MemberRow, MessageView, RelDetail, RelSummary,
     ThreadView, WriteOutcome,

@@ -67,6 +67,26 @@ impl From<DocHeader> for DocRef {
     }
 }
 
+/// What `rapport store verify` found ([`Store::verify`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyReport {
+    /// Documents checked.
+    pub documents: usize,
+    /// Changes whose signatures, authors and rules were checked.
+    pub changes: usize,
+    /// What does not check, per document.
+    pub problems: Vec<VerifyProblem>,
+}
+
+/// One document that does not check.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyProblem {
+    /// The document id (hex).
+    pub doc: String,
+    /// What is wrong.
+    pub detail: String,
+}
+
 /// What the store remembers of a peer.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerRecord {
@@ -465,6 +485,90 @@ impl Store {
             put_index_tx(tx, &doc.doc_id(), indexed)?;
             Ok(new.len())
         })
+    }
+
+    /// Checks every document again, as `rapport store verify` does: every change's
+    /// signature, author and rule (by loading the document from its changes), and that
+    /// the index kept beside it (facts, summary, inbox) says what the document says.
+    /// Changes nothing. A problem found is reported, not returned as an error; an error
+    /// means the store itself could not be read.
+    pub fn verify(&self) -> Result<VerifyReport, StoreError> {
+        let profile = self.profile()?;
+        let viewer = Viewer {
+            me: profile.identity,
+            name: &profile.name,
+        };
+        let facts: std::collections::HashMap<DocId, Facts> =
+            self.doc_facts()?.into_iter().collect();
+        type Inboxed = std::collections::HashMap<DocId, HashSet<rapport_protocol::EntryId>>;
+        let mut inboxed: Inboxed = self.read(|tx| {
+            let t = tx.open_table(INBOX).map_err(|e| self.db_error(e))?;
+            let mut out = Inboxed::new();
+            for row in t.iter().map_err(|e| self.db_error(e))? {
+                let (k, _) = row.map_err(|e| self.db_error(e))?;
+                let (_, doc, entry) = k.value();
+                out.entry(DocId(*doc))
+                    .or_default()
+                    .insert(rapport_protocol::EntryId(*entry));
+            }
+            Ok(out)
+        })?;
+        let mut report = VerifyReport::default();
+        for d in self.doc_refs()? {
+            let id = d.doc_id();
+            report.documents += 1;
+            let mut problem = |detail: String| {
+                report.problems.push(VerifyProblem {
+                    doc: id.to_hex(),
+                    detail,
+                });
+            };
+            let expected = match d {
+                DocRef::Consent(_) => match self.load_consent(&id) {
+                    Ok(c) => {
+                        report.changes += c.ledger().changes().len();
+                        viewer.consent(&c)
+                    }
+                    Err(e) => {
+                        problem(e.to_string());
+                        continue;
+                    }
+                },
+                DocRef::Relationship(_) => match self.load_relationship(&id) {
+                    Ok(r) => {
+                        report.changes += r.changes().len();
+                        let all: Vec<ChangeHash> =
+                            r.changes().iter().map(SignedChange::hash).collect();
+                        let ix = viewer.rel(&r, &all);
+                        if self.rel_summary(&id)?.as_ref() != ix.summary.as_ref() {
+                            problem("its listed summary differs from the document".into());
+                        }
+                        let want: HashSet<_> = ix.inbox.iter().map(|m| m.id).collect();
+                        if inboxed.remove(&id).unwrap_or_default() != want {
+                            problem("its inbox entries differ from the document's messages".into());
+                        }
+                        ix
+                    }
+                    Err(e) => {
+                        problem(e.to_string());
+                        continue;
+                    }
+                },
+            };
+            if facts.get(&id) != Some(&expected.facts) {
+                problem(
+                    "its index (who it is shared with, its grants) differs from the document"
+                        .into(),
+                );
+            }
+        }
+        for doc in inboxed.keys() {
+            report.problems.push(VerifyProblem {
+                doc: doc.to_hex(),
+                detail: "the inbox holds messages of a document the store does not hold".into(),
+            });
+        }
+        Ok(report)
     }
 
     /// Every document's facts ([`crate::index::Facts`]).
