@@ -71,6 +71,7 @@ pub(crate) fn run(
             relay: relay
                 .map(|r| multiaddrs(&[r], "--relay").map(|mut v| v.remove(0)))
                 .transpose()?,
+            redial_every: rapport_node::REDIAL_EVERY,
         },
         api: Some(api),
         auto_accept: accept_grants,

@@ -2,12 +2,14 @@
 //! every operation on it, one after another, from one bounded queue.
 //!
 //! Everything else holds an [`EngineClient`]: the local API and embedding programs await
-//! an operation's value ([`EngineClient::call`]); the network loop hands over a job whose
-//! results come back to it as messages and never waits ([`EngineClient::try_submit`]).
+//! an operation's value ([`EngineClient::call`], the foreground queue); the network loop
+//! hands over a job whose results come back to it as messages and never waits
+//! ([`EngineClient::try_submit`], the background queue). The foreground always goes
+//! first, so a person's request never waits behind a crowd of peers' work.
 //!
-//! Operations are run in groups: the actor takes every job waiting in the queue (up to
-//! [`MAX_GROUP`]), runs them, then makes all their writes durable with one sync of the
-//! store (group commit, [`Engine::begin_group`]). Only then does any of them answer, so a
+//! Operations are run in groups: the actor runs the jobs waiting (up to [`MAX_GROUP`];
+//! background jobs only while the group is younger than [`GROUP_TIME`]), then makes all
+//! their writes durable with one sync of the store (group commit, [`Engine::begin_group`]). Only then does any of them answer, so a
 //! value, an answer to a peer or an event is never seen before what it reports is on disk.
 //! If the sync fails, every operation of the group gets the error and the engine reloads
 //! its documents from the store.
@@ -27,6 +29,9 @@ use crate::views::Event;
 pub(crate) const ENGINE_QUEUE: usize = 1024;
 /// The most operations made durable by one sync.
 pub(crate) const MAX_GROUP: usize = 256;
+/// How long a group keeps taking background jobs: once it has run this long, only callers
+/// waiting in the foreground join it, and it ends when they are done.
+pub(crate) const GROUP_TIME: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// What an operation does once its group is durable (`Ok`) or failed (`Err`).
 pub(crate) type Done = Box<dyn FnOnce(Result<(), &EngineError>) + Send>;
@@ -44,7 +49,10 @@ pub(crate) enum Msg {
 /// A handle on the engine actor. Cheap to clone.
 #[derive(Clone)]
 pub struct EngineClient {
+    /// The foreground queue: callers awaiting a value ([`EngineClient::call`]), and stop.
     tx: mpsc::Sender<Msg>,
+    /// The background queue: the network loop's jobs ([`EngineClient::try_submit`]).
+    bg: mpsc::Sender<Msg>,
     events: broadcast::Sender<Event>,
     stats: Arc<Counters>,
 }
@@ -79,52 +87,88 @@ impl std::fmt::Debug for EngineClient {
     }
 }
 
-fn run(mut engine: Engine, mut rx: mpsc::Receiver<Msg>, stats: Arc<Counters>) {
+/// The two queues the actor serves: the foreground (callers awaiting a value, as the local
+/// API) always first, then the background (the network loop's jobs).
+struct Queues {
+    fg: mpsc::Receiver<Msg>,
+    bg: mpsc::Receiver<Msg>,
+}
+
+impl Queues {
+    /// The next message without waiting: the foreground's, or when `bg` the background's.
+    fn try_next(&mut self, bg: bool) -> Option<Msg> {
+        match self.fg.try_recv() {
+            Ok(m) => Some(m),
+            Err(_) if bg => self.bg.try_recv().ok(),
+            Err(_) => None,
+        }
+    }
+
+    /// Waits for the next message, the foreground's first; `None` once every client is gone.
+    fn next(&mut self) -> Option<Msg> {
+        futures::executor::block_on(std::future::poll_fn(|cx| {
+            use std::task::Poll;
+            match self.fg.poll_recv(cx) {
+                Poll::Ready(Some(m)) => return Poll::Ready(Some(m)),
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => {}
+            }
+            self.bg.poll_recv(cx)
+        }))
+    }
+}
+
+fn run(mut engine: Engine, mut queues: Queues, stats: Arc<Counters>) {
     let micros = |since: Instant| u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX);
     let mut stop = None;
     while stop.is_none() {
-        let Some(first) = rx.blocking_recv() else {
+        let Some(first) = queues.next() else {
             break;
         };
-        let mut jobs = Vec::new();
-        match first {
-            Msg::Job(j) => jobs.push(j),
-            Msg::Stop(reply) => stop = Some(reply),
-        }
-        while stop.is_none() && jobs.len() < MAX_GROUP {
-            match rx.try_recv() {
-                Ok(Msg::Job(j)) => jobs.push(j),
-                Ok(Msg::Stop(reply)) => stop = Some(reply),
-                Err(_) => break,
-            }
-        }
-        if jobs.is_empty() {
-            continue;
-        }
         // A panic here (outside `rapport_protocol::contain`) may leave memory that does not
         // match the store: stop the process loudly; everything acknowledged is on disk.
         let group_started = Instant::now();
-        let ran = std::panic::catch_unwind(AssertUnwindSafe(|| match engine.refresh() {
-            Ok(()) => {
+        let ran = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            let ready = engine.refresh();
+            if ready.is_ok() {
                 engine.begin_group();
-                let done: Vec<Done> = jobs
-                    .into_iter()
-                    .map(|job| {
-                        let started = Instant::now();
-                        let d = job(Ok(&mut engine));
-                        stats.jobs.fetch_add(1, Ordering::Relaxed);
-                        stats
-                            .max_job_us
-                            .fetch_max(micros(started), Ordering::Relaxed);
-                        d
-                    })
-                    .collect();
-                (done, engine.end_group())
             }
-            Err(e) => {
-                let done: Vec<Done> = jobs.into_iter().map(|job| job(Err(&e))).collect();
-                (done, Err(e))
+            let mut done: Vec<Done> = Vec::new();
+            let mut next = Some(first);
+            while let Some(msg) = next.take() {
+                let job = match msg {
+                    Msg::Job(job) => job,
+                    Msg::Stop(reply) => {
+                        stop = Some(reply);
+                        // What the network queued before the stop still runs.
+                        next = queues.bg.try_recv().ok();
+                        continue;
+                    }
+                };
+                let started = Instant::now();
+                done.push(match &ready {
+                    Ok(()) => job(Ok(&mut engine)),
+                    Err(e) => job(Err(e)),
+                });
+                stats.jobs.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .max_job_us
+                    .fetch_max(micros(started), Ordering::Relaxed);
+                if done.len() < MAX_GROUP {
+                    next = if stop.is_some() {
+                        queues.bg.try_recv().ok()
+                    } else {
+                        // Background work joins the group while it is young: a caller
+                        // waiting in the foreground is answered within about GROUP_TIME.
+                        queues.try_next(group_started.elapsed() < GROUP_TIME)
+                    };
+                }
             }
+            let synced = match ready {
+                Ok(()) => engine.end_group(),
+                Err(e) => Err(e),
+            };
+            (done, synced)
         }));
         let Ok((done, synced)) = ran else {
             tracing::error!("the engine failed (a panic); stopping the node");
@@ -139,7 +183,7 @@ fn run(mut engine: Engine, mut rx: mpsc::Receiver<Msg>, stats: Arc<Counters>) {
         }
     }
     // Jobs still queued are dropped: their callers hear that the engine stopped.
-    drop(rx);
+    drop(queues);
     drop(engine);
     if let Some(reply) = stop {
         let _ = reply.send(());
@@ -150,14 +194,20 @@ impl EngineClient {
     /// Starts the actor thread, which owns `engine` from now on (a running [`crate::Node`]
     /// starts its own; this is for programs that use an engine without the network).
     pub fn start(engine: Engine) -> std::io::Result<EngineClient> {
-        let (tx, rx) = mpsc::channel(ENGINE_QUEUE);
+        let (tx, fg) = mpsc::channel(ENGINE_QUEUE);
+        let (bg_tx, bg) = mpsc::channel(ENGINE_QUEUE);
         let events = engine.event_sender();
         let stats = Arc::new(Counters::default());
         let counters = stats.clone();
         std::thread::Builder::new()
             .name("rapport-engine".into())
-            .spawn(move || run(engine, rx, counters))?;
-        Ok(EngineClient { tx, events, stats })
+            .spawn(move || run(engine, Queues { fg, bg }, counters))?;
+        Ok(EngineClient {
+            tx,
+            bg: bg_tx,
+            events,
+            stats,
+        })
     }
 
     /// What the actor has done so far.
@@ -170,9 +220,10 @@ impl EngineClient {
         }
     }
 
-    /// Operations waiting in the queue now.
+    /// Operations waiting in the queues now (foreground and background).
     pub fn queued(&self) -> usize {
-        self.tx.max_capacity() - self.tx.capacity()
+        (self.tx.max_capacity() - self.tx.capacity())
+            + (self.bg.max_capacity() - self.bg.capacity())
     }
 
     /// Runs `f` on the engine and returns its value once everything it wrote is durable.
@@ -207,18 +258,20 @@ impl EngineClient {
         self.call(f).await?
     }
 
-    /// Queues `job` if there is room; hands it back if the queue is full. Never waits.
+    /// Queues `job` in the background queue if there is room; hands it back if the queue
+    /// is full. Never waits.
     pub(crate) fn try_submit(&self, job: Job) -> Result<(), TrySubmit> {
-        match self.tx.try_send(Msg::Job(job)) {
+        match self.bg.try_send(Msg::Job(job)) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(Msg::Job(job))) => Err(TrySubmit::Full(job)),
             Err(_) => Err(TrySubmit::Stopped),
         }
     }
 
-    /// Room in the queue for one job, when there is some (for a loop that must not wait).
+    /// Room in the background queue for one job, when there is some (for a loop that must
+    /// not wait).
     pub(crate) async fn reserve(&self) -> Option<mpsc::Permit<'_, Msg>> {
-        self.tx.reserve().await.ok()
+        self.bg.reserve().await.ok()
     }
 
     /// A receiver of the node's events from now on.
@@ -252,4 +305,73 @@ pub(crate) enum TrySubmit {
 /// Sends `job` through a permit from [`EngineClient::reserve`].
 pub(crate) fn send_with(permit: mpsc::Permit<'_, Msg>, job: Job) {
     permit.send(Msg::Job(job));
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use rapport_protocol::Kind;
+
+    use super::*;
+    use crate::store::Store;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_caller_runs_before_the_background_work_queued_ahead_of_it() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Store::create(dir.path(), Kind::Org, "Acme", 1_800_000_000).unwrap());
+        let client =
+            EngineClient::start(Engine::open(Store::open(dir.path()).unwrap()).unwrap()).unwrap();
+        // Hold the engine while the queues fill.
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        let (started_tx, started) = oneshot::channel();
+        let c = client.clone();
+        let held = tokio::spawn(async move {
+            c.call(move |_| {
+                let _ = started_tx.send(());
+                let _ = wait.recv();
+            })
+            .await
+            .unwrap();
+        });
+        started.await.unwrap();
+
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let peers_jobs = 500;
+        for i in 0..peers_jobs {
+            let o = order.clone();
+            let job: Job = Box::new(move |_| {
+                o.lock().unwrap().push(i);
+                Box::new(|_| {})
+            });
+            assert!(
+                client.try_submit(job).is_ok(),
+                "the background queue has room"
+            );
+        }
+        let o = order.clone();
+        let c = client.clone();
+        let call = tokio::spawn(async move {
+            c.call(move |_| o.lock().unwrap().push(usize::MAX))
+                .await
+                .unwrap();
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while client.queued() < peers_jobs + 1 {
+            assert!(Instant::now() < deadline, "the call was never queued");
+            tokio::time::sleep(Duration::from_millis(2)).await; // backoff between polls
+        }
+        drop(release);
+        held.await.unwrap();
+        call.await.unwrap();
+        client.stop().await;
+        let order = order.lock().unwrap();
+        assert_eq!(order.len(), peers_jobs + 1, "every job ran");
+        assert_eq!(
+            order[0],
+            usize::MAX,
+            "the caller's operation runs before the peers' work queued ahead of it"
+        );
+    }
 }

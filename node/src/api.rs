@@ -515,6 +515,11 @@ async fn status(State(s): State<AppState>) -> ApiResult {
         "listen": listening.into_iter().map(|a| a.with(libp2p::multiaddr::Protocol::P2p(me)).to_string()).collect::<Vec<_>>(),
         "sync_bytes_sent": stats.sent.load(std::sync::atomic::Ordering::Relaxed),
         "sync_bytes_received": stats.received.load(std::sync::atomic::Ordering::Relaxed),
+        "net": {
+            "dials": stats.dials.load(std::sync::atomic::Ordering::Relaxed),
+            "lookups": stats.lookups.load(std::sync::atomic::Ordering::Relaxed),
+            "sweeps": stats.sweeps.load(std::sync::atomic::Ordering::Relaxed),
+        },
         "engine": s.node.engine().stats(),
     }))
 }

@@ -416,8 +416,9 @@ impl Engine {
     fn load_doc(&self, r: &DocRef) -> Result<Doc> {
         let id = r.doc_id();
         let doc = match r {
-            DocRef::Consent(_) => Doc::Consent(self.store.load_consent(&id)?),
-            DocRef::Relationship(_) => Doc::Rel(self.store.load_relationship(&id)?),
+            // Verified when its changes arrived (`rapport store verify` checks again).
+            DocRef::Consent(_) => Doc::Consent(self.store.load_consent_trusted(&id)?),
+            DocRef::Relationship(_) => Doc::Rel(self.store.load_relationship_trusted(&id)?),
         };
         if let Doc::Rel(rel) = &doc {
             self.learn_keys_of(rel)?;
@@ -688,6 +689,17 @@ impl Engine {
         }
     }
 
+    /// A relationship the index lists, loaded; an error when it cannot be loaded (a damaged
+    /// store) rather than a panic.
+    fn rel_held(&self, id: &DocId) -> Result<&RelationshipDoc> {
+        self.rel(id).ok_or_else(|| unloadable(id))
+    }
+
+    /// A consent document the index lists, loaded (see [`Engine::rel_held`]).
+    fn consent_held(&self, id: &DocId) -> Result<&ConsentDoc> {
+        self.consent(id).ok_or_else(|| unloadable(id))
+    }
+
     /// The consent ledger in which `customer` grants to `grantee`, if held.
     pub(crate) fn ledger(&self, customer: IdentityKey, grantee: IdentityKey) -> Option<&Ledger> {
         self.consent(&ConsentHeader { customer, grantee }.doc_id())
@@ -767,8 +779,7 @@ impl Engine {
     pub fn heads(&self, rel: &str) -> Result<Vec<String>> {
         let id = self.find_rel(rel)?;
         let mut h: Vec<String> = self
-            .rel(&id)
-            .expect("found")
+            .rel_held(&id)?
             .heads()
             .iter()
             .map(ToString::to_string)
@@ -849,7 +860,7 @@ impl Engine {
     /// One relationship in full.
     pub fn relationship(&self, prefix: &str, now: UnixSeconds) -> Result<RelDetail> {
         let id = self.find_rel(prefix)?;
-        let r = self.rel(&id).expect("found");
+        let r = self.rel_held(&id)?;
         let owner = r.header().owner;
         let access = |m: &IdentityKey| -> String {
             if owner != self.me {
@@ -1260,7 +1271,7 @@ impl Engine {
 
     fn grant_header(&self, prefix: &str) -> Result<(ConsentHeader, EntryId)> {
         let (doc, gid) = self.find_grant(prefix)?;
-        Ok((*self.consent(&doc).expect("found").ledger().header(), gid))
+        Ok((*self.consent_held(&doc)?.ledger().header(), gid))
     }
 
     /// Narrows a grant (as the customer).
@@ -1397,9 +1408,10 @@ impl Engine {
     ) -> Result<(WriteOutcome, Vec<Push>)> {
         let (h, gid) = self.grant_header(grant)?;
         let view = self
-            .consent(&h.doc_id())
-            .and_then(|c| c.ledger().grant(&gid, UnixSeconds::MAX))
-            .expect("found");
+            .consent_held(&h.doc_id())?
+            .ledger()
+            .grant(&gid, UnixSeconds::MAX)
+            .ok_or_else(|| EngineError::NotFound(format!("no grant {gid} in its ledger")))?;
         let Some((rid, _)) = view.revoked else {
             return Err(EngineError::Refused(format!(
                 "grant {} is not revoked: there is nothing to erase",
@@ -1580,7 +1592,7 @@ impl Engine {
         now: UnixSeconds,
     ) -> Result<(WriteOutcome, Vec<Push>)> {
         let id = self.find_rel(rel)?;
-        let owner = self.rel(&id).expect("found").header().owner;
+        let owner = self.rel_held(&id)?.header().owner;
         let (entry, pushes) = self.write_rel(id, RelBody::Profile { field, value }, now)?;
         Ok((WriteOutcome::entry(entry, id, owner), pushes))
     }
@@ -1596,7 +1608,7 @@ impl Engine {
         now: UnixSeconds,
     ) -> Result<(WriteOutcome, Vec<Push>)> {
         let id = self.find_rel(rel)?;
-        let owner = self.rel(&id).expect("found").header().owner;
+        let owner = self.rel_held(&id)?.header().owner;
         let purpose = match purpose {
             Some(p) => Some(p.trim().to_owned()),
             None if owner == self.me => None,
@@ -1661,7 +1673,7 @@ impl Engine {
         now: UnixSeconds,
     ) -> Result<(WriteOutcome, Vec<Push>)> {
         let id = self.find_rel(rel)?;
-        let owner = self.rel(&id).expect("found").header().owner;
+        let owner = self.rel_held(&id)?.header().owner;
         let (entry, pushes) = self.write_rel(id, RelBody::Thread { title }, now)?;
         Ok((WriteOutcome::entry(entry, id, owner), pushes))
     }
@@ -1734,5 +1746,13 @@ fn terms_named(id: &str) -> Result<&'static Terms> {
             "unknown terms {id:?}: the roster has {}",
             names.join(", ")
         ))
+    })
+}
+
+/// The error for a document the index lists that cannot be loaded.
+fn unloadable(id: &DocId) -> EngineError {
+    EngineError::Store(crate::error::StoreError::BadDocument {
+        doc: id.to_hex(),
+        detail: "it is listed but cannot be loaded; `rapport store verify` says why".into(),
     })
 }

@@ -23,6 +23,7 @@ mod ip_limits;
 mod mailbox;
 mod net;
 mod node;
+mod redial;
 pub mod relay;
 mod store;
 mod sync;
@@ -38,8 +39,8 @@ pub use engine::{
 pub use error::{DialError, NetError, StoreError};
 pub use mailbox::{RELAY_DB, RelayStore, RelayStoreError, StoredMail};
 pub use net::{
-    FrameCodec, Framed, Inbound, MailCodec, NetClient, NetConfig, PeerInfo, PeerRefusal, Refused,
-    SyncCodec, SyncResult, Undecodable, WireStats,
+    FrameCodec, Framed, Inbound, MailCodec, NetClient, NetConfig, PeerInfo, PeerRefusal,
+    REDIAL_EVERY, Refused, SyncCodec, SyncResult, Undecodable, WireStats,
 };
 pub use node::{NODE_FILE, Node, NodeConfig, NodeError, NodeFile, NodeHandle, TOKEN_FILE, now};
 pub use store::{

@@ -35,6 +35,7 @@ use crate::actor::{Done, EngineClient, Job, TrySubmit};
 use crate::crypt::{MailReport, Sealed};
 use crate::engine::{Engine, EngineError, Push, RoundOutcome};
 use crate::error::{DialError, NetError};
+use crate::redial::Redials;
 use crate::relay::RENDEZVOUS_NAMESPACE;
 use crate::store::PeerRecord;
 use crate::views::Event;
@@ -46,13 +47,19 @@ pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 pub(crate) const DIAL_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long one sync request may take before it counts as failed.
 pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
-/// The engine time one slice of the redial sweep may take (see `Loop::sweep_slice`).
+/// The engine time one slice of the redial sweep may take (see `Loop::sweep_push`).
 const SWEEP_SLICE: Duration = Duration::from_millis(5);
-/// Peers taken at a time within a slice of the redial sweep.
-const SWEEP_PEERS: usize = 4;
+/// Counterparts the redial sweep lists at a time (see `Loop::sweep_list`).
+const SWEEP_BATCH: usize = 512;
+/// DHT lookups of unreachable peers under way at once, at most. Each lookup is checked
+/// against every dial that fails, so thousands at once would hold the loop for seconds.
+const MAX_LOOKUPS: usize = 8;
 
 /// How often the node redials peers it shares documents with.
-pub(crate) const REDIAL_EVERY: Duration = Duration::from_secs(20);
+pub const REDIAL_EVERY: Duration = Duration::from_secs(20);
+/// The longest an unreachable peer waits between two of the sweep's dials (see
+/// [`crate::redial`]).
+pub(crate) const REDIAL_MAX: Duration = Duration::from_secs(30 * 60);
 /// How long a peer that passed the misbehaviour limit stays disconnected.
 pub(crate) const BAN_FOR: Duration = Duration::from_secs(crate::engine::BAN_SECONDS);
 /// Sync sessions run at once with one peer; more wait in a queue.
@@ -86,13 +93,20 @@ pub(crate) const MAX_ESTABLISHED_OUTGOING: u32 = 256;
 /// simultaneous dial from both sides.
 pub(crate) const MAX_CONNECTIONS_PER_PEER: u32 = 4;
 
-/// Bytes of sync messages sent and received, for benchmarks and `rapport peers`.
+/// Bytes of sync messages sent and received, and the loop's dialling, for benchmarks,
+/// `rapport peers` and the status.
 #[derive(Debug, Default)]
 pub struct WireStats {
     /// Bytes written, framing included.
     pub sent: AtomicU64,
     /// Bytes read, framing included.
     pub received: AtomicU64,
+    /// Dials of peers by identity, to sync with them.
+    pub dials: AtomicU64,
+    /// DHT lookups started for peers with no known address.
+    pub lookups: AtomicU64,
+    /// Redial sweeps finished.
+    pub sweeps: AtomicU64,
 }
 
 /// A message of one of Rapport's request-response protocols, with its bounded encoding
@@ -388,6 +402,9 @@ pub struct NetConfig {
     /// A community relay (`/…/p2p/<relay id>`): reserve a circuit there, register at its
     /// rendezvous point, and use its mailbox for peers that cannot be reached.
     pub relay: Option<Multiaddr>,
+    /// How often the node redials the peers it shares documents with ([`REDIAL_EVERY`]);
+    /// a peer whose dial failed waits longer each time (see [`crate::redial`]).
+    pub redial_every: Duration,
 }
 
 /// What a peer refused of ours, and its words.
@@ -500,8 +517,18 @@ enum Internal {
         outcome: Result<RoundOutcome, String>,
     },
     Pushes(Vec<Push>),
-    /// A slice of the redial sweep is done: go on after this peer, or the sweep is over.
-    Swept(Option<IdentityKey>),
+    /// The redial sweep's next counterparts, and the last of them when more follow.
+    SweepPeers {
+        peers: Vec<IdentityKey>,
+        after: Option<IdentityKey>,
+    },
+    /// A slice of the redial sweep's pushes, the counterparts the slice had no time for,
+    /// and where the listing goes on.
+    SweepPushes {
+        pushes: Vec<Push>,
+        rest: Vec<IdentityKey>,
+        after: Option<IdentityKey>,
+    },
     /// Mail sealed for a peer that could not be reached.
     Sealed {
         peer: PeerId,
@@ -543,8 +570,8 @@ impl Internal {
                 outcome: Err(err.to_string()),
             }),
             Internal::Pushes(p) => Some(Internal::Pushes(p)),
-            // The next sweep starts over.
-            Internal::Swept(_) => Some(Internal::Swept(None)),
+            // Nothing written: the sweep goes on.
+            m @ (Internal::SweepPeers { .. } | Internal::SweepPushes { .. }) => Some(m),
             Internal::Sealed { replies, .. } => {
                 for r in replies {
                     let _ = r.send(SyncResult::Offline(format!(
@@ -706,8 +733,14 @@ struct Loop {
     engine: EngineClient,
     /// Jobs for the engine that did not fit its queue, in order; see [`MAX_DEFERRED`].
     deferred: VecDeque<Job>,
-    /// A redial sweep is under way (one slice at a time: [`Loop::sweep_slice`]).
+    /// A redial sweep is under way (one slice at a time: [`Loop::sweep_list`]).
     sweeping: bool,
+    /// Unreachable peers the sweep leaves alone for a while.
+    redials: Redials<PeerId>,
+    redial_every: Duration,
+    /// DHT lookups of unreachable peers under way (at most [`MAX_LOOKUPS`]).
+    lookups: HashMap<kad::QueryId, PeerId>,
+    stats: Arc<WireStats>,
     events: tokio::sync::broadcast::Sender<Event>,
     /// Results from the engine's blocking threads. Bounded: a thread whose result does not
     /// fit waits (blocking threads only ever send here), so a flood of requests slows its
@@ -956,6 +989,10 @@ pub(crate) fn start(
         engine,
         deferred: VecDeque::new(),
         sweeping: false,
+        redials: Redials::new(config.redial_every, REDIAL_MAX),
+        redial_every: config.redial_every,
+        lookups: HashMap::new(),
+        stats: stats.clone(),
         events,
         internal_tx,
         sessions: Sessions::default(),
@@ -981,7 +1018,7 @@ impl Loop {
         mut commands: mpsc::Receiver<Command>,
         mut internal: mpsc::Receiver<Internal>,
     ) {
-        let mut redial = tokio::time::interval(REDIAL_EVERY);
+        let mut redial = tokio::time::interval(self.redial_every);
         let engine = self.engine.clone();
         loop {
             tokio::select! {
@@ -1298,10 +1335,34 @@ impl Loop {
                     self.sync(peer, doc, None);
                 }
             }
-            Internal::Swept(next) => match next {
-                Some(after) => self.sweep_slice(Some(after)),
-                None => self.sweeping = false,
-            },
+            Internal::SweepPeers { peers, after } => {
+                let now = Instant::now();
+                let due: Vec<IdentityKey> = peers
+                    .into_iter()
+                    .filter(|p| {
+                        let pid = peer_of(p);
+                        !self.swarm.is_connected(&pid)
+                            && self.banned.get(&pid).is_none_or(|t| *t <= now)
+                            && self.redials.due(&pid, now)
+                    })
+                    .collect();
+                self.sweep_on(due, after);
+            }
+            Internal::SweepPushes {
+                pushes,
+                rest,
+                after,
+            } => {
+                let now = Instant::now();
+                for (peer, doc) in pushes {
+                    // A peer's first document may have found it unreachable: the others
+                    // wait with it.
+                    if self.redials.due(&peer_of(&peer), now) {
+                        self.sync(peer, doc, None);
+                    }
+                }
+                self.sweep_on(rest, after);
+            }
             Internal::Sealed {
                 peer,
                 sealed,
@@ -1327,6 +1388,7 @@ impl Loop {
 
     /// Dials a peer that syncs wait for; if it has no address at all, tells them so.
     fn dial_waiting(&mut self, pid: PeerId) {
+        self.stats.dials.fetch_add(1, Ordering::Relaxed);
         match self.swarm.dial(self.dial_opts(pid)) {
             // A dial is already under way (or the peer just connected): its outcome serves
             // the waiting syncs too.
@@ -1338,8 +1400,19 @@ impl Loop {
     /// Tells the syncs waiting for `pid` that it has no address to dial.
     fn unreachable(&mut self, pid: PeerId, e: &str) {
         tracing::debug!(%pid, "cannot dial: {e}");
-        // No address known: ask the DHT; the sync waits for a connection.
-        self.swarm.behaviour_mut().kad.get_closest_peers(pid);
+        self.redials.failed(pid, Instant::now());
+        // No address known: ask the DHT, when it has peers to ask and few lookups are under
+        // way (the next sweep asks again); the sync waits for a connection.
+        let kad = &mut self.swarm.behaviour_mut().kad;
+        let knows_peers = kad.kbuckets().any(|b| b.num_entries() > 0);
+        if knows_peers
+            && self.lookups.len() < MAX_LOOKUPS
+            && !self.lookups.values().any(|p| *p == pid)
+        {
+            let query = kad.get_closest_peers(pid);
+            self.lookups.insert(query, pid);
+            self.stats.lookups.fetch_add(1, Ordering::Relaxed);
+        }
         let waiting = self.waiting.remove(&pid).unwrap_or_default();
         for (_, r) in waiting {
             if let Some(r) = r {
@@ -1725,39 +1798,68 @@ impl Loop {
         }
         if !self.sweeping {
             self.sweeping = true;
-            self.sweep_slice(None);
+            self.sweep_list(None);
         }
     }
 
-    /// One slice of the redial sweep: the peers after `after` this node shares documents
-    /// with and is not connected to get those documents pushed, for at most
-    /// [`SWEEP_SLICE`] of the engine's time; the loop then asks for the next slice, so
+    /// The redial sweep's next step: push to the `due` counterparts, then list those after
+    /// `after`; or the sweep is over.
+    fn sweep_on(&mut self, due: Vec<IdentityKey>, after: Option<IdentityKey>) {
+        if !due.is_empty() {
+            self.sweep_push(due, after);
+        } else if after.is_some() {
+            self.sweep_list(after);
+        } else {
+            self.sweeping = false;
+            self.stats.sweeps.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Lists the next [`SWEEP_BATCH`] peers after `after` this node shares documents with
+    /// (from the engine's index: cheap). The loop keeps those not connected and not waiting
+    /// after failed dials ([`Redials`]) for [`Loop::sweep_push`].
+    fn sweep_list(&mut self, after: Option<IdentityKey>) {
+        self.with_engine_or(
+            move |e, out| {
+                let peers = e.counterparts_after(after, SWEEP_BATCH);
+                let after = (peers.len() == SWEEP_BATCH)
+                    .then(|| peers.last().copied())
+                    .flatten();
+                out.push(Internal::SweepPeers { peers, after });
+            },
+            Some(Internal::SweepPeers {
+                peers: Vec::new(),
+                after: None,
+            }),
+        );
+    }
+
+    /// One slice of the redial sweep: what this node shares with each of `due`, for at
+    /// most [`SWEEP_SLICE`] of the engine's time; the loop then asks for the next slice, so
     /// other work runs in between however many peers there are.
-    fn sweep_slice(&mut self, after: Option<IdentityKey>) {
-        let connected: HashSet<PeerId> = self.swarm.connected_peers().copied().collect();
+    fn sweep_push(&mut self, due: Vec<IdentityKey>, after: Option<IdentityKey>) {
         self.with_engine_or(
             move |e, out| {
                 let started = std::time::Instant::now();
                 let now = e.now();
                 let mut pushes: Vec<Push> = Vec::new();
-                let mut last = after;
-                let mut more = true;
-                while more && started.elapsed() < SWEEP_SLICE {
-                    let peers = e.counterparts_after(last, SWEEP_PEERS);
-                    more = peers.len() == SWEEP_PEERS;
-                    for p in peers {
-                        last = Some(p);
-                        if !connected.contains(&peer_of(&p)) {
-                            pushes.extend(e.shared_with(&p, now).into_iter().map(|d| (p, d)));
-                        }
+                let mut due = due.into_iter();
+                for p in due.by_ref() {
+                    pushes.extend(e.shared_with(&p, now).into_iter().map(|d| (p, d)));
+                    if started.elapsed() >= SWEEP_SLICE {
+                        break;
                     }
                 }
-                if !pushes.is_empty() {
-                    out.push(Internal::Pushes(pushes));
-                }
-                out.push(Internal::Swept(if more { last } else { None }));
+                out.push(Internal::SweepPushes {
+                    pushes,
+                    rest: due.collect(),
+                    after,
+                });
             },
-            Some(Internal::Swept(None)),
+            Some(Internal::SweepPeers {
+                peers: Vec::new(),
+                after: None,
+            }),
         );
     }
 
@@ -1769,6 +1871,7 @@ impl Loop {
         let _ = self.events.send(Event::PeerConnected {
             peer: peer.to_string(),
         });
+        self.redials.connected(&peer);
         for r in self.dials.remove(&peer).unwrap_or_default() {
             let _ = r.1.send(Ok(peer));
         }
@@ -1880,6 +1983,7 @@ impl Loop {
                         }
                         self.relay_settled();
                     } else if !self.swarm.is_connected(&peer) {
+                        self.redials.failed(peer, Instant::now());
                         let waiting = self.waiting.remove(&peer).unwrap_or_default();
                         if self.relay_connected() {
                             self.deposit(peer, waiting);
@@ -1950,9 +2054,14 @@ impl Loop {
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                id,
                 result: kad::QueryResult::GetClosestPeers(Ok(ok)),
+                step,
                 ..
             })) => {
+                if step.last {
+                    self.lookups.remove(&id);
+                }
                 for p in ok.peers {
                     if !p.addrs.is_empty()
                         && !self.swarm.is_connected(&p.peer_id)
@@ -1963,6 +2072,13 @@ impl Loop {
                             .dial(DialOpts::peer_id(p.peer_id).addresses(p.addrs).build());
                     }
                 }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                id,
+                step,
+                ..
+            })) if step.last => {
+                self.lookups.remove(&id);
             }
             SwarmEvent::Behaviour(BehaviourEvent::Sync(ev)) => self.sync_event(ev),
             SwarmEvent::Behaviour(BehaviourEvent::Mailbox(ev)) => self.mail_event(ev),

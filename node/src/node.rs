@@ -48,6 +48,7 @@ impl NodeConfig {
                 bootstrap: Vec::new(),
                 mdns: false,
                 relay: None,
+                redial_every: net::REDIAL_EVERY,
             },
             api: None,
             auto_accept: false,

@@ -33,12 +33,13 @@ async fn hold(client: &EngineClient) -> (std::sync::mpsc::Sender<()>, tokio::tas
     let (started_tx, started) = tokio::sync::oneshot::channel();
     let c = client.clone();
     let task = tokio::spawn(async move {
-        c.call(move |_| {
-            let _ = started_tx.send(());
-            let _ = wait.recv();
-        })
-        .await
-        .unwrap();
+        // What is queued while it runs joins its group, so it shares their outcome.
+        let _ = c
+            .call(move |_| {
+                let _ = started_tx.send(());
+                let _ = wait.recv();
+            })
+            .await;
     });
     started.await.unwrap();
     (release, task)

@@ -20,7 +20,7 @@ use crate::append::{
 };
 use crate::identity::{IdentityKey, SecretKey};
 use crate::scope::Scope;
-use crate::signed::{ChangeError, DocId, SignedChange, verify_all};
+use crate::signed::{ChangeError, DocId, Signatures, SignedChange, check_all};
 use crate::terms::TermsRef;
 
 /// Seconds since the Unix epoch, UTC. Always passed in; this crate never reads a clock.
@@ -628,13 +628,14 @@ impl Ledger {
     /// Applies changes received in any order: signatures are batch-verified, then each
     /// change is checked and applied once its dependencies are in. Nothing refused is kept.
     pub fn apply_all(&mut self, changes: Vec<SignedChange>) -> ApplyReport {
-        self.apply_all_with(changes, |_, _| Ok(()))
+        self.apply_all_with(changes, |_, _| Ok(()), Signatures::Verify)
     }
 
     fn apply_all_with(
         &mut self,
         changes: Vec<SignedChange>,
         on_apply: impl FnMut(&SignedChange, &[(EntryId, Entry)]) -> Result<(), ConsentError>,
+        sigs: Signatures,
     ) -> ApplyReport {
         let mut report = ApplyReport::default();
         // Exact copies are dropped here; copies of one change hash with different
@@ -652,7 +653,7 @@ impl Ledger {
                 new
             })
             .collect();
-        let verdicts = verify_all(&self.id, &fresh, &self.header.parties());
+        let verdicts = check_all(&self.id, &fresh, &self.header.parties(), sigs);
         let mut verified: Vec<(SignedChange, IdentityKey)> = Vec::with_capacity(fresh.len());
         let mut kept = HashSet::new();
         for (c, verdict) in fresh.into_iter().zip(verdicts) {
@@ -1030,8 +1031,25 @@ impl ConsentDoc {
 
     /// Builds a document from changes, refusing it whole if any change does not check.
     pub fn load(header: ConsentHeader, changes: Vec<SignedChange>) -> Result<Self, ConsentError> {
+        Self::load_as(header, changes, Signatures::Verify)
+    }
+
+    /// [`load`](Self::load) for changes from this node's own store, verified when they
+    /// arrived: their signatures are not checked again; every other rule is.
+    pub fn load_trusted(
+        header: ConsentHeader,
+        changes: Vec<SignedChange>,
+    ) -> Result<Self, ConsentError> {
+        Self::load_as(header, changes, Signatures::Trusted)
+    }
+
+    fn load_as(
+        header: ConsentHeader,
+        changes: Vec<SignedChange>,
+        sigs: Signatures,
+    ) -> Result<Self, ConsentError> {
         let mut doc = Self::new(header)?;
-        let report = doc.apply(changes);
+        let report = doc.apply_as(changes, sigs);
         match report.rejected.into_iter().next() {
             Some((_, e)) => Err(e),
             None => Ok(doc),
@@ -1068,10 +1086,14 @@ impl ConsentDoc {
 
     /// Applies received changes; refused ones change nothing and are reported.
     pub fn apply(&mut self, changes: Vec<SignedChange>) -> ApplyReport {
+        self.apply_as(changes, Signatures::Verify)
+    }
+
+    fn apply_as(&mut self, changes: Vec<SignedChange>, sigs: Signatures) -> ApplyReport {
         // Check everything against the ledger first, then hand Automerge all accepted changes
         // in one call: applying one change at a time costs Automerge far more per change.
         let before = self.ledger.changes.len();
-        let mut report = self.ledger.apply_all(changes);
+        let mut report = self.ledger.apply_all_with(changes, |_, _| Ok(()), sigs);
         let fresh: Vec<automerge::Change> = self.ledger.changes[before..]
             .iter()
             .map(|c| c.change().clone())
@@ -1088,13 +1110,18 @@ impl ConsentDoc {
             .expect("changes Automerge applied before apply again");
         self.doc = doc;
         let doc = &mut self.doc;
-        let retry = self.ledger.apply_all_with(accepted, |c, _| {
-            doc.apply_changes([c.change().clone()])
-                .map_err(|e| ConsentError::Apply {
-                    hash: c.hash().to_string(),
-                    detail: e.to_string(),
-                })
-        });
+        let retry = self.ledger.apply_all_with(
+            accepted,
+            |c, _| {
+                doc.apply_changes([c.change().clone()])
+                    .map_err(|e| ConsentError::Apply {
+                        hash: c.hash().to_string(),
+                        detail: e.to_string(),
+                    })
+            },
+            // Verified a moment ago, in this call.
+            Signatures::Trusted,
+        );
         report.applied = retry.applied;
         report.rejected.extend(retry.rejected);
         report

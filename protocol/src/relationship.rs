@@ -30,7 +30,7 @@ use base64::Engine as _;
 
 use crate::scope::valid_name;
 use crate::seal::{SEALED_KEY_BYTES, SealedEpoch};
-use crate::signed::{ChangeError, DocId, SignedChange, verify_all};
+use crate::signed::{ChangeError, DocId, Signatures, SignedChange, check_all};
 
 /// The largest relationship entry text accepted (192 KiB: an epoch entry sealing a key to
 /// 1,025 recipients fits; every other entry type has a tighter bound of its own).
@@ -498,8 +498,22 @@ impl RelationshipDoc {
 
     /// Builds a relationship from stored changes, refusing it whole if any does not check.
     pub fn load(header: RelHeader, changes: Vec<SignedChange>) -> Result<Self, RelError> {
+        Self::load_as(header, changes, Signatures::Verify)
+    }
+
+    /// [`load`](Self::load) for changes from this node's own store, verified when they
+    /// arrived: their signatures are not checked again; every other rule is.
+    pub fn load_trusted(header: RelHeader, changes: Vec<SignedChange>) -> Result<Self, RelError> {
+        Self::load_as(header, changes, Signatures::Trusted)
+    }
+
+    fn load_as(
+        header: RelHeader,
+        changes: Vec<SignedChange>,
+        sigs: Signatures,
+    ) -> Result<Self, RelError> {
         let mut doc = Self::new(header);
-        let report = doc.apply(changes);
+        let report = doc.apply_as(changes, |_, _| Ok(()), sigs);
         match report.rejected.into_iter().next() {
             Some((_, e)) => Err(e),
             None => Ok(doc),
@@ -618,6 +632,15 @@ impl RelationshipDoc {
         changes: Vec<SignedChange>,
         gate: impl FnMut(&IdentityKey, &[(EntryId, RelEntry)]) -> Result<(), String>,
     ) -> RelApplyReport {
+        self.apply_as(changes, gate, Signatures::Verify)
+    }
+
+    fn apply_as(
+        &mut self,
+        changes: Vec<SignedChange>,
+        gate: impl FnMut(&IdentityKey, &[(EntryId, RelEntry)]) -> Result<(), String>,
+        sigs: Signatures,
+    ) -> RelApplyReport {
         let mut report = RelApplyReport::default();
         // Exact copies are dropped here; copies of one change hash with different
         // signatures all go to verification, so a forged copy sent first cannot shadow the
@@ -645,7 +668,7 @@ impl RelationshipDoc {
                 named.push(k);
             }
         }
-        let verdicts = verify_all(&self.id, &fresh, &named);
+        let verdicts = check_all(&self.id, &fresh, &named, sigs);
         let mut verified = Vec::with_capacity(fresh.len());
         let mut kept = HashSet::new();
         for (c, verdict) in fresh.into_iter().zip(verdicts) {
@@ -674,7 +697,7 @@ impl RelationshipDoc {
             // Automerge refused what every rule accepted; it should not. Keep the document
             // as it was and refuse the batch rather than hold a ledger it cannot show.
             let refused: Vec<SignedChange> = self.changes[before..].to_vec();
-            *self = Self::load(self.header, self.changes[..before].to_vec())
+            *self = Self::load_trusted(self.header, self.changes[..before].to_vec())
                 .expect("changes applied before apply again");
             report.applied.clear();
             for c in refused {

@@ -262,6 +262,34 @@ pub fn signing_message(doc: &DocId, hash: &ChangeHash) -> [u8; 82] {
     m
 }
 
+/// Whether a batch of changes has its signatures checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signatures {
+    /// Check every signature: changes from a peer, a file, anything from outside.
+    Verify,
+    /// The changes come from this node's own store, which only ever holds changes verified
+    /// when they arrived: do not check their signatures again (each change is still checked
+    /// against every other rule). `rapport store verify` re-checks the store on demand.
+    Trusted,
+}
+
+/// [`verify_all`] when `sigs` says so; for [`Signatures::Trusted`] only whether each
+/// change names an authorised author.
+pub fn check_all(
+    doc: &DocId,
+    changes: &[SignedChange],
+    authorised: &[IdentityKey],
+    sigs: Signatures,
+) -> Vec<Result<IdentityKey, ChangeError>> {
+    match sigs {
+        Signatures::Verify => verify_all(doc, changes, authorised),
+        Signatures::Trusted => changes
+            .iter()
+            .map(|c| c.authorised_author(authorised))
+            .collect(),
+    }
+}
+
 /// Verifies many changes of one document at once, in batches, and reports each one's
 /// result in order. A batch that fails is re-checked one change at a time, so one bad
 /// signature never hides the good ones around it.

@@ -843,3 +843,50 @@ mod model {
         }
     }
 }
+
+/// A node loads its own stored documents without checking signatures again (they were
+/// checked when they arrived); every other rule still holds on that path.
+#[test]
+fn a_trusted_load_skips_only_the_signature_check() {
+    let (c, g, cust, _comp, gid) = granted_and_accepted();
+    let h = header(&c, &g);
+    let changes = cust.ledger().changes().to_vec();
+    let verified = ConsentDoc::load(h, changes.clone()).unwrap();
+    let trusted = ConsentDoc::load_trusted(h, changes.clone()).unwrap();
+    assert_eq!(trusted.heads(), verified.heads());
+    assert_eq!(trusted.ledger().entries(), verified.ledger().entries());
+
+    // A flipped signature bit is seen by a full load only (`rapport store verify`).
+    let mut flipped = changes.clone();
+    let mut bytes = flipped.pop().unwrap().encode();
+    bytes[10] ^= 1;
+    flipped.push(SignedChange::decode(&bytes).unwrap());
+    assert!(ConsentDoc::load(h, flipped.clone()).is_err());
+    assert!(ConsentDoc::load_trusted(h, flipped).is_ok());
+
+    // A third party's change, properly signed, is refused either way.
+    let mallory = SecretKey::from_seed([9; 32]);
+    let (key, text) = entry_text(
+        &mallory,
+        T0 + 5,
+        EntryBody::Revoke {
+            grant: gid,
+            reason: None,
+        },
+    );
+    let change = crafted(&cust, &mallory, |tx| {
+        tx.put(ROOT, key.as_str(), text.as_str()).unwrap();
+    });
+    let mut with_stranger = changes.clone();
+    with_stranger.push(change);
+    assert!(ConsentDoc::load_trusted(h, with_stranger).is_err());
+
+    // So is the grantee writing the customer's entries.
+    let (key, text) = entry_text(&g, T0 + 5, grant_body(&["contact:marketing"], None));
+    let change = crafted(&cust, &g, |tx| {
+        tx.put(ROOT, key.as_str(), text.as_str()).unwrap();
+    });
+    let mut over_scoped = changes;
+    over_scoped.push(change);
+    assert!(ConsentDoc::load_trusted(h, over_scoped).is_err());
+}

@@ -457,6 +457,10 @@ proptest! {
         let reloaded = RelationshipDoc::load(*replicas[0].header(), replicas[0].changes().to_vec()).unwrap();
         prop_assert_eq!(reloaded.messages().len(), replicas[1].messages().len());
         prop_assert_eq!(reloaded.entries(), replicas[2].entries());
+        // A node's own store loads without the signature check, to the same document.
+        let trusted = RelationshipDoc::load_trusted(*replicas[0].header(), replicas[0].changes().to_vec()).unwrap();
+        prop_assert_eq!(trusted.entries(), reloaded.entries());
+        prop_assert_eq!(trusted.heads(), reloaded.heads());
     }
 
     #[test]
@@ -558,4 +562,53 @@ fn only_the_owner_starts_an_epoch_and_each_is_written_once() {
     };
     assert!(doc.append(&alice, [1; 16], T0, bad).is_err());
     assert_eq!(doc.latest_epoch(), Some(0));
+}
+
+/// A node loads its own stored documents without checking signatures again (they were
+/// checked when they arrived); every other rule still holds on that path.
+#[test]
+fn a_trusted_load_skips_only_the_signature_check() {
+    let (_, acme, doc) = opened();
+    let mut work = doc.clone();
+    work.append(&acme, [2; 16], T0 + 1, msg("hello", Some("support")))
+        .unwrap();
+    let h = *work.header();
+    let mut changes = work.changes().to_vec();
+
+    // A flipped signature bit is seen by a full load only (`rapport store verify`).
+    let mut bytes = changes.pop().unwrap().encode();
+    bytes[10] ^= 1;
+    changes.push(SignedChange::decode(&bytes).unwrap());
+    assert!(RelationshipDoc::load(h, changes.clone()).is_err());
+    assert!(RelationshipDoc::load_trusted(h, changes).is_ok());
+
+    // A stranger's change, properly signed, is refused either way.
+    let mallory = key(3);
+    let (k, t) = entry_text(&mallory, msg("buy now", Some("marketing")));
+    let c = raw_change(&doc, &mallory, &mallory, |tx| {
+        tx.put(ROOT, k, t).unwrap();
+    })
+    .unwrap();
+    let mut with_stranger = doc.changes().to_vec();
+    with_stranger.push(c);
+    assert!(matches!(
+        RelationshipDoc::load_trusted(h, with_stranger),
+        Err(RelError::NotAMember { .. })
+    ));
+
+    // So is a member writing the membership.
+    let (k, t) = entry_text(
+        &acme,
+        RelBody::Member {
+            member: mallory.identity(),
+            name: "Mallory".into(),
+        },
+    );
+    let c = raw_change(&doc, &acme, &acme, |tx| {
+        tx.put(ROOT, k, t).unwrap();
+    })
+    .unwrap();
+    let mut over_role = doc.changes().to_vec();
+    over_role.push(c);
+    assert!(RelationshipDoc::load_trusted(h, over_role).is_err());
 }

@@ -16,7 +16,7 @@ use rapport_protocol::automerge::ChangeHash;
 use rapport_protocol::wire::{DocRef, RefusalKind};
 use rapport_protocol::{
     ConsentDoc, ConsentHeader, DocId, IdentityKey, Kind, RelHeader, RelationshipDoc, SecretKey,
-    SignedChange,
+    Signatures, SignedChange,
 };
 use redb::{Database, ReadOnlyDatabase, ReadableDatabase, ReadableTable, StorageBackend};
 use serde::{Deserialize, Serialize};
@@ -792,13 +792,29 @@ impl Store {
 
     /// Loads a consent document, verifying every stored change again.
     pub fn load_consent(&self, doc: &DocId) -> Result<ConsentDoc, StoreError> {
+        self.load_consent_as(doc, Signatures::Verify)
+    }
+
+    /// Loads a consent document without checking its changes' signatures again (they were
+    /// verified when they arrived; [`Store::verify`] re-checks them on demand). Every
+    /// other rule is checked.
+    pub fn load_consent_trusted(&self, doc: &DocId) -> Result<ConsentDoc, StoreError> {
+        self.load_consent_as(doc, Signatures::Trusted)
+    }
+
+    fn load_consent_as(&self, doc: &DocId, sigs: Signatures) -> Result<ConsentDoc, StoreError> {
         let header = self
             .consent_header(doc)?
             .ok_or_else(|| StoreError::BadDocument {
                 doc: doc.to_hex(),
                 detail: "no such consent document in this store".into(),
             })?;
-        ConsentDoc::load(header, self.changes(doc)?).map_err(|e| StoreError::BadDocument {
+        let changes = self.changes(doc)?;
+        match sigs {
+            Signatures::Verify => ConsentDoc::load(header, changes),
+            Signatures::Trusted => ConsentDoc::load_trusted(header, changes),
+        }
+        .map_err(|e| StoreError::BadDocument {
             doc: doc.to_hex(),
             detail: e.to_string(),
         })
@@ -806,13 +822,33 @@ impl Store {
 
     /// Loads a relationship document, verifying every stored change again.
     pub fn load_relationship(&self, doc: &DocId) -> Result<RelationshipDoc, StoreError> {
+        self.load_relationship_as(doc, Signatures::Verify)
+    }
+
+    /// Loads a relationship document without checking its changes' signatures again (they
+    /// were verified when they arrived; [`Store::verify`] re-checks them on demand). Every
+    /// other rule is checked.
+    pub fn load_relationship_trusted(&self, doc: &DocId) -> Result<RelationshipDoc, StoreError> {
+        self.load_relationship_as(doc, Signatures::Trusted)
+    }
+
+    fn load_relationship_as(
+        &self,
+        doc: &DocId,
+        sigs: Signatures,
+    ) -> Result<RelationshipDoc, StoreError> {
         let Some(DocRef::Relationship(header)) = self.doc_ref(doc)? else {
             return Err(StoreError::BadDocument {
                 doc: doc.to_hex(),
                 detail: "no such relationship in this store".into(),
             });
         };
-        RelationshipDoc::load(header, self.changes(doc)?).map_err(|e| StoreError::BadDocument {
+        let changes = self.changes(doc)?;
+        match sigs {
+            Signatures::Verify => RelationshipDoc::load(header, changes),
+            Signatures::Trusted => RelationshipDoc::load_trusted(header, changes),
+        }
+        .map_err(|e| StoreError::BadDocument {
             doc: doc.to_hex(),
             detail: e.to_string(),
         })
