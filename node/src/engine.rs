@@ -166,7 +166,8 @@ pub const MAX_LOADED_DOCS: usize = 2048;
 pub(crate) struct Slot {
     r: DocRef,
     facts: Facts,
-    doc: OnceCell<Doc>,
+    /// Boxed: a slot of a document not loaded is then a pointer, not a whole document.
+    doc: OnceCell<Box<Doc>>,
     /// When it was last used, on the engine's use counter (for dropping the least recently
     /// used).
     used: Cell<u64>,
@@ -372,7 +373,7 @@ impl Engine {
         }
         let cell = OnceCell::new();
         if let Some(d) = doc {
-            let _ = cell.set(d);
+            let _ = cell.set(Box::new(d));
             self.loaded.set(self.loaded.get() + 1);
         }
         self.docs.insert(
@@ -401,7 +402,7 @@ impl Engine {
         if doc.is_some() {
             self.loaded.set(self.loaded.get() - 1);
         }
-        doc
+        doc.map(|d| *d)
     }
 
     fn tick(&self) -> u64 {
@@ -433,13 +434,13 @@ impl Engine {
         let slot = self.docs.get(id)?;
         slot.used.set(self.tick());
         if let Some(d) = slot.doc.get() {
-            return Some(d);
+            return Some(&**d);
         }
         match self.load_doc(&slot.r) {
             Ok(d) => {
-                let _ = slot.doc.set(d);
+                let _ = slot.doc.set(Box::new(d));
                 self.loaded.set(self.loaded.get() + 1);
-                slot.doc.get()
+                slot.doc.get().map(|d| &**d)
             }
             Err(e) => {
                 tracing::error!(doc = %id, "cannot load a stored document: {e}");
@@ -452,7 +453,7 @@ impl Engine {
     /// change with [`Engine::put_indexed`].
     pub(crate) fn doc_mut(&mut self, id: &DocId) -> Option<&mut Doc> {
         self.doc(id)?;
-        self.docs.get_mut(id)?.doc.get_mut()
+        self.docs.get_mut(id)?.doc.get_mut().map(|d| &mut **d)
     }
 
     /// Takes a document out of memory (loading it first) to change it; put it back with

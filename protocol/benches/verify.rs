@@ -195,9 +195,9 @@ fn fixture() -> Fixture {
         .iter()
         .map(|c| {
             if c.author_bytes() == customer.identity().as_bytes() {
-                *customer.identity().verifying_key()
+                customer.identity().verifying_key().expect("a valid key")
             } else {
-                *grantee.identity().verifying_key()
+                grantee.identity().verifying_key().expect("a valid key")
             }
         })
         .collect();

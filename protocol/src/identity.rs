@@ -33,42 +33,71 @@ pub enum IdentityError {
     InvalidKey(String),
 }
 
-/// A public identity: an Ed25519 verifying key. Its [`Display`](fmt::Display) and
-/// [`FromStr`] forms are the libp2p `PeerId` text of the same key.
+/// A public identity: an Ed25519 public key, kept as its 32 bytes (checked to be a valid,
+/// strong key when read; see [`IdentityKey::from_bytes`]). Its [`Display`](fmt::Display)
+/// and [`FromStr`] forms are the libp2p `PeerId` text of the same key.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct IdentityKey(VerifyingKey);
+pub struct IdentityKey([u8; 32]);
+
+thread_local! {
+    /// Set while this thread reads back what its node stored itself ([`read_trusted`]).
+    static TRUSTED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// The last keys decompressed on this thread. Decompressing a key costs about as much
+    /// as half a signature check, and a ledger names the same few keys in every entry
+    /// (valid keys only; a pure cache, it changes no answer).
+    static SEEN: std::cell::RefCell<std::collections::HashMap<[u8; 32], VerifyingKey>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
+/// Runs `read` with identities taken as they are, without the curve check of
+/// [`IdentityKey::from_bytes`]: for a node reading back its own store, which holds only
+/// identities checked when they arrived. At 100,000 customers the check was half of a
+/// node's start. An identity so read that is not a valid key (a store changed outside the
+/// node) still verifies no signature and is sealed nothing.
+pub fn read_trusted<T>(read: impl FnOnce() -> T) -> T {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            TRUSTED.with(|t| t.set(self.0));
+        }
+    }
+    let _reset = Reset(TRUSTED.with(|t| t.replace(true)));
+    read()
+}
+
+/// The curve point of a key, refusing invalid and weak keys.
+fn decompress(bytes: &[u8; 32]) -> Result<VerifyingKey, IdentityError> {
+    if let Some(key) = SEEN.with(|m| m.borrow().get(bytes).copied()) {
+        return Ok(key);
+    }
+    let key = VerifyingKey::from_bytes(bytes)
+        .map_err(|_| IdentityError::InvalidKey(hex::encode(bytes)))?;
+    if key.is_weak() {
+        return Err(IdentityError::InvalidKey(hex::encode(bytes)));
+    }
+    SEEN.with(|m| {
+        let mut m = m.borrow_mut();
+        if m.len() >= 256 {
+            m.clear();
+        }
+        m.insert(*bytes, key);
+    });
+    Ok(key)
+}
 
 impl IdentityKey {
-    /// Reads an identity from its 32 raw public-key bytes, refusing weak keys.
+    /// Reads an identity from its 32 raw public-key bytes, refusing invalid and weak keys
+    /// (inside [`read_trusted`], taking them as they are).
     pub fn from_bytes(bytes: &[u8; 32]) -> Result<Self, IdentityError> {
-        // Decompressing a key costs about as much as half a signature check, and a ledger
-        // names the same few keys in every entry: remember the last keys seen on this
-        // thread (valid ones only; a pure cache, it changes no answer).
-        thread_local! {
-            static SEEN: std::cell::RefCell<std::collections::HashMap<[u8; 32], VerifyingKey>> =
-                std::cell::RefCell::new(std::collections::HashMap::new());
+        if !TRUSTED.with(std::cell::Cell::get) {
+            decompress(bytes)?;
         }
-        if let Some(key) = SEEN.with(|m| m.borrow().get(bytes).copied()) {
-            return Ok(Self(key));
-        }
-        let key = VerifyingKey::from_bytes(bytes)
-            .map_err(|_| IdentityError::InvalidKey(hex::encode(bytes)))?;
-        if key.is_weak() {
-            return Err(IdentityError::InvalidKey(hex::encode(bytes)));
-        }
-        SEEN.with(|m| {
-            let mut m = m.borrow_mut();
-            if m.len() >= 256 {
-                m.clear();
-            }
-            m.insert(*bytes, key);
-        });
-        Ok(Self(key))
+        Ok(Self(*bytes))
     }
 
     /// The 32 raw public-key bytes.
     pub fn as_bytes(&self) -> &[u8; 32] {
-        self.0.as_bytes()
+        &self.0
     }
 
     /// The bytes of the libp2p `PeerId` of this key.
@@ -88,15 +117,18 @@ impl IdentityKey {
         Self::from_bytes(key)
     }
 
-    /// The underlying verifying key.
-    pub fn verifying_key(&self) -> &VerifyingKey {
-        &self.0
+    /// The verifying key (the curve point), or why these bytes are none (only an identity
+    /// read inside [`read_trusted`] from a store changed outside the node can fail here).
+    pub fn verifying_key(&self) -> Result<VerifyingKey, IdentityError> {
+        decompress(&self.0)
     }
 
     /// The X25519 public key bound to this identity: the Montgomery form of the Ed25519
-    /// point (see [`crate::seal`]).
+    /// point (see [`crate::seal`]). All zeros for bytes that are no valid key (see
+    /// [`IdentityKey::verifying_key`]), which sealing refuses as a degenerate key.
     pub fn x25519_public(&self) -> [u8; 32] {
-        self.0.to_montgomery().to_bytes()
+        self.verifying_key()
+            .map_or([0; 32], |k| k.to_montgomery().to_bytes())
     }
 
     /// A short form for tables and logs: the last 8 characters of the text form.
@@ -188,7 +220,7 @@ impl SecretKey {
 
     /// The public identity of this key.
     pub fn identity(&self) -> IdentityKey {
-        IdentityKey(self.0.verifying_key())
+        IdentityKey(self.0.verifying_key().to_bytes())
     }
 
     /// Signs raw bytes. Callers add their own domain separation.
@@ -303,6 +335,26 @@ mod tests {
             IdentityKey::from_bytes(&weak),
             Err(IdentityError::InvalidKey(_))
         ));
+    }
+
+    #[test]
+    fn a_trusted_read_skips_the_curve_check_only_inside_it_and_a_bad_key_stays_useless() {
+        let mut weak = [0u8; 32];
+        weak[0] = 1;
+        let taken = read_trusted(|| IdentityKey::from_bytes(&weak)).unwrap();
+        assert_eq!(taken.as_bytes(), &weak);
+        // Outside, and after a read that panicked, the check is back.
+        assert!(IdentityKey::from_bytes(&weak).is_err());
+        let _ = std::panic::catch_unwind(|| read_trusted(|| panic!("a read failed")));
+        assert!(IdentityKey::from_bytes(&weak).is_err());
+        // Such a key verifies nothing and is sealed nothing.
+        assert!(taken.verifying_key().is_err());
+        assert_eq!(taken.x25519_public(), [0; 32]);
+        // A good key read either way is the same identity.
+        let good = SecretKey::from_seed([4; 32]).identity();
+        let again = read_trusted(|| IdentityKey::from_bytes(good.as_bytes())).unwrap();
+        assert_eq!(again, good);
+        assert!(again.verifying_key().is_ok());
     }
 
     proptest! {

@@ -28,7 +28,7 @@ pub use consent::{
     UnixSeconds,
 };
 pub use guard::{contain, in_guarded_section};
-pub use identity::{IdentityError, IdentityKey, Kind, SecretKey};
+pub use identity::{IdentityError, IdentityKey, Kind, SecretKey, read_trusted};
 pub use ledger_file::{
     LEDGER_FORMAT, LedgerFileError, MAX_LEDGER_CHANGES, MAX_LEDGER_FILE_BYTES, read_ledger_file,
     write_ledger_file,

@@ -195,6 +195,7 @@ impl Envelope {
         msg.extend_from_slice(&self.ciphertext);
         self.from
             .verifying_key()
+            .map_err(|_| EnvelopeError::Signature)?
             .verify_strict(&msg, &Signature::from_bytes(&self.signature))
             .map_err(|_| EnvelopeError::Signature)
     }

@@ -203,8 +203,12 @@ impl SignedChange {
         let author = self.authorised_author(authorised)?;
         author
             .verifying_key()
-            .verify_strict(&signing_message(doc, &self.hash()), &self.signature)
-            .map_err(|_| ChangeError::BadSignature(self.hash().to_string()))?;
+            .ok()
+            .filter(|k| {
+                k.verify_strict(&signing_message(doc, &self.hash()), &self.signature)
+                    .is_ok()
+            })
+            .ok_or_else(|| ChangeError::BadSignature(self.hash().to_string()))?;
         Ok(author)
     }
 
@@ -306,11 +310,17 @@ pub fn verify_all(
         .iter()
         .map(|c| c.authorised_author(authorised))
         .collect();
-    let candidates: Vec<usize> = (0..changes.len()).filter(|&i| results[i].is_ok()).collect();
     let keys: Vec<Option<VerifyingKey>> = results
         .iter()
-        .map(|r| r.as_ref().ok().map(|k| *k.verifying_key()))
+        .map(|r| r.as_ref().ok().and_then(|k| k.verifying_key().ok()))
         .collect();
+    // An author whose bytes are no valid key verifies nothing.
+    for (i, k) in keys.iter().enumerate() {
+        if k.is_none() && results[i].is_ok() {
+            results[i] = Err(ChangeError::BadSignature(changes[i].hash().to_string()));
+        }
+    }
+    let candidates: Vec<usize> = (0..changes.len()).filter(|&i| results[i].is_ok()).collect();
     // Large sets are split across the machine's cores; each part is batch-verified on its own
     // and reports only the changes that failed.
     let threads = std::thread::available_parallelism()
