@@ -18,7 +18,6 @@ use rapport_protocol::wire::{DocRef, RefusalKind};
 use rapport_protocol::{DocId, EpochView, IdentityKey, RelBody, RelationshipDoc, UnixSeconds};
 
 use crate::engine::{Doc, Engine, EngineError, Push};
-use crate::sync::Received;
 
 type Result<T> = std::result::Result<T, EngineError>;
 
@@ -44,15 +43,9 @@ pub struct Sealed {
 }
 
 impl Engine {
-    /// Who an epoch of `r` must be sealed to now: its owner and every member it serves.
+    /// Who an epoch of `r` must be sealed to now ([`policy::readers`]).
     fn readers(&self, r: &RelationshipDoc, now: UnixSeconds) -> BTreeSet<IdentityKey> {
-        let mut set: BTreeSet<IdentityKey> = r
-            .members()
-            .filter(|m| m.removed_at.is_none() && self.serves(r, &m.identity, now).is_ok())
-            .map(|m| m.identity)
-            .collect();
-        set.insert(r.header().owner);
-        set
+        rapport_protocol::policy::readers(self, r, now)
     }
 
     /// As the owner of `id`: starts a new epoch when the newest one is not sealed to exactly
@@ -273,13 +266,14 @@ impl Engine {
             let opened = env.open(&self.key, |n| {
                 self.keys.borrow().get(&id).and_then(|k| k.get(&n)).cloned()
             });
-            let mut out = Received::default();
             let changes = match opened {
                 Ok(c) => c,
                 Err(e) => {
                     let reason = format!("mail could not be opened: {e}");
                     let kind = RefusalKind::Invalid;
-                    self.refuse(&env.from, &env.doc, None, kind, &reason, now, &mut out)?;
+                    rapport_protocol::replica::refuse(
+                        self, &env.from, &env.doc, None, kind, &reason, now,
+                    )?;
                     report.refused += 1;
                     continue;
                 }
@@ -289,12 +283,15 @@ impl Engine {
                 Err((_, why)) => {
                     let reason = format!("mail refused: {why}");
                     let kind = RefusalKind::Forbidden;
-                    self.refuse(&env.from, &env.doc, None, kind, &reason, now, &mut out)?;
+                    rapport_protocol::replica::refuse(
+                        self, &env.from, &env.doc, None, kind, &reason, now,
+                    )?;
                     report.refused += 1;
                     continue;
                 }
             };
-            let received = self.receive(&env.from, &env.doc, role, changes, now)?;
+            let received =
+                rapport_protocol::replica::receive(self, &env.from, &env.doc, role, changes, now)?;
             report.opened += 1;
             report.applied += received.applied.len();
             report.refused += received.refused.len();

@@ -7,8 +7,8 @@
 use std::cell::{Cell, OnceCell, RefCell};
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use rapport_protocol::access::may_read;
 use rapport_protocol::automerge::ChangeHash;
+use rapport_protocol::policy::{self, may_read};
 use rapport_protocol::seal::ContentKey;
 use rapport_protocol::wire::DocRef;
 use rapport_protocol::{
@@ -73,29 +73,10 @@ impl From<RelError> for EngineError {
 
 type Result<T> = std::result::Result<T, EngineError>;
 
-/// A document to sync with a peer, asked for by the engine after a change.
-pub type Push = (IdentityKey, DocRef);
-
-/// How many changes a peer may have refused within [`STRIKE_WINDOW`] before it is
-/// disconnected.
-pub const MAX_STRIKES: u32 = 64;
-/// The window over which strikes count, in seconds.
-pub const STRIKE_WINDOW: u64 = 600;
-/// How long a peer past [`MAX_STRIKES`] stays banned, in seconds.
-pub const BAN_SECONDS: u64 = 300;
-/// The most changes a consent document may hold from a customer before this node has
-/// answered (accepted, acknowledged) any of its grants: what a stranger can make it store.
-pub const MAX_UNANSWERED_CHANGES: usize = 32;
-/// The most consent documents with grants this node has not answered: with
-/// [`MAX_UNANSWERED_CHANGES`] and the entry limit, what all strangers together can make it
-/// store (about 1,000 x 32 x 8 KiB at most).
-pub const MAX_UNANSWERED_DOCS: usize = 1_000;
-/// The most changes of one sender that wait for their dependencies in one document.
-pub(crate) const MAX_WAITING_PER_DOC: usize = 1024;
-/// The most bytes of changes waiting for their dependencies, over all documents.
-pub(crate) const MAX_WAITING_BYTES: usize = 16 << 20;
-/// The most relationships one owner may place on this node.
-pub const MAX_RELS_PER_OWNER: usize = 100_000;
+pub use rapport_protocol::policy::{
+    BAN_SECONDS, MAX_RELS_PER_OWNER, MAX_STRIKES, MAX_UNANSWERED_CHANGES, MAX_UNANSWERED_DOCS,
+    Push, STRIKE_WINDOW,
+};
 
 /// The arguments of a grant.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -116,47 +97,9 @@ pub struct GrantArgs {
     pub notice_sha256: Option<String>,
 }
 
-/// What one sync round did, for the network loop.
-#[derive(Debug, Default)]
-pub struct RoundOutcome {
-    /// Changes newly stored from the peer.
-    pub received: usize,
-    /// Whether another round is wanted (more to fetch or to send).
-    pub again: bool,
-    /// Whether the peer's reported heads changed since the last round.
-    pub peer_moved: bool,
-    /// The peer refused our request or changes of ours, with its reasons.
-    pub refused: Vec<crate::net::PeerRefusal>,
-    /// The peer misbehaved past the limit: disconnect it.
-    pub disconnect: bool,
-}
+pub use rapport_protocol::replica::RoundOutcome;
 
-impl RoundOutcome {
-    /// What the session machine needs of this round.
-    pub fn into_round(self) -> rapport_protocol::session::Round<crate::net::PeerRefusal> {
-        rapport_protocol::session::Round {
-            received: self.received,
-            again: self.again,
-            peer_moved: self.peer_moved,
-            refused: self.refused,
-            disconnect: self.disconnect,
-        }
-    }
-}
-
-pub(crate) enum Doc {
-    Consent(ConsentDoc),
-    Rel(RelationshipDoc),
-}
-
-impl Doc {
-    fn doc_ref(&self) -> DocRef {
-        match self {
-            Doc::Consent(c) => DocRef::Consent(*c.ledger().header()),
-            Doc::Rel(r) => DocRef::Relationship(*r.header()),
-        }
-    }
-}
+pub(crate) use rapport_protocol::replica::Doc;
 
 /// The most documents kept loaded between operations; past it, the least recently used are
 /// dropped from memory (they load again from the store when next used).
@@ -201,9 +144,7 @@ pub struct Engine {
     /// failed dial every few seconds does not deposit the same changes again.
     pub(crate) deposited: HashMap<(DocId, IdentityKey), Vec<ChangeHash>>,
     /// Changes that arrived before what they depend on, per document and sender.
-    pub(crate) waiting: HashMap<(DocId, IdentityKey), Vec<SignedChange>>,
-    /// The encoded size of everything in `waiting`.
-    pub(crate) waiting_bytes: usize,
+    pub(crate) waiting: rapport_protocol::replica::Waiting,
     /// Events of a group of operations, held until the group is durable
     /// (see [`Engine::begin_group`]); `None` outside a group.
     held_events: std::cell::RefCell<Option<Vec<Event>>>,
@@ -253,8 +194,7 @@ impl Engine {
             max_unanswered_docs: MAX_UNANSWERED_DOCS,
             keys: RefCell::new(HashMap::new()),
             deposited: HashMap::new(),
-            waiting: HashMap::new(),
-            waiting_bytes: 0,
+            waiting: Default::default(),
             held_events: std::cell::RefCell::new(None),
             sources: crate::clock::Sources::system(),
             stale: false,
@@ -333,8 +273,7 @@ impl Engine {
         }
         *self.keys.borrow_mut() = keys;
         self.deposited.clear();
-        self.waiting.clear();
-        self.waiting_bytes = 0;
+        self.waiting = Default::default();
         Ok(())
     }
 
@@ -571,11 +510,6 @@ impl Engine {
         let doc = self.drop_slot(&id);
         self.put_slot(*d, indexed.facts, doc);
         Ok(n)
-    }
-
-    /// Whether a document is held (loaded or not).
-    pub(crate) fn holds_doc(&self, id: &DocId) -> bool {
-        self.docs.contains_key(id)
     }
 
     /// How many consent documents hold grants to `me` that it never answered (by the
@@ -984,19 +918,6 @@ impl Engine {
             .collect()
     }
 
-    /// Whether this node (the owner) serves relationship `r` to `peer` now.
-    pub(crate) fn serves(
-        &self,
-        r: &RelationshipDoc,
-        peer: &IdentityKey,
-        now: UnixSeconds,
-    ) -> std::result::Result<(), String> {
-        if !r.is_member(peer) {
-            return Err(format!("{peer} is not a member of relationship {}", r.id()));
-        }
-        may_read(self.ledger(self.me, *peer), peer, now).map_err(|e| e.to_string())
-    }
-
     // ----- storing and reacting -----
 
     /// Stores the changes `applied` (hashes, in order) of document `id` durably.
@@ -1004,38 +925,10 @@ impl Engine {
         if applied.is_empty() {
             return Ok(());
         }
-        let id = doc.doc_id();
-        let changes: Vec<SignedChange> = match self.doc(&id) {
-            Some(Doc::Consent(c)) => {
-                let set: HashSet<&ChangeHash> = applied.iter().collect();
-                c.ledger()
-                    .changes()
-                    .iter()
-                    .filter(|ch| set.contains(&ch.hash()))
-                    .cloned()
-                    .collect()
-            }
-            Some(Doc::Rel(r)) => {
-                let set: HashSet<&ChangeHash> = applied.iter().collect();
-                // Applied changes sit at the end of the document's change list.
-                let all = r.changes();
-                let start = all.len().saturating_sub(applied.len());
-                let tail: Vec<SignedChange> = all[start..]
-                    .iter()
-                    .filter(|ch| set.contains(&ch.hash()))
-                    .cloned()
-                    .collect();
-                if tail.len() == applied.len() {
-                    tail
-                } else {
-                    all.iter()
-                        .filter(|ch| set.contains(&ch.hash()))
-                        .cloned()
-                        .collect()
-                }
-            }
-            None => Vec::new(),
-        };
+        let changes = self
+            .doc(&doc.doc_id())
+            .map(|d| d.changes_of(applied))
+            .unwrap_or_default();
         self.put_indexed(doc, &changes, applied)?;
         Ok(())
     }
@@ -1104,21 +997,11 @@ impl Engine {
         let Some(doc) = self.consent(&h.doc_id()) else {
             return Ok(false);
         };
-        let unacked: Vec<(EntryId, EntryId)> = doc
-            .ledger()
-            .grants(UnixSeconds::MAX)
-            .into_iter()
-            .filter_map(|g| match (g.revoked, g.erasure_acked) {
-                (Some((rid, at)), None) if at <= now => Some((g.id, rid)),
-                _ => None,
-            })
-            .collect();
-        if unacked.is_empty() {
+        let due = policy::erasure_due(doc.ledger(), &self.me, now);
+        if due.unacked.is_empty() {
             return Ok(false);
         }
-        // The relationship data a revocation covers is everything the customer shared
-        // under conversation:read; if another active grant still gives it, nothing goes.
-        let still_reads = may_read(Some(doc.ledger()), &self.me, now).is_ok();
+        let still_reads = !due.erase;
         let (mut docs, mut messages) = (0usize, 0usize);
         if !still_reads {
             let covered: Vec<(DocId, usize)> = self
@@ -1145,7 +1028,7 @@ impl Engine {
                 h.customer
             )
         };
-        for (grant, revoke) in unacked {
+        for (grant, revoke) in due.unacked {
             self.append_consent(
                 h,
                 now,
@@ -1610,45 +1493,12 @@ impl Engine {
     ) -> Result<(WriteOutcome, Vec<Push>)> {
         let id = self.find_rel(rel)?;
         let owner = self.rel_held(&id)?.header().owner;
-        let purpose = match purpose {
-            Some(p) => Some(p.trim().to_owned()),
-            None if owner == self.me => None,
-            None => {
-                let held: Vec<String> = self
-                    .ledger(owner, self.me)
-                    .map(|l| {
-                        let mut v: Vec<String> = l
-                            .grants(now)
-                            .into_iter()
-                            .filter(|g| g.status == GrantStatus::Active)
-                            .flat_map(|g| g.scopes)
-                            .filter_map(|s| match s {
-                                Scope::Contact(p) => Some(p),
-                                _ => None,
-                            })
-                            .collect();
-                        v.sort();
-                        v.dedup();
-                        v
-                    })
-                    .unwrap_or_default();
-                match held.as_slice() {
-                    [one] => Some(one.clone()),
-                    [] => {
-                        return Err(EngineError::Refused(format!(
-                            "{} has not opted in to contact from you for any purpose (no active contact:<purpose> grant); nothing was sent",
-                            owner
-                        )));
-                    }
-                    many => {
-                        return Err(EngineError::Invalid(format!(
-                            "say why you write: --purpose one of {}",
-                            many.join(", ")
-                        )));
-                    }
-                }
-            }
-        };
+        let purpose =
+            policy::message_purpose(&self.me, &owner, self.ledger(owner, self.me), purpose, now)
+                .map_err(|e| match e {
+                    policy::PurposeError::NotOptedIn { .. } => EngineError::Refused(e.to_string()),
+                    policy::PurposeError::Ambiguous(_) => EngineError::Invalid(e.to_string()),
+                })?;
         let (entry, pushes) = self.write_rel(
             id,
             RelBody::Message {
@@ -1717,26 +1567,14 @@ impl Engine {
         Ok((entry, self.rel_pushes(&header, None, now)))
     }
 
-    /// Whom a relationship's new changes go to: its owner, or (as the owner) every member
-    /// that may read it now, except `skip`.
+    /// Whom a relationship's new changes go to ([`policy::rel_pushes`]).
     pub(crate) fn rel_pushes(
         &self,
         h: &RelHeader,
         skip: Option<IdentityKey>,
         now: UnixSeconds,
     ) -> Vec<Push> {
-        let d = DocRef::Relationship(*h);
-        if h.owner != self.me {
-            return vec![(h.owner, d)];
-        }
-        let Some(r) = self.rel(&h.doc_id()) else {
-            return Vec::new();
-        };
-        r.members()
-            .map(|m| m.identity)
-            .filter(|m| Some(*m) != skip && self.serves(r, m, now).is_ok())
-            .map(|m| (m, d))
-            .collect()
+        policy::rel_pushes(self, h, skip, now)
     }
 }
 

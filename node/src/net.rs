@@ -407,32 +407,7 @@ pub struct NetConfig {
     pub redial_every: Duration,
 }
 
-/// What a peer refused of ours, and its words.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PeerRefusal {
-    /// The whole request, or one change.
-    pub what: Refused,
-    /// The peer's reason, for people (decide by `what`, never by this text).
-    pub reason: String,
-}
-
-/// What a peer refused.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "refused", rename_all = "snake_case")]
-pub enum Refused {
-    /// The whole sync request.
-    Request {
-        /// Why, as the peer coded it.
-        code: RefusalCode,
-    },
-    /// One change of ours, for good.
-    Change {
-        /// The change's hash (hex).
-        change: String,
-        /// Why, as the peer coded it.
-        kind: rapport_protocol::wire::RefusalKind,
-    },
-}
+pub use rapport_protocol::replica::{PeerRefusal, Refused};
 
 /// How a sync with a peer ended, as told to whoever asked for it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -1320,7 +1295,7 @@ impl Loop {
                         if o.disconnect {
                             self.ban(peer);
                         }
-                        Ok(o.into_round())
+                        Ok(o)
                     }
                     Err(e) => Err(format!("sync failed here: {e}")),
                 };

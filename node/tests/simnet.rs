@@ -157,7 +157,7 @@ impl Sim {
                     .unwrap();
                 assert!(!o.disconnect);
                 self.pushes(to, pushes);
-                let step = self.sides[to].sessions.answered(ticket, Ok(o.into_round()));
+                let step = self.sides[to].sessions.answered(ticket, Ok(o));
                 match step {
                     Step::Round(start) => self.round(to, start),
                     Step::End(e) => self.ended(to, Some(e)),

@@ -5,15 +5,16 @@
 //! Nothing here does I/O or reads the clock: time and randomness are passed in, so every
 //! rule is deterministic and testable.
 
-pub mod access;
 mod append;
 mod consent;
 mod guard;
 mod identity;
 mod ledger_file;
 pub mod mail;
+pub mod policy;
 mod records;
 mod relationship;
+pub mod replica;
 mod scope;
 pub mod seal;
 pub mod session;

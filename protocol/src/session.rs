@@ -75,6 +75,18 @@ pub struct Round<R> {
     pub disconnect: bool,
 }
 
+impl<R> Default for Round<R> {
+    fn default() -> Self {
+        Round {
+            received: 0,
+            again: false,
+            peer_moved: false,
+            refused: Vec::new(),
+            disconnect: false,
+        }
+    }
+}
+
 /// What to do after a round's answer.
 #[derive(Debug)]
 pub enum Step<P, D, W, R> {

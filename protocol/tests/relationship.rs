@@ -4,7 +4,7 @@
 use automerge::transaction::{CommitOptions, Transactable};
 use automerge::{Automerge, ROOT};
 use proptest::prelude::*;
-use rapport_protocol::access::{Denied, may_read, may_write};
+use rapport_protocol::policy::{Denied, may_read, may_write};
 use rapport_protocol::{
     ConsentDoc, ConsentHeader, EntryBody, EntryId, LegalBasis, MAX_MESSAGE_BYTES, RelBody,
     RelEntry, RelError, RelHeader, RelationshipDoc, Scope, SecretKey, SignedChange, Terms,

@@ -126,16 +126,7 @@ pub struct Refusal {
     pub signed_change: Option<String>,
 }
 
-/// A peer's conduct: strikes within the current window and any ban.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Conduct {
-    /// Start of the current strike window (Unix seconds).
-    pub since: u64,
-    /// Strikes counted in the window.
-    pub strikes: u32,
-    /// Banned until then (Unix seconds); 0 when never banned.
-    pub banned_until: u64,
-}
+pub use rapport_protocol::policy::Conduct;
 
 /// The first bytes of every redb file.
 const REDB_MAGIC: [u8; 9] = [b'r', b'e', b'd', b'b', 0x1A, 0x0A, 0xA9, 0x0D, 0x0A];
