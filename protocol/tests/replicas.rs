@@ -1,0 +1,561 @@
+//! Three replicas in memory (a customer, Alice, and two companies, Acme and Globex) sync
+//! over a simulated network that drops, duplicates, reorders and delays every request and
+//! answer, as proptest chooses, while all three keep writing. No store and no sockets: the
+//! rounds are `rapport_protocol::replica`'s, the sessions `rapport_protocol::session`'s,
+//! as a node runs them.
+//!
+//! - Whatever the network did, once it heals the three hold the same conversation with
+//!   every message any of them wrote, nothing honest was refused and every session ended.
+//! - Lies from a member (a flipped signature, a message with no purpose, a replay) and a
+//!   stranger's unsolicited relationship change nothing any replica holds, and only the
+//!   liars are kept as evidence.
+//! - When Alice revokes Globex part-way, Globex never holds a message the others wrote
+//!   after the revocation, not even for one step, whatever was in flight; once the network heals it
+//!   holds nothing of Alice's, has signed that it erased it, and Alice holds that receipt.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+
+use proptest::prelude::*;
+use rapport_protocol::automerge::ChangeHash;
+use rapport_protocol::policy::{Holdings, Push};
+use rapport_protocol::replica::{self, Holder, PeerRefusal, Replica};
+use rapport_protocol::session::{End, Sessions, Start, Step, Ticket};
+use rapport_protocol::wire::{DocRef, SyncRequest, SyncResponse};
+use rapport_protocol::{DocId, IdentityKey, RelBody, Scope, SecretKey};
+
+const T0: u64 = 1_800_000_000;
+const ALICE: usize = 0;
+const ACME: usize = 1;
+const GLOBEX: usize = 2;
+
+struct Side {
+    replica: Replica,
+    sessions: Sessions<usize, DocRef, (), PeerRefusal>,
+    /// Requests in flight: id → (peer, document, hashes sent, round).
+    requests: HashMap<u64, (usize, DocRef, Vec<ChangeHash>, Ticket)>,
+}
+
+// Moved once each, like the network loop's messages; boxing buys nothing here.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone)]
+enum Msg {
+    Request {
+        from: usize,
+        to: usize,
+        id: u64,
+        req: SyncRequest,
+    },
+    Response {
+        from: usize,
+        to: usize,
+        id: u64,
+        resp: SyncResponse,
+    },
+}
+
+struct Sim {
+    sides: Vec<Side>,
+    ids: Vec<IdentityKey>,
+    net: VecDeque<Msg>,
+    next_id: u64,
+    rel: DocId,
+    written: Vec<(usize, String)>,
+}
+
+fn key(seed: u8) -> SecretKey {
+    SecretKey::from_seed([seed; 32])
+}
+
+fn scopes() -> Vec<Scope> {
+    ["conversation:read", "conversation:write", "contact:support"]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect()
+}
+
+impl Sim {
+    /// Alice grants both companies, they accept, and she opens one relationship with both;
+    /// over a perfect network.
+    fn new() -> Self {
+        let sides: Vec<Side> = (1..=3)
+            .map(|seed| Side {
+                replica: Replica::new(key(seed)),
+                sessions: Sessions::default(),
+                requests: HashMap::new(),
+            })
+            .collect();
+        let ids: Vec<IdentityKey> = sides.iter().map(|s| s.replica.me()).collect();
+        let mut sim = Sim {
+            sides,
+            ids,
+            net: VecDeque::new(),
+            next_id: 0,
+            rel: DocId([0; 32]),
+            written: Vec::new(),
+        };
+        for company in [ACME, GLOBEX] {
+            let grantee = sim.ids[company];
+            let (_, pushes) = sim.sides[ALICE]
+                .replica
+                .grant(grantee, scopes(), "support", None, T0)
+                .unwrap();
+            sim.pushes(ALICE, pushes);
+            sim.settle();
+            let (n, pushes) = sim.sides[company]
+                .replica
+                .accept(sim.ids[ALICE], T0)
+                .unwrap();
+            assert_eq!(n, 1);
+            sim.pushes(company, pushes);
+            sim.settle();
+        }
+        let members = [sim.ids[ACME], sim.ids[GLOBEX]];
+        let (rel, pushes) = sim.sides[ALICE]
+            .replica
+            .open("Alice, Acme and Globex", &members, T0)
+            .unwrap();
+        sim.rel = rel;
+        sim.pushes(ALICE, pushes);
+        sim.settle();
+        for company in [ACME, GLOBEX] {
+            assert!(
+                sim.sides[company].replica.relationship(&rel).is_some(),
+                "side {company} holds the relationship"
+            );
+        }
+        sim
+    }
+
+    fn index(&self, id: &IdentityKey) -> usize {
+        self.ids.iter().position(|i| i == id).expect("a known side")
+    }
+
+    fn pushes(&mut self, i: usize, pushes: Vec<Push>) {
+        for (peer, doc) in pushes {
+            let to = self.index(&peer);
+            self.want(i, to, doc);
+        }
+    }
+
+    fn want(&mut self, i: usize, to: usize, doc: DocRef) {
+        if let Some(start) = self.sides[i].sessions.want(to, doc, Some(())) {
+            self.round(i, start);
+        }
+    }
+
+    /// Builds and sends round `start` of side `i`.
+    fn round(&mut self, i: usize, start: Start<usize, DocRef>) {
+        let peer = self.ids[start.peer];
+        let s = &mut self.sides[i];
+        let built = replica::round_request(&s.replica, &peer, &start.doc, T0).unwrap();
+        let Some((req, sent)) = built else {
+            let end = s.sessions.built(start.ticket, false);
+            self.ended(i, end);
+            return;
+        };
+        self.next_id += 1;
+        s.requests
+            .insert(self.next_id, (start.peer, start.doc, sent, start.ticket));
+        self.net.push_back(Msg::Request {
+            from: i,
+            to: start.peer,
+            id: self.next_id,
+            req,
+        });
+    }
+
+    fn ended(&mut self, i: usize, end: Option<End<usize, DocRef, (), PeerRefusal>>) {
+        if let Some(next) = end.and_then(|e| e.next) {
+            self.round(i, next);
+        }
+    }
+
+    /// Delivers message `k` of those in flight.
+    fn deliver(&mut self, k: usize) {
+        let Some(msg) = self.net.remove(k) else {
+            return;
+        };
+        match msg {
+            Msg::Request { from, to, id, req } => {
+                let peer = self.ids[from];
+                let (resp, pushes, disconnect) =
+                    replica::handle_request(&mut self.sides[to].replica, &peer, req, T0);
+                assert!(!disconnect, "no side misbehaves past the limit");
+                self.pushes(to, pushes);
+                self.net.push_back(Msg::Response {
+                    from: to,
+                    to: from,
+                    id,
+                    resp,
+                });
+            }
+            Msg::Response { from, to, id, resp } => {
+                // A response whose request is no longer awaited (a duplicate, or one whose
+                // request was given up as lost) is dropped, as the network loop does.
+                let Some((_, doc, sent, ticket)) = self.sides[to].requests.remove(&id) else {
+                    return;
+                };
+                let peer = self.ids[from];
+                let (o, pushes) = replica::handle_response(
+                    &mut self.sides[to].replica,
+                    &peer,
+                    &doc,
+                    &sent,
+                    resp,
+                    T0,
+                )
+                .unwrap();
+                assert!(!o.disconnect);
+                self.pushes(to, pushes);
+                match self.sides[to].sessions.answered(ticket, Ok(o)) {
+                    Step::Round(start) => self.round(to, start),
+                    Step::End(e) => self.ended(to, Some(e)),
+                    Step::Stale => {}
+                }
+            }
+        }
+    }
+
+    /// Loses message `k`: a lost request or response times out at its sender.
+    fn drop_msg(&mut self, k: usize) {
+        let Some(msg) = self.net.remove(k) else {
+            return;
+        };
+        let (side, id) = match msg {
+            Msg::Request { from, id, .. } => (from, id),
+            Msg::Response { to, id, .. } => (to, id),
+        };
+        if let Some((_, _, _, ticket)) = self.sides[side].requests.remove(&id) {
+            let end = self.sides[side]
+                .sessions
+                .failed(ticket, "the request timed out".into());
+            self.ended(side, end);
+        }
+    }
+
+    /// Sends message `k` again (a request only; a response is matched once by id).
+    fn duplicate(&mut self, k: usize) {
+        if let Some(m @ Msg::Request { .. }) = self.net.get(k).cloned() {
+            self.net.push_back(m);
+        }
+    }
+
+    /// Holds message `k` back behind everything now in flight.
+    fn delay(&mut self, k: usize) {
+        if let Some(m) = self.net.remove(k) {
+            self.net.push_back(m);
+        }
+    }
+
+    /// Side `i` writes a message, if it still may; returns whether it did.
+    fn write(&mut self, i: usize, text: String) -> bool {
+        let rel = self.rel;
+        match self.sides[i].replica.send(&rel, &text, T0) {
+            Ok((_, pushes)) => {
+                self.written.push((i, text));
+                self.pushes(i, pushes);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// A perfect network until nothing is in flight; bounded.
+    fn settle(&mut self) {
+        for _ in 0..100_000 {
+            if self.net.is_empty() {
+                return;
+            }
+            self.deliver(0);
+        }
+        panic!("the network did not settle");
+    }
+
+    /// The network heals: every side syncs everything it shares with every other.
+    fn heal(&mut self) {
+        self.settle();
+        for i in 0..self.sides.len() {
+            for j in 0..self.sides.len() {
+                if i == j {
+                    continue;
+                }
+                let peer = self.ids[j];
+                for doc in self.sides[i].replica.shared_with(&peer, T0) {
+                    self.want(i, j, doc);
+                }
+            }
+        }
+        self.settle();
+    }
+
+    /// The texts side `i` holds in the relationship (none if it holds none).
+    fn texts(&self, i: usize) -> BTreeSet<String> {
+        self.sides[i]
+            .replica
+            .relationship(&self.rel)
+            .map(|r| {
+                r.messages()
+                    .into_iter()
+                    .filter_map(|(_, e)| match &e.body {
+                        RelBody::Message { text, .. } => Some(text.clone()),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn heads(&self, i: usize) -> Option<Vec<ChangeHash>> {
+        Holder::doc(&self.sides[i].replica, &self.rel).map(|d| d.heads())
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Deliver(usize),
+    Drop(usize),
+    Duplicate(usize),
+    Delay(usize),
+    /// Deliver the newest message first.
+    DeliverLast,
+    Write(usize),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        8 => any::<usize>().prop_map(Op::Deliver),
+        2 => any::<usize>().prop_map(Op::Drop),
+        2 => any::<usize>().prop_map(Op::Duplicate),
+        2 => any::<usize>().prop_map(Op::Delay),
+        2 => Just(Op::DeliverLast),
+        4 => (0usize..3).prop_map(Op::Write),
+    ]
+}
+
+impl Sim {
+    /// Runs one step of the hostile network; returns a message text when a side wrote.
+    fn step(&mut self, op: Op, n: &mut usize) {
+        let len = self.net.len();
+        match op {
+            Op::Deliver(k) if len > 0 => self.deliver(k % len),
+            Op::Drop(k) if len > 0 => self.drop_msg(k % len),
+            Op::Duplicate(k) if len > 0 => self.duplicate(k % len),
+            Op::Delay(k) if len > 0 => self.delay(k % len),
+            Op::DeliverLast if len > 0 => self.deliver(len - 1),
+            Op::Write(i) => {
+                *n += 1;
+                self.write(i, format!("message {n} from side {i}"));
+            }
+            _ => {}
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    #[test]
+    fn three_replicas_on_a_hostile_network_end_with_the_same_conversation(
+        ops in proptest::collection::vec(op(), 1..150)
+    ) {
+        let mut sim = Sim::new();
+        let mut n = 0;
+        for op in ops {
+            sim.step(op, &mut n);
+        }
+        sim.heal();
+
+        let all: BTreeSet<String> = sim.written.iter().map(|(_, t)| t.clone()).collect();
+        for i in 0..3 {
+            prop_assert_eq!(sim.texts(i), all.clone(), "side {} holds every message", i);
+            prop_assert_eq!(sim.heads(i), sim.heads(ALICE));
+            prop_assert!(
+                sim.sides[i].replica.evidence.is_empty(),
+                "side {} refused an honest change: {:?}",
+                i,
+                sim.sides[i].replica.evidence
+            );
+            prop_assert!(sim.sides[i].replica.told.is_empty());
+            prop_assert_eq!(sim.sides[i].sessions.running(), 0);
+            prop_assert!(sim.sides[i].requests.is_empty());
+            prop_assert_eq!(sim.sides[i].replica.waiting_len(), 0);
+        }
+    }
+
+    #[test]
+    fn a_revoked_company_holds_nothing_written_after_and_signs_that_it_erased(
+        before in proptest::collection::vec(op(), 0..80),
+        after in proptest::collection::vec(op(), 0..80),
+    ) {
+        let mut sim = Sim::new();
+        let mut n = 0;
+        for op in before {
+            sim.step(op, &mut n);
+        }
+        let (revoked, pushes) = sim.sides[ALICE].replica.revoke(sim.ids[GLOBEX], T0).unwrap();
+        prop_assert_eq!(revoked, 1);
+        sim.pushes(ALICE, pushes);
+        let cut: BTreeSet<String> = sim.written.iter().map(|(_, t)| t.clone()).collect();
+        for op in after {
+            sim.step(op, &mut n);
+            // Its own writes it holds, whatever Alice makes of them.
+            let own: BTreeSet<String> = sim
+                .written
+                .iter()
+                .filter(|(i, _)| *i == GLOBEX)
+                .map(|(_, t)| t.clone())
+                .collect();
+            let held: BTreeSet<String> = sim.texts(GLOBEX).difference(&own).cloned().collect();
+            prop_assert!(
+                held.is_subset(&cut),
+                "Globex holds messages others wrote after the revocation: {:?}",
+                held.difference(&cut).collect::<Vec<_>>()
+            );
+        }
+        sim.heal();
+
+        prop_assert!(sim.texts(GLOBEX).is_empty(), "Globex erased the relationship");
+        prop_assert!(sim.sides[GLOBEX].replica.relationship(&sim.rel).is_none());
+        prop_assert_eq!(&sim.sides[GLOBEX].replica.erased, &vec![(sim.ids[ALICE], 1)]);
+        let grants = rapport_protocol::policy::Holdings::ledger(
+            &sim.sides[ALICE].replica,
+            sim.ids[ALICE],
+            sim.ids[GLOBEX],
+        )
+        .unwrap()
+        .grants(T0);
+        prop_assert_eq!(grants.len(), 1);
+        prop_assert!(grants[0].revoked.is_some());
+        prop_assert!(grants[0].erasure_acked.is_some(), "Alice holds Globex's erasure receipt");
+
+        // Alice and Acme still share everything they and Globex wrote before the cut.
+        let kept: BTreeSet<String> = sim
+            .written
+            .iter()
+            .filter(|(i, t)| *i != GLOBEX || cut.contains(t))
+            .map(|(_, t)| t.clone())
+            .collect();
+        prop_assert_eq!(sim.texts(ALICE), sim.texts(ACME));
+        prop_assert_eq!(sim.heads(ALICE), sim.heads(ACME));
+        prop_assert!(sim.texts(ALICE).is_subset(&kept));
+        for (i, t) in &sim.written {
+            if *i != GLOBEX {
+                prop_assert!(sim.texts(ALICE).contains(t), "Alice lost {}", t);
+            }
+        }
+        for i in 0..3 {
+            prop_assert_eq!(sim.sides[i].sessions.running(), 0);
+            prop_assert!(sim.sides[i].requests.is_empty());
+        }
+    }
+}
+
+/// Globex (a member) and Mallory (a stranger) send Alice what she must refuse: her own
+/// first change with its signature flipped, a message of Globex's with no purpose, a replay
+/// of her own change, and a relationship Mallory opened naming her. The lying requests go
+/// through the same hostile network as the honest ones.
+fn lies(sim: &mut Sim, mallory: &mut Replica) -> Vec<ChangeHash> {
+    let rel = sim.sides[ALICE]
+        .replica
+        .relationship(&sim.rel)
+        .expect("Alice holds it")
+        .clone();
+    let doc = DocRef::Relationship(*rel.header());
+    let mut forged = Vec::new();
+    let mut changes = Vec::new();
+    // Alice's first change with one bit of its signature flipped.
+    let victim = rel.changes()[0].encode();
+    let mut bad = victim.clone();
+    bad[10] ^= 1;
+    changes.push(bad);
+    // A message of Globex's without a purpose, signed by Globex, on a copy of its replica.
+    let mut copy = sim.sides[GLOBEX]
+        .replica
+        .relationship(&sim.rel)
+        .expect("Globex holds it")
+        .clone();
+    let (_, c) = copy
+        .append(
+            &key(3),
+            [9; 16],
+            T0,
+            RelBody::Message {
+                thread: None,
+                text: "buy now".into(),
+                purpose: None,
+            },
+        )
+        .unwrap();
+    forged.push(c.hash());
+    changes.push(c.encode());
+    // A replay of Alice's own change.
+    changes.push(victim);
+    let id = sim.next_id + 1;
+    sim.next_id = id;
+    sim.net.push_back(Msg::Request {
+        from: GLOBEX,
+        to: ALICE,
+        id,
+        req: SyncRequest {
+            doc,
+            heads: Vec::new(),
+            changes,
+        },
+    });
+    // Mallory opens a relationship naming Alice, who never heard of it, and pushes it.
+    let (mrel, _) = mallory.open("hello", &[sim.ids[ALICE]], T0).unwrap();
+    let mdoc = Holder::doc(mallory, &mrel).unwrap();
+    forged.extend(mdoc.changes().iter().map(|c| c.hash()));
+    let req = SyncRequest {
+        doc: mdoc.doc_ref(),
+        heads: mdoc.heads(),
+        changes: mdoc.changes().iter().map(|c| c.encode()).collect(),
+    };
+    let (resp, pushes, disconnect) =
+        replica::handle_request(&mut sim.sides[ALICE].replica, &mallory.me(), req, T0);
+    assert!(matches!(resp, SyncResponse::Refused { .. }), "{resp:?}");
+    assert!(pushes.is_empty() && !disconnect);
+    forged
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    #[test]
+    fn lies_from_a_member_and_a_stranger_change_nothing_honest(
+        before in proptest::collection::vec(op(), 0..60),
+        after in proptest::collection::vec(op(), 0..60),
+    ) {
+        let mut sim = Sim::new();
+        let mut mallory = Replica::new(key(4));
+        let mut n = 0;
+        for op in before {
+            sim.step(op, &mut n);
+        }
+        let forged = lies(&mut sim, &mut mallory);
+        for op in after {
+            sim.step(op, &mut n);
+        }
+        sim.heal();
+
+        let all: BTreeSet<String> = sim.written.iter().map(|(_, t)| t.clone()).collect();
+        for i in 0..3 {
+            prop_assert_eq!(sim.texts(i), all.clone(), "side {} holds every honest message", i);
+            prop_assert_eq!(sim.heads(i), sim.heads(ALICE));
+            let held = Holder::doc(&sim.sides[i].replica, &sim.rel).unwrap();
+            for h in &forged {
+                prop_assert!(!held.has_change(h), "side {} took a forged change", i);
+            }
+            prop_assert_eq!(sim.sides[i].sessions.running(), 0);
+        }
+        // Alice holds nothing of Mallory's, and keeps as evidence only what the liars sent.
+        prop_assert_eq!(Holdings::rels_owned_by(&sim.sides[ALICE].replica, &mallory.me()), 0);
+        let liars = [sim.ids[GLOBEX], mallory.me()];
+        let evidence = &sim.sides[ALICE].replica.evidence;
+        prop_assert!(evidence.iter().any(|(p, ..)| *p == mallory.me()), "the stranger's push is kept as evidence");
+        prop_assert!(evidence.iter().all(|(p, ..)| liars.contains(p)), "{:?}", evidence);
+        for i in [ACME, GLOBEX] {
+            prop_assert!(sim.sides[i].replica.evidence.is_empty());
+        }
+    }
+}
