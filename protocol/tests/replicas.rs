@@ -21,7 +21,7 @@ use rapport_protocol::policy::{Holdings, Push};
 use rapport_protocol::replica::{self, Holder, PeerRefusal, Replica};
 use rapport_protocol::session::{End, Sessions, Start, Step, Ticket};
 use rapport_protocol::wire::{DocRef, SyncRequest, SyncResponse};
-use rapport_protocol::{DocId, IdentityKey, RelBody, Scope, SecretKey};
+use rapport_protocol::{DocId, IdentityKey, RelBody, Scope, SecretKey, SignedChange};
 
 const T0: u64 = 1_800_000_000;
 const ALICE: usize = 0;
@@ -306,7 +306,7 @@ impl Sim {
     }
 
     fn heads(&self, i: usize) -> Option<Vec<ChangeHash>> {
-        Holder::doc(&self.sides[i].replica, &self.rel).map(|d| d.heads())
+        Holder::doc(&self.sides[i].replica, &self.rel).map(rapport_protocol::replica::Doc::heads)
     }
 }
 
@@ -505,11 +505,11 @@ fn lies(sim: &mut Sim, mallory: &mut Replica) -> Vec<ChangeHash> {
     // Mallory opens a relationship naming Alice, who never heard of it, and pushes it.
     let (mrel, _) = mallory.open("hello", &[sim.ids[ALICE]], T0).unwrap();
     let mdoc = Holder::doc(mallory, &mrel).unwrap();
-    forged.extend(mdoc.changes().iter().map(|c| c.hash()));
+    forged.extend(mdoc.changes().iter().map(SignedChange::hash));
     let req = SyncRequest {
         doc: mdoc.doc_ref(),
         heads: mdoc.heads(),
-        changes: mdoc.changes().iter().map(|c| c.encode()).collect(),
+        changes: mdoc.changes().iter().map(SignedChange::encode).collect(),
     };
     let (resp, pushes, disconnect) =
         replica::handle_request(&mut sim.sides[ALICE].replica, &mallory.me(), req, T0);
