@@ -29,6 +29,12 @@ pub(crate) fn appended_entries(
     sc: &SignedChange,
     max_entry_bytes: usize,
 ) -> Result<Vec<(EntryId, String)>, AppendViolation> {
+    if sc.change().author().is_some() {
+        // Automerge binds an author to a writer session once; ours never name one.
+        return Err(AppendViolation::NotAnAppend(
+            "it names an Automerge author".into(),
+        ));
+    }
     // The expansion of a crafted change can panic inside Automerge (see `guard`).
     let expanded = crate::guard::contain(|| sc.change().decode()).map_err(|_| {
         AppendViolation::NotAnAppend("its operations name actors it does not list".into())

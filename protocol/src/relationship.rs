@@ -15,9 +15,10 @@
 //! `contact:<purpose>` for a message of that purpose) is decided by the owner's node with
 //! [`crate::access`], because it depends on the consent ledger and the clock.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::OnceLock;
 
-use automerge::{Automerge, ChangeHash};
+use automerge::{ActorId, Automerge, ChangeHash};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -425,7 +426,16 @@ pub struct RelApplyReport {
     pub rejected: Vec<(ChangeHash, RelError)>,
 }
 
-/// A relationship document: the verified entries and the Automerge document they make.
+/// A relationship document: the verified changes, the entries they add, and the Automerge
+/// document they make.
+///
+/// The Automerge document is a view, built on first use (a write, or [`automerge`]) and
+/// kept up to date from then on: loading a stored relationship or taking a peer's changes
+/// does not pay for it. The rules here refuse everything Automerge would refuse of an
+/// append (a second change under one writer session's number, an Automerge author), so
+/// every change this document holds builds it.
+///
+/// [`automerge`]: Self::automerge
 #[derive(Debug, Clone)]
 pub struct RelationshipDoc {
     header: RelHeader,
@@ -446,7 +456,12 @@ pub struct RelationshipDoc {
     title: Option<((UnixSeconds, EntryId), String)>,
     /// The entry of each content-key epoch.
     epochs: BTreeMap<u32, EntryId>,
-    doc: Automerge,
+    /// The held changes no held change depends on.
+    heads: BTreeSet<ChangeHash>,
+    /// The change numbers each writer session (Automerge actor) used.
+    seqs: HashMap<ActorId, HashSet<u64>>,
+    /// The Automerge document, once built.
+    doc: OnceLock<Automerge>,
 }
 
 /// A change's author and the entries it adds, or why it is refused.
@@ -467,7 +482,9 @@ impl RelationshipDoc {
             profile: BTreeMap::new(),
             title: None,
             epochs: BTreeMap::new(),
-            doc: Automerge::new(),
+            heads: BTreeSet::new(),
+            seqs: HashMap::new(),
+            doc: OnceLock::new(),
         }
     }
 
@@ -530,9 +547,9 @@ impl RelationshipDoc {
         self.id
     }
 
-    /// The current heads.
+    /// The current heads, in order (as Automerge gives them).
     pub fn heads(&self) -> Vec<ChangeHash> {
-        self.doc.get_heads()
+        self.heads.iter().copied().collect()
     }
 
     /// All changes, each after its dependencies.
@@ -545,9 +562,34 @@ impl RelationshipDoc {
         self.index.contains_key(hash)
     }
 
-    /// The Automerge document.
+    /// The Automerge document, built from the changes on first use.
+    ///
+    /// # Panics
+    ///
+    /// If Automerge refuses changes every rule here accepted, which the rules exclude.
     pub fn automerge(&self) -> &Automerge {
-        &self.doc
+        self.doc.get_or_init(|| {
+            self.build()
+                .expect("Automerge takes every change the rules accept")
+        })
+    }
+
+    /// The Automerge document, built on first use, to write to.
+    fn automerge_mut(&mut self) -> Result<&mut Automerge, RelError> {
+        if self.doc.get().is_none() {
+            let built = self
+                .build()
+                .map_err(|e| RelError::Refused(format!("cannot build the document: {e}")))?;
+            let _ = self.doc.set(built);
+        }
+        Ok(self.doc.get_mut().expect("built above"))
+    }
+
+    /// A new Automerge document holding every change.
+    fn build(&self) -> Result<Automerge, automerge::AutomergeError> {
+        let mut doc = Automerge::new();
+        doc.apply_changes(self.changes.iter().map(|c| c.change().clone()))?;
+        Ok(doc)
     }
 
     /// All entries, by id.
@@ -713,20 +755,19 @@ impl RelationshipDoc {
         report
     }
 
-    /// Brings the Automerge document up to date with the changes recorded from index
-    /// `before` on. Automerge 0.12 applies a large batch onto a non-empty document far more
-    /// slowly (and with far more memory) than it builds a document from scratch, so a
-    /// large batch rebuilds the document from every change in one call.
+    /// Brings the Automerge document, if built, up to date with the changes recorded from
+    /// index `before` on. Automerge 0.12 applies a large batch onto a non-empty document
+    /// far more slowly (and with far more memory) than it builds a document from scratch,
+    /// so a large batch drops the document, to be built again when next used.
     fn materialise(&mut self, before: usize) -> Result<(), automerge::AutomergeError> {
+        let Some(doc) = self.doc.get_mut() else {
+            return Ok(());
+        };
         if before > 0 && self.changes.len() - before > REBUILD_BATCH {
-            let mut doc = Automerge::new();
-            doc.apply_changes(self.changes.iter().map(|c| c.change().clone()))?;
-            doc.set_actor(self.doc.get_actor().clone());
-            self.doc = doc;
+            self.doc = OnceLock::new();
             return Ok(());
         }
-        self.doc
-            .apply_changes(self.changes[before..].iter().map(|c| c.change().clone()))
+        doc.apply_changes(self.changes[before..].iter().map(|c| c.change().clone()))
     }
 
     /// Writes one entry as `key`'s identity at time `at`, signing the change. Returns the
@@ -838,20 +879,20 @@ impl RelationshipDoc {
                 id.short()
             )));
         }
+        let doc_id = self.id;
         let signed = match exclude {
-            None => write_entry(&mut self.doc, &self.id, key, nonce, at, &id, text)?,
+            None => write_entry(self.automerge_mut()?, &doc_id, key, nonce, at, &id, text)?,
             Some(exclude) => {
                 // Built on the document as the owner holds it: without the changes it
                 // refused and what was built on them (a fork: this costs a pass over the
                 // document, and happens only where something of ours was refused).
                 let heads = self.heads_without(exclude);
-                let mut fork = self
-                    .doc
+                let doc = self.automerge_mut()?;
+                let mut fork = doc
                     .fork_at(&heads)
                     .map_err(|e| RelError::Refused(format!("cannot build the change: {e}")))?;
-                let signed = write_entry(&mut fork, &self.id, key, nonce, at, &id, text)?;
-                self.doc
-                    .apply_changes([signed.change().clone()])
+                let signed = write_entry(&mut fork, &doc_id, key, nonce, at, &id, text)?;
+                doc.apply_changes([signed.change().clone()])
                     .map_err(|e| RelError::Refused(format!("cannot apply the change: {e}")))?;
                 signed
             }
@@ -896,6 +937,21 @@ impl RelationshipDoc {
                 author: author.to_string(),
             });
         }
+        let c = sc.change();
+        if self
+            .seqs
+            .get(c.actor_id())
+            .is_some_and(|s| s.contains(&c.seq()))
+        {
+            // Automerge holds one change per number of a writer session.
+            return Err(RelError::NotAnAppend {
+                hash: sc.hash().to_string(),
+                detail: format!(
+                    "its writer session already wrote a change numbered {}",
+                    c.seq()
+                ),
+            });
+        }
         for (id, e) in entries {
             if self.entries.contains_key(id) {
                 return Err(RelError::NotAnAppend {
@@ -931,6 +987,21 @@ impl RelationshipDoc {
 
     fn record(&mut self, sc: SignedChange, entries: Vec<(EntryId, RelEntry)>) {
         let hash = sc.hash();
+        // Recorded in a causal order: what it depends on is held, and no held change
+        // depends on it.
+        for d in sc.change().deps() {
+            self.heads.remove(d);
+        }
+        self.heads.insert(hash);
+        let (actor, seq) = (sc.change().actor_id(), sc.change().seq());
+        match self.seqs.get_mut(actor) {
+            Some(s) => {
+                s.insert(seq);
+            }
+            None => {
+                self.seqs.insert(actor.clone(), HashSet::from([seq]));
+            }
+        }
         self.index.insert(hash, self.changes.len());
         self.changes.push(sc);
         let mut ids = Vec::with_capacity(entries.len());

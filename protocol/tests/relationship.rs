@@ -612,3 +612,52 @@ fn a_trusted_load_skips_only_the_signature_check() {
     over_role.push(c);
     assert!(RelationshipDoc::load_trusted(h, over_role).is_err());
 }
+
+/// A member that signs two different changes under one number of its writer session (a
+/// fork of its own history) has the second refused by the rules, whether both come in one
+/// batch or apart. Automerge would refuse it too, but the Automerge view is built only
+/// when used, so the rules must: the document still builds and takes writes after.
+#[test]
+fn a_writer_session_number_used_twice_is_refused() {
+    let (alice, acme, doc) = opened();
+    let (k1, t1) = entry_text(&acme, msg("first", Some("support")));
+    let (k2, t2) = entry_text(&acme, msg("second", Some("support")));
+    let one = raw_change(&doc, &acme, &acme, |tx| {
+        tx.put(ROOT, k1, t1).unwrap();
+    })
+    .unwrap();
+    let two = raw_change(&doc, &acme, &acme, |tx| {
+        tx.put(ROOT, k2, t2).unwrap();
+    })
+    .unwrap();
+    assert_eq!(one.change().seq(), two.change().seq());
+    assert_ne!(one.hash(), two.hash());
+    let twice = |r: &rapport_protocol::RelApplyReport| {
+        matches!(&r.rejected[..], [(h, RelError::NotAnAppend { detail, .. })]
+            if *h == two.hash() && detail.contains("already wrote a change numbered"))
+    };
+
+    // Loaded from its changes, as a node does it: no Automerge view yet.
+    let mut together =
+        RelationshipDoc::load_trusted(*doc.header(), doc.changes().to_vec()).unwrap();
+    let r = together.apply(vec![one.clone(), two.clone()]);
+    assert_eq!(r.applied, vec![one.hash()]);
+    assert!(twice(&r), "{:?}", r.rejected);
+
+    // With the view built, and the second arriving on its own.
+    let mut apart = RelationshipDoc::load_trusted(*doc.header(), doc.changes().to_vec()).unwrap();
+    assert_eq!(apart.automerge().get_heads(), apart.heads());
+    assert_eq!(apart.apply(vec![one.clone()]).applied, vec![one.hash()]);
+    let r = apart.apply(vec![two.clone()]);
+    assert!(r.applied.is_empty());
+    assert!(twice(&r), "{:?}", r.rejected);
+
+    for d in [&mut together, &mut apart] {
+        let (_, c) = d
+            .append(&alice, [1; 16], T0 + 5, msg("still here", None))
+            .unwrap();
+        assert_eq!(d.heads(), vec![c.hash()]);
+        assert_eq!(d.automerge().get_heads(), d.heads());
+        assert_eq!(d.messages().len(), 2);
+    }
+}
