@@ -47,6 +47,33 @@ thread_local! {
     /// (valid keys only; a pure cache, it changes no answer).
     static SEEN: std::cell::RefCell<std::collections::HashMap<[u8; 32], VerifyingKey>> =
         std::cell::RefCell::new(std::collections::HashMap::new());
+    /// The text forms of identities lately shown or read, both ways: a document names a
+    /// handful of identities thousands of times, and base58 is quadratic in its input.
+    static TEXTS: std::cell::RefCell<std::collections::HashMap<[u8; 32], std::rc::Rc<str>>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+    static PARSED: std::cell::RefCell<std::collections::HashMap<std::rc::Rc<str>, [u8; 32]>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
+/// Entries each text cache holds before it starts again.
+const TEXT_CACHE: usize = 256;
+
+/// Remembers `key` ↔ `text` in both caches.
+fn remember(key: [u8; 32], text: std::rc::Rc<str>) {
+    TEXTS.with(|m| {
+        let mut m = m.borrow_mut();
+        if m.len() >= TEXT_CACHE {
+            m.clear();
+        }
+        m.insert(key, text.clone());
+    });
+    PARSED.with(|m| {
+        let mut m = m.borrow_mut();
+        if m.len() >= TEXT_CACHE {
+            m.clear();
+        }
+        m.insert(text, key);
+    });
 }
 
 /// Runs `read` with identities taken as they are, without the curve check of
@@ -153,7 +180,12 @@ impl Ord for IdentityKey {
 
 impl fmt::Display for IdentityKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&bs58::encode(self.peer_id_bytes()).into_string())
+        if let Some(text) = TEXTS.with(|m| m.borrow().get(&self.0).cloned()) {
+            return f.write_str(&text);
+        }
+        let text: std::rc::Rc<str> = bs58::encode(self.peer_id_bytes()).into_string().into();
+        remember(self.0, text.clone());
+        f.write_str(&text)
     }
 }
 
@@ -172,14 +204,20 @@ impl FromStr for IdentityKey {
         if s.len() > 64 {
             return Err(IdentityError::NotEd25519(s.chars().take(64).collect()));
         }
+        if let Some(bytes) = PARSED.with(|m| m.borrow().get(s).copied()) {
+            // Read before, so well formed; whether the key is valid is checked again.
+            return Self::from_bytes(&bytes);
+        }
         let bytes = bs58::decode(s)
             .into_vec()
             .map_err(|_| IdentityError::NotBase58(s.to_owned()))?;
-        Self::from_peer_id_bytes(&bytes).map_err(|e| match e {
+        let key = Self::from_peer_id_bytes(&bytes).map_err(|e| match e {
             IdentityError::NotEd25519(_) => IdentityError::NotEd25519(s.to_owned()),
             IdentityError::InvalidKey(_) => IdentityError::InvalidKey(s.to_owned()),
             other => other,
-        })
+        })?;
+        remember(key.0, s.into());
+        Ok(key)
     }
 }
 
@@ -367,6 +405,21 @@ mod tests {
         #[test]
         fn parser_never_panics(s in "\\PC{0,80}") {
             let _ = s.parse::<IdentityKey>();
+        }
+
+        /// The text caches change no answer: the same text reads the same way the first
+        /// time and after, and an identity shows as the base58 of its PeerId bytes.
+        #[test]
+        fn the_text_caches_change_no_answer(seed in any::<[u8; 32]>(), noise in "[1-9A-HJ-NP-Za-km-z]{0,60}") {
+            let id = SecretKey::from_seed(seed).identity();
+            let direct = bs58::encode(id.peer_id_bytes()).into_string();
+            prop_assert_eq!(id.to_string(), direct.clone());
+            prop_assert_eq!(id.to_string(), direct.clone());
+            for text in [direct.as_str(), noise.as_str()] {
+                let first = text.parse::<IdentityKey>();
+                prop_assert_eq!(text.parse::<IdentityKey>(), first.clone());
+                prop_assert_eq!(first.is_ok(), text == direct);
+            }
         }
 
         #[test]
