@@ -397,13 +397,15 @@ pub fn handle_request<H: Holder>(
     let just: HashSet<ChangeHash> = received.applied.iter().copied().collect();
     // The requester holds at least the history of the heads it reports. When it reports
     // heads we do not know (it holds changes we lack), that history is partly unknown to
-    // us, so also count what we recorded it holding before; otherwise a cold sync in
-    // several rounds would send earlier rounds' changes back.
+    // us; but it holds what it just sent, with that history, and what we recorded it
+    // holding before. Otherwise a sync in several rounds would send each earlier round's
+    // changes back.
     let mut basis = req.heads.clone();
-    if req.heads.iter().any(|c| !held.has_change(c))
-        && let Ok(Some(before)) = h.peer_heads(&id, peer)
-    {
-        basis.extend(before);
+    if req.heads.iter().any(|c| !held.has_change(c)) {
+        basis.extend(just.iter().copied());
+        if let Ok(Some(before)) = h.peer_heads(&id, peer) {
+            basis.extend(before);
+        }
     }
     let (changes, more) = match encoded_missing(h, &id, peer, &basis, &just) {
         Ok((changes, more, _)) => (changes, more),

@@ -20,8 +20,10 @@ use rapport_protocol::automerge::ChangeHash;
 use rapport_protocol::policy::{Holdings, Push};
 use rapport_protocol::replica::{self, Holder, PeerRefusal, Replica};
 use rapport_protocol::session::{End, Sessions, Start, Step, Ticket};
-use rapport_protocol::wire::{DocRef, SyncRequest, SyncResponse};
-use rapport_protocol::{DocId, IdentityKey, RelBody, Scope, SecretKey, SignedChange};
+use rapport_protocol::wire::{CHUNK_BYTES, DocRef, SyncRequest, SyncResponse};
+use rapport_protocol::{
+    DocId, IdentityKey, MAX_MESSAGE_BYTES, RelBody, Scope, SecretKey, SignedChange,
+};
 
 const T0: u64 = 1_800_000_000;
 const ALICE: usize = 0;
@@ -558,4 +560,68 @@ proptest! {
             prop_assert!(sim.sides[i].replica.evidence.is_empty());
         }
     }
+}
+
+/// Alice writes more than two messages' worth ([`CHUNK_BYTES`]) while Acme is away; their
+/// sync then takes several rounds. Acme reports heads Alice's next round builds on, and
+/// sends nothing back of what Alice sent it: each change crosses once.
+#[test]
+fn a_sync_in_several_rounds_sends_each_change_once() {
+    let mut sim = Sim::new();
+    let rel = sim.rel;
+    let header = *sim.sides[ALICE]
+        .replica
+        .relationship(&rel)
+        .unwrap()
+        .header();
+    let doc = DocRef::Relationship(header);
+    let (alice, acme) = (sim.ids[ALICE], sim.ids[ACME]);
+    let filler = "x".repeat(MAX_MESSAGE_BYTES - 64);
+    let written = 2 * CHUNK_BYTES / MAX_MESSAGE_BYTES + 100;
+    for i in 0..written {
+        // The pushes are dropped: Acme is away.
+        sim.sides[ALICE]
+            .replica
+            .send(&rel, &format!("{i} {filler}"), T0)
+            .unwrap();
+    }
+    let held = |sim: &Sim, i: usize| {
+        sim.sides[i]
+            .replica
+            .relationship(&rel)
+            .unwrap()
+            .messages()
+            .len()
+    };
+    let (mut to_acme, mut back, mut rounds) = (0, 0, 0);
+    loop {
+        rounds += 1;
+        assert!(rounds <= 10, "the sync does not end");
+        let (req, sent) = replica::round_request(&sim.sides[ALICE].replica, &acme, &doc, T0)
+            .unwrap()
+            .expect("Alice syncs the relationship with Acme");
+        to_acme += req.changes.len();
+        let (resp, _, disconnect) =
+            replica::handle_request(&mut sim.sides[ACME].replica, &alice, req, T0);
+        assert!(!disconnect);
+        let SyncResponse::Sync { changes, .. } = &resp else {
+            panic!("Acme refused: {resp:?}");
+        };
+        back += changes.len();
+        let (out, _) =
+            replica::handle_response(&mut sim.sides[ALICE].replica, &acme, &doc, &sent, resp, T0)
+                .unwrap();
+        assert!(out.refused.is_empty(), "{:?}", out.refused);
+        if !out.again {
+            break;
+        }
+    }
+    assert!(
+        rounds >= 3,
+        "{rounds} rounds: the relationship fits fewer messages"
+    );
+    assert_eq!(held(&sim, ACME), written);
+    assert_eq!(to_acme, written, "changes Alice sent");
+    assert_eq!(back, 0, "changes Acme sent back");
+    assert_eq!(sim.heads(ALICE), sim.heads(ACME));
 }
