@@ -36,7 +36,7 @@ pub use ledger_file::{
 };
 pub use records::{
     ControllerInfo, ISO27560_MAPPING, KANTARA_CR_VERSION, RecordContext, RecordError,
-    iso27560_records, kantara_receipts, rfc3339_utc,
+    iso27560_missing, iso27560_records, kantara_missing, kantara_receipts, rfc3339_utc,
 };
 pub use relationship::{
     EpochView, KeySlot, MAX_MEMBERS, MAX_MESSAGE_BYTES, MAX_REL_ENTRY_BYTES, MAX_TITLE, MemberView,

@@ -4,7 +4,7 @@
 //! Everything comes from the verified ledger and from what the caller passes in
 //! ([`RecordContext`]): nothing is invented. A field either format requires that only the
 //! caller can supply (the controller's address, the jurisdiction, …) and that is empty gives
-//! [`RecordError::MissingField`] instead of a placeholder. Time is passed in, as everywhere in
+//! [`RecordError::MissingFields`], naming every such field at once, instead of a placeholder. Time is passed in, as everywhere in
 //! this crate: a grant's status is its status at [`RecordContext::now`].
 //!
 //! # ISO/IEC TS 27560:2023 consent record (`rapport-27560/1`)
@@ -127,8 +127,9 @@ pub struct RecordContext {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum RecordError {
-    /// A field the format requires was not given (or is blank), e.g. `"controller email"`.
-    MissingField(&'static str),
+    /// Fields the format requires that were not given (or are blank), every one of them,
+    /// e.g. `["controller email"]`.
+    MissingFields(Vec<&'static str>),
     /// A grant names terms this release does not know, so what they allow (third-party
     /// disclosure) cannot be stated.
     UnknownTerms {
@@ -142,8 +143,18 @@ pub enum RecordError {
 impl fmt::Display for RecordError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            RecordError::MissingField(field) => {
-                write!(f, "{field} is empty: pass --{}", field.replace(' ', "-"))
+            RecordError::MissingFields(fields) => {
+                let flags: Vec<String> = fields
+                    .iter()
+                    .map(|f| format!("--{}", f.replace(' ', "-")))
+                    .collect();
+                let verb = if fields.len() == 1 { "is" } else { "are" };
+                write!(
+                    f,
+                    "{} {verb} empty: pass {}",
+                    fields.join(", "),
+                    flags.join(" ")
+                )
             }
             RecordError::UnknownTerms { grant, terms } => write!(
                 f,
@@ -190,10 +201,7 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
 /// module documentation for the fields.
 pub fn iso27560_records(ledger: &Ledger, ctx: &RecordContext) -> Result<Vec<Value>, RecordError> {
     let c = &ctx.controller;
-    require(&ctx.jurisdiction, "jurisdiction")?;
-    require(&c.name, "controller name")?;
-    require(&c.contact, "controller contact")?;
-    require(&c.address, "controller address")?;
+    require(iso27560_missing(ctx))?;
     let header = ledger.header();
     let customer = header.customer.to_string();
     let grantee = header.grantee.to_string();
@@ -324,14 +332,7 @@ pub fn iso27560_records(ledger: &Ledger, ctx: &RecordContext) -> Result<Vec<Valu
 /// documentation for the fields.
 pub fn kantara_receipts(ledger: &Ledger, ctx: &RecordContext) -> Result<Vec<Value>, RecordError> {
     let c = &ctx.controller;
-    require(&ctx.jurisdiction, "jurisdiction")?;
-    require(&ctx.collection_method, "collection method")?;
-    require(&ctx.policy_url, "policy url")?;
-    require(&c.name, "controller name")?;
-    require(&c.contact, "controller contact")?;
-    require(&c.address, "controller address")?;
-    require(&c.email, "controller email")?;
-    require(&c.phone, "controller phone")?;
+    require(kantara_missing(ctx))?;
     let header = ledger.header();
 
     let mut controller = Map::new();
@@ -392,11 +393,47 @@ pub fn kantara_receipts(ledger: &Ledger, ctx: &RecordContext) -> Result<Vec<Valu
     Ok(out)
 }
 
-fn require(value: &str, field: &'static str) -> Result<(), RecordError> {
-    if value.trim().is_empty() {
-        Err(RecordError::MissingField(field))
-    } else {
+/// The fields ISO/IEC TS 27560 records need from `ctx` that are empty, in the order of the
+/// command's options.
+pub fn iso27560_missing(ctx: &RecordContext) -> Vec<&'static str> {
+    let c = &ctx.controller;
+    blank(&[
+        (&c.name, "controller name"),
+        (&c.contact, "controller contact"),
+        (&c.address, "controller address"),
+        (&ctx.jurisdiction, "jurisdiction"),
+    ])
+}
+
+/// The fields Kantara receipts need from `ctx` that are empty, in the order of the
+/// command's options.
+pub fn kantara_missing(ctx: &RecordContext) -> Vec<&'static str> {
+    let c = &ctx.controller;
+    blank(&[
+        (&c.name, "controller name"),
+        (&c.contact, "controller contact"),
+        (&c.address, "controller address"),
+        (&c.email, "controller email"),
+        (&c.phone, "controller phone"),
+        (&ctx.jurisdiction, "jurisdiction"),
+        (&ctx.policy_url, "policy url"),
+        (&ctx.collection_method, "collection method"),
+    ])
+}
+
+fn blank(fields: &[(&String, &'static str)]) -> Vec<&'static str> {
+    fields
+        .iter()
+        .filter(|(v, _)| v.trim().is_empty())
+        .map(|(_, name)| *name)
+        .collect()
+}
+
+fn require(missing: Vec<&'static str>) -> Result<(), RecordError> {
+    if missing.is_empty() {
         Ok(())
+    } else {
+        Err(RecordError::MissingFields(missing))
     }
 }
 
@@ -1026,7 +1063,7 @@ mod tests {
         let mut ctx = ctx(T0 + 1);
         ctx.controller.email = "  ".into();
         let err = kantara_receipts(d.ledger(), &ctx).unwrap_err();
-        assert_eq!(err, RecordError::MissingField("controller email"));
+        assert_eq!(err, RecordError::MissingFields(vec!["controller email"]));
         assert_eq!(
             err.to_string(),
             "controller email is empty: pass --controller-email"
@@ -1038,7 +1075,14 @@ mod tests {
         ctx.controller.address = String::new();
         assert_eq!(
             iso27560_records(d.ledger(), &ctx).unwrap_err(),
-            RecordError::MissingField("controller address")
+            RecordError::MissingFields(vec!["controller address"])
+        );
+        // Every missing field at once, not one per attempt.
+        ctx.controller.phone = String::new();
+        ctx.jurisdiction = " ".into();
+        assert_eq!(
+            kantara_receipts(d.ledger(), &ctx).unwrap_err().to_string(),
+            "controller address, controller email, controller phone, jurisdiction are empty: pass --controller-address --controller-email --controller-phone --jurisdiction"
         );
         let mut ctx2 = self::ctx(T0 + 1);
         ctx2.policy_url = String::new();
