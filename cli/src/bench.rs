@@ -8,6 +8,7 @@
 //!
 //! With `--json` the figures are printed as one JSON object on stdout, and nothing else.
 
+use crate::out::say;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -123,10 +124,10 @@ pub(crate) fn run(cmd: BenchCmd) -> Result<()> {
         cases.push((format!("{rels} rels x {per_rel}"), rels, per_rel));
     }
     if !json {
-        println!(
+        say!(
             "rapport bench sync: two nodes on 127.0.0.1 (TCP, Noise, Yamux), cold stores; the floor and samod on the same changes"
         );
-        println!(
+        say!(
             "{:<16} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>7} {:>7} {:>7} {:>7} {:>6} {:>7}",
             "case",
             "changes",
@@ -147,13 +148,13 @@ pub(crate) fn run(cmd: BenchCmd) -> Result<()> {
     for (label, rels, per_rel) in cases {
         let f = rt.block_on(case(&label, rels, per_rel))?;
         if !json {
-            f.print_row();
+            f.print_row()?;
         }
         figures.push(f);
     }
     if json {
         let cases: Vec<serde_json::Value> = figures.iter().map(Figures::json).collect();
-        println!(
+        say!(
             "{}",
             json!({
                 "bench": "sync",
@@ -163,27 +164,25 @@ pub(crate) fn run(cmd: BenchCmd) -> Result<()> {
         );
         return Ok(());
     }
-    println!(
+    say!(
         "\nsync s: from dialling until the company's node holds every change, verified and durable."
     );
-    println!(
+    say!(
         "floor s: verify s + apply s, in memory: the same changes' signatures batch-verified with"
     );
-    println!(
+    say!(
         "verify_all (on up to {} threads here, as a node does it) and Automerge::apply_changes,",
         verify_threads()
     );
-    println!("one call per document. samod s: samod 0.16, repo B dialling repo A over TCP on");
-    println!("127.0.0.1 until B holds every head of documents built from the very same changes;");
-    println!("samod signs and checks nothing and keeps its documents in memory, and for a peer");
-    println!("that has nothing it sends each document whole (Automerge's compressed save format).");
-    println!(
-        "wire B / own B: bytes per change on the connection (both directions) / in the signed"
-    );
-    println!("changes themselves; samod B: bytes per change on samod's connection.\n");
+    say!("one call per document. samod s: samod 0.16, repo B dialling repo A over TCP on");
+    say!("127.0.0.1 until B holds every head of documents built from the very same changes;");
+    say!("samod signs and checks nothing and keeps its documents in memory, and for a peer");
+    say!("that has nothing it sends each document whole (Automerge's compressed save format).");
+    say!("wire B / own B: bytes per change on the connection (both directions) / in the signed");
+    say!("changes themselves; samod B: bytes per change on samod's connection.\n");
     for f in &figures {
         for line in f.verdicts() {
-            println!("{line}");
+            say!("{line}");
         }
     }
     Ok(())
@@ -224,8 +223,8 @@ impl Figures {
         self.wire_bytes as f64 / self.own_bytes as f64
     }
 
-    fn print_row(&self) {
-        println!(
+    fn print_row(&self) -> anyhow::Result<()> {
+        say!(
             "{:<16} {:>8} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>7.2} {:>7.2} {:>7.2} {:>7.1} {:>7.1} {:>6.2} {:>7.1}",
             self.case,
             self.changes,
@@ -241,6 +240,7 @@ impl Figures {
             self.wire_ratio(),
             self.per_change(self.samod_wire_bytes),
         );
+        Ok(())
     }
 
     /// One line per target that applies to this case: met, or missed by how much.

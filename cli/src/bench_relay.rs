@@ -2,6 +2,7 @@
 //! through a relay's circuit, and through a relay's mailbox, in one run; then the cost of a
 //! content-key rotation. With `--json` the figures are printed as one JSON object on stdout.
 
+use crate::out::say;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -20,12 +21,15 @@ use crate::bench::key_of;
 pub(crate) fn run(messages: usize, members: &[usize], json: bool) -> Result<()> {
     let rt = crate::runtime("off")?;
     if !json {
-        println!(
+        say!(
             "rapport bench relay: {messages} messages from a company to a customer on 127.0.0.1, encrypted mail"
         );
-        println!(
+        say!(
             "{:<10} {:>10} {:>12} {:>14}",
-            "path", "seconds", "messages/s", "vs direct"
+            "path",
+            "seconds",
+            "messages/s",
+            "vs direct"
         );
     }
     let direct = rt.block_on(case(Path::new("direct"), messages))?;
@@ -63,7 +67,7 @@ pub(crate) fn run(messages: usize, members: &[usize], json: bool) -> Result<()> 
                 })
             })
             .collect();
-        println!(
+        say!(
             "{}",
             serde_json::json!({
                 "bench": "relay",
@@ -75,7 +79,7 @@ pub(crate) fn run(messages: usize, members: &[usize], json: bool) -> Result<()> 
         return Ok(());
     }
     for (name, t) in paths {
-        println!(
+        say!(
             "{:<10} {:>10.3} {:>12.0} {:>14.2}",
             name,
             t,
@@ -83,25 +87,23 @@ pub(crate) fn run(messages: usize, members: &[usize], json: bool) -> Result<()> 
             direct / t
         );
     }
-    println!("\nseconds: from the company's node starting until the customer's node holds every");
-    println!(
-        "message, verified and durable (mailbox: the company seals and deposits, leaves, then"
-    );
-    println!("the customer comes online and drains). Target: relayed >= 0.5 of direct.\n");
+    say!("\nseconds: from the company's node starting until the customer's node holds every");
+    say!("message, verified and durable (mailbox: the company seals and deposits, leaves, then");
+    say!("the customer comes online and drains). Target: relayed >= 0.5 of direct.\n");
 
-    println!("key rotation (on one thread, so wall time bounds its CPU time; median of 9)");
-    println!(
+    say!("key rotation (on one thread, so wall time bounds its CPU time; median of 9)");
+    say!(
         "{:<10} {:>14} {:>20}",
-        "members", "seal ms", "seal + signed entry ms"
+        "members",
+        "seal ms",
+        "seal + signed entry ms"
     );
     for (n, seal, entry) in rotations {
-        println!("{:<10} {:>14.2} {:>20.2}", n, seal * 1e3, entry * 1e3);
+        say!("{:<10} {:>14.2} {:>20.2}", n, seal * 1e3, entry * 1e3);
     }
-    println!(
-        "\nseal: the new key sealed to every member (X25519 + XChaCha20-Poly1305 each). seal +"
-    );
-    println!("signed entry: also the epoch entry written, signed and applied to the document, as");
-    println!(
+    say!("\nseal: the new key sealed to every member (X25519 + XChaCha20-Poly1305 each). seal +");
+    say!("signed entry: also the epoch entry written, signed and applied to the document, as");
+    say!(
         "the owner's node does it (its one durable commit not counted). Target: < 100 ms at 1,000."
     );
     Ok(())

@@ -4,6 +4,7 @@
 //! inbox of the latest 20 takes, and how long one job held the engine at most while the
 //! node started and ran its periodic work.
 
+use crate::out::say;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -52,7 +53,7 @@ pub(crate) fn run(
         None => tmp.path().join("company"),
     };
     if !json {
-        println!(
+        say!(
             "rapport bench scale: a company's store with {relationships} customers, then `rapport node run` on it"
         );
     }
@@ -69,7 +70,7 @@ pub(crate) fn run(
     };
     measure(&dir, start_limit, &mut f)?;
     if json {
-        println!(
+        say!(
             "{}",
             json!({
                 "bench": "scale",
@@ -91,22 +92,22 @@ pub(crate) fn run(
         ),
         None => format!("not measured (target {target} {unit}: missed)"),
     };
-    println!("store built in {:.1} s", f.build_s);
+    say!("store built in {:.1} s", f.build_s);
     match f.start_s {
-        Some(_) => println!("start:      {}", show(f.start_s, "s", TARGET_START_S)),
-        None => println!(
+        Some(_) => say!("start:      {}", show(f.start_s, "s", TARGET_START_S)),
+        None => say!(
             "start:      the API did not answer within {} s (target {TARGET_START_S} s: missed)",
             start_limit.as_secs()
         ),
     }
-    println!("memory:     {}", show(f.rss_mib, "MiB", TARGET_RSS_MIB));
-    println!("inbox(20):  {}", show(f.inbox20_ms, "ms", TARGET_INBOX_MS));
-    println!(
+    say!("memory:     {}", show(f.rss_mib, "MiB", TARGET_RSS_MIB));
+    say!("inbox(20):  {}", show(f.inbox20_ms, "ms", TARGET_INBOX_MS));
+    say!(
         "engine held by one job at most, while starting and running its periodic work: {}",
         show(f.max_engine_hold_ms, "ms", TARGET_HOLD_MS)
     );
     if relationships != 100_000 {
-        println!("(the targets are for 100,000 relationships)");
+        say!("(the targets are for 100,000 relationships)");
     }
     Ok(())
 }

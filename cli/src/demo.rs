@@ -3,6 +3,7 @@
 //! libp2p, and mail through the relay. Each step is
 //! checked; the demo exits non-zero if any does not hold.
 
+use crate::out::say;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -23,8 +24,9 @@ fn strip_p2p(addr: &Multiaddr) -> Multiaddr {
         .collect()
 }
 
-fn step(n: u32, text: &str) {
-    println!("\n── {n}. {text}");
+fn step(n: u32, text: &str) -> anyhow::Result<()> {
+    say!("\n── {n}. {text}");
+    Ok(())
 }
 
 async fn start(dir: &std::path::Path, kind: Kind, name: &str, relay: &Multiaddr) -> Result<Node> {
@@ -86,13 +88,13 @@ async fn grant(h: &NodeHandle, to: IdentityKey, scopes: &[&str], purpose: &str) 
     };
     let (out, delivery) = h.write(WAIT, move |e| e.grant(args, now())).await?;
     let id = out.entry.context("a grant entry")?.to_hex();
-    println!(
+    say!(
         "   grant {} to {}: {}",
         &id[..8],
         to.short(),
         scopes.join(", ")
     );
-    println!("   {delivery}");
+    say!("   {delivery}");
     Ok(id)
 }
 
@@ -110,7 +112,7 @@ async fn say(
     let line = delivery
         .summary()
         .unwrap_or_else(|| "kept here only: no member may read it now".into());
-    println!(
+    say!(
         "   {who}{}: {text:?}\n     → {line}",
         purpose.map(|p| format!(" [{p}]")).unwrap_or_default()
     );
@@ -139,7 +141,7 @@ async fn verify_ledgers(h: &NodeHandle, who: &str) -> Result<Vec<String>> {
         let (header, changes) = read_ledger_file(f.as_bytes())?;
         let n = changes.len();
         let ledger = Ledger::verify(header, changes)?;
-        println!(
+        say!(
             "   {who}: ledger {} verified: {n} signed changes, {} entries",
             &ledger.id().to_hex()[..8],
             ledger.entries().len()
@@ -159,13 +161,13 @@ pub(crate) fn run() -> Result<()> {
 
 async fn story() -> Result<()> {
     let tmp = tempfile::tempdir()?;
-    println!("Rapport demo: a customer (Alice) and two companies (Acme, Globex), each a real");
-    println!("node on 127.0.0.1 with its own temporary store, syncing over libp2p.");
+    say!("Rapport demo: a customer (Alice) and two companies (Acme, Globex), each a real");
+    say!("node on 127.0.0.1 with its own temporary store, syncing over libp2p.");
 
     step(
         1,
         "A community relay and three nodes start; Alice connects to both companies",
-    );
+    )?;
     let relay_dir = tmp.path().join("relay");
     let relay_config = RelayConfig {
         data_dir: relay_dir.clone(),
@@ -177,7 +179,7 @@ async fn story() -> Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!(e))?;
     let r = relay.addrs()[0].clone();
-    println!("   the community's relay listens at {r}");
+    say!("   the community's relay listens at {r}");
     let alice_dir = tmp.path().join("alice");
     let alice = start(&alice_dir, Kind::Person, "Alice", &r).await?;
     let acme = start(&tmp.path().join("acme"), Kind::Org, "Acme Ltd", &r).await?;
@@ -194,7 +196,7 @@ async fn story() -> Result<()> {
             .dial(addr.clone())
             .await
             .map_err(|e| anyhow::anyhow!(e))?;
-        println!(
+        say!(
             "   Alice {} connected to {name} at {addr}",
             a.identity().short()
         );
@@ -203,7 +205,7 @@ async fn story() -> Result<()> {
     step(
         2,
         "Alice grants each company conversation access and support contact, on her terms",
-    );
+    )?;
     let scopes = ["conversation:read", "conversation:write", "contact:support"];
     let g_acme = grant(&a, acme.identity(), &scopes, "support for order 1234").await?;
     let g_globex = grant(&a, globex.identity(), &scopes, "warranty claims").await?;
@@ -211,7 +213,7 @@ async fn story() -> Result<()> {
     step(
         3,
         "The grants reach the companies' nodes; each accepts on Alice's terms",
-    );
+    )?;
     for (name, h, g) in [("Acme", &ac, &g_acme), ("Globex", &gx, &g_globex)] {
         until("the grant arriving", || async {
             grant_status(h, g).await.0 == "pending"
@@ -219,15 +221,15 @@ async fn story() -> Result<()> {
         .await?;
         let (rows, delivery) = h.write(WAIT, |e| e.accept(None, None, now())).await?;
         ensure!(rows.len() == 1, "{name} should accept one grant");
-        println!("   {name} signs its acceptance: {}", delivery);
+        say!("   {name} signs its acceptance: {}", delivery);
         until("Alice seeing the acceptance", || async {
             grant_status(&a, g).await.0 == "active"
         })
         .await?;
     }
-    println!("   Alice: both grants active");
+    say!("   Alice: both grants active");
 
-    step(4, "Alice opens a relationship with each company");
+    step(4, "Alice opens a relationship with each company")?;
     let mut rels = Vec::new();
     for (name, id) in [("Acme", acme.identity()), ("Globex", globex.identity())] {
         let title = format!("{name} and Alice");
@@ -237,7 +239,7 @@ async fn story() -> Result<()> {
             })
             .await?;
         let rel = out.rel.context("a relationship")?.to_hex();
-        println!("   relationship {} with {name}: {}", &rel[..8], delivery);
+        say!("   relationship {} with {name}: {}", &rel[..8], delivery);
         rels.push(rel);
     }
     let (r_acme, r_globex) = (rels[0].clone(), rels[1].clone());
@@ -246,7 +248,7 @@ async fn story() -> Result<()> {
     })
     .await?;
 
-    step(5, "A conversation, synced both ways");
+    step(5, "A conversation, synced both ways")?;
     let d = say(&a, "Alice", &r_acme, "My order 1234 has not arrived.", None).await?;
     ensure!(d.any_delivered(), "Alice's message should reach Acme");
     let d = say(
@@ -262,12 +264,12 @@ async fn story() -> Result<()> {
         messages(&a, &r_acme).await == 2 && messages(&ac, &r_acme).await == 2
     })
     .await?;
-    println!("   Alice and Acme each hold the same 2 messages");
+    say!("   Alice and Acme each hold the same 2 messages");
 
     step(
         6,
         "Acme sends an unsolicited marketing message: Alice's node refuses it",
-    );
+    )?;
     let d = say(
         &ac,
         "Acme",
@@ -294,13 +296,13 @@ async fn story() -> Result<()> {
         refusals.len() == 1,
         "Alice should keep one refusal as evidence"
     );
-    println!(
+    say!(
         "   kept as evidence at Alice's node: change {} from {}: {}",
         &refusals[0].change[..8],
         refusals[0].peer.short(),
         refusals[0].reason
     );
-    println!(
+    say!(
         "   with Acme's signed change ({} bytes) and its text",
         refusals[0]
             .signed_change
@@ -308,19 +310,19 @@ async fn story() -> Result<()> {
             .map_or(0, |s| s.len() / 2)
     );
 
-    step(7, "Alice revokes Acme's grant");
+    step(7, "Alice revokes Acme's grant")?;
     let g = g_acme.clone();
     let (_, delivery) = a
         .write(WAIT, move |e| {
             e.revoke(&g, Some("closed my account".into()), now())
         })
         .await?;
-    println!("   revocation: {}", delivery);
+    say!("   revocation: {}", delivery);
 
     step(
         8,
         "Acme's node erases what the revocation covers and signs its erasure receipt",
-    );
+    )?;
     until("Acme erasing the relationship", || async {
         rel_count(&ac).await == 0
     })
@@ -329,7 +331,7 @@ async fn story() -> Result<()> {
         grant_status(&a, &g_acme).await == ("revoked".into(), true)
     })
     .await?;
-    println!("   Acme holds no relationship data; Alice holds Acme's signed ErasureAck");
+    say!("   Acme holds no relationship data; Alice holds Acme's signed ErasureAck");
     let r2 = r_acme.clone();
     let (epoch, sealed_to) = a
         .read(move |e| {
@@ -342,13 +344,13 @@ async fn story() -> Result<()> {
         !sealed_to.contains(&ac.identity().to_string()),
         "the new content key must not be sealed to Acme"
     );
-    println!(
+    say!(
         "   a new content key (epoch {}) is sealed to {} reader(s), not to Acme",
         epoch.unwrap_or_default(),
         sealed_to.len()
     );
 
-    step(9, "Acme is cut off: nothing Alice writes now reaches it");
+    step(9, "Acme is cut off: nothing Alice writes now reaches it")?;
     let d = say(
         &a,
         "Alice",
@@ -373,9 +375,9 @@ async fn story() -> Result<()> {
         "step failed: the consent ledger did not sync with Acme: {synced:?}"
     );
     ensure!(rel_count(&ac).await == 0, "Acme should hold nothing");
-    println!("   Acme still holds 0 relationships; it keeps the consent ledger as its proof");
+    say!("   Acme still holds 0 relationships; it keeps the consent ledger as its proof");
 
-    step(10, "Globex is unaffected");
+    step(10, "Globex is unaffected")?;
     let d = say(
         &a,
         "Alice",
@@ -402,7 +404,7 @@ async fn story() -> Result<()> {
     step(
         11,
         "Every ledger verifies, and both sides hold the same ones",
-    );
+    )?;
     let la = verify_ledgers(&a, "Alice").await?;
     let lac = verify_ledgers(&ac, "Acme").await?;
     let lgx = verify_ledgers(&gx, "Globex").await?;
@@ -412,12 +414,12 @@ async fn story() -> Result<()> {
             "a company's ledger should equal Alice's copy"
         );
     }
-    println!("   Acme's and Globex's ledgers are identical to Alice's copies");
+    say!("   Acme's and Globex's ledgers are identical to Alice's copies");
 
     step(
         12,
         "Alice goes offline; Globex's reply waits for her, sealed, at the community relay",
-    );
+    )?;
     alice.shutdown().await;
     // The handle holds the store open; let it go so the node can start again later.
     drop(a);
@@ -428,7 +430,7 @@ async fn story() -> Result<()> {
         "Globex's reply should go to Alice's mailbox"
     );
     let stats = relay.stats().await;
-    println!(
+    say!(
         "   the relay stored {} sealed envelope(s); it holds no key that opens them",
         stats.deposited
     );
@@ -439,7 +441,7 @@ async fn story() -> Result<()> {
             .all(|(_, m)| !m.envelope.windows(text.len()).any(|w| w == text.as_bytes())),
         "the relay must hold no plaintext"
     );
-    println!(
+    say!(
         "   the relay restarts; its store holds {} envelope(s) and not one byte of the text",
         held.len()
     );
@@ -452,7 +454,7 @@ async fn story() -> Result<()> {
     .await
     .map_err(|e| anyhow::anyhow!(e))?;
 
-    step(13, "Alice comes back and reads it from her mailbox");
+    step(13, "Alice comes back and reads it from her mailbox")?;
     let alice = run_node(&alice_dir, &r).await?;
     let a = alice.handle();
     let r2 = r_globex.clone();
@@ -469,14 +471,12 @@ async fn story() -> Result<()> {
         }
     })
     .await?;
-    println!(
-        "   Alice: \"{text}\" (from Globex, via the relay's mailbox, verified like any change)"
-    );
+    say!("   Alice: \"{text}\" (from Globex, via the relay's mailbox, verified like any change)");
 
     for n in [alice, acme, globex] {
         n.shutdown().await;
     }
     relay.shutdown().await;
-    println!("\nEvery step held.");
+    say!("\nEvery step held.");
     Ok(())
 }

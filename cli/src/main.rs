@@ -24,9 +24,11 @@ mod bench_samod;
 mod bench_scale;
 mod demo;
 mod node_cmd;
+mod out;
 mod relay_cmd;
 
 use backend::Backend;
+use out::say;
 
 #[derive(Parser)]
 #[command(
@@ -69,7 +71,7 @@ enum Command {
     /// Run this node: sync with peers and serve the local API (Ctrl-C stops it cleanly).
     #[command(subcommand)]
     Node(NodeCmd),
-    /// Open and list relationships.
+    /// Relationships: open and list them, add and remove members, disclose profile fields.
     #[command(subcommand)]
     Rel(RelCmd),
     /// Send messages (needs a running node).
@@ -221,8 +223,12 @@ enum MsgCmd {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum KindArg {
+    /// A customer: one person.
     Person,
+    /// A company or other organisation, with many agents under one identity.
+    #[value(alias = "company", alias = "organisation", alias = "organization")]
     Org,
+    /// A community that hosts a relay for its members.
     Community,
 }
 
@@ -331,27 +337,27 @@ enum ConsentCmd {
         /// The controller's (grantee's) name [default: the grantee's identity].
         #[arg(long)]
         controller_name: Option<String>,
-        /// The controller's contact (a person or role).
-        #[arg(long, default_value = "")]
-        controller_contact: String,
-        /// The controller's postal address.
-        #[arg(long, default_value = "")]
-        controller_address: String,
-        /// The controller's email.
-        #[arg(long, default_value = "")]
-        controller_email: String,
-        /// The controller's phone.
-        #[arg(long, default_value = "")]
-        controller_phone: String,
+        /// The controller's contact (a person or role). Required by both formats.
+        #[arg(long)]
+        controller_contact: Option<String>,
+        /// The controller's postal address. Required by both formats.
+        #[arg(long)]
+        controller_address: Option<String>,
+        /// The controller's email. Required by kantara.
+        #[arg(long)]
+        controller_email: Option<String>,
+        /// The controller's phone. Required by kantara.
+        #[arg(long)]
+        controller_phone: Option<String>,
         /// The controller's web site.
         #[arg(long)]
         controller_url: Option<String>,
         /// The jurisdiction the consent is given under.
         #[arg(long, default_value = "EU")]
         jurisdiction: String,
-        /// The URL of the controller's privacy policy.
-        #[arg(long, default_value = "")]
-        policy_url: String,
+        /// The URL of the controller's privacy policy. Required by kantara.
+        #[arg(long)]
+        policy_url: Option<String>,
     },
     /// Show the terms roster.
     Terms,
@@ -359,10 +365,21 @@ enum ConsentCmd {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum RecordFormat {
-    /// ISO/IEC TS 27560 consent records.
+    /// ISO/IEC TS 27560 consent records (need --controller-contact and --controller-address).
     Iso27560,
-    /// Kantara Consent Receipt v1.1.
+    /// Kantara Consent Receipt v1.1 (need --controller-contact, --controller-address,
+    /// --controller-email, --controller-phone and --policy-url).
     Kantara,
+}
+
+impl RecordFormat {
+    /// What the format's output is called.
+    fn label(self) -> &'static str {
+        match self {
+            RecordFormat::Iso27560 => "ISO/IEC TS 27560 records:",
+            RecordFormat::Kantara => "Kantara receipts:",
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -398,6 +415,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader stopped early (`rapport id | head -1`): what was asked is done.
+        Err(e) if out::closed(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -415,16 +434,37 @@ fn now() -> UnixSeconds {
 /// Logs to stderr as `RAPPORT_LOG` says (default: warnings), and a multi-threaded runtime
 /// for the commands that run a node, a relay or a benchmark.
 pub(crate) fn runtime(default_log: &str) -> Result<tokio::runtime::Runtime> {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("RAPPORT_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_log));
+    let spec = std::env::var("RAPPORT_LOG").ok();
+    let filter = log_filter(spec.as_deref(), default_log);
+    // Colour only for a person at a terminal, never into a file or a pipe.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(colour)
         .try_init();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")
+}
+
+/// What libp2p's Kademlia warns of is the normal life of a peer-to-peer node (no peer known
+/// yet to bootstrap from at first start, a peer gone while replicating), not something for
+/// its owner to act on: only its errors are logged, unless `RAPPORT_LOG` names it.
+const QUIET_BY_DEFAULT: &str = "libp2p_kad=error";
+
+/// The log filter: `spec` (from `RAPPORT_LOG`) if it parses, else `default`; with
+/// [`QUIET_BY_DEFAULT`] unless `spec` names Kademlia itself.
+fn log_filter(spec: Option<&str>, default: &str) -> tracing_subscriber::EnvFilter {
+    let base = spec
+        .filter(|s| tracing_subscriber::EnvFilter::try_new(s).is_ok())
+        .unwrap_or(default);
+    if base.contains("libp2p_kad") {
+        tracing_subscriber::EnvFilter::new(base)
+    } else {
+        tracing_subscriber::EnvFilter::new(format!("{base},{QUIET_BY_DEFAULT}"))
+    }
 }
 
 fn data_dir(cli: &Option<PathBuf>) -> Result<PathBuf> {
@@ -478,12 +518,12 @@ fn run(cli: Cli) -> Result<()> {
 fn store_verify(dir: &Path, json: bool) -> Result<()> {
     let report = Store::open_read_only(dir)?.verify()?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        say!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         for p in &report.problems {
-            println!("document {}: {}", p.doc, p.detail);
+            say!("document {}: {}", p.doc, p.detail);
         }
-        println!(
+        say!(
             "checked {} documents and {} changes: {}",
             report.documents,
             report.changes,
@@ -512,9 +552,9 @@ fn init(dir: &Path, kind: KindArg, name: &str) -> Result<()> {
     };
     let store = Store::create(dir, kind, name, now())?;
     let profile = store.profile()?;
-    println!("created {} identity for {:?}", profile.kind, profile.name);
-    println!("identity: {}", profile.identity);
-    println!("store:    {}", store.path().display());
+    say!("created {} identity for {:?}", profile.kind, profile.name);
+    say!("identity: {}", profile.identity);
+    say!("store:    {}", store.path().display());
     Ok(())
 }
 
@@ -522,16 +562,16 @@ fn id(dir: &Path, json: bool) -> Result<()> {
     if let Some(api) = backend::Api::find(dir) {
         let v: serde_json::Value = api.get("/v1/status")?;
         if json {
-            println!("{v}");
+            say!("{v}");
         } else {
-            println!("{}", v["identity"].as_str().unwrap_or_default());
-            println!(
+            say!("{}", v["identity"].as_str().unwrap_or_default());
+            say!(
                 "kind: {}  name: {}",
                 v["kind"].as_str().unwrap_or_default(),
                 v["name"].as_str().unwrap_or_default()
             );
             for a in v["listen"].as_array().into_iter().flatten() {
-                println!("listening: {}", a.as_str().unwrap_or_default());
+                say!("listening: {}", a.as_str().unwrap_or_default());
             }
         }
         return Ok(());
@@ -539,7 +579,7 @@ fn id(dir: &Path, json: bool) -> Result<()> {
     let store = Store::open_read_only(dir)?;
     let p = store.profile()?;
     if json {
-        println!(
+        say!(
             "{}",
             serde_json::json!({
                 "identity": p.identity.to_string(),
@@ -550,8 +590,8 @@ fn id(dir: &Path, json: bool) -> Result<()> {
             })
         );
     } else {
-        println!("{}", p.identity);
-        println!("kind: {}  name: {}", p.kind, p.name);
+        say!("{}", p.identity);
+        say!("kind: {}  name: {}", p.kind, p.name);
     }
     Ok(())
 }
@@ -620,7 +660,7 @@ fn terms_named(id: &str) -> Result<&'static Terms> {
 fn consent(dir: &Path, cmd: ConsentCmd) -> Result<()> {
     if let ConsentCmd::Terms = cmd {
         for t in rapport_protocol::ROSTER {
-            println!("{:<12} v{}  {}", t.id, t.version, t.text);
+            say!("{:<12} v{}  {}", t.id, t.version, t.text);
         }
         return Ok(());
     }
@@ -664,10 +704,10 @@ fn consent(dir: &Path, cmd: ConsentCmd) -> Result<()> {
                 legal_basis: Some(legal_basis),
                 notice_sha256,
             })?;
-            println!("granted {} to {grantee}", out.entry.expect("a grant entry"));
+            say!("granted {} to {grantee}", out.entry.expect("a grant entry"));
             match out.delivery {
-                Some(d) => println!("status: pending until {} accepts; {d}", grantee.short()),
-                None => println!(
+                Some(d) => say!("status: pending until {} accepts; {d}", grantee.short()),
+                None => say!(
                     "status: pending until {} accepts; it reaches them when your node runs (`rapport node run`), or send it with `rapport consent export {grantee} --out FILE`",
                     grantee.short()
                 ),
@@ -681,23 +721,23 @@ fn consent(dir: &Path, cmd: ConsentCmd) -> Result<()> {
             let scopes = parse_scopes(&scopes)?;
             let expires = expires.as_deref().map(parse_date).transpose()?;
             let out = node.amend(&grant, scopes, expires)?;
-            println!(
+            say!(
                 "amended grant {} (amendment {})",
                 out.grant.expect("named").short(),
                 out.entry.expect("an entry").short()
             );
-            delivery_line(&out);
+            delivery_line(&out)?;
         }
         ConsentCmd::Revoke { grant, reason } => {
             let out = node.revoke(&grant, reason)?;
-            println!(
+            say!(
                 "revoked grant {} (revocation {})",
                 out.grant.expect("named"),
                 out.entry.expect("an entry").short()
             );
             match &out.delivery {
-                Some(_) => delivery_line(&out),
-                None => println!(
+                Some(_) => delivery_line(&out)?,
+                None => say!(
                     "it reaches {} when your node runs, or send it with `rapport consent export {} --out FILE`",
                     out.peer.short(),
                     out.peer
@@ -707,12 +747,12 @@ fn consent(dir: &Path, cmd: ConsentCmd) -> Result<()> {
         ConsentCmd::Proffer { identity, terms } => {
             let grantee = parse_identity(&identity)?;
             let out = node.proffer(grantee, &terms)?;
-            println!(
+            say!(
                 "proffered {} to {grantee} ({})",
                 terms_named(&terms)?.id,
                 out.entry.expect("an entry").short()
             );
-            delivery_line(&out);
+            delivery_line(&out)?;
         }
         ConsentCmd::Accept { file, grant } => {
             let mut customer = None;
@@ -752,7 +792,7 @@ fn consent(dir: &Path, cmd: ConsentCmd) -> Result<()> {
             }
             let rows = node.accept(grant.as_deref(), customer)?;
             for g in &rows {
-                println!(
+                say!(
                     "accepted grant {} from {}: {} for {:?} on terms {}",
                     g.grant,
                     g.peer.short(),
@@ -762,7 +802,7 @@ fn consent(dir: &Path, cmd: ConsentCmd) -> Result<()> {
                 );
             }
             if let (Backend::Local(_), Some(g)) = (&node, rows.first()) {
-                println!(
+                say!(
                     "send your acceptance back with `rapport consent export {} --out FILE`, or run your node",
                     g.peer
                 );
@@ -770,12 +810,12 @@ fn consent(dir: &Path, cmd: ConsentCmd) -> Result<()> {
         }
         ConsentCmd::AckErasure { grant, erased } => {
             let out = node.ack_erasure(&grant, erased)?;
-            println!(
+            say!(
                 "acknowledged erasure for grant {} ({})",
                 out.grant.expect("named").short(),
                 out.entry.expect("an entry").short()
             );
-            delivery_line(&out);
+            delivery_line(&out)?;
         }
         ConsentCmd::List { json } => list(&node, json)?,
         ConsentCmd::Export { identity, out } => {
@@ -785,20 +825,20 @@ fn consent(dir: &Path, cmd: ConsentCmd) -> Result<()> {
                 .map(|(_, c)| c.len())
                 .unwrap_or(0);
             write_new_file(&out, text.as_bytes())?;
-            println!("wrote {n} changes to {}", out.display());
+            say!("wrote {n} changes to {}", out.display());
         }
         ConsentCmd::Import { file } => {
             let bytes = read_bounded(&file)?;
             let applied = node
                 .import(&bytes)
                 .with_context(|| format!("{} was refused", file.display()))?;
-            println!("imported {applied} new change(s) from {}", file.display());
+            say!("imported {applied} new change(s) from {}", file.display());
             let (header, _) = read_ledger_file(&bytes)?;
             for g in node.grants()? {
                 let in_file = (g.peer == header.customer || g.peer == header.grantee)
                     && (g.role == "granted") == (header.customer != g.peer);
                 if in_file {
-                    println!("  grant {}  {}", g.grant.short(), g.status);
+                    say!("  grant {}  {}", g.grant.short(), g.status);
                 }
             }
         }
@@ -816,26 +856,41 @@ fn consent(dir: &Path, cmd: ConsentCmd) -> Result<()> {
         } => {
             let me = node.me()?;
             let my_name = node.name()?;
+            let template = RecordContext {
+                now: now(),
+                jurisdiction,
+                policy_url: policy_url.unwrap_or_default(),
+                collection_method: "Rapport signed consent ledger".into(),
+                controller: ControllerInfo {
+                    // Each ledger's grantee when not given: never empty.
+                    name: controller_name.clone().unwrap_or_else(|| me.to_string()),
+                    contact: controller_contact.unwrap_or_default(),
+                    address: controller_address.unwrap_or_default(),
+                    email: controller_email.unwrap_or_default(),
+                    phone: controller_phone.unwrap_or_default(),
+                    url: controller_url,
+                },
+                customer_name: None,
+            };
+            // Every field the format needs, named at once, before anything is read.
+            let missing = match format {
+                RecordFormat::Iso27560 => rapport_protocol::iso27560_missing(&template),
+                RecordFormat::Kantara => rapport_protocol::kantara_missing(&template),
+            };
+            if !missing.is_empty() {
+                bail!(
+                    "{} {}",
+                    format.label(),
+                    rapport_protocol::RecordError::MissingFields(missing)
+                );
+            }
             let mut all = Vec::new();
             for ledger in ledgers(&node)? {
-                let controller = ControllerInfo {
-                    name: controller_name
-                        .clone()
-                        .unwrap_or_else(|| ledger.header().grantee.to_string()),
-                    contact: controller_contact.clone(),
-                    address: controller_address.clone(),
-                    email: controller_email.clone(),
-                    phone: controller_phone.clone(),
-                    url: controller_url.clone(),
-                };
-                let ctx = RecordContext {
-                    now: now(),
-                    jurisdiction: jurisdiction.clone(),
-                    policy_url: policy_url.clone(),
-                    collection_method: "Rapport signed consent ledger".into(),
-                    controller,
-                    customer_name: (ledger.header().customer == me).then(|| my_name.clone()),
-                };
+                let mut ctx = template.clone();
+                ctx.controller.name = controller_name
+                    .clone()
+                    .unwrap_or_else(|| ledger.header().grantee.to_string());
+                ctx.customer_name = (ledger.header().customer == me).then(|| my_name.clone());
                 let records = match format {
                     RecordFormat::Iso27560 => iso27560_records(&ledger, &ctx),
                     RecordFormat::Kantara => kantara_receipts(&ledger, &ctx),
@@ -847,9 +902,9 @@ fn consent(dir: &Path, cmd: ConsentCmd) -> Result<()> {
             match out {
                 Some(path) => {
                     write_new_file(&path, text.as_bytes())?;
-                    println!("wrote {} record(s) to {}", all.len(), path.display());
+                    say!("wrote {} record(s) to {}", all.len(), path.display());
                 }
-                None => println!("{text}"),
+                None => say!("{text}"),
             }
         }
         ConsentCmd::Terms => unreachable!("handled above"),
@@ -857,10 +912,11 @@ fn consent(dir: &Path, cmd: ConsentCmd) -> Result<()> {
     Ok(())
 }
 
-fn delivery_line(out: &rapport_node::WriteOutcome) {
+fn delivery_line(out: &rapport_node::WriteOutcome) -> anyhow::Result<()> {
     if let Some(d) = &out.delivery {
-        println!("{d}");
+        say!("{d}");
     }
+    Ok(())
 }
 
 /// Every consent ledger the node holds, verified again here.
@@ -885,16 +941,22 @@ fn write_new_file(path: &Path, bytes: &[u8]) -> Result<()> {
 fn list(node: &Backend, json: bool) -> Result<()> {
     let rows = node.grants()?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        say!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }
     if rows.is_empty() {
-        println!("no grants yet");
+        say!("no grants yet");
         return Ok(());
     }
-    println!(
+    say!(
         "{:<10} {:<8} {:<12} {:<9} {:<12} {:<18} {:<30} purpose",
-        "grant", "role", "peer", "status", "terms", "expires", "scopes"
+        "grant",
+        "role",
+        "peer",
+        "status",
+        "terms",
+        "expires",
+        "scopes"
     );
     for g in rows {
         let status = if g.status == "revoked" && g.erasure_acked_at.is_some() {
@@ -902,7 +964,7 @@ fn list(node: &Backend, json: bool) -> Result<()> {
         } else {
             g.status.clone()
         };
-        println!(
+        say!(
             "{:<10} {:<8} {:<12} {:<9} {:<12} {:<18} {:<30} {}",
             g.grant.short(),
             g.role,
@@ -924,16 +986,16 @@ fn ledger_verify(file: &Path) -> Result<()> {
     let n = changes.len();
     let ledger = Ledger::verify(header, changes)
         .with_context(|| format!("{} failed verification", file.display()))?;
-    println!("{}: OK", file.display());
-    println!("  document  {}", ledger.id());
-    println!("  customer  {}", header.customer);
-    println!("  grantee   {}", header.grantee);
-    println!(
+    say!("{}: OK", file.display());
+    say!("  document  {}", ledger.id());
+    say!("  customer  {}", header.customer);
+    say!("  grantee   {}", header.grantee);
+    say!(
         "  {n} signed change(s), {} entries, every signature, author, rule and hash link checked",
         ledger.entries().len()
     );
     for g in ledger.grants(now()) {
-        println!("  grant {}  {}", g.id.short(), g.status.as_str());
+        say!("  grant {}  {}", g.id.short(), g.status.as_str());
     }
     Ok(())
 }
@@ -958,7 +1020,7 @@ fn ledger_show(dir: &Path, identity: Option<String>, json: bool) -> Result<()> {
             }));
             continue;
         }
-        println!(
+        say!(
             "ledger {}  customer {}  grantee {}",
             ledger.id(),
             h.customer,
@@ -1021,7 +1083,7 @@ fn ledger_show(dir: &Path, identity: Option<String>, json: bool) -> Result<()> {
                     format!("grant {}: {erased}", grant.short())
                 }
             };
-            println!(
+            say!(
                 "  {}  {}  {:<8} {:<13} {}",
                 show_time(e.at),
                 id.short(),
@@ -1032,7 +1094,63 @@ fn ledger_show(dir: &Path, identity: Option<String>, json: bool) -> Result<()> {
         }
     }
     if json {
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        say!("{}", serde_json::to_string_pretty(&out)?);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_filter;
+    use std::sync::{Arc, Mutex};
+    use tracing_subscriber::fmt::MakeWriter;
+
+    /// Captures what a subscriber writes.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> MakeWriter<'a> for Captured {
+        type Writer = Captured;
+        fn make_writer(&'a self) -> Self::Writer {
+            self.clone()
+        }
+    }
+
+    /// What one warning from Kademlia and one from the node print under `spec`.
+    fn logged(spec: Option<&str>) -> String {
+        let out = Captured::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(log_filter(spec, "warn"))
+            .with_writer(out.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::warn!(target: "libp2p_kad::behaviour", "Failed to trigger bootstrap: No known peers.");
+            tracing::warn!(target: "rapport_node::net", "a warning of ours");
+        });
+        String::from_utf8(out.0.lock().unwrap().clone()).unwrap()
+    }
+
+    /// Issue 11, 6: every fresh start logged Kademlia's bootstrap warning. It is quiet by
+    /// default and at any level the owner sets, and shows when the owner asks for Kademlia.
+    #[test]
+    fn kademlia_warnings_of_normal_conditions_are_quiet_unless_asked_for() {
+        for spec in [None, Some("info"), Some("debug"), Some("not a filter[")] {
+            let text = logged(spec);
+            assert!(text.contains("a warning of ours"), "{spec:?}: {text}");
+            assert!(!text.contains("bootstrap"), "{spec:?}: {text}");
+        }
+        let text = logged(Some("warn,libp2p_kad=warn"));
+        assert!(text.contains("Failed to trigger bootstrap"), "{text}");
+    }
 }

@@ -1,5 +1,6 @@
 //! `rapport node run` and the commands that talk to a running node.
 
+use crate::out::{say, say_part};
 use std::net::SocketAddr;
 use std::path::Path;
 
@@ -79,21 +80,21 @@ pub(crate) fn run(
     let rt = crate::runtime("warn")?;
     rt.block_on(async {
         let node = Node::start(config).await?;
-        println!("rapport node {} running", node.identity());
+        say!("rapport node {} running", node.identity());
         for a in node.listening().await {
-            println!("listening: {a}");
+            say!("listening: {a}");
         }
         if let Some(a) = node.api_addr() {
-            println!(
+            say!(
                 "api: http://{a}  (token in {})",
                 dir.join(rapport_node::TOKEN_FILE).display()
             );
         }
-        println!("stop with Ctrl-C");
+        say!("stop with Ctrl-C");
         wait_for_signal().await;
-        println!("stopping…");
+        say!("stopping…");
         node.shutdown().await;
-        println!("stopped; every acknowledged change is on disk");
+        say!("stopped; every acknowledged change is on disk");
         Ok::<(), anyhow::Error>(())
     })
 }
@@ -117,13 +118,14 @@ pub(crate) async fn wait_for_signal() {
     }
 }
 
-fn print_delivery(out: &WriteOutcome) {
+fn print_delivery(out: &WriteOutcome) -> anyhow::Result<()> {
     if let Some(n) = &out.note {
-        println!("note: {n}");
+        say!("note: {n}");
     }
     if let Some(d) = &out.delivery {
-        println!("{d}");
+        say!("{d}");
     }
+    Ok(())
 }
 
 pub(crate) fn rel(dir: &Path, cmd: RelCmd) -> Result<()> {
@@ -131,9 +133,9 @@ pub(crate) fn rel(dir: &Path, cmd: RelCmd) -> Result<()> {
         RelCmd::List { json } => {
             let rels = Backend::open_read_only(dir)?.relationships()?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&rels)?);
+                say!("{}", serde_json::to_string_pretty(&rels)?);
             } else {
-                print_rels(&rels);
+                print_rels(&rels)?;
             }
         }
         RelCmd::Open {
@@ -148,8 +150,8 @@ pub(crate) fn rel(dir: &Path, cmd: RelCmd) -> Result<()> {
                 "/v1/relationships",
                 json!({"peer": peer, "addr": addr, "name": name, "title": title}),
             )?;
-            println!("opened relationship {} with {peer}", out.doc);
-            print_delivery(&out);
+            say!("opened relationship {} with {peer}", out.doc);
+            print_delivery(&out)?;
         }
         RelCmd::Add {
             rel,
@@ -162,8 +164,8 @@ pub(crate) fn rel(dir: &Path, cmd: RelCmd) -> Result<()> {
                 &format!("/v1/relationships/{}/members", seg(&rel)?),
                 json!({"peer": peer, "name": name}),
             )?;
-            println!("added {peer} to relationship {}", out.doc.to_hex());
-            print_delivery(&out);
+            say!("added {peer} to relationship {}", out.doc.to_hex());
+            print_delivery(&out)?;
         }
         RelCmd::Remove { rel, identity } => {
             let peer = parse_identity(&identity)?;
@@ -172,11 +174,11 @@ pub(crate) fn rel(dir: &Path, cmd: RelCmd) -> Result<()> {
                 &format!("/v1/relationships/{}/removals", seg(&rel)?),
                 json!({"peer": peer}),
             )?;
-            println!(
+            say!(
                 "removed {peer} from relationship {}; a new content-key epoch excludes it",
                 out.doc.to_hex()
             );
-            print_delivery(&out);
+            print_delivery(&out)?;
         }
         RelCmd::Disclose { rel, field, value } => {
             let api = Backend::running(dir)?;
@@ -184,8 +186,8 @@ pub(crate) fn rel(dir: &Path, cmd: RelCmd) -> Result<()> {
                 &format!("/v1/relationships/{}/profile", seg(&rel)?),
                 json!({"field": field, "value": value}),
             )?;
-            println!("disclosed {field} in relationship {}", out.doc.to_hex());
-            print_delivery(&out);
+            say!("disclosed {field} in relationship {}", out.doc.to_hex());
+            print_delivery(&out)?;
         }
     }
     Ok(())
@@ -201,14 +203,18 @@ fn seg(s: &str) -> Result<String> {
     Ok(s)
 }
 
-fn print_rels(rels: &[RelSummary]) {
+fn print_rels(rels: &[RelSummary]) -> anyhow::Result<()> {
     if rels.is_empty() {
-        println!("no relationships yet");
-        return;
+        say!("no relationships yet");
+        return Ok(());
     }
-    println!(
+    say!(
         "{:<10} {:<6} {:<24} {:<28} {:>4}  last",
-        "rel", "role", "title", "members", "msgs"
+        "rel",
+        "role",
+        "title",
+        "members",
+        "msgs"
     );
     for r in rels {
         let members: Vec<String> = r
@@ -222,7 +228,7 @@ fn print_rels(rels: &[RelSummary]) {
                 }
             })
             .collect();
-        println!(
+        say!(
             "{:<10} {:<6} {:<24} {:<28} {:>4}  {}",
             &r.id.to_hex()[..8],
             if r.mine { "owner" } else { "member" },
@@ -245,6 +251,7 @@ fn print_rels(rels: &[RelSummary]) {
                 .unwrap_or_default()
         );
     }
+    Ok(())
 }
 
 pub(crate) fn send(dir: &Path, rel: &str, text: &str, purpose: Option<String>) -> Result<()> {
@@ -253,12 +260,12 @@ pub(crate) fn send(dir: &Path, rel: &str, text: &str, purpose: Option<String>) -
         &format!("/v1/relationships/{}/messages", seg(rel)?),
         json!({"text": text, "purpose": purpose}),
     )?;
-    println!(
+    say!(
         "sent message {} in relationship {}",
         out.entry.map(|e| e.short()).unwrap_or_default(),
         &out.doc.to_hex()[..8]
     );
-    print_delivery(&out);
+    print_delivery(&out)?;
     let went = rapport_node::Deliveries(out.deliveries.clone());
     if !went.refusals().is_empty() && !went.any_delivered() {
         bail!("the message was refused; it stays in this node's copy of the relationship only");
@@ -266,9 +273,9 @@ pub(crate) fn send(dir: &Path, rel: &str, text: &str, purpose: Option<String>) -
     Ok(())
 }
 
-fn print_messages(msgs: &[MessageView]) {
+fn print_messages(msgs: &[MessageView]) -> anyhow::Result<()> {
     for m in msgs {
-        println!(
+        say!(
             "{}  {:<16} {}{}",
             show_time(m.at),
             m.by_name.chars().take(16).collect::<String>(),
@@ -279,18 +286,19 @@ fn print_messages(msgs: &[MessageView]) {
             m.text
         );
     }
+    Ok(())
 }
 
 pub(crate) fn inbox(dir: &Path, limit: usize, json: bool) -> Result<()> {
     let msgs = Backend::open_read_only(dir)?.inbox(limit)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&msgs)?);
+        say!("{}", serde_json::to_string_pretty(&msgs)?);
     } else if msgs.is_empty() {
-        println!("inbox empty");
+        say!("inbox empty");
     } else {
         for m in &msgs {
-            print!("{}  ", &m.rel.to_hex()[..8]);
-            print_messages(std::slice::from_ref(m));
+            say_part!("{}  ", &m.rel.to_hex()[..8]);
+            print_messages(std::slice::from_ref(m))?;
         }
     }
     Ok(())
@@ -299,22 +307,22 @@ pub(crate) fn inbox(dir: &Path, limit: usize, json: bool) -> Result<()> {
 pub(crate) fn thread(dir: &Path, rel: &str, json: bool) -> Result<()> {
     let d = Backend::open_read_only(dir)?.relationship(rel)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&d)?);
+        say!("{}", serde_json::to_string_pretty(&d)?);
         return Ok(());
     }
-    println!(
+    say!(
         "relationship {}  {}",
         d.summary.id,
         d.summary.title.clone().unwrap_or_default()
     );
-    println!("owner: {} ({})", d.summary.owner_name, d.summary.owner);
+    say!("owner: {} ({})", d.summary.owner_name, d.summary.owner);
     for m in &d.summary.members {
         let access = d
             .access
             .get(&m.identity.to_string())
             .map(|a| format!("  [{a}]"))
             .unwrap_or_default();
-        println!(
+        say!(
             "member: {} ({}){}{}",
             m.name,
             m.identity,
@@ -327,27 +335,27 @@ pub(crate) fn thread(dir: &Path, rel: &str, json: bool) -> Result<()> {
         );
     }
     for (f, v) in &d.profile {
-        println!("profile: {f} = {v}");
+        say!("profile: {f} = {v}");
     }
-    println!();
+    say!();
     if d.messages.is_empty() {
-        println!("no messages yet");
+        say!("no messages yet");
     }
-    print_messages(&d.messages);
+    print_messages(&d.messages)?;
     Ok(())
 }
 
 pub(crate) fn peers(dir: &Path, json: bool) -> Result<()> {
     let peers: Vec<PeerInfo> = Backend::running(dir)?.get("/v1/peers")?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&peers)?);
+        say!("{}", serde_json::to_string_pretty(&peers)?);
         return Ok(());
     }
     if peers.is_empty() {
-        println!("no peers known yet");
+        say!("no peers known yet");
     }
     for p in peers {
-        println!(
+        say!(
             "{} {}  {}{}",
             if p.connected {
                 "connected"
@@ -367,21 +375,21 @@ pub(crate) fn peers(dir: &Path, json: bool) -> Result<()> {
 pub(crate) fn connect(dir: &Path, addr: &str) -> Result<()> {
     let api: Api = Backend::running(dir)?;
     let v: Value = api.post("/v1/peers", json!({"addr": addr}))?;
-    println!("connected to {}", v["peer"].as_str().unwrap_or_default());
+    say!("connected to {}", v["peer"].as_str().unwrap_or_default());
     Ok(())
 }
 
 pub(crate) fn refusals(dir: &Path, limit: usize, json: bool) -> Result<()> {
     let list = Backend::open_read_only(dir)?.refusals(limit)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&list)?);
+        say!("{}", serde_json::to_string_pretty(&list)?);
         return Ok(());
     }
     if list.is_empty() {
-        println!("nothing refused");
+        say!("nothing refused");
     }
     for r in list {
-        println!(
+        say!(
             "{}  from {}  change {}  {}",
             show_time(r.at),
             r.peer.short(),
@@ -389,7 +397,7 @@ pub(crate) fn refusals(dir: &Path, limit: usize, json: bool) -> Result<()> {
             r.reason
         );
         for e in &r.entries {
-            println!("    {}", e.chars().take(200).collect::<String>());
+            say!("    {}", e.chars().take(200).collect::<String>());
         }
     }
     Ok(())

@@ -1,5 +1,6 @@
 //! `rapport relay`: run a community relay, and manage who it admits.
 
+use crate::out::say;
 use std::path::Path;
 use std::time::Duration;
 
@@ -62,7 +63,7 @@ pub(crate) fn run(dir: &Path, cmd: RelayCmd) -> Result<()> {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
             let changed = edit_allow_list(dir, &id, true).map_err(|e| anyhow!(e))?;
-            println!(
+            say!(
                 "{id} {} admitted ({})",
                 if changed { "is now" } else { "was already" },
                 dir.join(ALLOW_FILE).display()
@@ -72,7 +73,7 @@ pub(crate) fn run(dir: &Path, cmd: RelayCmd) -> Result<()> {
         RelayCmd::Deny { identity } => {
             let id = parse_identity(&identity)?;
             let changed = edit_allow_list(dir, &id, false).map_err(|e| anyhow!(e))?;
-            println!(
+            say!(
                 "{id} {}",
                 if changed {
                     "is no longer admitted"
@@ -84,7 +85,7 @@ pub(crate) fn run(dir: &Path, cmd: RelayCmd) -> Result<()> {
         }
         RelayCmd::Members => {
             for id in read_allow_list(dir).map_err(|e| anyhow!(e))? {
-                println!("{id}");
+                say!("{id}");
             }
             Ok(())
         }
@@ -133,24 +134,24 @@ pub(crate) fn run(dir: &Path, cmd: RelayCmd) -> Result<()> {
             let rt = crate::runtime("warn")?;
             rt.block_on(async {
                 let relay = Relay::start(config).await.map_err(|e| anyhow!(e))?;
-                println!("rapport relay {} running", relay.identity());
+                say!("rapport relay {} running", relay.identity());
                 if open {
-                    println!("mode: open (anyone may use it, within the quotas)");
+                    say!("mode: open (anyone may use it, within the quotas)");
                 } else {
                     let n = read_allow_list(dir).map_err(|e| anyhow!(e))?.len();
-                    println!(
+                    say!(
                         "mode: allow-list ({n} admitted; add with `rapport relay allow <identity>`)"
                     );
                 }
                 for a in relay.addrs() {
-                    println!("listening: {a}");
+                    say!("listening: {a}");
                 }
-                println!("members start their nodes with --relay <one of the addresses above>");
-                println!("stop with Ctrl-C");
+                say!("members start their nodes with --relay <one of the addresses above>");
+                say!("stop with Ctrl-C");
                 crate::node_cmd::wait_for_signal().await;
-                println!("stopping…");
+                say!("stopping…");
                 relay.shutdown().await;
-                println!("stopped; stored mail is on disk");
+                say!("stopped; stored mail is on disk");
                 Ok::<(), anyhow::Error>(())
             })
         }

@@ -167,9 +167,28 @@ fn grant_accept_revoke_erase_and_verify() {
     assert_eq!(r["piiPrincipalId"], alice_id.as_str());
     assert_eq!(r["consentReceiptID"], grant_id.as_str());
     assert_eq!(r["piiControllers"][0]["piiController"], "Acme Ltd");
-    // A required Kantara field left empty is refused, not invented.
+    // Required fields left out are refused, not invented, and named all at once (issue
+    // 11, 4: they came one error per run, while --help showed them defaulting to empty).
     let err = acme.fails(&["consent", "export-records", "--format", "kantara"]);
-    assert!(err.contains("error:"), "{err}");
+    assert!(
+        err.contains("Kantara receipts: controller contact, controller address, controller email, controller phone, policy url are empty: pass --controller-contact --controller-address --controller-email --controller-phone --policy-url"),
+        "{err}"
+    );
+    let err = acme.fails(&[
+        "consent",
+        "export-records",
+        "--format",
+        "iso27560",
+        "--controller-contact",
+        "DPO",
+    ]);
+    assert!(
+        err.contains("controller address is empty: pass --controller-address"),
+        "{err}"
+    );
+    let help = acme.ok(&["consent", "export-records", "--help"]);
+    assert!(!help.contains("[default: ]"), "{help}");
+    assert!(help.contains("Required by kantara"), "{help}");
 }
 
 #[test]

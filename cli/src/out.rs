@@ -1,0 +1,58 @@
+//! What a command prints on standard output. A reader that stops early (`rapport id |
+//! head -1`) closes the pipe; the command then ends quietly with what it did done, instead
+//! of panicking as `println!` does.
+
+use std::io::Write;
+
+/// Standard output was closed by its reader.
+#[derive(Debug)]
+pub(crate) struct ClosedPipe;
+
+impl std::fmt::Display for ClosedPipe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("standard output was closed by its reader")
+    }
+}
+
+impl std::error::Error for ClosedPipe {}
+
+/// Writes `args` and a newline to standard output.
+pub(crate) fn line(args: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
+    write(format_args!("{args}\n"))
+}
+
+/// Writes `args` to standard output. A closed pipe is [`ClosedPipe`]; anything else (a
+/// full disk behind a redirect) an error worth showing.
+pub(crate) fn write(args: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_fmt(args).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(ClosedPipe.into()),
+        Err(e) => Err(anyhow::Error::new(e).context("cannot write to standard output")),
+    }
+}
+
+/// Whether `e` is standard output closed by its reader.
+pub(crate) fn closed(e: &anyhow::Error) -> bool {
+    e.chain().any(<dyn std::error::Error>::is::<ClosedPipe>)
+}
+
+/// `println!` for command output: a closed pipe returns [`ClosedPipe`] from the enclosing
+/// function (which returns `anyhow::Result`).
+macro_rules! say {
+    () => {
+        $crate::out::line(format_args!(""))?
+    };
+    ($($arg:tt)*) => {
+        $crate::out::line(format_args!($($arg)*))?
+    };
+}
+
+/// `print!` for command output, as [`say!`].
+macro_rules! say_part {
+    ($($arg:tt)*) => {
+        $crate::out::write(format_args!($($arg)*))?
+    };
+}
+
+pub(crate) use {say, say_part};

@@ -1,0 +1,85 @@
+//! Issue 11's numbered problems, each through the real `rapport` binary: what a person hit
+//! trying Rapport as a new user, shown fixed.
+
+use std::process::Stdio;
+
+mod support;
+
+use support::{Party, rapport};
+
+fn initialised(tmp: &tempfile::TempDir, name: &str) -> Party {
+    let p = Party::new(tmp.path().join(name));
+    p.ok(&["init", "--kind", "person", "--name", name]);
+    p
+}
+
+/// 5: a reader that stops early (`rapport id | head -1`) closes the pipe. The command ends
+/// quietly with exit 0; it used to panic with "failed printing to stdout" (exit 101).
+#[test]
+fn a_closed_pipe_ends_a_command_quietly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let alice = initialised(&tmp, "Alice");
+    for args in [
+        &["id"][..],
+        &["id", "--json"],
+        &["ledger", "show", "--json"],
+        &["consent", "terms"],
+        &["consent", "export-records", "--help"],
+    ] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        // No one reads: every write finds the pipe closed.
+        drop(reader);
+        let child = rapport()
+            .arg("--data-dir")
+            .arg(&alice.dir)
+            .args(args)
+            .stdout(writer)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+        assert!(stderr.is_empty(), "{args:?}: {stderr}");
+    }
+}
+
+/// 6: a node's log written to a file holds no colour codes, and a fresh node with no peer
+/// logs no warning for that normal condition.
+#[test]
+fn a_log_in_a_file_has_no_colour_and_no_warning_for_normal_conditions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let alice = initialised(&tmp, "Alice");
+    let log = tmp.path().join("node.log");
+    let node = alice.run_node_logged(&[], &log);
+    // A command through the running node, so the log has more than the start.
+    alice.ok(&["peers"]);
+    assert!(node.terminate(), "the node stops cleanly");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("INFO"), "the log is at info: {text}");
+    assert!(
+        !text.contains('\u{1b}'),
+        "colour codes in a log file: {text:?}"
+    );
+    let warnings: Vec<&str> = text.lines().filter(|l| l.contains("WARN")).collect();
+    assert!(warnings.is_empty(), "{warnings:#?}");
+}
+
+/// 7: `init --kind company` made a community (clap suggested `community` for the typo);
+/// a company is an organisation. And `rel`'s help says what it does.
+#[test]
+fn a_company_is_an_organisation_and_help_says_what_commands_do() {
+    let tmp = tempfile::tempdir().unwrap();
+    let acme = Party::new(tmp.path().join("acme"));
+    acme.ok(&["init", "--kind", "company", "--name", "Acme"]);
+    assert_eq!(acme.json(&["id", "--json"])["kind"], "org");
+    let help = acme.ok(&["--help"]);
+    let rel = help
+        .lines()
+        .find(|l| l.trim_start().starts_with("rel "))
+        .expect("rel in the help");
+    for word in ["open", "members", "disclose"] {
+        assert!(rel.contains(word), "{rel}");
+    }
+}
