@@ -553,6 +553,8 @@ pub struct Ledger {
     /// Applied changes, each after all of its dependencies.
     changes: Vec<SignedChange>,
     known: HashSet<ChangeHash>,
+    /// The change (its position in `changes`) that added each entry.
+    added_by: HashMap<EntryId, usize>,
 }
 
 /// What applying a batch of changes did.
@@ -581,6 +583,7 @@ impl Ledger {
             refs: HashMap::new(),
             changes: Vec::new(),
             known: HashSet::new(),
+            added_by: HashMap::new(),
         })
     }
 
@@ -709,6 +712,9 @@ impl Ledger {
 
     fn record(&mut self, sc: SignedChange, entries: Vec<(EntryId, Entry)>) {
         self.known.insert(sc.hash());
+        for (id, _) in &entries {
+            self.added_by.insert(*id, self.changes.len());
+        }
         self.changes.push(sc);
         self.order.extend(entries.iter().map(|(id, _)| *id));
         for (id, e) in &entries {
@@ -731,6 +737,7 @@ impl Ledger {
             .sum::<usize>()
             .min(self.order.len());
         for id in self.order.drain(keep..) {
+            self.added_by.remove(&id);
             if let Some(e) = self.entries.remove(&id)
                 && let Some(grant) = e.body.grant_ref()
                 && let Some(list) = self.refs.get_mut(&grant)
@@ -738,6 +745,69 @@ impl Ledger {
                 list.retain(|x| *x != id);
             }
         }
+    }
+
+    /// The latest of `entries`, the same on every replica that holds them: the one with the
+    /// greatest `at`; among several in the same second, the one written after seeing the
+    /// others (its change descends from theirs); among those written apart, the greatest
+    /// entry id.
+    fn latest<'a>(
+        &self,
+        entries: Vec<(&'a EntryId, &'a Entry)>,
+    ) -> Option<(&'a EntryId, &'a Entry)> {
+        let at = entries.iter().map(|(_, e)| e.at).max()?;
+        let same: Vec<(&EntryId, &Entry)> =
+            entries.into_iter().filter(|(_, e)| e.at == at).collect();
+        if same.len() == 1 {
+            return same.into_iter().next();
+        }
+        let changes: Vec<usize> = same
+            .iter()
+            .filter_map(|(id, _)| self.added_by.get(*id).copied())
+            .collect();
+        let last = same
+            .iter()
+            .filter(|(id, _)| {
+                let Some(&mine) = self.added_by.get(*id) else {
+                    return true;
+                };
+                // Not an ancestor of another one's change.
+                !changes
+                    .iter()
+                    .any(|&other| other != mine && self.descends(other, mine))
+            })
+            .max_by_key(|(id, _)| **id)
+            .copied();
+        last.or_else(|| same.into_iter().max_by_key(|(id, _)| *id))
+    }
+
+    /// Whether change `later` (a position in `changes`) has change `earlier` in its history.
+    fn descends(&self, later: usize, earlier: usize) -> bool {
+        if later <= earlier {
+            // Applied in a causal order: nothing depends on what comes after it.
+            return false;
+        }
+        let target = self.changes[earlier].hash();
+        let position: HashMap<ChangeHash, usize> = self.changes[earlier..=later]
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.hash(), earlier + i))
+            .collect();
+        let mut stack = vec![later];
+        let mut seen = HashSet::new();
+        while let Some(i) = stack.pop() {
+            for d in self.changes[i].change().deps() {
+                if *d == target {
+                    return true;
+                }
+                if let Some(&j) = position.get(d)
+                    && seen.insert(j)
+                {
+                    stack.push(j);
+                }
+            }
+        }
+        false
     }
 
     /// Entries naming grant `grant` that match `pred`.
@@ -800,15 +870,16 @@ impl Ledger {
         if entry.at > now {
             return None;
         }
-        // The latest amendment made by `now` wins; ties go to the larger entry id so every
-        // replica picks the same one. An amendment can only narrow.
-        let amend = self
-            .refs_of(
+        // The latest amendment made by `now` wins (see `latest`). An amendment can only
+        // narrow.
+        let amend = self.latest(
+            self.refs_of(
                 id,
                 |b| matches!(b, EntryBody::Amend { grant, .. } if grant == id),
             )
             .filter(|(_, e)| e.at <= now)
-            .max_by_key(|(aid, e)| (e.at, **aid));
+            .collect(),
+        );
         let (scopes, expires) = match amend {
             Some((_, a)) => {
                 let EntryBody::Amend {

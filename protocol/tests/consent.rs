@@ -237,6 +237,90 @@ fn revoke_beats_a_concurrent_amend() {
     }
 }
 
+/// Two amendments of one grant in the same second (a person running `consent amend` twice
+/// quickly): the one written after seeing the other wins, whichever entry id is larger,
+/// on every replica. Two written apart, each without seeing the other, are ordered by
+/// entry id on every replica. Before, the larger entry id won even over a later amendment,
+/// so the second command could silently lose.
+#[test]
+fn of_two_amendments_in_one_second_the_one_written_after_wins() {
+    let read: Scope = "conversation:read".parse().unwrap();
+    let support: Scope = "contact:support".parse().unwrap();
+    let mut both_orders = [false, false];
+    // Different ends give different entry ids: try until both id orders were seen.
+    for end in 1..64u64 {
+        let (c, _g, mut cust, mut comp, gid) = granted_and_accepted();
+        let amend = |scopes_: &[&str], expires| EntryBody::Amend {
+            grant: gid,
+            scopes: scopes(scopes_),
+            expires,
+        };
+        let (first, _) = cust
+            .append(
+                &c,
+                [8; 16],
+                T0 + 60,
+                amend(
+                    &["conversation:read", "contact:support"],
+                    Some(T0 + 5000 + end),
+                ),
+            )
+            .unwrap();
+        let (second, _) = cust
+            .append(&c, [8; 16], T0 + 60, amend(&["conversation:read"], None))
+            .unwrap();
+        both_orders[usize::from(second > first)] = true;
+        comp.apply(cust.ledger().changes().to_vec());
+        for doc in [&cust, &comp] {
+            let g = doc.ledger().grant(&gid, T0 + 61).unwrap();
+            assert_eq!(g.scopes, vec![read.clone()], "end {end}");
+            assert!(!doc.ledger().holds(&support, T0 + 61));
+        }
+        if both_orders == [true, true] {
+            break;
+        }
+    }
+    assert_eq!(both_orders, [true, true], "both id orders were tried");
+
+    // Written apart in the same second: the larger entry id, on both replicas.
+    let (c, _g, cust, _comp, gid) = granted_and_accepted();
+    let mut phone = cust.clone();
+    let mut laptop = cust.clone();
+    let (a, _) = phone
+        .append(
+            &c,
+            [7; 16],
+            T0 + 60,
+            EntryBody::Amend {
+                grant: gid,
+                scopes: scopes(&["conversation:read"]),
+                expires: None,
+            },
+        )
+        .unwrap();
+    let (b, _) = laptop
+        .append(
+            &c,
+            [9; 16],
+            T0 + 60,
+            EntryBody::Amend {
+                grant: gid,
+                scopes: scopes(&["contact:support"]),
+                expires: None,
+            },
+        )
+        .unwrap();
+    phone.apply(laptop.ledger().changes().to_vec());
+    laptop.apply(phone.ledger().changes().to_vec());
+    let want = if a > b { read } else { support };
+    for doc in [&phone, &laptop] {
+        assert_eq!(
+            doc.ledger().grant(&gid, T0 + 61).unwrap().scopes,
+            vec![want.clone()]
+        );
+    }
+}
+
 /// Builds a change by `author` that runs `edit` on a copy of `doc`, and signs it.
 fn crafted(
     doc: &ConsentDoc,
@@ -599,7 +683,9 @@ mod model {
                     .filter(refers)
                     .filter(|r| r.kind == "amend")
                     .collect();
-                amends.sort_by_key(|r| (r.at, r.id));
+                // One writer (the customer's replica) writes every amendment, each after
+                // seeing the ones before: in one second, the last written wins.
+                amends.sort_by_key(|r| r.at);
                 let (scopes, expires) = match amends.last() {
                     None => (g.scopes.clone(), g.expires),
                     Some(a) => (
