@@ -173,14 +173,17 @@ impl Backend {
     pub(crate) fn amend(
         &mut self,
         grant: &str,
-        scopes: Vec<Scope>,
+        scopes: Option<Vec<Scope>>,
         expires: Option<UnixSeconds>,
     ) -> Result<WriteOutcome> {
         match self {
             Backend::Local(e) => Ok(e.amend(grant, scopes, expires, now())?.0),
             Backend::Remote(api) => api.post(
                 &format!("/v1/consent/grants/{}/amend", path_seg(grant)?),
-                json!({"scopes": scopes.iter().map(ToString::to_string).collect::<Vec<_>>(), "expires": expires}),
+                json!({
+                    "scopes": scopes.map(|s| s.iter().map(ToString::to_string).collect::<Vec<_>>()),
+                    "expires": expires,
+                }),
             ),
         }
     }

@@ -262,14 +262,15 @@ enum ConsentCmd {
         #[arg(long, value_name = "HEX")]
         notice_sha256: Option<String>,
     },
-    /// Narrow a grant: fewer scopes or an earlier end (run by the customer).
+    /// Narrow a grant: fewer scopes, an earlier end, or both; what is not given stays as it
+    /// is (run by the customer).
     Amend {
         /// The grant id (or a unique prefix of it).
         grant: String,
-        /// The scopes that remain; repeat for more.
-        #[arg(long = "scope", required = true)]
+        /// A scope that remains; repeat for more [default: the scopes the grant has now].
+        #[arg(long = "scope")]
         scopes: Vec<String>,
-        /// The new end: YYYY-MM-DD or RFC 3339.
+        /// The new end: YYYY-MM-DD or RFC 3339 [default: the end the grant has now].
         #[arg(long)]
         expires: Option<String>,
     },
@@ -718,7 +719,11 @@ fn consent(dir: &Path, cmd: ConsentCmd) -> Result<()> {
             scopes,
             expires,
         } => {
-            let scopes = parse_scopes(&scopes)?;
+            let scopes = if scopes.is_empty() {
+                None
+            } else {
+                Some(parse_scopes(&scopes)?)
+            };
             let expires = expires.as_deref().map(parse_date).transpose()?;
             let out = node.amend(&grant, scopes, expires)?;
             say!(

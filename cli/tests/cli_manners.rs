@@ -83,3 +83,46 @@ fn a_company_is_an_organisation_and_help_says_what_commands_do() {
         assert!(rel.contains(word), "{rel}");
     }
 }
+
+/// 7: `consent amend` needed every scope typed again to change only the end. Now what is
+/// not given stays as the grant has it.
+#[test]
+fn consent_amend_changes_only_what_is_given() {
+    let tmp = tempfile::tempdir().unwrap();
+    let alice = initialised(&tmp, "Alice");
+    let acme = Party::new(tmp.path().join("acme"));
+    acme.ok(&["init", "--kind", "org", "--name", "Acme"]);
+    alice.ok(&[
+        "consent",
+        "grant",
+        &acme.identity(),
+        "--scope",
+        "conversation:read",
+        "--scope",
+        "contact:support",
+        "--purpose",
+        "support",
+        "--expires",
+        "2099-12-31",
+    ]);
+    let grant = || alice.json(&["consent", "list", "--json"])[0].clone();
+    let id = grant()["grant"].as_str().unwrap().to_owned();
+    let scopes = |g: &serde_json::Value| g["scopes"].to_string();
+    let (scopes0, expires0) = (scopes(&grant()), grant()["expires"].clone());
+    assert!(scopes0.contains("contact:support"), "{scopes0}");
+
+    alice.ok(&["consent", "amend", &id[..8], "--expires", "2098-01-01"]);
+    let g = grant();
+    assert_eq!(scopes(&g), scopes0, "the scopes stay");
+    assert_ne!(g["expires"], expires0, "the end moved");
+    let expires1 = g["expires"].clone();
+
+    alice.ok(&["consent", "amend", &id[..8], "--scope", "conversation:read"]);
+    let g = grant();
+    assert!(!scopes(&g).contains("contact:support"), "{g}");
+    assert!(scopes(&g).contains("conversation:read"), "{g}");
+    assert_eq!(g["expires"], expires1, "the end stays");
+
+    let err = alice.fails(&["consent", "amend", &id[..8]]);
+    assert!(err.contains("nothing to amend"), "{err}");
+}

@@ -285,7 +285,7 @@ pub const ROUTES: &[(&str, &str, &str)] = &[
     (
         "post",
         "/v1/consent/grants/{id}/amend",
-        "Narrow a grant: {\"scopes\", \"expires\"?}",
+        "Narrow a grant: {\"scopes\"?, \"expires\"?}; what is absent stays as the grant has it now",
     ),
     (
         "post",
@@ -749,7 +749,9 @@ async fn grant(
 
 #[derive(Deserialize)]
 struct AmendBody {
-    scopes: Vec<String>,
+    /// The scopes that remain; absent: those the grant has now.
+    scopes: Option<Vec<String>>,
+    /// The new end; absent: the one the grant has now.
     expires: Option<UnixSeconds>,
 }
 
@@ -759,7 +761,7 @@ async fn amend(
     Query(q): Query<WaitQuery>,
     Json(b): Json<AmendBody>,
 ) -> ApiResult {
-    let scopes = scopes(&b.scopes)?;
+    let scopes = b.scopes.as_deref().map(scopes).transpose()?;
     let (out, delivery) = s
         .node
         .write(q.wait(), move |e| e.amend(&id, scopes, b.expires, e.now()))

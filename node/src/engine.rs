@@ -1158,15 +1158,31 @@ impl Engine {
         Ok((*self.consent_held(&doc)?.ledger().header(), gid))
     }
 
-    /// Narrows a grant (as the customer).
+    /// Narrows a grant (as the customer): to the scopes given (`None`: those it has now)
+    /// and the end given (`None`: the one it has now). The latest amendment replaces the
+    /// ones before, so what is not given is carried over from the grant as it stands.
     pub fn amend(
         &mut self,
         grant: &str,
-        scopes: Vec<Scope>,
+        scopes: Option<Vec<Scope>>,
         expires: Option<UnixSeconds>,
         now: UnixSeconds,
     ) -> Result<(WriteOutcome, Vec<Push>)> {
         let (h, gid) = self.grant_header(grant)?;
+        if scopes.is_none() && expires.is_none() {
+            return Err(EngineError::Invalid(
+                "nothing to amend: give the scopes that remain, a new end, or both".into(),
+            ));
+        }
+        let current = self
+            .consent_held(&h.doc_id())?
+            .ledger()
+            .grants(now)
+            .into_iter()
+            .find(|g| g.id == gid)
+            .ok_or_else(|| EngineError::NotFound(format!("no grant {} now", gid.short())))?;
+        let scopes = scopes.unwrap_or(current.scopes);
+        let expires = expires.or(current.expires);
         let id = self.append_consent(
             h,
             now,
