@@ -127,6 +127,17 @@ enum Command {
     /// real nodes on loopback, syncing consent and a conversation; exits 0 only if every
     /// step held.
     Demo,
+    /// Print a shell completion script: `rapport completions bash > ~/.local/share/bash-completion/completions/rapport`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), or write one page per command into a directory.
+    Man {
+        /// Write rapport.1 and a page per command (rapport-consent-grant.1, …) here.
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -468,6 +479,48 @@ fn log_filter(spec: Option<&str>, default: &str) -> tracing_subscriber::EnvFilte
     }
 }
 
+/// A shell's completion script, from the command definitions.
+fn completions(shell: clap_complete::Shell) -> Result<()> {
+    let mut script = Vec::new();
+    clap_complete::generate(
+        shell,
+        &mut <Cli as clap::CommandFactory>::command(),
+        "rapport",
+        &mut script,
+    );
+    out::write(format_args!("{}", String::from_utf8_lossy(&script)))
+}
+
+/// The manual: one page on standard output, or a page per command written into `dir`.
+fn man(dir: Option<&Path>) -> Result<()> {
+    let cmd = <Cli as clap::CommandFactory>::command();
+    let Some(dir) = dir else {
+        let mut page = Vec::new();
+        clap_mangen::Man::new(cmd).render(&mut page)?;
+        return out::write(format_args!("{}", String::from_utf8_lossy(&page)));
+    };
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut written = 0;
+    // (command, page name, how it is typed)
+    let mut pending = vec![(cmd, "rapport".to_string(), "rapport".to_string())];
+    while let Some((cmd, name, typed)) = pending.pop() {
+        let cmd = cmd.name(name.clone()).bin_name(typed.clone());
+        for sub in cmd.get_subcommands() {
+            if sub.get_name() != "help" {
+                let n = sub.get_name();
+                pending.push((sub.clone(), format!("{name}-{n}"), format!("{typed} {n}")));
+            }
+        }
+        let mut page = Vec::new();
+        clap_mangen::Man::new(cmd).render(&mut page)?;
+        let path = dir.join(format!("{name}.1"));
+        std::fs::write(&path, page).with_context(|| format!("cannot write {}", path.display()))?;
+        written += 1;
+    }
+    say!("wrote {written} manual pages to {}", dir.display());
+    Ok(())
+}
+
 fn data_dir(cli: &Option<PathBuf>) -> Result<PathBuf> {
     if let Some(dir) = cli {
         return Ok(dir.clone());
@@ -484,6 +537,8 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Demo => return demo::run(),
         Command::Bench(cmd) => return bench::run(cmd),
+        Command::Completions { shell } => return completions(shell),
+        Command::Man { out } => return man(out.as_deref()),
         _ => {}
     }
     let dir = data_dir(&cli.data_dir)?;
@@ -512,7 +567,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Peers { json } => node_cmd::peers(&dir, json),
         Command::Connect { addr } => node_cmd::connect(&dir, &addr),
         Command::Refusals { limit, json } => node_cmd::refusals(&dir, limit, json),
-        Command::Demo | Command::Bench(_) => unreachable!("handled above"),
+        Command::Demo | Command::Bench(_) | Command::Completions { .. } | Command::Man { .. } => {
+            unreachable!("handled above")
+        }
     }
 }
 

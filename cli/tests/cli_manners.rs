@@ -126,3 +126,31 @@ fn consent_amend_changes_only_what_is_given() {
     let err = alice.fails(&["consent", "amend", &id[..8]]);
     assert!(err.contains("nothing to amend"), "{err}");
 }
+
+/// Shell completions and the manual come from the command definitions, so they list
+/// every command there is.
+#[test]
+fn completions_and_manual_pages_cover_every_command() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = Party::new(tmp.path().join("unused"));
+    for shell in ["bash", "zsh", "fish"] {
+        let script = p.ok(&["completions", shell]);
+        for word in [
+            "consent",
+            "export-records",
+            "--controller-address",
+            "completions",
+        ] {
+            assert!(script.contains(word), "{shell}: {word}");
+        }
+    }
+    let page = p.ok(&["man"]);
+    assert!(page.contains(".TH rapport 1"), "{page}");
+    let dir = tmp.path().join("man");
+    let out = p.ok(&["man", "--out", dir.to_str().unwrap()]);
+    assert!(out.starts_with("wrote "), "{out}");
+    let amend = std::fs::read_to_string(dir.join("rapport-consent-amend.1")).unwrap();
+    assert!(amend.contains("rapport consent amend"), "{amend}");
+    assert!(amend.contains("what is not given stays"), "{amend}");
+    assert!(!tmp.path().join("unused").exists(), "no store was made");
+}
