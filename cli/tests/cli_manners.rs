@@ -154,3 +154,50 @@ fn completions_and_manual_pages_cover_every_command() {
     assert!(amend.contains("what is not given stays"), "{amend}");
     assert!(!tmp.path().join("unused").exists(), "no store was made");
 }
+
+/// 7: for a node reachable only through a relay (`--listen none`), `rapport id` printed a
+/// circuit address with its own id twice (`…/p2p-circuit/p2p/X/p2p/X`), and `connect` to
+/// such an address answered with the relay, to which it was already connected, not the
+/// node.
+#[test]
+fn a_relayed_node_shows_one_dialable_address_and_connect_reaches_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let community = Party::new(tmp.path().join("relay"));
+    let alice = initialised(&tmp, "Alice");
+    let acme = Party::new(tmp.path().join("acme"));
+    acme.ok(&["init", "--kind", "org", "--name", "Acme"]);
+    let (alice_id, acme_id) = (alice.identity(), acme.identity());
+    for id in [&alice_id, &acme_id] {
+        community.ok(&["relay", "allow", id]);
+    }
+    let relay = community.run_relay(&["--listen", "/ip4/127.0.0.1/tcp/0"]);
+    let args = ["--listen", "none", "--relay", relay.addr.as_str()];
+    let alice_node = alice.run_node_with(&args);
+    let acme_node = acme.run_node_with(&args);
+    let circuit = |p: &Party| -> Option<String> {
+        p.json(&["id", "--json"])["listen"]
+            .as_array()?
+            .iter()
+            .filter_map(|a| a.as_str())
+            .find(|a| a.contains("p2p-circuit"))
+            .map(str::to_owned)
+    };
+    support::until("both reachable through the relay", || {
+        circuit(&alice).is_some() && circuit(&acme).is_some()
+    });
+    let addr = circuit(&acme).unwrap();
+    assert_eq!(
+        addr.matches(&format!("/p2p/{acme_id}")).count(),
+        1,
+        "{addr}"
+    );
+    assert!(
+        addr.ends_with(&format!("/p2p-circuit/p2p/{acme_id}")),
+        "{addr}"
+    );
+    let out = alice.ok(&["connect", &addr]);
+    assert_eq!(out.trim(), format!("connected to {acme_id}"));
+    assert!(alice_node.terminate());
+    assert!(acme_node.terminate());
+    assert!(relay.terminate());
+}

@@ -512,7 +512,7 @@ async fn status(State(s): State<AppState>) -> ApiResult {
         "identity": profile.identity,
         "kind": profile.kind,
         "name": profile.name,
-        "listen": listening.into_iter().map(|a| a.with(libp2p::multiaddr::Protocol::P2p(me)).to_string()).collect::<Vec<_>>(),
+        "listen": listening.into_iter().map(|a| crate::net::with_peer(a, me).to_string()).collect::<Vec<_>>(),
         "sync_bytes_sent": stats.sent.load(std::sync::atomic::Ordering::Relaxed),
         "sync_bytes_received": stats.received.load(std::sync::atomic::Ordering::Relaxed),
         "net": {

@@ -1096,10 +1096,7 @@ impl Loop {
         match cmd {
             Command::Sync { peer, doc, reply } => self.sync(peer, doc, reply),
             Command::Dial { addr, reply } => {
-                let peer = addr.iter().find_map(|p| match p {
-                    libp2p::multiaddr::Protocol::P2p(id) => Some(id),
-                    _ => None,
-                });
+                let peer = dial_target(&addr);
                 if let Some(peer) = peer
                     && self.swarm.is_connected(&peer)
                 {
@@ -2193,9 +2190,54 @@ impl Loop {
     }
 }
 
+/// The peer an address leads to: its last `/p2p/…`. In a relayed address
+/// (`…/p2p/RELAY/p2p-circuit/p2p/PEER`) the first one is the relay's.
+pub(crate) fn dial_target(addr: &Multiaddr) -> Option<PeerId> {
+    addr.iter()
+        .filter_map(|p| match p {
+            Protocol::P2p(id) => Some(id),
+            _ => None,
+        })
+        .last()
+}
+
+/// `addr` ending in `/p2p/{peer}`: added unless it ends so already (a relayed listen
+/// address comes with it).
+pub(crate) fn with_peer(addr: Multiaddr, peer: PeerId) -> Multiaddr {
+    if matches!(addr.iter().last(), Some(Protocol::P2p(p)) if p == peer) {
+        addr
+    } else {
+        addr.with(Protocol::P2p(peer))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A relayed address leads to its last peer, not the relay; a listen address is
+    /// completed with this node's id once, never twice.
+    #[test]
+    fn a_relayed_address_names_its_peer_last() {
+        let (relay, node) = (PeerId::random(), PeerId::random());
+        let base: Multiaddr = "/ip4/127.0.0.1/tcp/4001".parse().unwrap();
+        let relayed = base
+            .clone()
+            .with(Protocol::P2p(relay))
+            .with(Protocol::P2pCircuit)
+            .with(Protocol::P2p(node));
+        assert_eq!(dial_target(&relayed), Some(node));
+        assert_eq!(
+            dial_target(&base.clone().with(Protocol::P2p(relay))),
+            Some(relay)
+        );
+        assert_eq!(dial_target(&base), None);
+        assert_eq!(with_peer(relayed.clone(), node), relayed);
+        assert_eq!(
+            with_peer(base.clone(), node),
+            base.clone().with(Protocol::P2p(node))
+        );
+    }
 
     fn framed(len: u32, body: &[u8]) -> Vec<u8> {
         let mut v = len.to_be_bytes().to_vec();
