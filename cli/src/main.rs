@@ -38,7 +38,8 @@ use out::say;
     long_about = "Rapport: a customer-owned relationship ledger. Customers grant companies signed, scoped, expiring consent, and revoke it with a signature."
 )]
 struct Cli {
-    /// Where the node keeps its store [default: $RAPPORT_HOME, else the platform data directory]
+    /// Where the node keeps its store [default: $RAPPORT_HOME, else the platform data
+    /// directory]. Not used by demo, bench, completions, man, ledger verify, consent terms.
     #[arg(long, global = true, value_name = "DIR")]
     data_dir: Option<PathBuf>,
     #[command(subcommand)]
@@ -534,6 +535,21 @@ fn data_dir(cli: &Option<PathBuf>) -> Result<PathBuf> {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    let storeless = match &cli.command {
+        Command::Demo => Some("demo`, which makes temporary stores"),
+        Command::Bench(_) => Some("bench`, which makes temporary stores"),
+        Command::Completions { .. } => Some("completions`"),
+        Command::Man { .. } => Some("man`"),
+        Command::Ledger(LedgerCmd::Verify { .. }) => {
+            Some("ledger verify`, which reads the file given")
+        }
+        Command::Consent(ConsentCmd::Terms) => Some("consent terms`"),
+        _ => None,
+    };
+    if let (Some(what), Some(_)) = (storeless, &cli.data_dir) {
+        // A note, not an error: a wrapper that always passes --data-dir keeps working.
+        eprintln!("note: --data-dir does nothing for `rapport {what}");
+    }
     match cli.command {
         Command::Demo => return demo::run(),
         Command::Bench(cmd) => return bench::run(cmd),

@@ -19,19 +19,18 @@ fn initialised(tmp: &tempfile::TempDir, name: &str) -> Party {
 fn a_closed_pipe_ends_a_command_quietly() {
     let tmp = tempfile::tempdir().unwrap();
     let alice = initialised(&tmp, "Alice");
+    let dir = alice.dir.to_str().unwrap();
     for args in [
-        &["id"][..],
-        &["id", "--json"],
-        &["ledger", "show", "--json"],
+        &["--data-dir", dir, "id"][..],
+        &["--data-dir", dir, "id", "--json"],
+        &["--data-dir", dir, "ledger", "show", "--json"],
         &["consent", "terms"],
-        &["consent", "export-records", "--help"],
+        &["--data-dir", dir, "consent", "export-records", "--help"],
     ] {
         let (reader, writer) = std::io::pipe().unwrap();
         // No one reads: every write finds the pipe closed.
         drop(reader);
         let child = rapport()
-            .arg("--data-dir")
-            .arg(&alice.dir)
             .args(args)
             .stdout(writer)
             .stderr(Stdio::piped())
@@ -200,4 +199,33 @@ fn a_relayed_node_shows_one_dialable_address_and_connect_reaches_it() {
     assert!(alice_node.terminate());
     assert!(acme_node.terminate());
     assert!(relay.terminate());
+}
+
+/// 7: `--data-dir` is offered on every command; where it does nothing, the command says so
+/// (on standard error, so a wrapper that always passes it keeps working).
+#[test]
+fn data_dir_where_it_does_nothing_is_said() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = Party::new(tmp.path().join("none"));
+    let run = p.run(&["consent", "terms"]);
+    assert!(run.ok);
+    assert!(
+        run.stderr
+            .contains("--data-dir does nothing for `rapport consent terms`"),
+        "{}",
+        run.stderr
+    );
+    assert!(!p.dir.exists(), "no store was made");
+    let run = p.run(&["man"]);
+    assert!(
+        run.ok && run.stderr.contains("does nothing"),
+        "{}",
+        run.stderr
+    );
+    let run = p.run(&["id"]);
+    assert!(
+        !run.ok && !run.stderr.contains("does nothing"),
+        "{}",
+        run.stderr
+    );
 }
