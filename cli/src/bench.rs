@@ -39,9 +39,6 @@ pub(crate) enum BenchCmd {
         /// … of how many messages each.
         #[arg(long, default_value_t = 20)]
         per_rel: usize,
-        /// Print the figures as one JSON object on stdout, and nothing else.
-        #[arg(long)]
-        json: bool,
     },
     /// A company's store with many customers, then `rapport node run` on it: time until
     /// its API answers, memory, the inbox of the latest 20, and the longest the engine was
@@ -53,9 +50,6 @@ pub(crate) enum BenchCmd {
         /// How long to wait for the node's API to answer, in seconds.
         #[arg(long, default_value_t = 300)]
         start_limit: u64,
-        /// Print the figures as one JSON object on stdout, and nothing else.
-        #[arg(long)]
-        json: bool,
         /// Build the company's store in this new directory and keep it (to run a node on
         /// it again, or `rapport store verify` it).
         #[arg(long)]
@@ -70,9 +64,6 @@ pub(crate) enum BenchCmd {
         /// Relationship sizes (members) to rotate the key of.
         #[arg(long, value_delimiter = ',', default_values_t = [10usize, 1_000])]
         members: Vec<usize>,
-        /// Print the figures as one JSON object on stdout, and nothing else.
-        #[arg(long)]
-        json: bool,
     },
 }
 
@@ -86,18 +77,16 @@ const TARGET_SAMOD: f64 = 1.5;
 const TARGET_APPLY_MANY: f64 = 3.0;
 const TARGET_WIRE: f64 = 2.0;
 
-pub(crate) fn run(cmd: BenchCmd) -> Result<()> {
-    let (messages, rels, per_rel, json) = match cmd {
+pub(crate) fn run(cmd: BenchCmd, json: bool) -> Result<()> {
+    let (messages, rels, per_rel) = match cmd {
         BenchCmd::Sync {
             messages,
             rels,
             per_rel,
-            json,
-        } => (messages, rels, per_rel, json),
+        } => (messages, rels, per_rel),
         BenchCmd::Scale {
             relationships,
             start_limit,
-            json,
             keep,
         } => {
             return crate::bench_scale::run(
@@ -107,11 +96,7 @@ pub(crate) fn run(cmd: BenchCmd) -> Result<()> {
                 keep,
             );
         }
-        BenchCmd::Relay {
-            messages,
-            members,
-            json,
-        } => {
+        BenchCmd::Relay { messages, members } => {
             return crate::bench_relay::run(messages, &members, json);
         }
     };

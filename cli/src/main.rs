@@ -42,6 +42,10 @@ struct Cli {
     /// directory]. Not used by demo, bench, completions, man, ledger verify, consent terms.
     #[arg(long, global = true, value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// Print what the command did or found as JSON on standard output (one value), for
+    /// scripts; messages for people go to standard error or are left out.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -58,11 +62,7 @@ enum Command {
         name: String,
     },
     /// Show this node's identity.
-    Id {
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    Id,
     /// Grant, accept, revoke and exchange consent.
     #[command(subcommand)]
     Consent(ConsentCmd),
@@ -83,24 +83,14 @@ enum Command {
         /// How many.
         #[arg(long, default_value_t = 20)]
         limit: usize,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
     },
     /// One relationship's conversation, oldest first.
     Thread {
         /// The relationship id (or a unique prefix of at least 4 hex digits).
         rel: String,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
     },
     /// Peers the running node knows and is connected to.
-    Peers {
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    Peers,
     /// Connect the running node to a peer.
     Connect {
         /// The peer's address, e.g. /ip4/192.0.2.7/tcp/4001/p2p/12D3KooW…
@@ -111,9 +101,6 @@ enum Command {
         /// How many, newest first.
         #[arg(long, default_value_t = 20)]
         limit: usize,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
     },
     /// Check this node's store.
     #[command(subcommand)]
@@ -186,11 +173,7 @@ enum RelCmd {
         title: Option<String>,
     },
     /// List relationships, newest activity first.
-    List {
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    List,
     /// Add another member to a relationship you own (many-to-many).
     Add {
         /// The relationship id (or prefix).
@@ -320,11 +303,7 @@ enum ConsentCmd {
         erased: String,
     },
     /// List the grants you gave or hold.
-    List {
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    List,
     /// Write the consent document shared with a peer to a file, to send it to them.
     Export {
         /// The other party: the grantee if you are the customer, the customer if you are
@@ -400,11 +379,7 @@ enum StoreCmd {
     /// Check every stored change again (signature, author, rules) and that the index kept
     /// beside each document says what the document says. Changes nothing; exits 1 if
     /// anything does not check. A running node holds the store: stop it first.
-    Verify {
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    Verify,
 }
 
 #[derive(Subcommand)]
@@ -418,9 +393,6 @@ enum LedgerCmd {
     Show {
         /// Only the ledger shared with this identity.
         identity: Option<String>,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
     },
 }
 
@@ -550,20 +522,33 @@ fn run(cli: Cli) -> Result<()> {
         // A note, not an error: a wrapper that always passes --data-dir keeps working.
         eprintln!("note: --data-dir does nothing for `rapport {what}");
     }
+    let json = cli.json;
+    if json
+        && matches!(
+            cli.command,
+            Command::Demo
+                | Command::Completions { .. }
+                | Command::Man { .. }
+                | Command::Node(NodeCmd::Run { .. })
+                | Command::Relay(relay_cmd::RelayCmd::Run { .. })
+        )
+    {
+        eprintln!("note: --json does nothing for this command");
+    }
     match cli.command {
         Command::Demo => return demo::run(),
-        Command::Bench(cmd) => return bench::run(cmd),
+        Command::Bench(cmd) => return bench::run(cmd, json),
         Command::Completions { shell } => return completions(shell),
         Command::Man { out } => return man(out.as_deref()),
         _ => {}
     }
     let dir = data_dir(&cli.data_dir)?;
     match cli.command {
-        Command::Init { kind, name } => init(&dir, kind, &name),
-        Command::Id { json } => id(&dir, json),
-        Command::Consent(cmd) => consent(&dir, cmd),
-        Command::Ledger(LedgerCmd::Verify { file }) => ledger_verify(&file),
-        Command::Ledger(LedgerCmd::Show { identity, json }) => ledger_show(&dir, identity, json),
+        Command::Init { kind, name } => init(&dir, kind, &name, json),
+        Command::Id => id(&dir, json),
+        Command::Consent(cmd) => consent(&dir, cmd, json),
+        Command::Ledger(LedgerCmd::Verify { file }) => ledger_verify(&file, json),
+        Command::Ledger(LedgerCmd::Show { identity }) => ledger_show(&dir, identity, json),
         Command::Node(NodeCmd::Run {
             listen,
             bootstrap,
@@ -572,17 +557,17 @@ fn run(cli: Cli) -> Result<()> {
             api,
             accept_grants,
         }) => node_cmd::run(&dir, listen, bootstrap, !no_mdns, relay, api, accept_grants),
-        Command::Relay(cmd) => relay_cmd::run(&dir, cmd),
-        Command::Store(StoreCmd::Verify { json }) => store_verify(&dir, json),
-        Command::Rel(cmd) => node_cmd::rel(&dir, cmd),
+        Command::Relay(cmd) => relay_cmd::run(&dir, cmd, json),
+        Command::Store(StoreCmd::Verify) => store_verify(&dir, json),
+        Command::Rel(cmd) => node_cmd::rel(&dir, cmd, json),
         Command::Msg(MsgCmd::Send { rel, text, purpose }) => {
-            node_cmd::send(&dir, &rel, &text, purpose)
+            node_cmd::send(&dir, &rel, &text, purpose, json)
         }
-        Command::Inbox { limit, json } => node_cmd::inbox(&dir, limit, json),
-        Command::Thread { rel, json } => node_cmd::thread(&dir, &rel, json),
-        Command::Peers { json } => node_cmd::peers(&dir, json),
-        Command::Connect { addr } => node_cmd::connect(&dir, &addr),
-        Command::Refusals { limit, json } => node_cmd::refusals(&dir, limit, json),
+        Command::Inbox { limit } => node_cmd::inbox(&dir, limit, json),
+        Command::Thread { rel } => node_cmd::thread(&dir, &rel, json),
+        Command::Peers => node_cmd::peers(&dir, json),
+        Command::Connect { addr } => node_cmd::connect(&dir, &addr, json),
+        Command::Refusals { limit } => node_cmd::refusals(&dir, limit, json),
         Command::Demo | Command::Bench(_) | Command::Completions { .. } | Command::Man { .. } => {
             unreachable!("handled above")
         }
@@ -614,7 +599,7 @@ fn store_verify(dir: &Path, json: bool) -> Result<()> {
     }
 }
 
-fn init(dir: &Path, kind: KindArg, name: &str) -> Result<()> {
+fn init(dir: &Path, kind: KindArg, name: &str, json: bool) -> Result<()> {
     let name = name.trim();
     if name.is_empty() || name.chars().count() > 100 {
         bail!("a name must be 1-100 characters");
@@ -626,6 +611,14 @@ fn init(dir: &Path, kind: KindArg, name: &str) -> Result<()> {
     };
     let store = Store::create(dir, kind, name, now())?;
     let profile = store.profile()?;
+    if json {
+        return out::json(&serde_json::json!({
+            "identity": profile.identity.to_string(),
+            "kind": profile.kind,
+            "name": profile.name,
+            "store": store.path(),
+        }));
+    }
     say!("created {} identity for {:?}", profile.kind, profile.name);
     say!("identity: {}", profile.identity);
     say!("store:    {}", store.path().display());
@@ -731,8 +724,15 @@ fn terms_named(id: &str) -> Result<&'static Terms> {
     })
 }
 
-fn consent(dir: &Path, cmd: ConsentCmd) -> Result<()> {
+fn consent(dir: &Path, cmd: ConsentCmd, json: bool) -> Result<()> {
     if let ConsentCmd::Terms = cmd {
+        if json {
+            let roster: Vec<serde_json::Value> = rapport_protocol::ROSTER
+                .iter()
+                .map(|t| serde_json::json!({"id": t.id, "version": t.version, "text": t.text}))
+                .collect();
+            return out::json(&roster);
+        }
         for t in rapport_protocol::ROSTER {
             say!("{:<12} v{}  {}", t.id, t.version, t.text);
         }
@@ -740,7 +740,7 @@ fn consent(dir: &Path, cmd: ConsentCmd) -> Result<()> {
     }
     let reads_only = matches!(
         cmd,
-        ConsentCmd::List { .. } | ConsentCmd::Export { .. } | ConsentCmd::ExportRecords { .. }
+        ConsentCmd::List | ConsentCmd::Export { .. } | ConsentCmd::ExportRecords { .. }
     );
     let mut node = if reads_only {
         Backend::open_read_only(dir)?
@@ -778,6 +778,9 @@ fn consent(dir: &Path, cmd: ConsentCmd) -> Result<()> {
                 legal_basis: Some(legal_basis),
                 notice_sha256,
             })?;
+            if json {
+                return out::json(&out);
+            }
             say!("granted {} to {grantee}", out.entry.expect("a grant entry"));
             match out.delivery {
                 Some(d) => say!("status: pending until {} accepts; {d}", grantee.short()),
@@ -799,6 +802,9 @@ fn consent(dir: &Path, cmd: ConsentCmd) -> Result<()> {
             };
             let expires = expires.as_deref().map(parse_date).transpose()?;
             let out = node.amend(&grant, scopes, expires)?;
+            if json {
+                return out::json(&out);
+            }
             say!(
                 "amended grant {} (amendment {})",
                 out.grant.expect("named").short(),
@@ -808,6 +814,9 @@ fn consent(dir: &Path, cmd: ConsentCmd) -> Result<()> {
         }
         ConsentCmd::Revoke { grant, reason } => {
             let out = node.revoke(&grant, reason)?;
+            if json {
+                return out::json(&out);
+            }
             say!(
                 "revoked grant {} (revocation {})",
                 out.grant.expect("named"),
@@ -825,6 +834,9 @@ fn consent(dir: &Path, cmd: ConsentCmd) -> Result<()> {
         ConsentCmd::Proffer { identity, terms } => {
             let grantee = parse_identity(&identity)?;
             let out = node.proffer(grantee, &terms)?;
+            if json {
+                return out::json(&out);
+            }
             say!(
                 "proffered {} to {grantee} ({})",
                 terms_named(&terms)?.id,
@@ -869,6 +881,9 @@ fn consent(dir: &Path, cmd: ConsentCmd) -> Result<()> {
                 customer = Some(header.customer);
             }
             let rows = node.accept(grant.as_deref(), customer)?;
+            if json {
+                return out::json(&rows);
+            }
             for g in &rows {
                 say!(
                     "accepted grant {} from {}: {} for {:?} on terms {}",
@@ -888,6 +903,9 @@ fn consent(dir: &Path, cmd: ConsentCmd) -> Result<()> {
         }
         ConsentCmd::AckErasure { grant, erased } => {
             let out = node.ack_erasure(&grant, erased)?;
+            if json {
+                return out::json(&out);
+            }
             say!(
                 "acknowledged erasure for grant {} ({})",
                 out.grant.expect("named").short(),
@@ -895,7 +913,7 @@ fn consent(dir: &Path, cmd: ConsentCmd) -> Result<()> {
             );
             delivery_line(&out)?;
         }
-        ConsentCmd::List { json } => list(&node, json)?,
+        ConsentCmd::List => list(&node, json)?,
         ConsentCmd::Export { identity, out } => {
             let peer = parse_identity(&identity)?;
             let text = node.export(&peer)?;
@@ -903,6 +921,9 @@ fn consent(dir: &Path, cmd: ConsentCmd) -> Result<()> {
                 .map(|(_, c)| c.len())
                 .unwrap_or(0);
             write_new_file(&out, text.as_bytes())?;
+            if json {
+                return out::json(&serde_json::json!({"file": out, "changes": n}));
+            }
             say!("wrote {n} changes to {}", out.display());
         }
         ConsentCmd::Import { file } => {
@@ -910,6 +931,9 @@ fn consent(dir: &Path, cmd: ConsentCmd) -> Result<()> {
             let applied = node
                 .import(&bytes)
                 .with_context(|| format!("{} was refused", file.display()))?;
+            if json {
+                return out::json(&serde_json::json!({"file": file, "applied": applied}));
+            }
             say!("imported {applied} new change(s) from {}", file.display());
             let (header, _) = read_ledger_file(&bytes)?;
             for g in node.grants()? {
@@ -980,6 +1004,9 @@ fn consent(dir: &Path, cmd: ConsentCmd) -> Result<()> {
             match out {
                 Some(path) => {
                     write_new_file(&path, text.as_bytes())?;
+                    if json {
+                        return out::json(&serde_json::json!({"file": path, "records": all.len()}));
+                    }
                     say!("wrote {} record(s) to {}", all.len(), path.display());
                 }
                 None => say!("{text}"),
@@ -1057,13 +1084,28 @@ fn list(node: &Backend, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn ledger_verify(file: &Path) -> Result<()> {
+fn ledger_verify(file: &Path, json: bool) -> Result<()> {
     let bytes = read_bounded(file)?;
     let (header, changes) = read_ledger_file(&bytes)
         .with_context(|| format!("{} failed verification", file.display()))?;
     let n = changes.len();
     let ledger = Ledger::verify(header, changes)
         .with_context(|| format!("{} failed verification", file.display()))?;
+    if json {
+        return out::json(&serde_json::json!({
+            "file": file,
+            "verified": true,
+            "document": ledger.id().to_hex(),
+            "customer": header.customer.to_string(),
+            "grantee": header.grantee.to_string(),
+            "changes": n,
+            "entries": ledger.entries().len(),
+            "grants": ledger.grants(now()).iter().map(|g| serde_json::json!({
+                "grant": g.id.to_hex(),
+                "status": g.status.as_str(),
+            })).collect::<Vec<_>>(),
+        }));
+    }
     say!("{}: OK", file.display());
     say!("  document  {}", ledger.id());
     say!("  customer  {}", header.customer);

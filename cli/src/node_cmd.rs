@@ -1,6 +1,6 @@
 //! `rapport node run` and the commands that talk to a running node.
 
-use crate::out::{say, say_part};
+use crate::out::{self, say, say_part};
 use std::net::SocketAddr;
 use std::path::Path;
 
@@ -128,9 +128,9 @@ fn print_delivery(out: &WriteOutcome) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub(crate) fn rel(dir: &Path, cmd: RelCmd) -> Result<()> {
+pub(crate) fn rel(dir: &Path, cmd: RelCmd, json: bool) -> Result<()> {
     match cmd {
-        RelCmd::List { json } => {
+        RelCmd::List => {
             let rels = Backend::open_read_only(dir)?.relationships()?;
             if json {
                 say!("{}", serde_json::to_string_pretty(&rels)?);
@@ -150,6 +150,9 @@ pub(crate) fn rel(dir: &Path, cmd: RelCmd) -> Result<()> {
                 "/v1/relationships",
                 json!({"peer": peer, "addr": addr, "name": name, "title": title}),
             )?;
+            if json {
+                return out::json(&out);
+            }
             say!("opened relationship {} with {peer}", out.doc);
             print_delivery(&out)?;
         }
@@ -164,6 +167,9 @@ pub(crate) fn rel(dir: &Path, cmd: RelCmd) -> Result<()> {
                 &format!("/v1/relationships/{}/members", seg(&rel)?),
                 json!({"peer": peer, "name": name}),
             )?;
+            if json {
+                return out::json(&out);
+            }
             say!("added {peer} to relationship {}", out.doc.to_hex());
             print_delivery(&out)?;
         }
@@ -174,6 +180,9 @@ pub(crate) fn rel(dir: &Path, cmd: RelCmd) -> Result<()> {
                 &format!("/v1/relationships/{}/removals", seg(&rel)?),
                 json!({"peer": peer}),
             )?;
+            if json {
+                return out::json(&out);
+            }
             say!(
                 "removed {peer} from relationship {}; a new content-key epoch excludes it",
                 out.doc.to_hex()
@@ -186,6 +195,9 @@ pub(crate) fn rel(dir: &Path, cmd: RelCmd) -> Result<()> {
                 &format!("/v1/relationships/{}/profile", seg(&rel)?),
                 json!({"field": field, "value": value}),
             )?;
+            if json {
+                return out::json(&out);
+            }
             say!("disclosed {field} in relationship {}", out.doc.to_hex());
             print_delivery(&out)?;
         }
@@ -254,18 +266,28 @@ fn print_rels(rels: &[RelSummary]) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub(crate) fn send(dir: &Path, rel: &str, text: &str, purpose: Option<String>) -> Result<()> {
+pub(crate) fn send(
+    dir: &Path,
+    rel: &str,
+    text: &str,
+    purpose: Option<String>,
+    json: bool,
+) -> Result<()> {
     let api = Backend::running(dir)?;
     let out: WriteOutcome = api.post(
         &format!("/v1/relationships/{}/messages", seg(rel)?),
         json!({"text": text, "purpose": purpose}),
     )?;
-    say!(
-        "sent message {} in relationship {}",
-        out.entry.map(|e| e.short()).unwrap_or_default(),
-        &out.doc.to_hex()[..8]
-    );
-    print_delivery(&out)?;
+    if json {
+        out::json(&out)?;
+    } else {
+        say!(
+            "sent message {} in relationship {}",
+            out.entry.map(|e| e.short()).unwrap_or_default(),
+            &out.doc.to_hex()[..8]
+        );
+        print_delivery(&out)?;
+    }
     let went = rapport_node::Deliveries(out.deliveries.clone());
     if !went.refusals().is_empty() && !went.any_delivered() {
         bail!("the message was refused; it stays in this node's copy of the relationship only");
@@ -372,9 +394,12 @@ pub(crate) fn peers(dir: &Path, json: bool) -> Result<()> {
     Ok(())
 }
 
-pub(crate) fn connect(dir: &Path, addr: &str) -> Result<()> {
+pub(crate) fn connect(dir: &Path, addr: &str, json: bool) -> Result<()> {
     let api: Api = Backend::running(dir)?;
     let v: Value = api.post("/v1/peers", json!({"addr": addr}))?;
+    if json {
+        return out::json(&v);
+    }
     say!("connected to {}", v["peer"].as_str().unwrap_or_default());
     Ok(())
 }

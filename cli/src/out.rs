@@ -32,6 +32,11 @@ pub(crate) fn write(args: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
     }
 }
 
+/// Prints `value` as the one JSON value a command prints under `--json`.
+pub(crate) fn json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+    line(format_args!("{}", serde_json::to_string_pretty(value)?))
+}
+
 /// Whether `e` is standard output closed by its reader.
 pub(crate) fn closed(e: &anyhow::Error) -> bool {
     e.chain().any(<dyn std::error::Error>::is::<ClosedPipe>)

@@ -1,6 +1,6 @@
 //! `rapport relay`: run a community relay, and manage who it admits.
 
-use crate::out::say;
+use crate::out::{self, say};
 use std::path::Path;
 use std::time::Duration;
 
@@ -56,13 +56,18 @@ pub(crate) enum RelayCmd {
     Members,
 }
 
-pub(crate) fn run(dir: &Path, cmd: RelayCmd) -> Result<()> {
+pub(crate) fn run(dir: &Path, cmd: RelayCmd, json: bool) -> Result<()> {
     match cmd {
         RelayCmd::Allow { identity } => {
             let id = parse_identity(&identity)?;
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
             let changed = edit_allow_list(dir, &id, true).map_err(|e| anyhow!(e))?;
+            if json {
+                return out::json(
+                    &serde_json::json!({"identity": id.to_string(), "admitted": true, "changed": changed}),
+                );
+            }
             say!(
                 "{id} {} admitted ({})",
                 if changed { "is now" } else { "was already" },
@@ -73,6 +78,11 @@ pub(crate) fn run(dir: &Path, cmd: RelayCmd) -> Result<()> {
         RelayCmd::Deny { identity } => {
             let id = parse_identity(&identity)?;
             let changed = edit_allow_list(dir, &id, false).map_err(|e| anyhow!(e))?;
+            if json {
+                return out::json(
+                    &serde_json::json!({"identity": id.to_string(), "admitted": false, "changed": changed}),
+                );
+            }
             say!(
                 "{id} {}",
                 if changed {
@@ -84,7 +94,12 @@ pub(crate) fn run(dir: &Path, cmd: RelayCmd) -> Result<()> {
             Ok(())
         }
         RelayCmd::Members => {
-            for id in read_allow_list(dir).map_err(|e| anyhow!(e))? {
+            let members = read_allow_list(dir).map_err(|e| anyhow!(e))?;
+            if json {
+                let list: Vec<String> = members.iter().map(ToString::to_string).collect();
+                return out::json(&list);
+            }
+            for id in members {
                 say!("{id}");
             }
             Ok(())

@@ -229,3 +229,67 @@ fn data_dir_where_it_does_nothing_is_said() {
         run.stderr
     );
 }
+
+/// `--json` is accepted by every command, before or after it, and a write prints what it
+/// did as one JSON value.
+#[test]
+fn every_command_takes_json_and_a_write_prints_what_it_did() {
+    let tmp = tempfile::tempdir().unwrap();
+    let alice = Party::new(tmp.path().join("alice"));
+    let made = alice.json(&["--json", "init", "--kind", "person", "--name", "Alice"]);
+    assert_eq!(made["kind"], "person");
+    let acme = Party::new(tmp.path().join("acme"));
+    acme.ok(&["init", "--kind", "org", "--name", "Acme"]);
+    let acme_id = acme.identity();
+    let granted = alice.json(&[
+        "consent",
+        "grant",
+        &acme_id,
+        "--scope",
+        "conversation:read",
+        "--purpose",
+        "support",
+        "--json",
+    ]);
+    let grant = granted["entry"].as_str().unwrap().to_owned();
+    assert_eq!(granted["peer"], acme_id.as_str());
+    let amended = alice.json(&[
+        "consent",
+        "amend",
+        &grant[..8],
+        "--expires",
+        "2099-01-01",
+        "--json",
+    ]);
+    assert_eq!(amended["grant"], grant.as_str());
+    let file = tmp.path().join("ledger.json");
+    let exported = alice.json(&[
+        "consent",
+        "export",
+        &acme_id,
+        "--out",
+        file.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(exported["changes"].as_u64().unwrap() >= 2, "{exported}");
+    let checked = alice.json(&["ledger", "verify", file.to_str().unwrap(), "--json"]);
+    assert_eq!(checked["verified"], true);
+    let revoked = alice.json(&["consent", "revoke", &grant[..8], "--json"]);
+    assert_eq!(revoked["grant"], grant.as_str());
+    let roster = alice.json(&["consent", "terms", "--json"]);
+    assert!(roster.as_array().is_some_and(|r| !r.is_empty()), "{roster}");
+    let relay = Party::new(tmp.path().join("relay"));
+    let allowed = relay.json(&["relay", "allow", &acme_id, "--json"]);
+    assert_eq!(allowed["admitted"], true);
+    assert_eq!(
+        relay.json(&["relay", "members", "--json"])[0],
+        acme_id.as_str()
+    );
+    for reads in [
+        &["id", "--json"][..],
+        &["consent", "list", "--json"],
+        &["inbox", "--json"],
+    ] {
+        alice.json(reads);
+    }
+}
