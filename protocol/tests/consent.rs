@@ -33,6 +33,14 @@ fn grant_body(list: &[&str], expires: Option<UnixSeconds>) -> EntryBody {
     }
 }
 
+fn amend_body(grant: EntryId, list: &[&str], expires: Option<UnixSeconds>) -> EntryBody {
+    EntryBody::Amend {
+        grant,
+        scopes: scopes(list),
+        expires,
+    }
+}
+
 fn accept_body(doc: &ConsentDoc, grant: EntryId) -> EntryBody {
     EntryBody::Accept {
         grant,
@@ -162,24 +170,12 @@ fn expiry_is_enforced_and_amend_only_narrows() {
         GrantStatus::Expired
     );
 
-    let wider = EntryBody::Amend {
-        grant: gid,
-        scopes: scopes(&["contact:marketing"]),
-        expires: Some(T0 + 10),
-    };
+    let wider = amend_body(gid, &["contact:marketing"], Some(T0 + 10));
     let err = cust.append(&c, [1; 16], T0 + 5, wider).unwrap_err();
     assert!(err.to_string().contains("only narrow"), "{err}");
-    let longer = EntryBody::Amend {
-        grant: gid,
-        scopes: scopes(&["contact:support"]),
-        expires: None,
-    };
+    let longer = amend_body(gid, &["contact:support"], None);
     assert!(cust.append(&c, [1; 16], T0 + 5, longer).is_err());
-    let narrower = EntryBody::Amend {
-        grant: gid,
-        scopes: scopes(&["contact:support"]),
-        expires: Some(T0 + 500),
-    };
+    let narrower = amend_body(gid, &["contact:support"], Some(T0 + 500));
     cust.append(&c, [1; 16], T0 + 5, narrower).unwrap();
     assert!(
         !cust
@@ -210,11 +206,7 @@ fn revoke_beats_a_concurrent_amend() {
         &c,
         [8; 16],
         T0 + 60,
-        EntryBody::Amend {
-            grant: gid,
-            scopes: scopes(&["conversation:read"]),
-            expires: None,
-        },
+        amend_body(gid, &["conversation:read"], None),
     )
     .unwrap();
     let mut a = cust.clone();
@@ -250,11 +242,7 @@ fn of_two_amendments_in_one_second_the_one_written_after_wins() {
     // Different ends give different entry ids: try until both id orders were seen.
     for end in 1..64u64 {
         let (c, _g, mut cust, mut comp, gid) = granted_and_accepted();
-        let amend = |scopes_: &[&str], expires| EntryBody::Amend {
-            grant: gid,
-            scopes: scopes(scopes_),
-            expires,
-        };
+        let amend = |list: &[&str], expires| amend_body(gid, list, expires);
         let (first, _) = cust
             .append(
                 &c,
@@ -291,11 +279,7 @@ fn of_two_amendments_in_one_second_the_one_written_after_wins() {
             &c,
             [7; 16],
             T0 + 60,
-            EntryBody::Amend {
-                grant: gid,
-                scopes: scopes(&["conversation:read"]),
-                expires: None,
-            },
+            amend_body(gid, &["conversation:read"], None),
         )
         .unwrap();
     let (b, _) = laptop
@@ -303,11 +287,7 @@ fn of_two_amendments_in_one_second_the_one_written_after_wins() {
             &c,
             [9; 16],
             T0 + 60,
-            EntryBody::Amend {
-                grant: gid,
-                scopes: scopes(&["contact:support"]),
-                expires: None,
-            },
+            amend_body(gid, &["contact:support"], None),
         )
         .unwrap();
     phone.apply(laptop.ledger().changes().to_vec());
