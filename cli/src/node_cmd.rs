@@ -278,19 +278,26 @@ pub(crate) fn send(
         &format!("/v1/relationships/{}/messages", seg(rel)?),
         json!({"text": text, "purpose": purpose}),
     )?;
+    // One outcome, said once: where the message went, or who refused it (exit 1).
+    let went = rapport_node::Deliveries(out.deliveries.clone());
+    let refused = !went.refusals().is_empty() && !went.any_delivered();
+    let what = format!(
+        "message {} in relationship {}",
+        out.entry.map(|e| e.short()).unwrap_or_default(),
+        &out.doc.to_hex()[..8]
+    );
+    let delivery = out.delivery.clone().unwrap_or_else(|| "stored here".into());
     if json {
         out::json(&out)?;
-    } else {
-        say!(
-            "sent message {} in relationship {}",
-            out.entry.map(|e| e.short()).unwrap_or_default(),
-            &out.doc.to_hex()[..8]
-        );
-        print_delivery(&out)?;
     }
-    let went = rapport_node::Deliveries(out.deliveries.clone());
-    if !went.refusals().is_empty() && !went.any_delivered() {
-        bail!("the message was refused; it stays in this node's copy of the relationship only");
+    if refused {
+        bail!("{what}: {delivery}; it stays only in this node's copy of the relationship");
+    }
+    if !json {
+        say!("{what}: {delivery}");
+        if let Some(n) = &out.note {
+            say!("note: {n}");
+        }
     }
     Ok(())
 }

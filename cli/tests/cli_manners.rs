@@ -293,3 +293,55 @@ fn every_command_takes_json_and_a_write_prints_what_it_did() {
         alice.json(reads);
     }
 }
+
+/// 3: a message refused by its reader printed "sent message …", then "refused by …", then
+/// an error. Now a write says one outcome: where it went (exit 0), or who refused it and
+/// why (exit 1, nothing on standard output), the message staying in the sender's copy.
+#[test]
+fn a_message_reports_one_outcome() {
+    let tmp = tempfile::tempdir().unwrap();
+    let alice = initialised(&tmp, "Alice");
+    let acme = Party::new(tmp.path().join("acme"));
+    acme.ok(&["init", "--kind", "org", "--name", "Acme"]);
+    let alice_id = alice.identity();
+    let alice_node = alice.run_node();
+    let acme_node = acme.run_node();
+    alice.ok(&["connect", &acme.listen_addr()]);
+    let rel = support::consent_and_open(&alice, &acme, &["--name", "Acme"]);
+
+    let out = acme.ok(&["msg", "send", &rel[..8], "It ships today."]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 1, "{out}");
+    assert!(
+        lines[0].starts_with("message ")
+            && lines[0].ends_with(&format!(": delivered to {alice_id}")),
+        "{out}"
+    );
+
+    // Acme holds no contact:marketing: Alice's node refuses it.
+    let run = acme.run(&[
+        "msg",
+        "send",
+        &rel[..8],
+        "50% off!",
+        "--purpose",
+        "marketing",
+    ]);
+    assert!(!run.ok);
+    assert!(run.stdout.is_empty(), "{}", run.stdout);
+    let lines: Vec<&str> = run.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{}", run.stderr);
+    assert!(lines[0].starts_with("error: message "), "{}", run.stderr);
+    assert!(
+        lines[0].contains(&format!("refused by {alice_id}: ")),
+        "{}",
+        run.stderr
+    );
+    assert!(lines[0].ends_with("it stays only in this node's copy of the relationship"));
+    assert!(
+        acme.ok(&["thread", &rel[..8]]).contains("50% off!"),
+        "kept where written"
+    );
+    assert!(alice_node.terminate());
+    assert!(acme_node.terminate());
+}

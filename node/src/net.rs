@@ -1574,7 +1574,7 @@ impl Loop {
         if sealed.is_empty() {
             for r in replies {
                 let _ = r.send(SyncResult::Deposited(
-                    "the peer is not reachable; its mailbox already holds everything".into(),
+                    "its mailbox already holds everything".into(),
                 ));
             }
             return;
@@ -1717,7 +1717,7 @@ impl Loop {
                 });
                 for r in dep.replies {
                     let _ = r.send(SyncResult::Deposited(format!(
-                        "{id} is not reachable; {count} sealed envelope(s) left in its mailbox at the relay"
+                        "not reachable; {count} sealed envelope(s) in its mailbox"
                     )));
                 }
             }

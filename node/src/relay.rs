@@ -543,7 +543,7 @@ impl Loop {
                 return self.refuse(
                     channel,
                     MailRefusal::BadEnvelope,
-                    format!("{bad}; nothing was stored"),
+                    format!("{bad}; the relay kept nothing"),
                 );
             }
         };
@@ -602,7 +602,7 @@ impl Loop {
                         channel,
                         MailRefusal::QuotaRate,
                         format!(
-                            "over this relay's quota of {per_minute} envelopes a minute; nothing was stored; try again in {wait}s"
+                            "over this relay's quota of {per_minute} envelopes a minute; the relay kept nothing; try again in {wait}s"
                         ),
                     );
                 }
@@ -637,7 +637,7 @@ fn deposit(
             Err(e) => {
                 return refused(
                     MailRefusal::BadEnvelope,
-                    format!("envelope {i}: {e}; nothing was stored"),
+                    format!("envelope {i}: {e}; the relay kept nothing"),
                 );
             }
         };
@@ -645,7 +645,7 @@ fn deposit(
             return refused(
                 MailRefusal::BadEnvelope,
                 format!(
-                    "envelope {i} is from {}, not from you; nothing was stored",
+                    "envelope {i} is from {}, not from you; the relay kept nothing",
                     env.from
                 ),
             );
@@ -653,7 +653,7 @@ fn deposit(
         if env.verify().is_err() {
             return refused(
                 MailRefusal::BadEnvelope,
-                format!("envelope {i} is not signed by its sender; nothing was stored"),
+                format!("envelope {i} is not signed by its sender; the relay kept nothing"),
             );
         }
         if let Some(set) = &allowed
@@ -662,7 +662,7 @@ fn deposit(
             return refused(
                 MailRefusal::NotAdmitted,
                 format!(
-                    "{} has no mailbox here (not admitted to this relay); nothing was stored",
+                    "{} has no mailbox here (not admitted to this relay); the relay kept nothing",
                     env.to
                 ),
             );
@@ -679,14 +679,14 @@ fn deposit(
         Ok(Err((used, size))) => refused(
             MailRefusal::QuotaBytes,
             format!(
-                "over quota: you store {used} of {max_bytes} bytes at this relay and this deposit needs {size} more; nothing was stored"
+                "over quota: you store {used} of {max_bytes} bytes at this relay and this deposit needs {size} more; the relay kept nothing"
             ),
         ),
         Err(e) => {
             tracing::error!("mailbox write failed: {e}");
             refused(
                 MailRefusal::Unavailable,
-                "the relay could not store the mail; nothing was stored; try later".into(),
+                "the relay could not store the mail; the relay kept nothing; try later".into(),
             )
         }
     }

@@ -326,7 +326,9 @@ impl Deliveries {
             .any(|d| matches!(d.outcome, SyncResult::Offline(_)))
     }
 
-    /// One line for people, or none when it went to no peer.
+    /// One line for people, or none when it went to no peer. One vocabulary everywhere:
+    /// `delivered to P`, `refused by P: why`, and `stored here; …` (P not reached, waiting
+    /// at the relay for P, on its way to P, or not sent to P).
     pub fn summary(&self) -> Option<String> {
         if self.0.is_empty() {
             return None;
@@ -340,10 +342,16 @@ impl Deliveries {
                     let reasons: Vec<&str> = why.iter().map(|r| r.reason.as_str()).collect();
                     format!("refused by {peer}: {}", reasons.join("; "))
                 }
-                SyncResult::Offline(why) => format!("stored; {peer} not reached ({why})"),
-                SyncResult::NotShared => format!("not sent to {peer}: it may not read this now"),
-                SyncResult::Deposited(why) => format!("stored; {why}"),
-                SyncResult::Queued => format!("queued for {peer}"),
+                SyncResult::Offline(why) => {
+                    format!("stored here; {peer} not reached ({why}): it goes when they connect")
+                }
+                SyncResult::NotShared => {
+                    format!("stored here; not sent to {peer}, who may not read it now")
+                }
+                SyncResult::Deposited(why) => {
+                    format!("stored here; waiting at the relay for {peer} ({why})")
+                }
+                SyncResult::Queued => format!("stored here; on its way to {peer}"),
             })
             .collect();
         Some(parts.join("; "))
