@@ -661,3 +661,33 @@ fn a_writer_session_number_used_twice_is_refused() {
         assert_eq!(d.messages().len(), 2);
     }
 }
+
+/// A change that names an Automerge author is refused. Automerge binds an author to a
+/// writer session once and refuses a second; since the Automerge view is built only when
+/// used, one such change held would make the document unbuildable later, and its owner
+/// unable to write.
+#[test]
+fn a_change_naming_an_automerge_author_is_refused() {
+    let (alice, acme, doc) = opened();
+    let (k, t) = entry_text(&acme, msg("hello", Some("support")));
+    let mut am: Automerge = doc.automerge().clone();
+    am.set_author(Some(automerge::Author::from(b"acme".to_vec())));
+    am.set_actor(actor_for(&acme.identity(), [9; 16]));
+    let mut tx = am.transaction();
+    tx.put(ROOT, k, t).unwrap();
+    tx.commit_with(CommitOptions::default().with_time(1));
+    let change = am.get_last_local_change().unwrap();
+    assert!(change.author().is_some());
+    let signed = SignedChange::sign(&doc.id(), change, &acme).unwrap();
+    let mut held = RelationshipDoc::load_trusted(*doc.header(), doc.changes().to_vec()).unwrap();
+    let r = held.apply(vec![signed]);
+    assert!(r.applied.is_empty());
+    assert!(
+        matches!(&r.rejected[..], [(_, RelError::NotAnAppend { detail, .. })] if detail.contains("Automerge author")),
+        "{:?}",
+        r.rejected
+    );
+    held.append(&alice, [1; 16], T0 + 1, msg("still writable", None))
+        .unwrap();
+    assert_eq!(held.automerge().get_heads(), held.heads());
+}
