@@ -778,17 +778,11 @@ fn consent(dir: &Path, cmd: ConsentCmd, json: bool) -> Result<()> {
                 legal_basis: Some(legal_basis),
                 notice_sha256,
             })?;
-            if json {
-                return out::json(&out);
-            }
-            say!("granted {} to {grantee}", out.entry.expect("a grant entry"));
-            match out.delivery {
-                Some(d) => say!("status: pending until {} accepts; {d}", grantee.short()),
-                None => say!(
-                    "status: pending until {} accepts; it reaches them when your node runs (`rapport node run`), or send it with `rapport consent export {grantee} --out FILE`",
-                    grantee.short()
-                ),
-            }
+            let what = format!(
+                "granted {} to {grantee}, pending until they accept",
+                out.entry.expect("a grant entry")
+            );
+            out::report(&what, &out, &unsent(&grantee), json)?;
         }
         ConsentCmd::Amend {
             grant,
@@ -802,47 +796,31 @@ fn consent(dir: &Path, cmd: ConsentCmd, json: bool) -> Result<()> {
             };
             let expires = expires.as_deref().map(parse_date).transpose()?;
             let out = node.amend(&grant, scopes, expires)?;
-            if json {
-                return out::json(&out);
-            }
-            say!(
+            let what = format!(
                 "amended grant {} (amendment {})",
                 out.grant.expect("named").short(),
                 out.entry.expect("an entry").short()
             );
-            delivery_line(&out)?;
+            out::report(&what, &out, &unsent(&out.peer), json)?;
         }
         ConsentCmd::Revoke { grant, reason } => {
             let out = node.revoke(&grant, reason)?;
-            if json {
-                return out::json(&out);
-            }
-            say!(
+            let what = format!(
                 "revoked grant {} (revocation {})",
                 out.grant.expect("named"),
                 out.entry.expect("an entry").short()
             );
-            match &out.delivery {
-                Some(_) => delivery_line(&out)?,
-                None => say!(
-                    "it reaches {} when your node runs, or send it with `rapport consent export {} --out FILE`",
-                    out.peer.short(),
-                    out.peer
-                ),
-            }
+            out::report(&what, &out, &unsent(&out.peer), json)?;
         }
         ConsentCmd::Proffer { identity, terms } => {
             let grantee = parse_identity(&identity)?;
             let out = node.proffer(grantee, &terms)?;
-            if json {
-                return out::json(&out);
-            }
-            say!(
+            let what = format!(
                 "proffered {} to {grantee} ({})",
                 terms_named(&terms)?.id,
                 out.entry.expect("an entry").short()
             );
-            delivery_line(&out)?;
+            out::report(&what, &out, &unsent(&grantee), json)?;
         }
         ConsentCmd::Accept { file, grant } => {
             let mut customer = None;
@@ -903,15 +881,12 @@ fn consent(dir: &Path, cmd: ConsentCmd, json: bool) -> Result<()> {
         }
         ConsentCmd::AckErasure { grant, erased } => {
             let out = node.ack_erasure(&grant, erased)?;
-            if json {
-                return out::json(&out);
-            }
-            say!(
+            let what = format!(
                 "acknowledged erasure for grant {} ({})",
                 out.grant.expect("named").short(),
                 out.entry.expect("an entry").short()
             );
-            delivery_line(&out)?;
+            out::report(&what, &out, &unsent(&out.peer), json)?;
         }
         ConsentCmd::List => list(&node, json)?,
         ConsentCmd::Export { identity, out } => {
@@ -1017,11 +992,12 @@ fn consent(dir: &Path, cmd: ConsentCmd, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn delivery_line(out: &rapport_node::WriteOutcome) -> anyhow::Result<()> {
-    if let Some(d) = &out.delivery {
-        say!("{d}");
-    }
-    Ok(())
+/// Where a consent write is when this node is not running: in the store, until the node
+/// runs or the ledger is carried to `peer` by hand.
+fn unsent(peer: &IdentityKey) -> String {
+    format!(
+        "stored here; it reaches {peer} when your node runs (`rapport node run`), or send it with `rapport consent export {peer} --out FILE`"
+    )
 }
 
 /// Every consent ledger the node holds, verified again here.

@@ -118,15 +118,8 @@ pub(crate) async fn wait_for_signal() {
     }
 }
 
-fn print_delivery(out: &WriteOutcome) -> anyhow::Result<()> {
-    if let Some(n) = &out.note {
-        say!("note: {n}");
-    }
-    if let Some(d) = &out.delivery {
-        say!("{d}");
-    }
-    Ok(())
-}
+/// Where a write is when it went to no peer now.
+const STORED: &str = "stored here";
 
 pub(crate) fn rel(dir: &Path, cmd: RelCmd, json: bool) -> Result<()> {
     match cmd {
@@ -150,11 +143,8 @@ pub(crate) fn rel(dir: &Path, cmd: RelCmd, json: bool) -> Result<()> {
                 "/v1/relationships",
                 json!({"peer": peer, "addr": addr, "name": name, "title": title}),
             )?;
-            if json {
-                return out::json(&out);
-            }
-            say!("opened relationship {} with {peer}", out.doc);
-            print_delivery(&out)?;
+            let what = format!("opened relationship {} with {peer}", out.doc);
+            out::report(&what, &out, STORED, json)?;
         }
         RelCmd::Add {
             rel,
@@ -167,11 +157,8 @@ pub(crate) fn rel(dir: &Path, cmd: RelCmd, json: bool) -> Result<()> {
                 &format!("/v1/relationships/{}/members", seg(&rel)?),
                 json!({"peer": peer, "name": name}),
             )?;
-            if json {
-                return out::json(&out);
-            }
-            say!("added {peer} to relationship {}", out.doc.to_hex());
-            print_delivery(&out)?;
+            let what = format!("added {peer} to relationship {}", out.doc.to_hex());
+            out::report(&what, &out, STORED, json)?;
         }
         RelCmd::Remove { rel, identity } => {
             let peer = parse_identity(&identity)?;
@@ -180,14 +167,11 @@ pub(crate) fn rel(dir: &Path, cmd: RelCmd, json: bool) -> Result<()> {
                 &format!("/v1/relationships/{}/removals", seg(&rel)?),
                 json!({"peer": peer}),
             )?;
-            if json {
-                return out::json(&out);
-            }
-            say!(
+            let what = format!(
                 "removed {peer} from relationship {}; a new content-key epoch excludes it",
                 out.doc.to_hex()
             );
-            print_delivery(&out)?;
+            out::report(&what, &out, STORED, json)?;
         }
         RelCmd::Disclose { rel, field, value } => {
             let api = Backend::running(dir)?;
@@ -195,11 +179,8 @@ pub(crate) fn rel(dir: &Path, cmd: RelCmd, json: bool) -> Result<()> {
                 &format!("/v1/relationships/{}/profile", seg(&rel)?),
                 json!({"field": field, "value": value}),
             )?;
-            if json {
-                return out::json(&out);
-            }
-            say!("disclosed {field} in relationship {}", out.doc.to_hex());
-            print_delivery(&out)?;
+            let what = format!("disclosed {field} in relationship {}", out.doc.to_hex());
+            out::report(&what, &out, STORED, json)?;
         }
     }
     Ok(())
@@ -278,27 +259,12 @@ pub(crate) fn send(
         &format!("/v1/relationships/{}/messages", seg(rel)?),
         json!({"text": text, "purpose": purpose}),
     )?;
-    // One outcome, said once: where the message went, or who refused it (exit 1).
-    let went = rapport_node::Deliveries(out.deliveries.clone());
-    let refused = !went.refusals().is_empty() && !went.any_delivered();
     let what = format!(
         "message {} in relationship {}",
         out.entry.map(|e| e.short()).unwrap_or_default(),
         &out.doc.to_hex()[..8]
     );
-    let delivery = out.delivery.clone().unwrap_or_else(|| "stored here".into());
-    if json {
-        out::json(&out)?;
-    }
-    if refused {
-        bail!("{what}: {delivery}; it stays only in this node's copy of the relationship");
-    }
-    if !json {
-        say!("{what}: {delivery}");
-        if let Some(n) = &out.note {
-            say!("note: {n}");
-        }
-    }
+    out::report(&what, &out, STORED, json)?;
     Ok(())
 }
 

@@ -37,6 +37,33 @@ pub(crate) fn json(value: &impl serde::Serialize) -> anyhow::Result<()> {
     line(format_args!("{}", serde_json::to_string_pretty(value)?))
 }
 
+/// Reports a write's one outcome: `what: where it went` on standard output (or the
+/// outcome as JSON), exit 0; or, when every peer it went to refused it, one error line
+/// saying who and why (exit 1). `unsent` says where it is when it went to no peer now.
+pub(crate) fn report(
+    what: &str,
+    out: &rapport_node::WriteOutcome,
+    unsent: &str,
+    json: bool,
+) -> anyhow::Result<()> {
+    let went = rapport_node::Deliveries(out.deliveries.clone());
+    let refused = !went.refusals().is_empty() && !went.any_delivered();
+    let delivery = out.delivery.as_deref().unwrap_or(unsent);
+    if json {
+        self::json(out)?;
+    }
+    if refused {
+        anyhow::bail!("{what}: {delivery}; it stays only in this node's copy");
+    }
+    if !json {
+        line(format_args!("{what}: {delivery}"))?;
+        if let Some(n) = &out.note {
+            line(format_args!("note: {n}"))?;
+        }
+    }
+    Ok(())
+}
+
 /// Whether `e` is standard output closed by its reader.
 pub(crate) fn closed(e: &anyhow::Error) -> bool {
     e.chain().any(<dyn std::error::Error>::is::<ClosedPipe>)

@@ -337,10 +337,28 @@ fn a_message_reports_one_outcome() {
         "{}",
         run.stderr
     );
-    assert!(lines[0].ends_with("it stays only in this node's copy of the relationship"));
+    assert!(
+        lines[0].ends_with("it stays only in this node's copy"),
+        "{}",
+        run.stderr
+    );
     assert!(
         acme.ok(&["thread", &rel[..8]]).contains("50% off!"),
         "kept where written"
+    );
+
+    // A consent write says its one outcome the same way.
+    let grant = alice.json(&["consent", "list", "--json"])[0]["grant"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let out = alice.ok(&["consent", "amend", &grant[..8], "--expires", "2099-01-01"]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 1, "{out}");
+    assert!(
+        lines[0].starts_with("amended grant ")
+            && lines[0].ends_with(&format!(": delivered to {}", acme.identity())),
+        "{out}"
     );
     assert!(alice_node.terminate());
     assert!(acme_node.terminate());
