@@ -862,20 +862,21 @@ fn consent(dir: &Path, cmd: ConsentCmd, json: bool) -> Result<()> {
             if json {
                 return out::json(&rows);
             }
+            let local = matches!(node, Backend::Local(_));
             for g in &rows {
+                // One line per grant; with the node stopped, where the acceptance is.
+                let whereabouts = if local {
+                    format!("; {}", unsent(&g.peer))
+                } else {
+                    String::new()
+                };
                 say!(
-                    "accepted grant {} from {}: {} for {:?} on terms {}",
+                    "accepted grant {} from {}: {} for {:?} on terms {}{whereabouts}",
                     g.grant,
                     g.peer.short(),
                     g.scopes.join(", "),
                     g.purpose,
                     g.terms
-                );
-            }
-            if let (Backend::Local(_), Some(g)) = (&node, rows.first()) {
-                say!(
-                    "send your acceptance back with `rapport consent export {} --out FILE`, or run your node",
-                    g.peer
                 );
             }
         }

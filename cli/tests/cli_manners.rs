@@ -363,3 +363,29 @@ fn a_message_reports_one_outcome() {
     assert!(alice_node.terminate());
     assert!(acme_node.terminate());
 }
+
+/// Exit codes: 2 for a command line that is wrong (clap's usage message), 1 for a
+/// refused command (one `error:` line), 0 for done.
+#[test]
+fn exit_codes_say_usage_refused_or_done() {
+    let tmp = tempfile::tempdir().unwrap();
+    let alice = initialised(&tmp, "Alice");
+    let code = |args: &[&str]| {
+        rapport()
+            .arg("--data-dir")
+            .arg(&alice.dir)
+            .args(args)
+            .output()
+            .unwrap()
+            .status
+            .code()
+    };
+    assert_eq!(code(&["consent", "grant"]), Some(2), "a missing argument");
+    assert_eq!(code(&["no-such-command"]), Some(2));
+    assert_eq!(
+        code(&["consent", "revoke", "ffff"]),
+        Some(1),
+        "no such grant"
+    );
+    assert_eq!(code(&["id"]), Some(0));
+}
