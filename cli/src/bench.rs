@@ -397,6 +397,10 @@ async fn case(label: &str, rels: usize, per_rel: usize) -> Result<Figures> {
     let store = Store::open(&cdir)?;
     let mut ids: Vec<DocId> = Vec::new();
     let mut all: Vec<Vec<SignedChange>> = Vec::new();
+    let bar = crate::out::progress(
+        &format!("{label}: writing the customer's store"),
+        (rels * per_rel) as u64,
+    );
     for r in 0..rels {
         let mut nonce = [0u8; 16];
         nonce[..8].copy_from_slice(&(r as u64).to_be_bytes());
@@ -419,12 +423,14 @@ async fn case(label: &str, rels: usize, per_rel: usize) -> Result<Figures> {
                     purpose,
                 },
             )?;
+            bar.inc(1);
         }
         store.put_changes(&DocRef::Relationship(header), doc.changes())?;
         ids.push(doc.id());
         all.push(doc.changes().to_vec());
     }
     drop(store);
+    bar.finish_and_clear();
     let total: usize = all.iter().map(Vec::len).sum();
     let own_bytes: usize = all.iter().flatten().map(|c| c.encode().len()).sum();
     // The Automerge changes inside the signed ones: the floor and samod get exactly these.

@@ -125,6 +125,11 @@ fn customer(i: usize) -> SecretKey {
 /// The company's store: for each customer, a consent document (a grant and the company's
 /// acceptance) and a relationship (title, the company as member, a question and a reply).
 fn build(dir: &Path, n: usize, quiet: bool) -> Result<()> {
+    let bar = if quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        crate::out::progress("building the company's store", n as u64)
+    };
     let store = Store::create(dir, Kind::Org, "Acme", rapport_node::now())?;
     let gk = store.secret_key()?;
     let t0 = rapport_node::now() - 3600;
@@ -164,10 +169,9 @@ fn build(dir: &Path, n: usize, quiet: bool) -> Result<()> {
         }
         store.end_group()?;
         i = (i + BUILD_GROUP).min(n);
-        if !quiet && (i % 10_000 == 0 || i == n) {
-            eprintln!("  built {i} of {n}");
-        }
+        bar.set_position(i as u64);
     }
+    bar.finish_and_clear();
     Ok(())
 }
 

@@ -64,6 +64,22 @@ pub(crate) fn report(
     Ok(())
 }
 
+/// A progress bar on standard error for long work (`what`, `len` steps). It is drawn only
+/// for a person at a terminal: never into a log file, a pipe or a test's output.
+pub(crate) fn progress(what: &str, len: u64) -> indicatif::ProgressBar {
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {human_pos}/{human_len} ({eta})")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(what.to_owned());
+    bar
+}
+
 /// Whether `e` is standard output closed by its reader.
 pub(crate) fn closed(e: &anyhow::Error) -> bool {
     e.chain().any(<dyn std::error::Error>::is::<ClosedPipe>)

@@ -18,6 +18,12 @@ fn bench(args: &[&str]) -> Value {
         "rapport bench {args:?} failed: {}\nstdout: {stdout}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Progress bars are for a person at a terminal: none is drawn into a pipe.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains('\r') && !stderr.contains('\u{1b}'),
+        "progress drawn into a pipe: {stderr:?}"
+    );
     // One JSON object and nothing else (serde_json rejects trailing text).
     serde_json::from_str(stdout.trim())
         .unwrap_or_else(|e| panic!("not one JSON object ({e}): {stdout}"))
