@@ -124,11 +124,12 @@ const STORED: &str = "stored here";
 pub(crate) fn rel(dir: &Path, cmd: RelCmd, json: bool) -> Result<()> {
     match cmd {
         RelCmd::List => {
-            let rels = Backend::open_read_only(dir)?.relationships()?;
+            let backend = Backend::open_read_only(dir)?;
+            let rels = backend.relationships()?;
             if json {
                 say!("{}", serde_json::to_string_pretty(&rels)?);
             } else {
-                print_rels(&rels)?;
+                print_rels(&rels, &backend.me()?)?;
             }
         }
         RelCmd::Open {
@@ -196,7 +197,9 @@ fn seg(s: &str) -> Result<String> {
     Ok(s)
 }
 
-fn print_rels(rels: &[RelSummary]) -> anyhow::Result<()> {
+/// The relationships as a table: for each, the others in it (`with`): the members for
+/// its owner; the owner and the other members for a member.
+fn print_rels(rels: &[RelSummary], me: &rapport_protocol::IdentityKey) -> anyhow::Result<()> {
     if rels.is_empty() {
         say!("no relationships yet");
         return Ok(());
@@ -206,20 +209,20 @@ fn print_rels(rels: &[RelSummary]) -> anyhow::Result<()> {
         "rel",
         "role",
         "title",
-        "members",
+        "with",
         "msgs"
     );
     for r in rels {
-        let members: Vec<String> = r
-            .members
-            .iter()
-            .map(|m| {
+        let owner = (!r.mine).then(|| r.owner_name.clone());
+        let members: Vec<String> = owner
+            .into_iter()
+            .chain(r.members.iter().filter(|m| m.identity != *me).map(|m| {
                 if m.removed {
                     format!("{} (removed)", m.name)
                 } else {
                     m.name.clone()
                 }
-            })
+            }))
             .collect();
         say!(
             "{:<10} {:<6} {:<24} {:<28} {:>4}  {}",

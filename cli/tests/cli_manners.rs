@@ -347,6 +347,24 @@ fn a_message_reports_one_outcome() {
         "kept where written"
     );
 
+    // 2: at Acme, `rel list` showed Acme's own name as the relationship's members; it
+    // shows the others in it: Alice, by the name she disclosed.
+    let with = |p: &Party| -> String {
+        let list = p.ok(&["rel", "list"]);
+        let mut lines = list.lines();
+        let at = lines.next().unwrap().find("with").expect("a with column");
+        // Columns are padded by characters (the title may hold a "…").
+        let row = lines.next().expect("one relationship");
+        row.chars()
+            .skip(at)
+            .take(28)
+            .collect::<String>()
+            .trim()
+            .to_owned()
+    };
+    assert_eq!(with(&acme), "Alice");
+    assert_eq!(with(&alice), "Acme");
+
     // A consent write says its one outcome the same way.
     let grant = alice.json(&["consent", "list", "--json"])[0]["grant"]
         .as_str()
