@@ -6,14 +6,53 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use rapport_node::{
-    Engine, GrantArgs, GrantRow, MessageView, NODE_FILE, NodeFile, Refusal, RelDetail, RelSummary,
-    Store, TOKEN_FILE, WriteOutcome,
+    Contact, Engine, GrantArgs, GrantRow, MessageView, NODE_FILE, NodeFile, Refusal, RelDetail,
+    RelSummary, ResolvedPeer, Store, TOKEN_FILE, WriteOutcome,
 };
-use rapport_protocol::{IdentityKey, Scope, UnixSeconds};
+use rapport_protocol::{IdentityKey, Kind, Scope, UnixSeconds};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use crate::now;
+
+/// The names this node knows for peers, to show instead of ids: the user's petnames for
+/// contacts, and else the name a relationship gives (its owner's own, or the one its owner
+/// gave a member), in quotes: it is theirs, not the user's.
+#[derive(Debug, Default)]
+pub(crate) struct Names(pub(crate) std::collections::HashMap<IdentityKey, (String, Option<Kind>)>);
+
+impl Names {
+    /// How to show `peer`: its petname, else the name a relationship gives it in quotes,
+    /// else its id; with `-v`, the id beside the name.
+    pub(crate) fn of(&self, peer: &IdentityKey) -> String {
+        match self.0.get(peer) {
+            Some((name, _)) => crate::out::named(name, peer),
+            None => peer.to_string(),
+        }
+    }
+
+    /// The user's petname for `peer` if it is a contact, else `given` (the name a
+    /// relationship gives it).
+    pub(crate) fn or(&self, peer: &IdentityKey, given: &str) -> String {
+        crate::out::named(&self.plain_or(peer, given), peer)
+    }
+
+    /// [`Names::or`] without the identity, even with `-v`.
+    pub(crate) fn plain_or(&self, peer: &IdentityKey, given: &str) -> String {
+        match self.0.get(peer) {
+            Some((name, Some(_))) => name.clone(),
+            _ => given.to_owned(),
+        }
+    }
+
+    /// [`Names::of`] with the kind its invitation gave, if any: `Acme (org)`.
+    pub(crate) fn with_kind(&self, peer: &IdentityKey) -> String {
+        match self.0.get(peer) {
+            Some((_, Some(kind))) => format!("{} ({kind})", self.of(peer)),
+            _ => self.of(peer),
+        }
+    }
+}
 
 /// A client of a running node's API.
 pub(crate) struct Api {
@@ -132,6 +171,19 @@ impl Backend {
         })
     }
 
+    /// The running node of `dir` as a backend, or a clear error.
+    pub(crate) fn running_backend(dir: &Path) -> Result<Backend> {
+        Ok(Backend::Remote(Self::running(dir)?))
+    }
+
+    /// The running node's API, if this backend is one.
+    pub(crate) fn api(&self) -> Result<&Api> {
+        match self {
+            Backend::Remote(api) => Ok(api),
+            Backend::Local(_) => Err(anyhow!("this needs a running node")),
+        }
+    }
+
     pub(crate) fn me(&self) -> Result<IdentityKey> {
         match self {
             Backend::Local(e) => Ok(e.me()),
@@ -149,6 +201,87 @@ impl Backend {
                 let v: Value = api.get("/v1/status")?;
                 Ok(v["name"].as_str().unwrap_or_default().to_owned())
             }
+        }
+    }
+
+    /// The peer `text` names: a petname, an invitation link (added as a contact if new) or
+    /// an identity this node knows (or any identity, with `new_peer`).
+    pub(crate) fn resolve(&mut self, text: &str, new_peer: bool) -> Result<ResolvedPeer> {
+        match self {
+            Backend::Local(e) => Ok(e.resolve_peer(text, new_peer, now())?),
+            Backend::Remote(api) => api.post(
+                "/v1/contacts/resolve",
+                json!({"peer": text, "new_peer": new_peer}),
+            ),
+        }
+    }
+
+    /// The user's name for each peer that is a contact.
+    pub(crate) fn petnames(&self) -> Result<Names> {
+        Ok(Names(
+            self.contacts()?
+                .into_iter()
+                .map(|c| (c.identity, (c.petname, Some(c.kind))))
+                .collect(),
+        ))
+    }
+
+    /// Petnames, and for peers that are not contacts, the names relationships give them
+    /// (see [`Names`]).
+    pub(crate) fn names(&self) -> Result<Names> {
+        let mut names = self.petnames()?;
+        let me = self.me()?;
+        names.0.insert(me, ("you".into(), None));
+        for r in self.relationships()? {
+            let given = std::iter::once((r.owner, r.owner_name.clone()))
+                .chain(r.members.iter().map(|m| (m.identity, m.name.clone())));
+            for (id, name) in given {
+                if id != me && !name.trim().is_empty() {
+                    names.0.entry(id).or_insert((format!("{name:?}"), None));
+                }
+            }
+        }
+        Ok(names)
+    }
+
+    pub(crate) fn contacts(&self) -> Result<Vec<Contact>> {
+        match self {
+            Backend::Local(e) => Ok(e.contacts()),
+            Backend::Remote(api) => api.get("/v1/contacts"),
+        }
+    }
+
+    /// Adds a contact from its invitation; whether it is new.
+    pub(crate) fn add_contact(
+        &mut self,
+        link: &str,
+        name: Option<String>,
+    ) -> Result<(Contact, bool)> {
+        match self {
+            Backend::Local(e) => Ok(e.add_contact(link, name, now())?),
+            Backend::Remote(api) => {
+                let v: Value = api.post("/v1/contacts", json!({"link": link, "name": name}))?;
+                Ok((
+                    serde_json::from_value(v["contact"].clone())?,
+                    v["new"].as_bool().unwrap_or(false),
+                ))
+            }
+        }
+    }
+
+    pub(crate) fn rename_contact(&mut self, who: &str, name: String) -> Result<Contact> {
+        match self {
+            Backend::Local(e) => Ok(e.rename_contact(who, name)?),
+            Backend::Remote(api) => {
+                api.post("/v1/contacts/rename", json!({"contact": who, "name": name}))
+            }
+        }
+    }
+
+    pub(crate) fn remove_contact(&mut self, who: &str) -> Result<Contact> {
+        match self {
+            Backend::Local(e) => Ok(e.remove_contact(who)?),
+            Backend::Remote(api) => api.post("/v1/contacts/remove", json!({"contact": who})),
         }
     }
 

@@ -22,6 +22,7 @@ mod bench;
 mod bench_relay;
 mod bench_samod;
 mod bench_scale;
+mod contact_cmd;
 mod demo;
 mod node_cmd;
 mod out;
@@ -46,6 +47,9 @@ struct Cli {
     /// scripts; messages for people go to standard error or are left out.
     #[arg(long, global = true)]
     json: bool,
+    /// Show identities beside the names of peers.
+    #[arg(short, long, global = true)]
+    verbose: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -63,6 +67,17 @@ enum Command {
     },
     /// Show this node's identity.
     Id,
+    /// Print this node's invitation: a link (and a QR code, at a terminal) with its
+    /// identity, name, kind and current addresses, and a checksum. Give it to whoever
+    /// should reach you; they add it with `rapport contact add`.
+    Invite {
+        /// Print the link only, without the QR code.
+        #[arg(long)]
+        no_qr: bool,
+    },
+    /// Your contacts: the parties you added from their invitations, under your names for them.
+    #[command(subcommand)]
+    Contact(ContactCmd),
     /// Grant, accept, revoke and exchange consent.
     #[command(subcommand)]
     Consent(ConsentCmd),
@@ -93,7 +108,8 @@ enum Command {
     Peers,
     /// Connect the running node to a peer.
     Connect {
-        /// The peer's address, e.g. /ip4/192.0.2.7/tcp/4001/p2p/12D3KooW…
+        /// The peer's address (/ip4/192.0.2.7/tcp/4001/p2p/12D3KooW…), or a contact's name
+        /// or invitation link (the addresses it carries are dialled).
         addr: String,
     },
     /// Changes this node refused (unsolicited, forged, over-scoped), kept as evidence.
@@ -129,6 +145,32 @@ enum Command {
 }
 
 #[derive(Subcommand)]
+enum ContactCmd {
+    /// Add a contact from its invitation link (rapport:…), after checking its checksum.
+    Add {
+        /// The invitation link.
+        link: String,
+        /// Your name for them [default: the name in the invitation].
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List your contacts.
+    List,
+    /// Give a contact another name.
+    Rename {
+        /// The contact: its current name, invitation link or identity.
+        contact: String,
+        /// The new name.
+        name: String,
+    },
+    /// Remove a contact (what you share with them stays).
+    Remove {
+        /// The contact: its name, invitation link or identity.
+        contact: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum NodeCmd {
     /// Run the node in the foreground until Ctrl-C or SIGTERM.
     Run {
@@ -160,8 +202,11 @@ enum NodeCmd {
 enum RelCmd {
     /// Open a relationship with a company or person (you own it).
     Open {
-        /// Their identity (12D3KooW…).
+        /// Who: a contact's name, their invitation link (rapport:…), or their identity.
         identity: String,
+        /// Confirm an identity this node never met (not a contact, never connected).
+        #[arg(long)]
+        new_peer: bool,
         /// Their address, if known (the node connects at once).
         #[arg(long, value_name = "MULTIADDR")]
         addr: Option<String>,
@@ -178,8 +223,11 @@ enum RelCmd {
     Add {
         /// The relationship id (or prefix).
         rel: String,
-        /// The new member's identity.
+        /// The new member: a contact's name, their invitation link, or their identity.
         identity: String,
+        /// Confirm an identity this node never met (not a contact, never connected).
+        #[arg(long)]
+        new_peer: bool,
         /// How you name them.
         #[arg(long)]
         name: Option<String>,
@@ -188,7 +236,7 @@ enum RelCmd {
     Remove {
         /// The relationship id (or prefix).
         rel: String,
-        /// The member's identity.
+        /// The member: a contact's name or their identity.
         identity: String,
     },
     /// Disclose a profile field to a relationship's members.
@@ -231,8 +279,13 @@ enum KindArg {
 enum ConsentCmd {
     /// Grant scopes to a company or person (run by the customer).
     Grant {
-        /// The grantee's identity (12D3KooW…).
+        /// The grantee: a contact's name, their invitation link (rapport:…), or their
+        /// identity (12D3KooW…).
         identity: String,
+        /// Confirm an identity this node never met (not a contact, never connected): a
+        /// mistyped id names somebody else.
+        #[arg(long)]
+        new_peer: bool,
         /// A scope to grant; repeat for more (conversation:read, conversation:write,
         /// profile:<field>:read, contact:<purpose>, segment:<name>:read).
         #[arg(long = "scope", required = true)]
@@ -279,8 +332,11 @@ enum ConsentCmd {
     },
     /// Proffer your standing terms to a grantee (run by the customer).
     Proffer {
-        /// The grantee's identity.
+        /// The grantee: a contact's name, their invitation link, or their identity.
         identity: String,
+        /// Confirm an identity this node never met (not a contact, never connected).
+        #[arg(long)]
+        new_peer: bool,
         /// Terms from the roster.
         #[arg(long)]
         terms: String,
@@ -306,8 +362,8 @@ enum ConsentCmd {
     List,
     /// Write the consent document shared with a peer to a file, to send it to them.
     Export {
-        /// The other party: the grantee if you are the customer, the customer if you are
-        /// the grantee.
+        /// The other party (the grantee if you are the customer, the customer if you are
+        /// the grantee): a contact's name or their identity.
         identity: String,
         /// Where to write the ledger file.
         #[arg(long)]
@@ -391,7 +447,7 @@ enum LedgerCmd {
     },
     /// Show every entry of the ledgers you hold, oldest first.
     Show {
-        /// Only the ledger shared with this identity.
+        /// Only the ledger shared with this party: a contact's name or their identity.
         identity: Option<String>,
     },
 }
@@ -523,6 +579,7 @@ fn run(cli: Cli) -> Result<()> {
         eprintln!("note: --data-dir does nothing for `rapport {what}");
     }
     let json = cli.json;
+    out::set_verbose(cli.verbose);
     if json
         && matches!(
             cli.command,
@@ -546,6 +603,8 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Init { kind, name } => init(&dir, kind, &name, json),
         Command::Id => id(&dir, json),
+        Command::Invite { no_qr } => contact_cmd::invite(&dir, no_qr, json),
+        Command::Contact(cmd) => contact_cmd::contact(&dir, cmd, json),
         Command::Consent(cmd) => consent(&dir, cmd, json),
         Command::Ledger(LedgerCmd::Verify { file }) => ledger_verify(&file, json),
         Command::Ledger(LedgerCmd::Show { identity }) => ledger_show(&dir, identity, json),
@@ -750,6 +809,7 @@ fn consent(dir: &Path, cmd: ConsentCmd, json: bool) -> Result<()> {
     match cmd {
         ConsentCmd::Grant {
             identity,
+            new_peer,
             scopes,
             purpose,
             expires,
@@ -758,7 +818,6 @@ fn consent(dir: &Path, cmd: ConsentCmd, json: bool) -> Result<()> {
             notice,
             notice_sha256,
         } => {
-            let grantee = parse_identity(&identity)?;
             let scopes = parse_scopes(&scopes)?;
             let expires = expires.as_deref().map(parse_date).transpose()?;
             let legal_basis: LegalBasis = legal_basis.parse().map_err(|e: String| anyhow!(e))?;
@@ -769,6 +828,7 @@ fn consent(dir: &Path, cmd: ConsentCmd, json: bool) -> Result<()> {
                 (Some(path), _) => Some(hex::encode(Sha256::digest(read_bounded(&path)?))),
                 (None, h) => h,
             };
+            let (grantee, who) = peer(&mut node, &identity, new_peer)?;
             let out = node.grant(rapport_node::GrantArgs {
                 grantee,
                 scopes,
@@ -779,10 +839,10 @@ fn consent(dir: &Path, cmd: ConsentCmd, json: bool) -> Result<()> {
                 notice_sha256,
             })?;
             let what = format!(
-                "granted {} to {grantee}, pending until they accept",
+                "granted {} to {who}, pending until they accept",
                 out.entry.expect("a grant entry")
             );
-            out::report(&what, &out, &unsent(&grantee), json)?;
+            out::report(&what, &out, &unsent(&grantee, &who), json)?;
         }
         ConsentCmd::Amend {
             grant,
@@ -796,31 +856,38 @@ fn consent(dir: &Path, cmd: ConsentCmd, json: bool) -> Result<()> {
             };
             let expires = expires.as_deref().map(parse_date).transpose()?;
             let out = node.amend(&grant, scopes, expires)?;
+            let who = node.petnames()?.of(&out.peer);
             let what = format!(
-                "amended grant {} (amendment {})",
+                "amended grant {} to {who} (amendment {})",
                 out.grant.expect("named").short(),
                 out.entry.expect("an entry").short()
             );
-            out::report(&what, &out, &unsent(&out.peer), json)?;
+            out::report(&what, &out, &unsent(&out.peer, &who), json)?;
         }
         ConsentCmd::Revoke { grant, reason } => {
             let out = node.revoke(&grant, reason)?;
+            let who = node.petnames()?.of(&out.peer);
             let what = format!(
-                "revoked grant {} (revocation {})",
+                "revoked grant {} to {who} (revocation {})",
                 out.grant.expect("named"),
                 out.entry.expect("an entry").short()
             );
-            out::report(&what, &out, &unsent(&out.peer), json)?;
+            out::report(&what, &out, &unsent(&out.peer, &who), json)?;
         }
-        ConsentCmd::Proffer { identity, terms } => {
-            let grantee = parse_identity(&identity)?;
+        ConsentCmd::Proffer {
+            identity,
+            new_peer,
+            terms,
+        } => {
+            terms_named(&terms)?;
+            let (grantee, who) = peer(&mut node, &identity, new_peer)?;
             let out = node.proffer(grantee, &terms)?;
             let what = format!(
-                "proffered {} to {grantee} ({})",
+                "proffered {} to {who} ({})",
                 terms_named(&terms)?.id,
                 out.entry.expect("an entry").short()
             );
-            out::report(&what, &out, &unsent(&grantee), json)?;
+            out::report(&what, &out, &unsent(&grantee, &who), json)?;
         }
         ConsentCmd::Accept { file, grant } => {
             let mut customer = None;
@@ -863,17 +930,18 @@ fn consent(dir: &Path, cmd: ConsentCmd, json: bool) -> Result<()> {
                 return out::json(&rows);
             }
             let local = matches!(node, Backend::Local(_));
+            let names = node.names()?;
             for g in &rows {
                 // One line per grant; with the node stopped, where the acceptance is.
+                let who = names.of(&g.peer);
                 let whereabouts = if local {
-                    format!("; {}", unsent(&g.peer))
+                    format!("; {}", unsent(&g.peer, &who))
                 } else {
                     String::new()
                 };
                 say!(
-                    "accepted grant {} from {}: {} for {:?} on terms {}{whereabouts}",
+                    "accepted grant {} from {who}: {} for {:?} on terms {}{whereabouts}",
                     g.grant,
-                    g.peer.short(),
                     g.scopes.join(", "),
                     g.purpose,
                     g.terms
@@ -882,16 +950,17 @@ fn consent(dir: &Path, cmd: ConsentCmd, json: bool) -> Result<()> {
         }
         ConsentCmd::AckErasure { grant, erased } => {
             let out = node.ack_erasure(&grant, erased)?;
+            let who = node.names()?.of(&out.peer);
             let what = format!(
-                "acknowledged erasure for grant {} ({})",
+                "acknowledged erasure for grant {} from {who} ({})",
                 out.grant.expect("named").short(),
                 out.entry.expect("an entry").short()
             );
-            out::report(&what, &out, &unsent(&out.peer), json)?;
+            out::report(&what, &out, &unsent(&out.peer, &who), json)?;
         }
         ConsentCmd::List => list(&node, json)?,
         ConsentCmd::Export { identity, out } => {
-            let peer = parse_identity(&identity)?;
+            let (peer, _) = peer(&mut node, &identity, true)?;
             let text = node.export(&peer)?;
             let n = read_ledger_file(text.as_bytes())
                 .map(|(_, c)| c.len())
@@ -994,11 +1063,32 @@ fn consent(dir: &Path, cmd: ConsentCmd, json: bool) -> Result<()> {
 }
 
 /// Where a consent write is when this node is not running: in the store, until the node
-/// runs or the ledger is carried to `peer` by hand.
-fn unsent(peer: &IdentityKey) -> String {
+/// runs or the ledger is carried to `peer` (shown as `who`) by hand.
+fn unsent(peer: &IdentityKey, who: &str) -> String {
     format!(
-        "stored here; it reaches {peer} when your node runs (`rapport node run`), or send it with `rapport consent export {peer} --out FILE`"
+        "stored here; it reaches {who} when your node runs (`rapport node run`), or send it with `rapport consent export {peer} --out FILE`"
     )
+}
+
+/// The peer a command's argument names (see [`Backend::resolve`]), and how to show it. An
+/// invitation that adds a contact says so on standard error.
+pub(crate) fn peer(
+    node: &mut Backend,
+    text: &str,
+    new_peer: bool,
+) -> Result<(IdentityKey, String)> {
+    let r = node.resolve(text, new_peer)?;
+    if let Some(c) = &r.added {
+        eprintln!(
+            "added {} ({}) to your contacts as {:?}; rename it with `rapport contact rename`",
+            c.name, c.kind, c.petname
+        );
+    }
+    let who = match &r.petname {
+        Some(name) => out::named(name, &r.identity),
+        None => r.identity.to_string(),
+    };
+    Ok((r.identity, who))
 }
 
 /// Every consent ledger the node holds, verified again here.
@@ -1030,8 +1120,15 @@ fn list(node: &Backend, json: bool) -> Result<()> {
         say!("no grants yet");
         return Ok(());
     }
+    let names = node.names()?;
+    let width = rows
+        .iter()
+        .map(|g| names.with_kind(&g.peer).chars().count())
+        .max()
+        .unwrap_or(4)
+        .max(4);
     say!(
-        "{:<10} {:<8} {:<12} {:<9} {:<12} {:<18} {:<30} purpose",
+        "{:<10} {:<8} {:<width$} {:<9} {:<12} {:<18} {:<30} purpose",
         "grant",
         "role",
         "peer",
@@ -1047,10 +1144,10 @@ fn list(node: &Backend, json: bool) -> Result<()> {
             g.status.clone()
         };
         say!(
-            "{:<10} {:<8} {:<12} {:<9} {:<12} {:<18} {:<30} {}",
+            "{:<10} {:<8} {:<width$} {:<9} {:<12} {:<18} {:<30} {}",
             g.grant.short(),
             g.role,
-            g.peer.short(),
+            names.with_kind(&g.peer),
             status,
             g.terms,
             g.expires.map(show_time).unwrap_or_else(|| "never".into()),
@@ -1098,8 +1195,12 @@ fn ledger_verify(file: &Path, json: bool) -> Result<()> {
 }
 
 fn ledger_show(dir: &Path, identity: Option<String>, json: bool) -> Result<()> {
-    let backend = Backend::open_read_only(dir)?;
-    let peer = identity.as_deref().map(parse_identity).transpose()?;
+    let mut backend = Backend::open_read_only(dir)?;
+    let peer = match identity.as_deref() {
+        Some(text) => Some(peer(&mut backend, text, true)?.0),
+        None => None,
+    };
+    let names = backend.names()?;
     let mut out = Vec::new();
     for ledger in ledgers(&backend)? {
         let h = *ledger.header();
@@ -1120,8 +1221,8 @@ fn ledger_show(dir: &Path, identity: Option<String>, json: bool) -> Result<()> {
         say!(
             "ledger {}  customer {}  grantee {}",
             ledger.id(),
-            h.customer,
-            h.grantee
+            names.with_kind(&h.customer),
+            names.with_kind(&h.grantee)
         );
         for (id, e) in entries {
             let who = if e.by == h.customer {

@@ -8,8 +8,8 @@ use anyhow::{Result, anyhow, bail};
 use rapport_node::{MessageView, NetConfig, Node, NodeConfig, PeerInfo, RelSummary, WriteOutcome};
 use serde_json::{Value, json};
 
-use crate::backend::{Api, Backend};
-use crate::{RelCmd, parse_identity, show_time};
+use crate::backend::{Api, Backend, Names};
+use crate::{RelCmd, show_time};
 
 fn multiaddrs(list: &[String], what: &str) -> Result<Vec<libp2p::Multiaddr>> {
     list.iter()
@@ -129,47 +129,51 @@ pub(crate) fn rel(dir: &Path, cmd: RelCmd, json: bool) -> Result<()> {
             if json {
                 say!("{}", serde_json::to_string_pretty(&rels)?);
             } else {
-                print_rels(&rels, &backend.me()?)?;
+                print_rels(&rels, &backend.me()?, &backend.petnames()?)?;
             }
         }
         RelCmd::Open {
             identity,
+            new_peer,
             addr,
             name,
             title,
         } => {
-            let peer = parse_identity(&identity)?;
-            let api = Backend::running(dir)?;
-            let out: WriteOutcome = api.post(
+            let mut node = Backend::running_backend(dir)?;
+            let (peer, who) = crate::peer(&mut node, &identity, new_peer)?;
+            let out: WriteOutcome = node.api()?.post(
                 "/v1/relationships",
                 json!({"peer": peer, "addr": addr, "name": name, "title": title}),
             )?;
-            let what = format!("opened relationship {} with {peer}", out.doc);
+            let what = format!("opened relationship {} with {who}", out.doc);
             out::report(&what, &out, STORED, json)?;
         }
         RelCmd::Add {
             rel,
             identity,
+            new_peer,
             name,
         } => {
-            let peer = parse_identity(&identity)?;
-            let api = Backend::running(dir)?;
-            let out: WriteOutcome = api.post(
-                &format!("/v1/relationships/{}/members", seg(&rel)?),
+            let rel = seg(&rel)?;
+            let mut node = Backend::running_backend(dir)?;
+            let (peer, who) = crate::peer(&mut node, &identity, new_peer)?;
+            let out: WriteOutcome = node.api()?.post(
+                &format!("/v1/relationships/{rel}/members"),
                 json!({"peer": peer, "name": name}),
             )?;
-            let what = format!("added {peer} to relationship {}", out.doc.to_hex());
+            let what = format!("added {who} to relationship {}", out.doc.to_hex());
             out::report(&what, &out, STORED, json)?;
         }
         RelCmd::Remove { rel, identity } => {
-            let peer = parse_identity(&identity)?;
-            let api = Backend::running(dir)?;
-            let out: WriteOutcome = api.post(
-                &format!("/v1/relationships/{}/removals", seg(&rel)?),
+            let rel = seg(&rel)?;
+            let mut node = Backend::running_backend(dir)?;
+            let (peer, who) = crate::peer(&mut node, &identity, true)?;
+            let out: WriteOutcome = node.api()?.post(
+                &format!("/v1/relationships/{rel}/removals"),
                 json!({"peer": peer}),
             )?;
             let what = format!(
-                "removed {peer} from relationship {}; a new content-key epoch excludes it",
+                "removed {who} from relationship {}; a new content-key epoch excludes them",
                 out.doc.to_hex()
             );
             out::report(&what, &out, STORED, json)?;
@@ -199,7 +203,11 @@ fn seg(s: &str) -> Result<String> {
 
 /// The relationships as a table: for each, the others in it (`with`): the members for
 /// its owner; the owner and the other members for a member.
-fn print_rels(rels: &[RelSummary], me: &rapport_protocol::IdentityKey) -> anyhow::Result<()> {
+fn print_rels(
+    rels: &[RelSummary],
+    me: &rapport_protocol::IdentityKey,
+    names: &Names,
+) -> anyhow::Result<()> {
     if rels.is_empty() {
         say!("no relationships yet");
         return Ok(());
@@ -213,14 +221,15 @@ fn print_rels(rels: &[RelSummary], me: &rapport_protocol::IdentityKey) -> anyhow
         "msgs"
     );
     for r in rels {
-        let owner = (!r.mine).then(|| r.owner_name.clone());
+        let owner = (!r.mine).then(|| names.or(&r.owner, &r.owner_name));
         let members: Vec<String> = owner
             .into_iter()
             .chain(r.members.iter().filter(|m| m.identity != *me).map(|m| {
+                let name = names.or(&m.identity, &m.name);
                 if m.removed {
-                    format!("{} (removed)", m.name)
+                    format!("{name} (removed)")
                 } else {
-                    m.name.clone()
+                    name
                 }
             }))
             .collect();
@@ -234,14 +243,18 @@ fn print_rels(rels: &[RelSummary], me: &rapport_protocol::IdentityKey) -> anyhow
                 .chars()
                 .take(24)
                 .collect::<String>(),
-            members.join(", ").chars().take(28).collect::<String>(),
+            members
+                .join(", ")
+                .chars()
+                .take(if out::verbose() { 200 } else { 28 })
+                .collect::<String>(),
             r.message_count,
             r.last
                 .as_ref()
                 .map(|m| format!(
                     "{} {}: {}",
                     show_time(m.at),
-                    m.by_name,
+                    names.or(&m.by, &m.by_name),
                     m.text.chars().take(40).collect::<String>()
                 ))
                 .unwrap_or_default()
@@ -271,12 +284,16 @@ pub(crate) fn send(
     Ok(())
 }
 
-fn print_messages(msgs: &[MessageView]) -> anyhow::Result<()> {
+fn print_messages(msgs: &[MessageView], names: &Names) -> anyhow::Result<()> {
     for m in msgs {
         say!(
             "{}  {:<16} {}{}",
             show_time(m.at),
-            m.by_name.chars().take(16).collect::<String>(),
+            names
+                .or(&m.by, &m.by_name)
+                .chars()
+                .take(if out::verbose() { 80 } else { 16 })
+                .collect::<String>(),
             m.purpose
                 .as_ref()
                 .map(|p| format!("[{p}] "))
@@ -288,7 +305,9 @@ fn print_messages(msgs: &[MessageView]) -> anyhow::Result<()> {
 }
 
 pub(crate) fn inbox(dir: &Path, limit: usize, json: bool) -> Result<()> {
-    let msgs = Backend::open_read_only(dir)?.inbox(limit)?;
+    let node = Backend::open_read_only(dir)?;
+    let msgs = node.inbox(limit)?;
+    let names = node.petnames()?;
     if json {
         say!("{}", serde_json::to_string_pretty(&msgs)?);
     } else if msgs.is_empty() {
@@ -296,14 +315,16 @@ pub(crate) fn inbox(dir: &Path, limit: usize, json: bool) -> Result<()> {
     } else {
         for m in &msgs {
             say_part!("{}  ", &m.rel.to_hex()[..8]);
-            print_messages(std::slice::from_ref(m))?;
+            print_messages(std::slice::from_ref(m), &names)?;
         }
     }
     Ok(())
 }
 
 pub(crate) fn thread(dir: &Path, rel: &str, json: bool) -> Result<()> {
-    let d = Backend::open_read_only(dir)?.relationship(rel)?;
+    let node = Backend::open_read_only(dir)?;
+    let d = node.relationship(rel)?;
+    let names = node.petnames()?;
     if json {
         say!("{}", serde_json::to_string_pretty(&d)?);
         return Ok(());
@@ -313,7 +334,11 @@ pub(crate) fn thread(dir: &Path, rel: &str, json: bool) -> Result<()> {
         d.summary.id,
         d.summary.title.clone().unwrap_or_default()
     );
-    say!("owner: {} ({})", d.summary.owner_name, d.summary.owner);
+    say!(
+        "owner: {} ({})",
+        names.plain_or(&d.summary.owner, &d.summary.owner_name),
+        d.summary.owner
+    );
     for m in &d.summary.members {
         let access = d
             .access
@@ -322,7 +347,7 @@ pub(crate) fn thread(dir: &Path, rel: &str, json: bool) -> Result<()> {
             .unwrap_or_default();
         say!(
             "member: {} ({}){}{}",
-            m.name,
+            names.plain_or(&m.identity, &m.name),
             m.identity,
             if m.removed { " removed" } else { "" },
             if access == "  []" {
@@ -339,12 +364,13 @@ pub(crate) fn thread(dir: &Path, rel: &str, json: bool) -> Result<()> {
     if d.messages.is_empty() {
         say!("no messages yet");
     }
-    print_messages(&d.messages)?;
+    print_messages(&d.messages, &names)?;
     Ok(())
 }
 
 pub(crate) fn peers(dir: &Path, json: bool) -> Result<()> {
-    let peers: Vec<PeerInfo> = Backend::running(dir)?.get("/v1/peers")?;
+    let node = Backend::running_backend(dir)?;
+    let peers: Vec<PeerInfo> = node.api()?.get("/v1/peers")?;
     if json {
         say!("{}", serde_json::to_string_pretty(&peers)?);
         return Ok(());
@@ -352,6 +378,7 @@ pub(crate) fn peers(dir: &Path, json: bool) -> Result<()> {
     if peers.is_empty() {
         say!("no peers known yet");
     }
+    let names = node.names()?;
     for p in peers {
         say!(
             "{} {}  {}{}",
@@ -360,7 +387,9 @@ pub(crate) fn peers(dir: &Path, json: bool) -> Result<()> {
             } else {
                 "known    "
             },
-            p.peer,
+            p.peer
+                .parse()
+                .map_or_else(|_| p.peer.clone(), |id| names.with_kind(&id)),
             p.addrs.first().cloned().unwrap_or_default(),
             p.rtt_ms
                 .map(|r| format!("  rtt {r} ms"))
@@ -370,14 +399,43 @@ pub(crate) fn peers(dir: &Path, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// Connects to an address, or to a contact (named, or by its invitation) at the addresses
+/// its invitation carried, first reachable first.
 pub(crate) fn connect(dir: &Path, addr: &str, json: bool) -> Result<()> {
-    let api: Api = Backend::running(dir)?;
-    let v: Value = api.post("/v1/peers", json!({"addr": addr}))?;
-    if json {
-        return out::json(&v);
+    let mut node = Backend::running_backend(dir)?;
+    let addrs = if addr.trim_start().starts_with('/') {
+        vec![addr.to_owned()]
+    } else {
+        let r = node.resolve(addr, false)?;
+        if r.addrs.is_empty() {
+            bail!(
+                "{} gave no address in their invitation: ask them for a new one while their node runs, or connect to an address",
+                r.petname.as_deref().unwrap_or(addr)
+            );
+        }
+        r.addrs
+    };
+    let api: &Api = node.api()?;
+    let mut failed = Vec::new();
+    for a in &addrs {
+        match api.post::<Value>("/v1/peers", json!({"addr": a})) {
+            Ok(v) => {
+                if json {
+                    return out::json(&v);
+                }
+                let who = v["peer"]
+                    .as_str()
+                    .and_then(|p| p.parse().ok())
+                    .map_or_else(String::new, |id| {
+                        node.names().map(|n| n.with_kind(&id)).unwrap_or_default()
+                    });
+                say!("connected to {who} at {a}");
+                return Ok(());
+            }
+            Err(e) => failed.push(format!("{a}: {e}")),
+        }
     }
-    say!("connected to {}", v["peer"].as_str().unwrap_or_default());
-    Ok(())
+    bail!("could not connect: {}", failed.join("; "))
 }
 
 pub(crate) fn refusals(dir: &Path, limit: usize, json: bool) -> Result<()> {

@@ -3,6 +3,29 @@
 //! of panicking as `println!` does.
 
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// `-v`: identities are shown beside names.
+static VERBOSE: AtomicBool = AtomicBool::new(false);
+
+/// Shows identities beside names from now on (`-v`).
+pub(crate) fn set_verbose(on: bool) {
+    VERBOSE.store(on, Ordering::Relaxed);
+}
+
+/// Whether `-v` was given.
+pub(crate) fn verbose() -> bool {
+    VERBOSE.load(Ordering::Relaxed)
+}
+
+/// How a peer with a name is shown: the name, and with `-v` its identity too.
+pub(crate) fn named(name: &str, id: &rapport_protocol::IdentityKey) -> String {
+    if VERBOSE.load(Ordering::Relaxed) {
+        format!("{name} ({id})")
+    } else {
+        name.to_owned()
+    }
+}
 
 /// Standard output was closed by its reader.
 #[derive(Debug)]

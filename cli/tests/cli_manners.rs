@@ -95,6 +95,7 @@ fn consent_amend_changes_only_what_is_given() {
         "consent",
         "grant",
         &acme.identity(),
+        "--new-peer",
         "--scope",
         "conversation:read",
         "--scope",
@@ -195,7 +196,7 @@ fn a_relayed_node_shows_one_dialable_address_and_connect_reaches_it() {
         "{addr}"
     );
     let out = alice.ok(&["connect", &addr]);
-    assert_eq!(out.trim(), format!("connected to {acme_id}"));
+    assert_eq!(out.trim(), format!("connected to {acme_id} at {addr}"));
     assert!(alice_node.terminate());
     assert!(acme_node.terminate());
     assert!(relay.terminate());
@@ -245,6 +246,7 @@ fn every_command_takes_json_and_a_write_prints_what_it_did() {
         "consent",
         "grant",
         &acme_id,
+        "--new-peer",
         "--scope",
         "conversation:read",
         "--purpose",
@@ -365,7 +367,8 @@ fn a_message_reports_one_outcome() {
     assert_eq!(with(&acme), "Alice");
     assert_eq!(with(&alice), "Acme");
 
-    // A consent write says its one outcome the same way.
+    // A consent write says its one outcome the same way, naming Acme as Alice named it
+    // (she added it from its invitation).
     let grant = alice.json(&["consent", "list", "--json"])[0]["grant"]
         .as_str()
         .unwrap()
@@ -374,8 +377,7 @@ fn a_message_reports_one_outcome() {
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 1, "{out}");
     assert!(
-        lines[0].starts_with("amended grant ")
-            && lines[0].ends_with(&format!(": delivered to {}", acme.identity())),
+        lines[0].starts_with("amended grant ") && lines[0].ends_with(": delivered to Acme"),
         "{out}"
     );
     assert!(alice_node.terminate());
@@ -406,4 +408,176 @@ fn exit_codes_say_usage_refused_or_done() {
         "no such grant"
     );
     assert_eq!(code(&["id"]), Some(0));
+}
+
+/// 1: a one-character typo in a peer id made a signed grant to an identity nobody holds
+/// (exit 0), mailed for ever. Now an id this node never met is refused unless the user
+/// confirms it, and people hand each other invitations, whose checksum catches a typo.
+#[test]
+fn a_mistyped_id_is_refused_and_an_invitation_catches_typos() {
+    let tmp = tempfile::tempdir().unwrap();
+    let alice = initialised(&tmp, "Alice");
+    let acme = Party::new(tmp.path().join("acme"));
+    acme.ok(&["init", "--kind", "company", "--name", "Acme Ltd"]);
+    let acme_id = acme.identity();
+    let grant = |who: &str, extra: &[&str]| {
+        let mut args = vec![
+            "consent",
+            "grant",
+            who,
+            "--scope",
+            "conversation:read",
+            "--purpose",
+            "support",
+        ];
+        args.extend_from_slice(extra);
+        alice.run(&args)
+    };
+
+    // The id with its last character changed: refused, nothing signed. Some changes
+    // give no valid key at all; at least one of these gives a valid one nobody holds.
+    let mut never_met = 0;
+    for c in "abcdefghijkmnopqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ".chars() {
+        let mut typo = acme_id.clone();
+        if typo.ends_with(c) {
+            continue;
+        }
+        typo.pop();
+        typo.push(c);
+        let run = grant(&typo, &[]);
+        assert!(!run.ok, "a grant to {typo} went through: {}", run.stdout);
+        assert_eq!(run.stderr.trim().lines().count(), 1, "{}", run.stderr);
+        if run.stderr.contains("never been in touch") {
+            assert!(run.stderr.contains("--new-peer"), "{}", run.stderr);
+            never_met += 1;
+        }
+    }
+    assert!(never_met > 0, "no typo gave a valid key");
+    assert_eq!(alice.ok(&["consent", "list"]).trim(), "no grants yet");
+
+    // Acme's invitation, with one character changed, cut short, or not one at all.
+    let link = acme.invitation();
+    assert!(link.starts_with("rapport:"), "{link}");
+    let mut typo = link.clone().into_bytes();
+    let last = typo.len() - 3;
+    typo[last] = if typo[last] == b'a' { b'b' } else { b'a' };
+    let typo = String::from_utf8(typo).unwrap();
+    for (bad, why) in [
+        (typo.as_str(), "checksum"),
+        (&link[..link.len() - 5], "checksum"),
+        ("rapport:not+base32", "copied whole"),
+    ] {
+        let err = alice.fails(&["contact", "add", bad]);
+        assert!(err.contains(why), "{bad}: {err}");
+        let err = grant(bad, &[]).stderr;
+        assert!(err.contains(why), "{bad}: {err}");
+    }
+    assert!(alice.ok(&["contact", "list"]).contains("no contacts yet"));
+    assert_eq!(alice.ok(&["consent", "list"]).trim(), "no grants yet");
+
+    // The link as a QR code would carry it (capitals) and wrapped by a terminal: the same
+    // contact, named by what Acme calls itself unless Alice chooses a name.
+    let wrapped = format!("{}\n  {}", &link[..30], &link[30..]).to_uppercase();
+    let added = alice.json(&["contact", "add", &wrapped, "--json"]);
+    assert_eq!(added["new"], true);
+    assert_eq!(added["contact"]["petname"], "Acme Ltd");
+    assert_eq!(added["contact"]["kind"], "org");
+    assert_eq!(added["contact"]["identity"], acme_id.as_str());
+    alice.ok(&["contact", "rename", "Acme Ltd", "Acme"]);
+    let list = alice.ok(&["contact", "list"]);
+    assert!(list.contains("Acme ") && list.contains("org"), "{list}");
+    assert!(!list.contains(&acme_id), "ids only with -v: {list}");
+    assert!(alice.ok(&["contact", "list", "-v"]).contains(&acme_id));
+
+    // Now the grant goes to Acme by name; every list names it.
+    let out = grant("acme", &[]).stdout;
+    assert!(
+        out.starts_with("granted ") && out.contains(" to Acme, "),
+        "{out}"
+    );
+    let list = alice.ok(&["consent", "list"]);
+    assert!(
+        list.contains("Acme (org)") && !list.contains(&acme_id),
+        "{list}"
+    );
+    assert!(alice.ok(&["consent", "list", "-v"]).contains(&acme_id));
+    let shown = alice.ok(&["ledger", "show", "Acme"]);
+    assert!(
+        shown
+            .lines()
+            .next()
+            .unwrap()
+            .contains("customer you  grantee Acme (org)"),
+        "{shown}"
+    );
+    assert_eq!(
+        alice.json(&["consent", "list", "--json"])[0]["peer"],
+        acme_id.as_str(),
+        "the id under --json"
+    );
+
+    // The id itself works once confirmed, and from then on (it shares a ledger now).
+    let bob = Party::new(tmp.path().join("bob"));
+    bob.ok(&["init", "--kind", "person", "--name", "Bob"]);
+    let bob_id = bob.identity();
+    assert!(!grant(&bob_id, &[]).ok);
+    assert!(grant(&bob_id, &["--new-peer"]).ok);
+    assert!(grant(&bob_id, &[]).ok);
+}
+
+/// 2: outcomes and lists showed ids ("delivered to 12D3KooW…", peers by 8-character
+/// suffixes). A contact added from the invitation of a running node is dialled at the
+/// addresses it carries, and named in outcomes, `peers` and `connect`.
+#[test]
+fn a_contact_is_reached_by_its_invitation_and_named_everywhere() {
+    let tmp = tempfile::tempdir().unwrap();
+    let alice = initialised(&tmp, "Alice");
+    let acme = Party::new(tmp.path().join("acme"));
+    acme.ok(&["init", "--kind", "org", "--name", "Acme"]);
+    let alice_node = alice.run_node();
+    let acme_node = acme.run_node();
+    let invite = acme.json(&["invite", "--json"]);
+    let addrs = invite["addrs"].as_array().unwrap();
+    assert!(
+        addrs
+            .iter()
+            .any(|a| a.as_str().unwrap().starts_with("/ip4/127.0.0.1/tcp/")),
+        "{invite}"
+    );
+    // Piped, `invite` prints the link alone (a QR code is for a terminal).
+    assert_eq!(
+        acme.ok(&["invite"]).trim(),
+        invite["link"].as_str().unwrap()
+    );
+
+    alice.ok(&[
+        "contact",
+        "add",
+        invite["link"].as_str().unwrap(),
+        "--name",
+        "Acme Support",
+    ]);
+    let out = alice.ok(&["connect", "Acme Support"]);
+    assert!(
+        out.starts_with("connected to Acme Support (org) at /ip4/127.0.0.1/"),
+        "{out}"
+    );
+    let peers = alice.ok(&["peers"]);
+    assert!(peers.contains("connected Acme Support (org)"), "{peers}");
+
+    let out = alice.ok(&[
+        "consent",
+        "grant",
+        "Acme Support",
+        "--scope",
+        "conversation:read",
+        "--purpose",
+        "support",
+    ]);
+    assert!(
+        out.contains(" to Acme Support, pending until they accept: delivered to Acme Support"),
+        "{out}"
+    );
+    assert!(alice_node.terminate());
+    assert!(acme_node.terminate());
 }

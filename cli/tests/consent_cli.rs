@@ -30,13 +30,16 @@ fn grant_accept_revoke_erase_and_verify() {
     let acme_id = acme.identity();
     assert!(alice_id.starts_with("12D3KooW") && acme_id.starts_with("12D3KooW"));
 
+    // Acme's invitation reaches Alice (a link on its web site); she names it Acme.
+    alice.add_contact(&acme, "Acme");
+
     // Alice grants, with a notice file whose hash is recorded.
     let notice = tmp.path().join("acme-privacy.txt");
     std::fs::write(&notice, "Acme privacy notice v3").unwrap();
     let out = alice.ok(&[
         "consent",
         "grant",
-        &acme_id,
+        "Acme",
         "--scope",
         "conversation:read",
         "--scope",
@@ -50,7 +53,10 @@ fn grant_accept_revoke_erase_and_verify() {
         "--notice",
         path(&notice),
     ]);
-    assert!(out.contains("granted"), "{out}");
+    assert!(
+        out.contains("granted") && out.contains(" to Acme,"),
+        "{out}"
+    );
     let g = &grants(&alice)[0];
     assert_eq!(g["status"], "pending");
     assert_eq!(g["terms"], "SD-BASE-A");
@@ -63,7 +69,7 @@ fn grant_accept_revoke_erase_and_verify() {
 
     // Alice sends her ledger; Acme verifies and accepts it.
     let to_acme = tmp.path().join("to-acme.json");
-    alice.ok(&["consent", "export", &acme_id, "--out", path(&to_acme)]);
+    alice.ok(&["consent", "export", "Acme", "--out", path(&to_acme)]);
     let out = acme.ok(&["ledger", "verify", path(&to_acme)]);
     assert!(out.contains("OK"), "{out}");
     let out = acme.ok(&["consent", "accept", path(&to_acme)]);
@@ -203,6 +209,7 @@ fn a_tampered_export_is_refused_and_changes_nothing() {
         "consent",
         "grant",
         &acme_id,
+        "--new-peer",
         "--scope",
         "contact:support",
         "--purpose",
@@ -277,6 +284,7 @@ fn errors_are_one_clear_line_and_change_nothing() {
     let acme = Party::new(tmp.path().join("acme"));
     acme.ok(&["init", "--kind", "org", "--name", "Acme"]);
     let acme_id = acme.identity();
+    alice.add_contact(&acme, "Acme");
     for (args, expect) in [
         (
             vec![

@@ -209,7 +209,14 @@ fn nothing_acknowledged_is_lost_when_the_node_is_killed() {
     acme.ok(&["init", "--kind", "org", "--name", "Acme"]);
     let acme_id = acme.identity();
     let node = alice.run_node();
-    alice.ok(&["rel", "open", &acme_id, "--title", "crash test"]);
+    alice.ok(&[
+        "rel",
+        "open",
+        &acme_id,
+        "--new-peer",
+        "--title",
+        "crash test",
+    ]);
     let rel = alice.json(&["rel", "list", "--json"])[0]["id"]
         .as_str()
         .unwrap()

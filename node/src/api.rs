@@ -227,6 +227,32 @@ pub const ROUTES: &[(&str, &str, &str)] = &[
     ),
     ("get", "/v1/peers", "Known and connected peers"),
     (
+        "get",
+        "/v1/invitation",
+        "This node's invitation: {\"link\", \"identity\", \"name\", \"kind\", \"addrs\"}",
+    ),
+    ("get", "/v1/contacts", "Contacts, by petname"),
+    (
+        "post",
+        "/v1/contacts",
+        "Add (or update) a contact from its invitation, and connect to it: {\"link\", \"name\"?}",
+    ),
+    (
+        "post",
+        "/v1/contacts/resolve",
+        "The peer a petname, invitation link or identity names; an identity this node never met needs new_peer: {\"peer\", \"new_peer\"?}",
+    ),
+    (
+        "post",
+        "/v1/contacts/rename",
+        "Rename a contact: {\"contact\", \"name\"}",
+    ),
+    (
+        "post",
+        "/v1/contacts/remove",
+        "Remove a contact (documents shared with it stay): {\"contact\"}",
+    ),
+    (
         "post",
         "/v1/peers",
         "Connect to a peer: {\"addr\": multiaddr}",
@@ -394,6 +420,11 @@ pub fn router(node: NodeHandle, token: String) -> Router {
     let v1 = Router::new()
         .route("/v1/status", get(status))
         .route("/v1/peers", get(peers).post(connect))
+        .route("/v1/invitation", get(invitation))
+        .route("/v1/contacts", get(contacts).post(add_contact))
+        .route("/v1/contacts/resolve", post(resolve_peer))
+        .route("/v1/contacts/rename", post(rename_contact))
+        .route("/v1/contacts/remove", post(remove_contact))
         .route("/v1/relationships", get(relationships).post(open_rel))
         .route("/v1/relationships/{id}", get(relationship))
         .route("/v1/relationships/{id}/messages", post(send_message))
@@ -526,6 +557,134 @@ async fn status(State(s): State<AppState>) -> ApiResult {
 
 async fn peers(State(s): State<AppState>) -> ApiResult {
     ok(s.node.net().peers().await)
+}
+
+async fn invitation(State(s): State<AppState>) -> ApiResult {
+    let profile = s.node.query(|e| e.profile().clone()).await?;
+    let listening = s.node.net().listening().await;
+    let inv = rapport_protocol::Invitation::new(
+        profile.identity,
+        &profile.name,
+        profile.kind,
+        &invitation_addrs(listening),
+    );
+    ok(json!({
+        "link": inv.to_string(),
+        "identity": inv.identity,
+        "name": inv.name,
+        "kind": inv.kind,
+        "addrs": inv.addrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
+    }))
+}
+
+/// The addresses an invitation carries, best first: public ones, then relayed ones (they
+/// work behind NAT), then private ones, then loopback (for peers on this machine). Those
+/// on no interface (`0.0.0.0`) are left out.
+pub(crate) fn invitation_addrs(mut addrs: Vec<libp2p::Multiaddr>) -> Vec<libp2p::Multiaddr> {
+    use libp2p::multiaddr::Protocol;
+    fn rank(a: &libp2p::Multiaddr) -> Option<u8> {
+        if a.iter().any(|p| matches!(p, Protocol::P2pCircuit)) {
+            return Some(1);
+        }
+        match a.iter().next()? {
+            Protocol::Ip4(ip) if ip.is_unspecified() => None,
+            Protocol::Ip6(ip) if ip.is_unspecified() => None,
+            Protocol::Ip4(ip) if ip.is_loopback() => Some(3),
+            Protocol::Ip6(ip) if ip.is_loopback() => Some(3),
+            Protocol::Ip4(ip) if ip.is_private() || ip.is_link_local() => Some(2),
+            Protocol::Ip6(ip) if (ip.segments()[0] & 0xfe00) == 0xfc00 => Some(2),
+            Protocol::Ip6(ip) if (ip.segments()[0] & 0xffc0) == 0xfe80 => Some(2),
+            _ => Some(0),
+        }
+    }
+    addrs.retain(|a| rank(a).is_some());
+    addrs.sort_by_key(rank);
+    addrs
+}
+
+async fn contacts(State(s): State<AppState>) -> ApiResult {
+    ok(s.node.query(crate::engine::Engine::contacts).await?)
+}
+
+/// Dials a contact's addresses in the background: a contact just added is met at once,
+/// without holding the answer for it.
+fn dial_all(s: &AppState, addrs: &[String]) {
+    for a in addrs {
+        let Ok(addr) = a.parse::<libp2p::Multiaddr>() else {
+            continue;
+        };
+        let net = s.node.net().clone();
+        tokio::spawn(async move {
+            if let Err(e) = net.dial(addr.clone()).await {
+                tracing::info!("could not reach {addr} yet: {e}");
+            }
+        });
+    }
+}
+
+#[derive(Deserialize)]
+struct AddContactBody {
+    link: String,
+    name: Option<String>,
+}
+
+async fn add_contact(State(s): State<AppState>, Json(b): Json<AddContactBody>) -> ApiResult {
+    let (contact, new) = s
+        .node
+        .engine()
+        .try_call(move |e| e.add_contact(&b.link, b.name, e.now()))
+        .await?;
+    let addrs: Vec<String> = contact
+        .addrs
+        .iter()
+        .map(|a| format!("{a}/p2p/{}", contact.identity))
+        .collect();
+    dial_all(&s, &addrs);
+    ok(json!({"contact": contact, "new": new}))
+}
+
+#[derive(Deserialize)]
+struct ResolveBody {
+    peer: String,
+    #[serde(default)]
+    new_peer: bool,
+}
+
+async fn resolve_peer(State(s): State<AppState>, Json(b): Json<ResolveBody>) -> ApiResult {
+    let resolved = s
+        .node
+        .engine()
+        .try_call(move |e| e.resolve_peer(&b.peer, b.new_peer, e.now()))
+        .await?;
+    if resolved.added.is_some() {
+        dial_all(&s, &resolved.addrs);
+    }
+    ok(resolved)
+}
+
+#[derive(Deserialize)]
+struct RenameBody {
+    contact: String,
+    name: String,
+}
+
+async fn rename_contact(State(s): State<AppState>, Json(b): Json<RenameBody>) -> ApiResult {
+    ok(s.node
+        .engine()
+        .try_call(move |e| e.rename_contact(&b.contact, b.name))
+        .await?)
+}
+
+#[derive(Deserialize)]
+struct RemoveBody {
+    contact: String,
+}
+
+async fn remove_contact(State(s): State<AppState>, Json(b): Json<RemoveBody>) -> ApiResult {
+    ok(s.node
+        .engine()
+        .try_call(move |e| e.remove_contact(&b.contact))
+        .await?)
 }
 
 #[derive(Deserialize)]

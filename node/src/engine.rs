@@ -153,6 +153,8 @@ pub struct Engine {
     /// Memory may hold writes that are not durable (a group's sync failed and the reload
     /// after it failed too): nothing may run until [`Engine::refresh`] succeeds.
     stale: bool,
+    /// The user's contacts (see `contacts.rs`), as stored.
+    pub(crate) contacts: BTreeMap<IdentityKey, crate::store::Contact>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -198,6 +200,7 @@ impl Engine {
             held_events: std::cell::RefCell::new(None),
             sources: crate::clock::Sources::system(),
             stale: false,
+            contacts: BTreeMap::new(),
         };
         engine.reload_all()?;
         Ok(engine)
@@ -250,6 +253,12 @@ impl Engine {
     /// Reloads every document and key from the store, after writes that were not made
     /// durable: memory then holds exactly what the store does.
     fn reload_all(&mut self) -> Result<()> {
+        self.contacts = self
+            .store
+            .contacts()?
+            .into_iter()
+            .map(|c| (c.identity, c))
+            .collect();
         self.docs.clear();
         self.by_peer.clear();
         self.loaded.set(0);
@@ -887,6 +896,12 @@ impl Engine {
             }
         }
         out
+    }
+
+    /// Whether this node holds a document shared with `peer` (any consent document with it,
+    /// a relationship it owns or is a member of).
+    pub fn has_documents_with(&self, peer: &IdentityKey) -> bool {
+        self.by_peer.get(peer).is_some_and(|set| !set.is_empty())
     }
 
     /// Every peer this node shares a document with.

@@ -15,6 +15,7 @@
 mod actor;
 mod api;
 pub mod clock;
+mod contacts;
 mod crypt;
 mod engine;
 mod error;
@@ -31,6 +32,7 @@ mod views;
 
 pub use actor::{EngineClient, EngineStats};
 pub use api::{DEFAULT_WAIT, OPENAPI_PATH, ROUTES, openapi, router};
+pub use contacts::{MAX_PETNAME, ResolvedPeer, check_petname};
 pub use crypt::{MailReport, Sealed};
 pub use engine::{
     BAN_SECONDS, Engine, EngineError, GrantArgs, MAX_LOADED_DOCS, MAX_RELS_PER_OWNER, MAX_STRIKES,
@@ -44,8 +46,8 @@ pub use net::{
 };
 pub use node::{NODE_FILE, Node, NodeConfig, NodeError, NodeFile, NodeHandle, TOKEN_FILE, now};
 pub use store::{
-    Conduct, MAX_PEER_ADDRS, MAX_REFUSALS, PeerRecord, Profile, Refusal, Store, VerifyProblem,
-    VerifyReport,
+    Conduct, Contact, MAX_PEER_ADDRS, MAX_REFUSALS, PeerRecord, Profile, Refusal, Store,
+    VerifyProblem, VerifyReport,
 };
 pub use views::{
     Deliveries, Delivery, Event, GrantRow, MemberRow, MessageView, RelDetail, RelSummary,

@@ -369,8 +369,21 @@ impl NodeHandle {
         F: FnOnce(&mut Engine) -> Result<(T, Vec<Push>), EngineError> + Send + 'static,
         T: Send + 'static,
     {
-        let (value, pushes) = self.engine.try_call(f).await?;
-        let delivery = self.deliver(pushes, wait).await;
+        let (value, pushes, names) = self
+            .engine
+            .try_call(move |e| {
+                let (value, pushes) = f(e)?;
+                let names: std::collections::HashMap<IdentityKey, String> = pushes
+                    .iter()
+                    .filter_map(|(peer, _)| Some((*peer, e.petname(peer)?.to_owned())))
+                    .collect();
+                Ok((value, pushes, names))
+            })
+            .await?;
+        let mut delivery = self.deliver(pushes, wait).await;
+        for d in &mut delivery.0 {
+            d.name = names.get(&d.peer).cloned();
+        }
         Ok((value, delivery))
     }
 
@@ -382,6 +395,7 @@ impl NodeHandle {
                 .iter()
                 .map(|(peer, _)| Delivery {
                     peer: *peer,
+                    name: None,
                     outcome: SyncResult::Queued,
                 })
                 .collect();
@@ -402,6 +416,7 @@ impl NodeHandle {
                 .zip(results)
                 .map(|((peer, _), outcome)| Delivery {
                     peer: *peer,
+                    name: None,
                     outcome,
                 })
                 .collect(),

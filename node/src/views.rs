@@ -278,6 +278,9 @@ pub enum Event {
 pub struct Delivery {
     /// The peer.
     pub peer: IdentityKey,
+    /// The user's name for the peer, if it is a contact.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     /// How the sync with it ended.
     pub outcome: SyncResult,
 }
@@ -336,23 +339,35 @@ impl Deliveries {
         let parts: Vec<String> = self
             .0
             .iter()
-            .map(|Delivery { peer, outcome }| match outcome {
-                SyncResult::Delivered => format!("delivered to {peer}"),
-                SyncResult::Refused(why) => {
-                    let reasons: Vec<&str> = why.iter().map(|r| r.reason.as_str()).collect();
-                    format!("refused by {peer}: {}", reasons.join("; "))
-                }
-                SyncResult::Offline(why) => {
-                    format!("stored here; {peer} not reached ({why}): it goes when they connect")
-                }
-                SyncResult::NotShared => {
-                    format!("stored here; not sent to {peer}, who may not read it now")
-                }
-                SyncResult::Deposited(why) => {
-                    format!("stored here; waiting at the relay for {peer} ({why})")
-                }
-                SyncResult::Queued => format!("stored here; on its way to {peer}"),
-            })
+            .map(
+                |Delivery {
+                     peer,
+                     name,
+                     outcome,
+                 }| {
+                    let peer = name.clone().unwrap_or_else(|| peer.to_string());
+                    match outcome {
+                        SyncResult::Delivered => format!("delivered to {peer}"),
+                        SyncResult::Refused(why) => {
+                            let reasons: Vec<&str> =
+                                why.iter().map(|r| r.reason.as_str()).collect();
+                            format!("refused by {peer}: {}", reasons.join("; "))
+                        }
+                        SyncResult::Offline(why) => {
+                            format!(
+                                "stored here; {peer} not reached ({why}): it goes when they connect"
+                            )
+                        }
+                        SyncResult::NotShared => {
+                            format!("stored here; not sent to {peer}, who may not read it now")
+                        }
+                        SyncResult::Deposited(why) => {
+                            format!("stored here; waiting at the relay for {peer} ({why})")
+                        }
+                        SyncResult::Queued => format!("stored here; on its way to {peer}"),
+                    }
+                },
+            )
             .collect();
         Some(parts.join("; "))
     }

@@ -84,6 +84,19 @@ impl Party {
         r.stderr
     }
 
+    /// This party's invitation link (with its running node's addresses, if it runs).
+    pub(crate) fn invitation(&self) -> String {
+        self.json(&["invite", "--json"])["link"]
+            .as_str()
+            .expect("a link")
+            .to_owned()
+    }
+
+    /// Adds `other` as a contact called `name`, from its invitation.
+    pub(crate) fn add_contact(&self, other: &Party, name: &str) {
+        self.ok(&["contact", "add", &other.invitation(), "--name", name]);
+    }
+
     /// This party's identity text.
     pub(crate) fn identity(&self) -> String {
         self.ok(&["id"])
@@ -352,10 +365,12 @@ pub(crate) fn until(what: &str, mut check: impl FnMut() -> bool) {
 /// Returns the relationship's id.
 pub(crate) fn consent_and_open(customer: &Party, company: &Party, open: &[&str]) -> String {
     let company_id = company.identity();
+    // The customer names the company by its invitation (it becomes a contact).
+    let link = company.invitation();
     customer.ok(&[
         "consent",
         "grant",
-        &company_id,
+        &link,
         "--scope",
         "conversation:read",
         "--scope",

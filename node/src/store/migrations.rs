@@ -7,9 +7,10 @@
 //! | 3 | relays | new table `epoch-keys-1` (content keys per relationship and epoch) |
 //! | 4 | core | new tables `peer-refused-1` (our changes a peer refused for good) and `conduct-1` (strikes and bans) |
 //! | 5 | engine | new tables `doc-facts-1`, `rel-summaries-1` and `inbox-1`, built from every document held, so a node starts without loading its documents |
+//! | 6 | names | new table `contacts-1` (the user's contacts and their petnames) |
 
 /// The schema this build writes and reads.
-pub(crate) const SCHEMA_VERSION: u32 = 5;
+pub(crate) const SCHEMA_VERSION: u32 = 6;
 
 /// What to do with a store of schema `found`.
 pub(crate) enum Plan {
@@ -59,6 +60,10 @@ pub(crate) fn migrate(tx: &redb::WriteTransaction, from: u32) -> Result<(), redb
         tx.open_table(REL_SUMMARIES)?;
         tx.open_table(INBOX)?;
         super::index_all(tx)?;
+    }
+    if from < 6 {
+        // Schema 6 adds contacts; a store of an earlier schema has none.
+        tx.open_table(CONTACTS)?;
     }
     tx.open_table(META)?
         .insert(META_SCHEMA, &SCHEMA_VERSION.to_be_bytes()[..])?;

@@ -96,6 +96,23 @@ pub struct PeerRecord {
     pub last_seen: u64,
 }
 
+/// A contact: a party the user added from an invitation, under the user's own name for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Contact {
+    /// The contact's identity.
+    pub identity: IdentityKey,
+    /// The user's name for it, unique among the contacts (compared ignoring case).
+    pub petname: String,
+    /// The name it gave itself in its invitation.
+    pub name: String,
+    /// What kind of party it said it is.
+    pub kind: Kind,
+    /// The addresses its latest invitation carried (multiaddr text, without `/p2p`).
+    pub addrs: Vec<String>,
+    /// When it was added (Unix seconds).
+    pub added_at: u64,
+}
+
 /// The most addresses kept per peer.
 pub const MAX_PEER_ADDRS: usize = 8;
 /// The most refusals kept; older ones are dropped first.
@@ -280,6 +297,7 @@ impl Store {
             tx.open_table(EPOCH_KEYS)?;
             tx.open_table(PEER_REFUSED)?;
             tx.open_table(CONDUCT)?;
+            tx.open_table(CONTACTS)?;
             Ok(())
         });
         if let Err(e) = written {
@@ -715,6 +733,42 @@ impl Store {
         })
     }
 
+    /// Every contact, in no particular order.
+    pub fn contacts(&self) -> Result<Vec<Contact>, StoreError> {
+        self.read(|tx| {
+            let t = tx.open_table(CONTACTS).map_err(|e| self.db_error(e))?;
+            let mut out = Vec::new();
+            for row in t.iter().map_err(|e| self.db_error(e))? {
+                let (_, v) = row.map_err(|e| self.db_error(e))?;
+                out.push(
+                    serde_json::from_slice(v.value())
+                        .map_err(|e| self.corrupt(&format!("contact: {e}")))?,
+                );
+            }
+            Ok(out)
+        })
+    }
+
+    /// Adds or replaces a contact.
+    pub fn put_contact(&self, c: &Contact) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(c).expect("a contact serialises");
+        self.write(|tx| {
+            tx.open_table(CONTACTS)?
+                .insert(c.identity.as_bytes(), bytes.as_slice())?;
+            Ok(())
+        })
+    }
+
+    /// Removes a contact; whether there was one.
+    pub fn delete_contact(&self, who: &IdentityKey) -> Result<bool, StoreError> {
+        let had = std::cell::Cell::new(false);
+        self.write(|tx| {
+            had.set(tx.open_table(CONTACTS)?.remove(who.as_bytes())?.is_some());
+            Ok(())
+        })?;
+        Ok(had.get())
+    }
+
     /// Every peer banned until after `now`, with the end of its ban.
     pub fn bans(&self, now: u64) -> Result<Vec<(IdentityKey, u64)>, StoreError> {
         self.read(|tx| {
@@ -909,6 +963,20 @@ impl Store {
                 serde_json::to_vec(&rec).expect("serialises").as_slice(),
             )?;
             Ok(())
+        })
+    }
+
+    /// What is remembered of `peer`, if it was ever connected.
+    pub fn peer(&self, peer: &IdentityKey) -> Result<Option<PeerRecord>, StoreError> {
+        let key = peer.to_string();
+        self.read(|tx| {
+            let t = tx.open_table(PEERS).map_err(|e| self.db_error(e))?;
+            let Some(v) = t.get(key.as_str()).map_err(|e| self.db_error(e))? else {
+                return Ok(None);
+            };
+            serde_json::from_slice(v.value())
+                .map(Some)
+                .map_err(|e| self.corrupt(&format!("peer record: {e}")))
         })
     }
 

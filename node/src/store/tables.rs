@@ -84,3 +84,8 @@ pub(crate) const INBOX: TableDefinition<InboxKey, &[u8]> = TableDefinition::new(
 
 /// (time, document id, entry id).
 pub(crate) type InboxKey<'a> = (u64, &'a [u8; 32], &'a [u8; 32]);
+
+/// The user's contacts (schema 6): parties added from an invitation, under a petname the
+/// user chose. Key: the contact's key bytes. Value: JSON of [`crate::store::Contact`].
+/// Contacts are few (people add them one by one), so a petname is found by a scan.
+pub(crate) const CONTACTS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("contacts-1");
