@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use rapport_node::{
-    Contact, Engine, GrantArgs, GrantRow, MessageView, NODE_FILE, NodeFile, Refusal, RelDetail,
-    RelSummary, ResolvedPeer, Store, TOKEN_FILE, WriteOutcome,
+    Contact, Deliveries, Engine, GrantArgs, GrantRow, MessageView, NODE_FILE, NodeFile, Refusal,
+    RelDetail, RelSummary, ResolvedPeer, Store, TOKEN_FILE, WriteOutcome,
 };
 use rapport_protocol::{IdentityKey, Kind, Scope, UnixSeconds};
 use serde::de::DeserializeOwned;
@@ -345,15 +345,18 @@ impl Backend {
         &mut self,
         grant: Option<&str>,
         customer: Option<IdentityKey>,
-    ) -> Result<Vec<GrantRow>> {
+    ) -> Result<(Vec<GrantRow>, Deliveries)> {
         match self {
-            Backend::Local(e) => Ok(e.accept(grant, customer, now())?.0),
+            Backend::Local(e) => Ok((e.accept(grant, customer, now())?.0, Deliveries::default())),
             Backend::Remote(api) => {
                 let v: Value = api.post(
                     "/v1/consent/accept",
                     json!({"grant": grant, "customer": customer}),
                 )?;
-                Ok(serde_json::from_value(v["accepted"].clone())?)
+                Ok((
+                    serde_json::from_value(v["accepted"].clone())?,
+                    serde_json::from_value(v["deliveries"].clone())?,
+                ))
             }
         }
     }

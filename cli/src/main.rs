@@ -925,27 +925,46 @@ fn consent(dir: &Path, cmd: ConsentCmd, json: bool) -> Result<()> {
                     .with_context(|| format!("{} was refused", file.display()))?;
                 customer = Some(header.customer);
             }
-            let rows = node.accept(grant.as_deref(), customer)?;
+            let (rows, went) = node.accept(grant.as_deref(), customer)?;
             if json {
-                return out::json(&rows);
+                return out::json(&serde_json::json!({
+                    "accepted": rows,
+                    "delivery": went.summary(),
+                    "deliveries": went,
+                }));
             }
-            let local = matches!(node, Backend::Local(_));
             let names = node.names()?;
+            let mut refused = Vec::new();
             for g in &rows {
-                // One line per grant; with the node stopped, where the acceptance is.
+                // One line per grant, with its one outcome: where the acceptance went.
                 let who = names.of(&g.peer);
-                let whereabouts = if local {
-                    format!("; {}", unsent(&g.peer, &who))
-                } else {
-                    String::new()
+                let to_them = rapport_node::Deliveries(
+                    went.0
+                        .iter()
+                        .filter(|d| d.peer == g.peer)
+                        .cloned()
+                        .collect(),
+                );
+                let outcome = match to_them.summary() {
+                    Some(s) => s,
+                    None if matches!(node, Backend::Local(_)) => unsent(&g.peer, &who),
+                    None => "stored here".to_owned(),
                 };
-                say!(
-                    "accepted grant {} from {who}: {} for {:?} on terms {}{whereabouts}",
+                let line = format!(
+                    "accepted grant {} from {who}: {} for {:?} on terms {}: {outcome}",
                     g.grant,
                     g.scopes.join(", "),
                     g.purpose,
                     g.terms
                 );
+                if !to_them.refusals().is_empty() && !to_them.any_delivered() {
+                    refused.push(line);
+                } else {
+                    say!("{line}");
+                }
+            }
+            if !refused.is_empty() {
+                bail!("{}; it stays only in this node's copy", refused.join("\n"));
             }
         }
         ConsentCmd::AckErasure { grant, erased } => {

@@ -53,8 +53,16 @@ fn customer_and_company_through_the_cli() {
     until("the grant reaching Acme", || {
         acme.json(&["consent", "list", "--json"])[0]["status"] == "pending"
     });
+    // One line for the grant, with its one outcome: the acceptance reached Alice.
     let out = acme.ok(&["consent", "accept"]);
-    assert!(out.contains("accepted grant"), "{out}");
+    assert_eq!(out.lines().count(), 1, "{out}");
+    assert!(
+        out.starts_with("accepted grant")
+            && out
+                .trim_end()
+                .ends_with(&format!(": delivered to {alice_id}")),
+        "{out}"
+    );
     until("Alice seeing the acceptance", || {
         alice.json(&["consent", "list", "--json"])[0]["status"] == "active"
     });
