@@ -79,6 +79,7 @@ pub(crate) fn run(
     };
     let rt = crate::runtime("warn")?;
     rt.block_on(async {
+        let stop = StopSignal::install();
         let node = Node::start(config).await?;
         say!("rapport node {} running", node.identity());
         for a in node.listening().await {
@@ -91,7 +92,7 @@ pub(crate) fn run(
             );
         }
         say!("stop with Ctrl-C");
-        wait_for_signal().await;
+        stop.wait().await;
         say!("stopping…");
         node.shutdown().await;
         say!("stopped; every acknowledged change is on disk");
@@ -99,22 +100,42 @@ pub(crate) fn run(
     })
 }
 
-pub(crate) async fn wait_for_signal() {
+/// Ctrl-C or SIGTERM, listened for from the moment this is made: a stop asked for while
+/// the node is still starting is kept, and the node then stops cleanly once started,
+/// instead of the process dying of the signal.
+pub(crate) struct StopSignal {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let Ok(mut term) = signal(SignalKind::terminate()) else {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+    term: Option<tokio::signal::unix::Signal>,
+    ctrl_c: std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<()>> + Send>>,
+}
+
+impl StopSignal {
+    /// Starts listening (inside a tokio runtime).
+    pub(crate) fn install() -> Self {
+        let mut ctrl_c = Box::pin(tokio::signal::ctrl_c());
+        // Polled once here, so its handler is registered now.
+        let waker = futures::task::noop_waker();
+        let _ = ctrl_c
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(&waker));
+        Self {
+            #[cfg(unix)]
+            term: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok(),
+            ctrl_c,
         }
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+
+    /// Waits for the signal.
+    pub(crate) async fn wait(mut self) {
+        #[cfg(unix)]
+        if let Some(term) = self.term.as_mut() {
+            tokio::select! {
+                _ = &mut self.ctrl_c => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+        let _ = self.ctrl_c.await;
     }
 }
 
@@ -374,6 +395,17 @@ pub(crate) fn peers(dir: &Path, json: bool) -> Result<()> {
     if json {
         say!("{}", serde_json::to_string_pretty(&peers)?);
         return Ok(());
+    }
+    // The relay first: when it turns this node away, that is why no one else is here.
+    let status: Value = node.api()?.get("/v1/status")?;
+    if let Ok(Some(relay)) =
+        serde_json::from_value::<Option<rapport_node::RelayStatus>>(status["relay"].clone())
+    {
+        match (&relay.problem, relay.reserved) {
+            (None, true) => say!("relay     {}  circuit reserved", relay.addr),
+            (Some(p), _) => say!("relay     {}  {p}", relay.addr),
+            (None, false) => say!("relay     {}  connecting", relay.addr),
+        }
     }
     if peers.is_empty() {
         say!("no peers known yet");

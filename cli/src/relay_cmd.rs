@@ -148,6 +148,7 @@ pub(crate) fn run(dir: &Path, cmd: RelayCmd, json: bool) -> Result<()> {
             };
             let rt = crate::runtime("warn")?;
             rt.block_on(async {
+                let stop = crate::node_cmd::StopSignal::install();
                 let relay = Relay::start(config).await.map_err(|e| anyhow!(e))?;
                 say!("rapport relay {} running", relay.identity());
                 if open {
@@ -163,7 +164,7 @@ pub(crate) fn run(dir: &Path, cmd: RelayCmd, json: bool) -> Result<()> {
                 }
                 say!("members start their nodes with --relay <one of the addresses above>");
                 say!("stop with Ctrl-C");
-                crate::node_cmd::wait_for_signal().await;
+                stop.wait().await;
                 say!("stopping…");
                 relay.shutdown().await;
                 say!("stopped; stored mail is on disk");

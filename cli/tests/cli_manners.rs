@@ -522,7 +522,9 @@ fn a_mistyped_id_is_refused_and_an_invitation_catches_typos() {
     let bob_id = bob.identity();
     assert!(!grant(&bob_id, &[]).ok);
     assert!(grant(&bob_id, &["--new-peer"]).ok);
-    assert!(grant(&bob_id, &[]).ok);
+    // (Another expiry: the same grant in the same second is the same entry.)
+    let again = grant(&bob_id, &["--expires", "2099-01-01"]);
+    assert!(again.ok, "{}", again.stderr);
 }
 
 /// 2: outcomes and lists showed ids ("delivered to 12D3KooW…", peers by 8-character
@@ -580,4 +582,31 @@ fn a_contact_is_reached_by_its_invitation_and_named_everywhere() {
     );
     assert!(alice_node.terminate());
     assert!(acme_node.terminate());
+}
+
+/// 6: a node the relay does not admit (not on its allow-list) logged nothing and showed "no
+/// peers known yet". Now its log says the relay turned it away and what to do, once, and
+/// `peers` says so too.
+#[test]
+fn a_node_the_relay_turns_away_says_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    let community = Party::new(tmp.path().join("relay"));
+    let alice = initialised(&tmp, "Alice");
+    let relay = community.run_relay(&["--listen", "/ip4/127.0.0.1/tcp/0"]);
+    let log = tmp.path().join("alice.log");
+    let node = alice.run_node_logged(&["--listen", "none", "--relay", relay.addr.as_str()], &log);
+    let said = || std::fs::read_to_string(&log).unwrap_or_default();
+    support::until("the log saying the relay turned the node away", || {
+        said().contains("allow-list")
+    });
+    let line = said()
+        .lines()
+        .find(|l| l.contains("allow-list"))
+        .unwrap()
+        .to_owned();
+    assert!(line.contains("WARN"), "{line}");
+    assert!(line.contains(&alice.identity()), "what to ask for: {line}");
+    let peers = alice.ok(&["peers"]);
+    assert!(peers.contains("allow-list"), "{peers}");
+    assert!(node.terminate());
 }

@@ -552,6 +552,7 @@ async fn status(State(s): State<AppState>) -> ApiResult {
             "sweeps": stats.sweeps.load(std::sync::atomic::Ordering::Relaxed),
         },
         "engine": s.node.engine().stats(),
+        "relay": s.node.net().relay_status(),
     }))
 }
 

@@ -586,6 +586,25 @@ struct RelayLink {
     /// A dial to the relay is under way: dials to peers wait for it, so they can go
     /// through the relay's circuit at once.
     dialing: bool,
+    /// The relay accepted a reservation on the current connection.
+    reserved: bool,
+    /// The node said in its log that the relay turns it away (said once, not per retry).
+    warned: bool,
+    /// What people see of it (shared with [`NetClient`]).
+    status: Arc<std::sync::Mutex<Option<RelayStatus>>>,
+}
+
+impl RelayLink {
+    fn show(&self, problem: Option<String>) {
+        *self
+            .status
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(RelayStatus {
+            addr: self.addr.to_string(),
+            reserved: self.reserved,
+            problem,
+        });
+    }
 }
 
 /// Envelopes for one deposit request, and each document's heads once they are stored.
@@ -603,6 +622,18 @@ struct Deposit {
 pub struct NetClient {
     tx: mpsc::Sender<Command>,
     stats: Arc<WireStats>,
+    relay: Arc<std::sync::Mutex<Option<RelayStatus>>>,
+}
+
+/// How this node stands with its relay, for people (`rapport peers`, `/v1/status`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayStatus {
+    /// The relay's address.
+    pub addr: String,
+    /// A circuit is reserved there now: peers reach this node through it.
+    pub reserved: bool,
+    /// What went wrong last, if the relay is not working for this node.
+    pub problem: Option<String>,
 }
 
 impl NetClient {
@@ -694,6 +725,14 @@ impl NetClient {
     /// Sync traffic so far.
     pub fn stats(&self) -> &WireStats {
         &self.stats
+    }
+
+    /// How this node stands with its relay, if it has one.
+    pub fn relay_status(&self) -> Option<RelayStatus> {
+        self.relay
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 }
 
@@ -838,19 +877,25 @@ pub(crate) fn start(
     let codec = SyncCodec::new(stats.clone());
     let mdns_on = config.mdns;
     let mail_stats = stats.clone();
+    let relay_status = Arc::new(std::sync::Mutex::new(None));
     let relay = match &config.relay {
         None => None,
         Some(addr) => {
             let Some(Protocol::P2p(peer)) = addr.iter().last() else {
                 return Err(NetError::RelayAddress(addr.clone()));
             };
-            Some(RelayLink {
+            let link = RelayLink {
                 addr: addr.clone(),
                 peer,
                 listening: false,
                 fetching: false,
                 dialing: true,
-            })
+                reserved: false,
+                warned: false,
+                status: relay_status.clone(),
+            };
+            link.show(Some("not connected yet".into()));
+            Some(link)
         }
     };
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
@@ -984,7 +1029,14 @@ pub(crate) fn start(
         deposits: HashMap::new(),
     };
     let handle = tokio::spawn(lp.run(rx, internal_rx));
-    Ok((NetClient { tx, stats }, handle))
+    Ok((
+        NetClient {
+            tx,
+            stats,
+            relay: relay_status,
+        },
+        handle,
+    ))
 }
 
 impl Loop {
@@ -1428,6 +1480,30 @@ impl Loop {
                 .build(),
             _ => DialOpts::peer_id(peer).build(),
         }
+    }
+
+    /// The relay's connection closed. Closed before it accepted a reservation, it turned
+    /// this node away: a relay in allow-list mode (the default) admits only its members.
+    /// That is said once in the log, with what to ask for, and shown in `rapport peers`.
+    fn relay_lost(&mut self) {
+        let me = *self.swarm.local_peer_id();
+        let Some(l) = self.relay.as_mut() else {
+            return;
+        };
+        if std::mem::replace(&mut l.reserved, false) {
+            l.show(Some("the connection closed; reconnecting".into()));
+            return;
+        }
+        let problem = "the relay closed the connection before accepting a reservation: it admits only the identities on its allow-list, and this node is probably not one of them";
+        if !std::mem::replace(&mut l.warned, true) {
+            tracing::warn!(
+                "{problem}. Ask the community that runs {} to admit this node: `rapport relay allow {me}`",
+                l.peer
+            );
+        }
+        l.show(Some(format!(
+            "{problem}; ask for `rapport relay allow {me}`"
+        )));
     }
 
     fn relay_connected(&self) -> bool {
@@ -1916,7 +1992,16 @@ impl Loop {
                             .any(|a| a.iter().any(|p| p == Protocol::P2pCircuit)))
                 {
                     // The reservation ended or was refused: ask again on the next tick.
-                    tracing::info!("circuit listener closed: {reason:?}");
+                    match &reason {
+                        Ok(()) => tracing::info!("circuit listener closed"),
+                        Err(e) => {
+                            tracing::warn!(
+                                "the relay refused or ended this node's reservation: {e}"
+                            );
+                            link.reserved = false;
+                            link.show(Some(format!("the relay refused a reservation: {e}")));
+                        }
+                    }
                     link.listening = false;
                 }
             }
@@ -1934,6 +2019,9 @@ impl Loop {
                 let _ = self.events.send(Event::PeerDisconnected {
                     peer: peer_id.to_string(),
                 });
+                if self.relay.as_ref().is_some_and(|l| l.peer == peer_id) {
+                    self.relay_lost();
+                }
                 // Queued sessions end too; they run again when the peer reconnects.
                 for e in self.sessions.peer_gone(peer_id, "the peer disconnected") {
                     self.end(e);
@@ -1952,6 +2040,7 @@ impl Loop {
                         tracing::warn!("cannot reach the relay: {error}");
                         if let Some(l) = self.relay.as_mut() {
                             l.listening = false;
+                            l.show(Some(format!("cannot reach it: {error}")));
                         }
                         self.relay_settled();
                     } else if !self.swarm.is_connected(&peer) {
@@ -2055,6 +2144,12 @@ impl Loop {
             SwarmEvent::Behaviour(BehaviourEvent::Sync(ev)) => self.sync_event(ev),
             SwarmEvent::Behaviour(BehaviourEvent::Mailbox(ev)) => self.mail_event(ev),
             SwarmEvent::Behaviour(BehaviourEvent::RelayClient(ev)) => {
+                if let relay::client::Event::ReservationReqAccepted { relay_peer_id, .. } = &ev
+                    && let Some(l) = self.relay.as_mut().filter(|l| l.peer == *relay_peer_id)
+                {
+                    l.reserved = true;
+                    l.show(None);
+                }
                 tracing::info!("relay: {ev:?}");
             }
             SwarmEvent::Behaviour(BehaviourEvent::Dcutr(ev)) => match ev.result {
