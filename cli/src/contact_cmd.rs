@@ -75,11 +75,10 @@ pub(crate) fn contact(dir: &Path, cmd: ContactCmd, json: bool) -> Result<()> {
                 return out::json(&json!({"contact": c, "new": new}));
             }
             say!(
-                "{} contact {} ({}): {} calls itself {:?}, {} address(es)",
+                "{} contact {} ({}): it calls itself {:?}, {} address(es)",
                 if new { "added" } else { "updated" },
                 out::named(&c.petname, &c.identity),
                 c.kind,
-                c.petname,
                 c.name,
                 c.addrs.len()
             );
