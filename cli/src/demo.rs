@@ -76,7 +76,13 @@ async fn grant_status(h: &NodeHandle, grant: &str) -> (String, bool) {
     .await
 }
 
-async fn grant(h: &NodeHandle, to: IdentityKey, scopes: &[&str], purpose: &str) -> Result<String> {
+async fn grant(
+    h: &NodeHandle,
+    to: IdentityKey,
+    name: &str,
+    scopes: &[&str],
+    purpose: &str,
+) -> Result<String> {
     let args = GrantArgs {
         grantee: to,
         scopes: scopes.iter().map(|s| s.parse().expect("scope")).collect(),
@@ -88,12 +94,7 @@ async fn grant(h: &NodeHandle, to: IdentityKey, scopes: &[&str], purpose: &str) 
     };
     let (out, delivery) = h.write(WAIT, move |e| e.grant(args, now())).await?;
     let id = out.entry.context("a grant entry")?.to_hex();
-    say!(
-        "   grant {} to {}: {}",
-        &id[..8],
-        to.short(),
-        scopes.join(", ")
-    );
+    say!("   grant {} to {name}: {}", &id[..8], scopes.join(", "));
     say!("   {delivery}");
     Ok(id)
 }
@@ -186,19 +187,35 @@ async fn story() -> Result<()> {
     let globex = start(&tmp.path().join("globex"), Kind::Org, "Globex", &r).await?;
     let (a, ac, gx) = (alice.handle(), acme.handle(), globex.handle());
     for (name, node) in [("Acme", &acme), ("Globex", &globex)] {
-        let addr = node
-            .listening()
-            .await
-            .into_iter()
-            .next()
-            .context("listening")?;
+        // Each company hands out its invitation (a link with a checksum); Alice adds it
+        // under her name for the company and dials the address it carries.
+        let addrs = node.listening().await;
+        let profile = node.handle().read(|e| e.profile().clone()).await;
+        let link = rapport_protocol::Invitation::new(
+            profile.identity,
+            &profile.name,
+            profile.kind,
+            &addrs,
+        )
+        .to_string();
+        let petname = name.to_owned();
+        let (contact, _) = a
+            .engine()
+            .try_call(move |e| e.add_contact(&link, Some(petname), now()))
+            .await?;
+        let addr: libp2p::Multiaddr = format!(
+            "{}/p2p/{}",
+            contact.addrs.first().context("an address")?,
+            contact.identity
+        )
+        .parse()?;
         a.net()
             .dial(addr.clone())
             .await
             .map_err(|e| anyhow::anyhow!(e))?;
         say!(
-            "   Alice {} connected to {name} at {addr}",
-            a.identity().short()
+            "   Alice adds {name}'s invitation ({:?}, checksum checked) and connects at {addr}",
+            contact.name
         );
     }
 
@@ -207,8 +224,15 @@ async fn story() -> Result<()> {
         "Alice grants each company conversation access and support contact, on her terms",
     )?;
     let scopes = ["conversation:read", "conversation:write", "contact:support"];
-    let g_acme = grant(&a, acme.identity(), &scopes, "support for order 1234").await?;
-    let g_globex = grant(&a, globex.identity(), &scopes, "warranty claims").await?;
+    let g_acme = grant(
+        &a,
+        acme.identity(),
+        "Acme",
+        &scopes,
+        "support for order 1234",
+    )
+    .await?;
+    let g_globex = grant(&a, globex.identity(), "Globex", &scopes, "warranty claims").await?;
 
     step(
         3,
@@ -296,10 +320,14 @@ async fn story() -> Result<()> {
         refusals.len() == 1,
         "Alice should keep one refusal as evidence"
     );
+    let from = refusals[0].peer;
+    let from = a
+        .read(move |e| e.display_name(&from))
+        .await
+        .unwrap_or_else(|| from.to_string());
     say!(
-        "   kept as evidence at Alice's node: change {} from {}: {}",
+        "   kept as evidence at Alice's node: change {} from {from}: {}",
         &refusals[0].change[..8],
-        refusals[0].peer.short(),
         refusals[0].reason
     );
     say!(

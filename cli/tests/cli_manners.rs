@@ -311,14 +311,16 @@ fn a_message_reports_one_outcome() {
     alice.ok(&["connect", &acme.listen_addr()]);
     let rel = support::consent_and_open(&alice, &acme, &["--name", "Acme"]);
 
+    // Acme knows Alice by the name she gave herself as the relationship's owner (in
+    // quotes: hers, not Acme's), not by her id.
     let out = acme.ok(&["msg", "send", &rel[..8], "It ships today."]);
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 1, "{out}");
     assert!(
-        lines[0].starts_with("message ")
-            && lines[0].ends_with(&format!(": delivered to {alice_id}")),
+        lines[0].starts_with("message ") && lines[0].ends_with(": delivered to \"Alice\""),
         "{out}"
     );
+    assert!(!out.contains(&alice_id), "{out}");
 
     // Acme holds no contact:marketing: Alice's node refuses it.
     let run = acme.run(&[
@@ -335,7 +337,7 @@ fn a_message_reports_one_outcome() {
     assert_eq!(lines.len(), 1, "{}", run.stderr);
     assert!(lines[0].starts_with("error: message "), "{}", run.stderr);
     assert!(
-        lines[0].contains(&format!("refused by {alice_id}: ")),
+        lines[0].contains("refused by \"Alice\": "),
         "{}",
         run.stderr
     );

@@ -72,6 +72,34 @@ impl Engine {
         self.contacts.get(peer).map(|c| c.petname.as_str())
     }
 
+    /// How to show `peer` to the user: their petname if it is a contact; else the name a
+    /// relationship shared with it gives (the name the user gave it as a member of a
+    /// relationship the user owns, or, in quotes, the name it gave itself as the owner);
+    /// else `None` (show the id). Reads at most a few summaries from the index.
+    pub fn display_name(&self, peer: &IdentityKey) -> Option<String> {
+        if let Some(name) = self.petname(peer) {
+            return Some(name.to_owned());
+        }
+        for doc in self.relationships_with(peer, 4) {
+            let Ok(Some(r)) = self.store().rel_summary(&doc) else {
+                continue;
+            };
+            if r.owner == *peer && !r.owner_name.trim().is_empty() {
+                return Some(format!("{:?}", r.owner_name));
+            }
+            if let Some(m) = r.members.iter().find(|m| m.identity == *peer)
+                && !m.name.trim().is_empty()
+            {
+                return Some(if r.mine {
+                    m.name.clone()
+                } else {
+                    format!("{:?}", m.name)
+                });
+            }
+        }
+        None
+    }
+
     /// The contact whose petname is `name` (ignoring case).
     fn contact_named(&self, name: &str) -> Option<&Contact> {
         let lower = name.to_lowercase();

@@ -898,6 +898,22 @@ impl Engine {
         out
     }
 
+    /// The relationships shared with `peer`, at most `n`, in no particular order.
+    pub(crate) fn relationships_with(&self, peer: &IdentityKey, n: usize) -> Vec<DocId> {
+        self.by_peer
+            .get(peer)
+            .into_iter()
+            .flatten()
+            .filter(|id| {
+                self.docs
+                    .get(*id)
+                    .is_some_and(|s| matches!(s.r, DocRef::Relationship(_)))
+            })
+            .take(n)
+            .copied()
+            .collect()
+    }
+
     /// Whether this node holds a document shared with `peer` (any consent document with it,
     /// a relationship it owns or is a member of).
     pub fn has_documents_with(&self, peer: &IdentityKey) -> bool {

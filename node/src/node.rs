@@ -375,7 +375,7 @@ impl NodeHandle {
                 let (value, pushes) = f(e)?;
                 let names: std::collections::HashMap<IdentityKey, String> = pushes
                     .iter()
-                    .filter_map(|(peer, _)| Some((*peer, e.petname(peer)?.to_owned())))
+                    .filter_map(|(peer, _)| Some((*peer, e.display_name(peer)?)))
                     .collect();
                 Ok((value, pushes, names))
             })

@@ -278,7 +278,8 @@ pub enum Event {
 pub struct Delivery {
     /// The peer.
     pub peer: IdentityKey,
-    /// The user's name for the peer, if it is a contact.
+    /// How the user knows the peer: their name for a contact, else a name a relationship
+    /// gives it (in quotes when the peer gave it to itself); absent when unknown.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     /// How the sync with it ended.
