@@ -154,7 +154,10 @@ fn run(mut engine: Engine, mut queues: Queues, stats: Arc<Counters>) {
                 stats
                     .max_job_us
                     .fetch_max(micros(started), Ordering::Relaxed);
-                if done.len() < MAX_GROUP {
+                // Once stopping, the group takes everything the network queued before the
+                // stop (at most the queue's capacity), not one group's worth: the loop
+                // ends with this group.
+                if done.len() < MAX_GROUP || stop.is_some() {
                     next = if stop.is_some() {
                         queues.bg.try_recv().ok()
                     } else {
@@ -372,6 +375,54 @@ mod tests {
             order[0],
             usize::MAX,
             "the caller's operation runs before the peers' work queued ahead of it"
+        );
+    }
+
+    /// A stop that finds more network work queued than one group takes still runs all of
+    /// it, as the loop promises: it used to run one group's worth and drop the rest.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stop_runs_every_job_the_network_queued_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Store::create(dir.path(), Kind::Org, "Acme", 1_800_000_000).unwrap());
+        let client =
+            EngineClient::start(Engine::open(Store::open(dir.path()).unwrap()).unwrap()).unwrap();
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        let (started_tx, started) = oneshot::channel();
+        let c = client.clone();
+        let held = tokio::spawn(async move {
+            c.call(move |_| {
+                let _ = started_tx.send(());
+                let _ = wait.recv();
+            })
+            .await
+            .unwrap();
+        });
+        started.await.unwrap();
+        let ran = Arc::new(Mutex::new(0usize));
+        let jobs = 2 * MAX_GROUP + 10;
+        for _ in 0..jobs {
+            let r = ran.clone();
+            let job: Job = Box::new(move |_| {
+                *r.lock().unwrap() += 1;
+                Box::new(|_| {})
+            });
+            assert!(client.try_submit(job).is_ok(), "the queue has room");
+        }
+        // The stop is queued behind the held call, ahead of the run of the network's jobs.
+        let c = client.clone();
+        let stopping = tokio::spawn(async move { c.stop().await });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while client.queued() < jobs + 1 {
+            assert!(Instant::now() < deadline, "the stop was never queued");
+            tokio::time::sleep(Duration::from_millis(2)).await; // backoff between polls
+        }
+        drop(release);
+        held.await.unwrap();
+        stopping.await.unwrap();
+        assert_eq!(
+            *ran.lock().unwrap(),
+            jobs,
+            "every queued job ran before the stop"
         );
     }
 }
