@@ -634,7 +634,14 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn store_verify(dir: &Path, json: bool) -> Result<()> {
-    let report = Store::open_read_only(dir)?.verify()?;
+    let store = Store::open_read_only(dir)?;
+    // A company's store holds hundreds of thousands of documents: show how far it is.
+    let bar = out::progress("checking documents", 0);
+    let report = store.verify_with(|done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    })?;
+    bar.finish_and_clear();
     if json {
         say!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -44,22 +44,32 @@ pub(crate) enum RelayCmd {
     },
     /// Admit an identity (a running relay picks it up within seconds).
     Allow {
-        /// The member's identity.
+        /// The member's invitation link (rapport:…, checked by its checksum) or identity.
         identity: String,
     },
     /// Stop admitting an identity (its connections are refused from then on).
     Deny {
-        /// The member's identity.
+        /// The member's invitation link or identity.
         identity: String,
     },
     /// List the identities admitted.
     Members,
 }
 
+/// The identity a member gave: from their invitation link (checked), with the name and
+/// kind it carries for the message, or an identity as typed.
+fn member(text: &str) -> Result<(rapport_protocol::IdentityKey, String)> {
+    if rapport_protocol::looks_like_invitation(text) {
+        let inv = rapport_protocol::Invitation::decode(text)?;
+        return Ok((inv.identity, format!("{:?} ({}) ", inv.name, inv.kind)));
+    }
+    Ok((parse_identity(text)?, String::new()))
+}
+
 pub(crate) fn run(dir: &Path, cmd: RelayCmd, json: bool) -> Result<()> {
     match cmd {
         RelayCmd::Allow { identity } => {
-            let id = parse_identity(&identity)?;
+            let (id, who) = member(&identity)?;
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
             let changed = edit_allow_list(dir, &id, true).map_err(|e| anyhow!(e))?;
@@ -69,14 +79,14 @@ pub(crate) fn run(dir: &Path, cmd: RelayCmd, json: bool) -> Result<()> {
                 );
             }
             say!(
-                "{id} {} admitted ({})",
+                "{who}{id} {} admitted ({})",
                 if changed { "is now" } else { "was already" },
                 dir.join(ALLOW_FILE).display()
             );
             Ok(())
         }
         RelayCmd::Deny { identity } => {
-            let id = parse_identity(&identity)?;
+            let (id, who) = member(&identity)?;
             let changed = edit_allow_list(dir, &id, false).map_err(|e| anyhow!(e))?;
             if json {
                 return out::json(
@@ -84,7 +94,7 @@ pub(crate) fn run(dir: &Path, cmd: RelayCmd, json: bool) -> Result<()> {
                 );
             }
             say!(
-                "{id} {}",
+                "{who}{id} {}",
                 if changed {
                     "is no longer admitted"
                 } else {

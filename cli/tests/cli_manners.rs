@@ -610,5 +610,15 @@ fn a_node_the_relay_turns_away_says_so() {
     assert!(line.contains(&alice.identity()), "what to ask for: {line}");
     let peers = alice.ok(&["peers"]);
     assert!(peers.contains("allow-list"), "{peers}");
+
+    // Doing what it says works: the community admits Alice by her invitation, and her
+    // node, trying again by itself, reserves a circuit.
+    let out = community.ok(&["relay", "allow", &alice.invitation()]);
+    assert!(out.starts_with("\"Alice\" (person) "), "{out}");
+    support::until("Alice's node reserving a circuit at the relay", || {
+        alice.ok(&["peers"]).contains("circuit reserved")
+    });
+    let warned = said().lines().filter(|l| l.contains("allow-list")).count();
+    assert_eq!(warned, 1, "said once, not at every retry: {}", said());
     assert!(node.terminate());
 }

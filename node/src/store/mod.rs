@@ -519,6 +519,15 @@ impl Store {
     /// Changes nothing. A problem found is reported, not returned as an error; an error
     /// means the store itself could not be read.
     pub fn verify(&self) -> Result<VerifyReport, StoreError> {
+        self.verify_with(|_, _| {})
+    }
+
+    /// [`Store::verify`], telling `progress` after each document how many were checked
+    /// and how many there are (for a progress bar on a large store).
+    pub fn verify_with(
+        &self,
+        mut progress: impl FnMut(u64, u64),
+    ) -> Result<VerifyReport, StoreError> {
         let profile = self.profile()?;
         let viewer = Viewer {
             me: profile.identity,
@@ -540,7 +549,10 @@ impl Store {
             Ok(out)
         })?;
         let mut report = VerifyReport::default();
-        for d in self.doc_refs()? {
+        let docs = self.doc_refs()?;
+        let total = docs.len() as u64;
+        for d in docs {
+            progress(report.documents as u64, total);
             let id = d.doc_id();
             report.documents += 1;
             let mut problem = |detail: String| {
