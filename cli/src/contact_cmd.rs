@@ -57,7 +57,12 @@ pub(crate) fn invite(dir: &Path, no_qr: bool, json: bool) -> Result<()> {
 /// same in either case.
 fn qr(link: &str) -> Result<String> {
     use qrcode::render::unicode::Dense1x2;
-    let code = qrcode::QrCode::new(link.to_ascii_uppercase().as_bytes())?;
+    // Low error correction: a code on a screen is not soiled or torn, and it keeps the
+    // largest invitation within 80 columns.
+    let code = qrcode::QrCode::with_error_correction_level(
+        link.to_ascii_uppercase().as_bytes(),
+        qrcode::EcLevel::L,
+    )?;
     Ok(code
         .render::<Dense1x2>()
         .dark_color(Dense1x2::Light)
@@ -132,4 +137,36 @@ pub(crate) fn contact(dir: &Path, cmd: ContactCmd, json: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use rapport_protocol::{Invitation, Kind, SecretKey};
+
+    /// The QR code of the longest invitation (a 64-byte name, four relayed addresses) still
+    /// fits a terminal 80 columns wide, quiet zone included, and is square.
+    #[test]
+    fn the_largest_invitation_fits_a_terminal_as_a_qr_code() {
+        let me = SecretKey::from_seed([7; 32]).identity();
+        let relay = SecretKey::from_seed([8; 32]).identity();
+        let addrs: Vec<_> = (0..4)
+            .map(|i| {
+                format!("/ip6/2001:db8::{i}/udp/4001/quic-v1/p2p/{relay}/p2p-circuit")
+                    .parse()
+                    .unwrap()
+            })
+            .collect();
+        let link = Invitation::new(me, &"é".repeat(40), Kind::Org, &addrs).to_string();
+        let drawn = super::qr(&link).unwrap();
+        let rows: Vec<&str> = drawn.lines().collect();
+        let width = rows[0].chars().count();
+        assert!(width <= 80, "{width} columns for {} characters", link.len());
+        assert!(rows.iter().all(|r| r.chars().count() == width));
+        // Two modules per character row: as many module rows as columns, give or take one.
+        assert!(
+            (2 * rows.len()).abs_diff(width) <= 1,
+            "{} rows, {width} columns",
+            rows.len()
+        );
+    }
 }

@@ -471,7 +471,8 @@ pub(crate) fn connect(dir: &Path, addr: &str, json: bool) -> Result<()> {
 }
 
 pub(crate) fn refusals(dir: &Path, limit: usize, json: bool) -> Result<()> {
-    let list = Backend::open_read_only(dir)?.refusals(limit)?;
+    let node = Backend::open_read_only(dir)?;
+    let list = node.refusals(limit)?;
     if json {
         say!("{}", serde_json::to_string_pretty(&list)?);
         return Ok(());
@@ -479,11 +480,12 @@ pub(crate) fn refusals(dir: &Path, limit: usize, json: bool) -> Result<()> {
     if list.is_empty() {
         say!("nothing refused");
     }
+    let names = node.names()?;
     for r in list {
         say!(
             "{}  from {}  change {}  {}",
             show_time(r.at),
-            r.peer.short(),
+            names.with_kind(&r.peer),
             r.change.chars().take(8).collect::<String>(),
             r.reason
         );

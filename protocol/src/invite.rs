@@ -47,6 +47,9 @@ pub const MAX_INVITE_ADDRS: usize = 4;
 pub const MAX_INVITE_ADDR: usize = 128;
 /// The longest invitation text read, in characters (whitespace included).
 pub const MAX_INVITE_TEXT: usize = 2048;
+/// The most bytes an invitation holds before its checksum: a link of at most 336
+/// characters, whose QR code fits an 80-column terminal.
+pub const MAX_INVITE_BYTES: usize = 200;
 
 const VERSION: u8 = 1;
 const CHECKSUM_DOMAIN: &[u8] = b"rapport invitation v1";
@@ -113,30 +116,42 @@ impl Invitation {
                 "an address is longer than 128 bytes",
             ));
         }
+        if self.body().len() > MAX_INVITE_BYTES {
+            return Err(InviteError::Malformed("longer than 200 bytes"));
+        }
         Ok(())
     }
 
     /// An invitation for `identity`, keeping the name and addresses that fit: the name is
     /// cut to [`MAX_INVITE_NAME`] bytes (at a character boundary), a final `/p2p/…` is
     /// taken off each address (a relayed one keeps its relay's), and at most [`MAX_INVITE_ADDRS`] addresses of at most
-    /// [`MAX_INVITE_ADDR`] bytes are kept, in the order given, without repeats.
+    /// [`MAX_INVITE_ADDR`] bytes are kept, in the order given, without repeats, while the
+    /// whole stays within [`MAX_INVITE_BYTES`] (an address that does not fit is left out).
     pub fn new(identity: IdentityKey, name: &str, kind: Kind, addrs: &[Multiaddr]) -> Self {
         let mut cut = name.len().min(MAX_INVITE_NAME);
         while !name.is_char_boundary(cut) {
             cut -= 1;
         }
         let mut kept: Vec<Multiaddr> = Vec::new();
+        // Version, key, kind, the name's length and bytes, the address count.
+        let mut size = 1 + 32 + 1 + 1 + cut + 1;
         for a in addrs {
             let mut bare = a.clone();
             while matches!(bare.iter().last(), Some(Protocol::P2p(_))) {
                 bare.pop();
             }
-            if bare.is_empty() || bare.as_ref().len() > MAX_INVITE_ADDR || kept.contains(&bare) {
+            let len = bare.as_ref().len();
+            if bare.is_empty()
+                || len > MAX_INVITE_ADDR
+                || size + 1 + len > MAX_INVITE_BYTES
+                || kept.contains(&bare)
+            {
                 continue;
             }
             if kept.len() == MAX_INVITE_ADDRS {
                 break;
             }
+            size += 1 + len;
             kept.push(bare);
         }
         Self {
@@ -197,6 +212,9 @@ impl Invitation {
             .map_err(|_| InviteError::NotBase32)?;
         if bytes.len() < 1 + CHECKSUM_LEN {
             return Err(InviteError::Checksum);
+        }
+        if bytes.len() > MAX_INVITE_BYTES + CHECKSUM_LEN {
+            return Err(InviteError::Malformed("longer than 200 bytes"));
         }
         let (body, sum) = bytes.split_at(bytes.len() - CHECKSUM_LEN);
         if checksum(body)[..] != *sum {
@@ -465,6 +483,24 @@ mod tests {
         fn any_text_is_refused_or_read_without_panicking(text in ".{0,300}") {
             let _ = Invitation::decode(&text);
             let _ = Invitation::decode(&format!("rapport:{text}"));
+        }
+
+        #[test]
+        fn an_invitation_stays_within_its_size_however_many_addresses_it_is_given(
+            name in ".{0,80}",
+            addrs in proptest::collection::vec(addr(), 0..12),
+        ) {
+            let relay = key(9);
+            let relayed: Vec<Multiaddr> = addrs
+                .iter()
+                .map(|a| format!("{a}/p2p/{relay}/p2p-circuit").parse().unwrap())
+                .chain(addrs.iter().cloned())
+                .collect();
+            let inv = Invitation::new(key(4), &name, Kind::Org, &relayed);
+            let link = inv.encode().unwrap();
+            let most = INVITE_PREFIX.len() + (MAX_INVITE_BYTES + CHECKSUM_LEN).div_ceil(5) * 8;
+            prop_assert!(link.len() <= most, "{} > {most}", link.len());
+            prop_assert_eq!(Invitation::decode(&link).unwrap(), inv);
         }
 
         #[test]

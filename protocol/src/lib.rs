@@ -32,8 +32,8 @@ pub use consent::{
 pub use guard::{contain, in_guarded_section};
 pub use identity::{IdentityError, IdentityKey, Kind, SecretKey, read_trusted};
 pub use invite::{
-    INVITE_PREFIX, Invitation, InviteError, MAX_INVITE_ADDR, MAX_INVITE_ADDRS, MAX_INVITE_NAME,
-    MAX_INVITE_TEXT, looks_like_invitation,
+    INVITE_PREFIX, Invitation, InviteError, MAX_INVITE_ADDR, MAX_INVITE_ADDRS, MAX_INVITE_BYTES,
+    MAX_INVITE_NAME, MAX_INVITE_TEXT, looks_like_invitation,
 };
 pub use ledger_file::{
     LEDGER_FORMAT, LedgerFileError, MAX_LEDGER_CHANGES, MAX_LEDGER_FILE_BYTES, read_ledger_file,
