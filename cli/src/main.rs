@@ -210,7 +210,7 @@ enum RelCmd {
         /// Their address, if known (the node connects at once).
         #[arg(long, value_name = "MULTIADDR")]
         addr: Option<String>,
-        /// How you name them.
+        /// How you name them in the relationship [default: your contact's name for them].
         #[arg(long)]
         name: Option<String>,
         /// A title for the relationship.
@@ -228,7 +228,7 @@ enum RelCmd {
         /// Confirm an identity this node never met (not a contact, never connected).
         #[arg(long)]
         new_peer: bool,
-        /// How you name them.
+        /// How you name them in the relationship [default: your contact's name for them].
         #[arg(long)]
         name: Option<String>,
     },

@@ -582,6 +582,12 @@ fn a_contact_is_reached_by_its_invitation_and_named_everywhere() {
         out.contains(" to Acme Support, pending until they accept: delivered to Acme Support"),
         "{out}"
     );
+    // A relationship names the contact as Alice does, unless she says otherwise.
+    let out = alice.ok(&["rel", "open", "acme support"]);
+    assert!(out.contains(" with Acme Support: "), "{out}");
+    let rels = alice.json(&["rel", "list", "--json"]);
+    assert_eq!(rels[0]["members"][0]["name"], "Acme Support", "{rels}");
+    assert_eq!(rels[0]["title"], "Alice and Acme Support", "{rels}");
     assert!(alice_node.terminate());
     assert!(acme_node.terminate());
 }

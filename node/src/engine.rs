@@ -1424,8 +1424,11 @@ impl Engine {
             nonce: self.random()?,
         };
         let mut doc = RelationshipDoc::new(header);
-        let title = title.unwrap_or_else(|| format!("{} and {}", self.profile.name, peer.short()));
-        let name = name.unwrap_or_else(|| peer.short());
+        // Unnamed, a contact is named as the user named it, anyone else by its id's end.
+        let name = name
+            .or_else(|| self.petname(&peer).map(str::to_owned))
+            .unwrap_or_else(|| peer.short());
+        let title = title.unwrap_or_else(|| format!("{} and {name}", self.profile.name));
         let mut changes = Vec::new();
         for body in [
             RelBody::Title { title },
@@ -1465,7 +1468,9 @@ impl Engine {
         now: UnixSeconds,
     ) -> Result<(WriteOutcome, Vec<Push>)> {
         let id = self.find_rel(rel)?;
-        let name = name.unwrap_or_else(|| peer.short());
+        let name = name
+            .or_else(|| self.petname(&peer).map(str::to_owned))
+            .unwrap_or_else(|| peer.short());
         let (entry, mut pushes) =
             self.write_rel(id, RelBody::Member { member: peer, name }, now)?;
         pushes.extend(self.ensure_epoch(&id, now)?);
