@@ -320,13 +320,18 @@ mod tests {
     use super::*;
     use crate::store::Store;
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_caller_runs_before_the_background_work_queued_ahead_of_it() {
+    /// An engine actor on a new store, held busy by a call until `release` is dropped,
+    /// so its queues fill behind it.
+    async fn held_engine() -> (
+        tempfile::TempDir,
+        EngineClient,
+        std::sync::mpsc::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    ) {
         let dir = tempfile::tempdir().unwrap();
         drop(Store::create(dir.path(), Kind::Org, "Acme", 1_800_000_000).unwrap());
         let client =
             EngineClient::start(Engine::open(Store::open(dir.path()).unwrap()).unwrap()).unwrap();
-        // Hold the engine while the queues fill.
         let (release, wait) = std::sync::mpsc::channel::<()>();
         let (started_tx, started) = oneshot::channel();
         let c = client.clone();
@@ -339,6 +344,12 @@ mod tests {
             .unwrap();
         });
         started.await.unwrap();
+        (dir, client, release, held)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_caller_runs_before_the_background_work_queued_ahead_of_it() {
+        let (_dir, client, release, held) = held_engine().await;
 
         let order = Arc::new(Mutex::new(Vec::new()));
         let peers_jobs = 500;
@@ -382,22 +393,7 @@ mod tests {
     /// it, as the loop promises: it used to run one group's worth and drop the rest.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_stop_runs_every_job_the_network_queued_before_it() {
-        let dir = tempfile::tempdir().unwrap();
-        drop(Store::create(dir.path(), Kind::Org, "Acme", 1_800_000_000).unwrap());
-        let client =
-            EngineClient::start(Engine::open(Store::open(dir.path()).unwrap()).unwrap()).unwrap();
-        let (release, wait) = std::sync::mpsc::channel::<()>();
-        let (started_tx, started) = oneshot::channel();
-        let c = client.clone();
-        let held = tokio::spawn(async move {
-            c.call(move |_| {
-                let _ = started_tx.send(());
-                let _ = wait.recv();
-            })
-            .await
-            .unwrap();
-        });
-        started.await.unwrap();
+        let (_dir, client, release, held) = held_engine().await;
         let ran = Arc::new(Mutex::new(0usize));
         let jobs = 2 * MAX_GROUP + 10;
         for _ in 0..jobs {
