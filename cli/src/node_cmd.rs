@@ -242,11 +242,20 @@ fn print_rels(
         "msgs"
     );
     for r in rels {
-        let owner = (!r.mine).then(|| names.or(&r.owner, &r.owner_name));
+        // In a relationship another owns, its names are the owner's (and the owner's own
+        // name is what it calls itself): quoted, unless the peer is one of your contacts.
+        let given = |name: &str| {
+            if r.mine {
+                name.to_owned()
+            } else {
+                format!("{name:?}")
+            }
+        };
+        let owner = (!r.mine).then(|| names.or(&r.owner, &given(&r.owner_name)));
         let members: Vec<String> = owner
             .into_iter()
             .chain(r.members.iter().filter(|m| m.identity != *me).map(|m| {
-                let name = names.or(&m.identity, &m.name);
+                let name = names.or(&m.identity, &given(&m.name));
                 if m.removed {
                     format!("{name} (removed)")
                 } else {

@@ -366,7 +366,11 @@ fn a_message_reports_one_outcome() {
             .trim()
             .to_owned()
     };
-    assert_eq!(with(&acme), "Alice");
+    assert_eq!(
+        with(&acme),
+        "\"Alice\"",
+        "the name Alice gave herself, quoted"
+    );
     assert_eq!(with(&alice), "Acme");
 
     // A consent write says its one outcome the same way, naming Acme as Alice named it
