@@ -158,10 +158,8 @@ impl Engine {
             addrs: inv.addrs.iter().map(ToString::to_string).collect(),
             added_at: existing.as_ref().map_or(now, |c| c.added_at),
         };
+        // With its addresses, which join those the node dials for it, in one transaction.
         self.store().put_contact(&contact)?;
-        // Its addresses join those the node dials for it (it was never seen there yet).
-        self.store()
-            .put_peer(&contact.identity, &contact.addrs, 0)?;
         self.contacts.insert(contact.identity, contact.clone());
         Ok((contact, existing.is_none()))
     }

@@ -192,3 +192,34 @@ fn a_peer_is_named_by_petname_link_or_an_id_this_node_knows() {
     alice.engine.remove_contact("Acme").unwrap();
     assert!(alice.engine.resolve_peer("Acme", false, T0).is_err());
 }
+
+/// A full disk: adding a contact fails with the disk's error and leaves nothing behind, in
+/// memory or in the store (the contact and its addresses are one transaction); once space
+/// is free it goes through without a restart.
+#[test]
+fn a_contact_added_on_a_full_disk_leaves_nothing_behind() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let acme = Side::new(Kind::Org, "Acme");
+    let tmp = tempfile::tempdir().unwrap();
+    drop(rapport_node::Store::create(tmp.path(), Kind::Person, "Alice", T0).unwrap());
+    let full = Arc::new(AtomicBool::new(false));
+    let path = tmp.path().join(rapport_node::Store::FILE_NAME);
+    let mut alice = rapport_node::Engine::open(common::full_disk_store(&path, &full)).unwrap();
+    let link = invitation(&acme, "Acme", Kind::Org);
+
+    full.store(true, Ordering::SeqCst);
+    let err = alice.add_contact(&link, None, T0).unwrap_err();
+    assert!(err.to_string().contains("disk"), "{err}");
+    assert!(alice.contacts().is_empty());
+    assert!(alice.resolve_peer("Acme", false, T0).is_err());
+
+    full.store(false, Ordering::SeqCst);
+    assert!(alice.store().peer(&acme.me()).unwrap().is_none());
+    assert!(alice.store().contacts().unwrap().is_empty());
+    alice.add_contact(&link, None, T0).unwrap();
+    drop(alice);
+    let alice = rapport_node::Engine::open(rapport_node::Store::open(tmp.path()).unwrap()).unwrap();
+    assert_eq!(alice.petname(&acme.me()), Some("Acme"));
+    assert!(alice.store().peer(&acme.me()).unwrap().is_some());
+}

@@ -761,13 +761,14 @@ impl Store {
         })
     }
 
-    /// Adds or replaces a contact.
+    /// Adds or replaces a contact, and adds its addresses to those known for the peer
+    /// (`peers-1`, as announced, not seen), in one transaction: both or neither.
     pub fn put_contact(&self, c: &Contact) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec(c).expect("a contact serialises");
         self.write(|tx| {
             tx.open_table(CONTACTS)?
                 .insert(c.identity.as_bytes(), bytes.as_slice())?;
-            Ok(())
+            merge_peer(tx, &c.identity, &c.addrs, 0)
         })
     }
 
@@ -956,26 +957,7 @@ impl Store {
         addrs: &[String],
         seen: u64,
     ) -> Result<(), StoreError> {
-        let key = peer.to_string();
-        self.write(|tx| {
-            let mut t = tx.open_table(PEERS)?;
-            let mut rec: PeerRecord = t
-                .get(key.as_str())?
-                .and_then(|v| serde_json::from_slice(v.value()).ok())
-                .unwrap_or_default();
-            let mut merged: Vec<String> = addrs.to_vec();
-            merged.append(&mut rec.addrs);
-            let mut seen_addrs = std::collections::HashSet::new();
-            merged.retain(|a| seen_addrs.insert(a.clone()));
-            merged.truncate(MAX_PEER_ADDRS);
-            rec.addrs = merged;
-            rec.last_seen = rec.last_seen.max(seen);
-            t.insert(
-                key.as_str(),
-                serde_json::to_vec(&rec).expect("serialises").as_slice(),
-            )?;
-            Ok(())
-        })
+        self.write(|tx| merge_peer(tx, peer, addrs, seen))
     }
 
     /// What is remembered of `peer`, if it was ever connected.
@@ -1538,6 +1520,34 @@ fn index_doc_tx(
 }
 
 /// Indexes every document held (the migration to schema 5).
+/// Records `addrs` for `peer` in `tx` (newest first, at most [`MAX_PEER_ADDRS`]), and
+/// that it was seen at `seen` if later than recorded.
+fn merge_peer(
+    tx: &redb::WriteTransaction,
+    peer: &IdentityKey,
+    addrs: &[String],
+    seen: u64,
+) -> Result<(), redb::Error> {
+    let key = peer.to_string();
+    let mut t = tx.open_table(PEERS)?;
+    let mut rec: PeerRecord = t
+        .get(key.as_str())?
+        .and_then(|v| serde_json::from_slice(v.value()).ok())
+        .unwrap_or_default();
+    let mut merged: Vec<String> = addrs.to_vec();
+    merged.append(&mut rec.addrs);
+    let mut seen_addrs = HashSet::new();
+    merged.retain(|a| seen_addrs.insert(a.clone()));
+    merged.truncate(MAX_PEER_ADDRS);
+    rec.addrs = merged;
+    rec.last_seen = rec.last_seen.max(seen);
+    t.insert(
+        key.as_str(),
+        serde_json::to_vec(&rec).expect("serialises").as_slice(),
+    )?;
+    Ok(())
+}
+
 pub(crate) fn index_all(tx: &redb::WriteTransaction) -> Result<(), redb::Error> {
     let profile = profile_tx(tx)?;
     let viewer = Viewer {
