@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use rapport_node::{
-    Contact, Deliveries, Engine, GrantArgs, GrantRow, MessageView, NODE_FILE, NodeFile, Refusal,
-    RelDetail, RelSummary, ResolvedPeer, Store, TOKEN_FILE, WriteOutcome,
+    Contact, Deliveries, Engine, GrantArgs, GrantRow, MessageView, NODE_FILE, NodeFile, PeerName,
+    Refusal, RelDetail, RelSummary, ResolvedPeer, Store, TOKEN_FILE, WriteOutcome,
 };
 use rapport_protocol::{IdentityKey, Kind, Scope, UnixSeconds};
 use serde::de::DeserializeOwned;
@@ -16,14 +16,13 @@ use serde_json::{Value, json};
 use crate::now;
 
 /// The names this node knows for peers, to show instead of ids: the user's petnames for
-/// contacts, and else the name a relationship gives (its owner's own, or the one its owner
-/// gave a member), in quotes: it is theirs, not the user's.
+/// contacts (with their kind), and else the name a relationship gives (the engine's
+/// `display_name`: in quotes when the peer gave it to itself).
 #[derive(Debug, Default)]
 pub(crate) struct Names(pub(crate) std::collections::HashMap<IdentityKey, (String, Option<Kind>)>);
 
 impl Names {
-    /// How to show `peer`: its petname, else the name a relationship gives it in quotes,
-    /// else its id; with `-v`, the id beside the name.
+    /// How to show `peer`: its name, else its id; with `-v`, the id beside the name.
     pub(crate) fn of(&self, peer: &IdentityKey) -> String {
         match self.0.get(peer) {
             Some((name, _)) => crate::out::named(name, peer),
@@ -226,18 +225,23 @@ impl Backend {
         ))
     }
 
-    /// Petnames, and for peers that are not contacts, the names relationships give them
-    /// (see [`Names`]).
-    pub(crate) fn names(&self) -> Result<Names> {
-        let mut names = self.petnames()?;
+    /// How the node names `peers` (see [`Names`]), this node itself as "you". Answered by
+    /// the node's index, a few reads per peer: never a scan of every relationship.
+    pub(crate) fn names_of(&self, peers: impl IntoIterator<Item = IdentityKey>) -> Result<Names> {
         let me = self.me()?;
+        let mut wanted: Vec<IdentityKey> = peers.into_iter().filter(|p| *p != me).collect();
+        wanted.sort();
+        wanted.dedup();
+        let mut names = Names::default();
         names.0.insert(me, ("you".into(), None));
-        for r in self.relationships()? {
-            let given = std::iter::once((r.owner, r.owner_name.clone()))
-                .chain(r.members.iter().map(|m| (m.identity, m.name.clone())));
-            for (id, name) in given {
-                if id != me && !name.trim().is_empty() {
-                    names.0.entry(id).or_insert((format!("{name:?}"), None));
+        for chunk in wanted.chunks(rapport_node::MAX_NAMES) {
+            let named: Vec<PeerName> = match self {
+                Backend::Local(e) => e.names_of(chunk),
+                Backend::Remote(api) => api.post("/v1/names", json!({ "peers": chunk }))?,
+            };
+            for n in named {
+                if let Some(name) = n.name {
+                    names.0.insert(n.identity, (name, n.kind));
                 }
             }
         }

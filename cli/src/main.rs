@@ -863,7 +863,7 @@ fn consent(dir: &Path, cmd: ConsentCmd, json: bool) -> Result<()> {
             };
             let expires = expires.as_deref().map(parse_date).transpose()?;
             let out = node.amend(&grant, scopes, expires)?;
-            let who = node.petnames()?.of(&out.peer);
+            let who = node.names_of([out.peer])?.of(&out.peer);
             let what = format!(
                 "amended grant {} to {who} (amendment {})",
                 out.grant.expect("named").short(),
@@ -873,7 +873,7 @@ fn consent(dir: &Path, cmd: ConsentCmd, json: bool) -> Result<()> {
         }
         ConsentCmd::Revoke { grant, reason } => {
             let out = node.revoke(&grant, reason)?;
-            let who = node.petnames()?.of(&out.peer);
+            let who = node.names_of([out.peer])?.of(&out.peer);
             let what = format!(
                 "revoked grant {} to {who} (revocation {})",
                 out.grant.expect("named"),
@@ -940,7 +940,7 @@ fn consent(dir: &Path, cmd: ConsentCmd, json: bool) -> Result<()> {
                     "deliveries": went,
                 }));
             }
-            let names = node.names()?;
+            let names = node.names_of(rows.iter().map(|g| g.peer))?;
             let mut refused = Vec::new();
             for g in &rows {
                 // One line per grant, with its one outcome: where the acceptance went.
@@ -976,7 +976,7 @@ fn consent(dir: &Path, cmd: ConsentCmd, json: bool) -> Result<()> {
         }
         ConsentCmd::AckErasure { grant, erased } => {
             let out = node.ack_erasure(&grant, erased)?;
-            let who = node.names()?.of(&out.peer);
+            let who = node.names_of([out.peer])?.of(&out.peer);
             let what = format!(
                 "acknowledged erasure for grant {} from {who} ({})",
                 out.grant.expect("named").short(),
@@ -1146,7 +1146,7 @@ fn list(node: &Backend, json: bool) -> Result<()> {
         say!("no grants yet");
         return Ok(());
     }
-    let names = node.names()?;
+    let names = node.names_of(rows.iter().map(|g| g.peer))?;
     let width = rows
         .iter()
         .map(|g| names.with_kind(&g.peer).chars().count())
@@ -1226,9 +1226,14 @@ fn ledger_show(dir: &Path, identity: Option<String>, json: bool) -> Result<()> {
         Some(text) => Some(peer(&mut backend, text, true)?.0),
         None => None,
     };
-    let names = backend.names()?;
+    let ledgers = ledgers(&backend)?;
+    let names = backend.names_of(
+        ledgers
+            .iter()
+            .flat_map(|l| [l.header().customer, l.header().grantee]),
+    )?;
     let mut out = Vec::new();
-    for ledger in ledgers(&backend)? {
+    for ledger in ledgers {
         let h = *ledger.header();
         if peer.is_some_and(|p| p != h.customer && p != h.grantee) {
             continue;

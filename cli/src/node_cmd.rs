@@ -419,7 +419,7 @@ pub(crate) fn peers(dir: &Path, json: bool) -> Result<()> {
     if peers.is_empty() {
         say!("no peers known yet");
     }
-    let names = node.names()?;
+    let names = node.names_of(peers.iter().filter_map(|p| p.peer.parse().ok()))?;
     for p in peers {
         say!(
             "{} {}  {}{}",
@@ -464,12 +464,13 @@ pub(crate) fn connect(dir: &Path, addr: &str, json: bool) -> Result<()> {
                 if json {
                     return out::json(&v);
                 }
-                let who = v["peer"]
-                    .as_str()
-                    .and_then(|p| p.parse().ok())
-                    .map_or_else(String::new, |id| {
-                        node.names().map(|n| n.with_kind(&id)).unwrap_or_default()
-                    });
+                let who = v["peer"].as_str().and_then(|p| p.parse().ok()).map_or_else(
+                    String::new,
+                    |id| {
+                        node.names_of([id])
+                            .map_or_else(|_| id.to_string(), |n| n.with_kind(&id))
+                    },
+                );
                 say!("connected to {who} at {a}");
                 return Ok(());
             }
@@ -489,7 +490,7 @@ pub(crate) fn refusals(dir: &Path, limit: usize, json: bool) -> Result<()> {
     if list.is_empty() {
         say!("nothing refused");
     }
-    let names = node.names()?;
+    let names = node.names_of(list.iter().map(|r| r.peer))?;
     for r in list {
         say!(
             "{}  from {}  change {}  {}",

@@ -244,6 +244,11 @@ pub const ROUTES: &[(&str, &str, &str)] = &[
     ),
     (
         "post",
+        "/v1/names",
+        "How this node names peers (a contact's petname, else a name a relationship gives, in quotes when self-given) and a contact's kind: {\"peers\": [identity, …]} (at most 10,000)",
+    ),
+    (
+        "post",
         "/v1/contacts/rename",
         "Rename a contact: {\"contact\", \"name\"}",
     ),
@@ -423,6 +428,7 @@ pub fn router(node: NodeHandle, token: String) -> Router {
         .route("/v1/invitation", get(invitation))
         .route("/v1/contacts", get(contacts).post(add_contact))
         .route("/v1/contacts/resolve", post(resolve_peer))
+        .route("/v1/names", post(names))
         .route("/v1/contacts/rename", post(rename_contact))
         .route("/v1/contacts/remove", post(remove_contact))
         .route("/v1/relationships", get(relationships).post(open_rel))
@@ -661,6 +667,27 @@ async fn resolve_peer(State(s): State<AppState>, Json(b): Json<ResolveBody>) -> 
         dial_all(&s, &resolved.addrs);
     }
     ok(resolved)
+}
+
+#[derive(Deserialize)]
+struct NamesBody {
+    peers: Vec<String>,
+}
+
+async fn names(State(s): State<AppState>, Json(b): Json<NamesBody>) -> ApiResult {
+    if b.peers.len() > crate::contacts::MAX_NAMES {
+        return Err(bad(format!(
+            "at most {} peers at once; {} were asked for",
+            crate::contacts::MAX_NAMES,
+            b.peers.len()
+        )));
+    }
+    let peers = b
+        .peers
+        .iter()
+        .map(|p| identity(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    ok(s.node.query(move |e| e.names_of(&peers)).await?)
 }
 
 #[derive(Deserialize)]

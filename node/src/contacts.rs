@@ -31,6 +31,20 @@ pub struct ResolvedPeer {
     pub added: Option<Contact>,
 }
 
+/// How the user knows a peer (see [`Engine::names_of`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerName {
+    /// The peer.
+    pub identity: IdentityKey,
+    /// Its name ([`Engine::display_name`]), if this node knows one.
+    pub name: Option<String>,
+    /// Its kind, if it is a contact (as its invitation said).
+    pub kind: Option<Kind>,
+}
+
+/// The most peers [`Engine::names_of`] names in one call.
+pub const MAX_NAMES: usize = 10_000;
+
 /// Whether `name` may be a petname; the error says why not.
 pub fn check_petname(name: &str) -> Result<()> {
     let bad = |why: &str| {
@@ -98,6 +112,20 @@ impl Engine {
             }
         }
         None
+    }
+
+    /// How the user knows each of `peers` (at most [`MAX_NAMES`]; the rest are left out),
+    /// for lists that show names in place of ids.
+    pub fn names_of(&self, peers: &[IdentityKey]) -> Vec<PeerName> {
+        peers
+            .iter()
+            .take(MAX_NAMES)
+            .map(|p| PeerName {
+                identity: *p,
+                name: self.display_name(p),
+                kind: self.contacts.get(p).map(|c| c.kind),
+            })
+            .collect()
     }
 
     /// The contact whose petname is `name` (ignoring case).

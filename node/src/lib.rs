@@ -32,7 +32,7 @@ mod views;
 
 pub use actor::{EngineClient, EngineStats};
 pub use api::{DEFAULT_WAIT, OPENAPI_PATH, ROUTES, openapi, router};
-pub use contacts::{MAX_PETNAME, ResolvedPeer, check_petname};
+pub use contacts::{MAX_NAMES, MAX_PETNAME, PeerName, ResolvedPeer, check_petname};
 pub use crypt::{MailReport, Sealed};
 pub use engine::{
     BAN_SECONDS, Engine, EngineError, GrantArgs, MAX_LOADED_DOCS, MAX_RELS_PER_OWNER, MAX_STRIKES,

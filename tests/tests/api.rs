@@ -101,6 +101,38 @@ async fn every_documented_route_is_served_and_bad_input_gets_a_clear_error() {
     .unwrap();
     assert_eq!(status, 409, "{body}");
     assert_eq!(alice.handle.read(|e| e.grants(0).len()).await, 0);
+
+    // Names: answered per peer, bounded in count; a bad id is a clear error.
+    let me = alice.id().to_string();
+    let t4 = t.clone();
+    let asked = serde_json::json!({"peers": [me]}).to_string();
+    let (status, body) =
+        tokio::task::spawn_blocking(move || request(addr, "POST", "/v1/names", &t4, &asked))
+            .await
+            .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let named: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(named[0]["identity"], me.as_str(), "{body}");
+    let too_many = serde_json::json!({"peers": vec![me.clone(); 10_001]}).to_string();
+    let t5 = t.clone();
+    let (status, body) =
+        tokio::task::spawn_blocking(move || request(addr, "POST", "/v1/names", &t5, &too_many))
+            .await
+            .unwrap();
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("at most 10000"), "{body}");
+    let (status, body) = tokio::task::spawn_blocking(move || {
+        request(
+            addr,
+            "POST",
+            "/v1/names",
+            &t,
+            r#"{"peers":["12D3KooWnope"]}"#,
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(status, 400, "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
