@@ -44,11 +44,34 @@ pub(crate) fn line(args: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
     write(format_args!("{args}\n"))
 }
 
-/// Writes `args` to standard output. A closed pipe is [`ClosedPipe`]; anything else (a
+/// `text` with every control character but line feed and tab written as an escape
+/// (`\u{1b}`): names and messages come from peers, and a terminal obeys the escape
+/// sequences in what it prints (clearing the screen, rewriting earlier lines).
+pub(crate) fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text
+        .chars()
+        .any(|c| c.is_control() && c != '\n' && c != '\t')
+    {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() && c != '\n' && c != '\t' {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// Writes `args` to standard output (see [`printable`]). A closed pipe is [`ClosedPipe`]; anything else (a
 /// full disk behind a redirect) an error worth showing.
 pub(crate) fn write(args: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
+    let raw = args.to_string();
+    let text = printable(&raw);
     let mut out = std::io::stdout().lock();
-    match out.write_fmt(args).and_then(|()| out.flush()) {
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(ClosedPipe.into()),
         Err(e) => Err(anyhow::Error::new(e).context("cannot write to standard output")),
@@ -127,3 +150,15 @@ macro_rules! say_part {
 }
 
 pub(crate) use {say, say_part};
+
+#[cfg(test)]
+mod tests {
+    use super::printable;
+
+    #[test]
+    fn what_a_peer_wrote_cannot_steer_the_terminal() {
+        assert_eq!(printable("plain\n\tline"), "plain\n\tline");
+        assert_eq!(printable("\u{1b}[2Jhi\r\u{7}"), "\\u{1b}[2Jhi\\u{d}\\u{7}");
+        assert_eq!(printable("Zoë 🌍"), "Zoë 🌍");
+    }
+}

@@ -351,6 +351,18 @@ fn a_message_reports_one_outcome() {
         "kept where written"
     );
 
+    // What a peer wrote cannot steer Alice's terminal: an escape sequence in a message is
+    // shown escaped, in the thread and the inbox, and kept as written under --json.
+    acme.ok(&["msg", "send", &rel[..8], "\u{1b}[2J\u{1b}[Hall clear"]);
+    support::until("Alice holding Acme's second message", || {
+        alice.ok(&["thread", &rel[..8]]).contains("all clear")
+    });
+    for shown in [alice.ok(&["thread", &rel[..8]]), alice.ok(&["inbox"])] {
+        assert!(!shown.contains('\u{1b}'), "{shown:?}");
+        assert!(shown.contains("\\u{1b}[2J"), "{shown:?}");
+    }
+    assert!(alice.ok(&["inbox", "--json"]).contains("\\u001b[2J"));
+
     // 2: at Acme, `rel list` showed Acme's own name as the relationship's members; it
     // shows the others in it: Alice, by the name she disclosed.
     let with = |p: &Party| -> String {
