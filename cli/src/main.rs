@@ -459,7 +459,8 @@ fn main() -> ExitCode {
         // The reader stopped early (`rapport id | head -1`): what was asked is done.
         Err(e) if out::closed(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // A refusal quotes the peer's reason: escaped as standard output is.
+            eprintln!("error: {}", out::printable(&format!("{e:#}")));
             ExitCode::FAILURE
         }
     }
