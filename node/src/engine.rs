@@ -145,6 +145,8 @@ pub struct Engine {
     pub(crate) deposited: HashMap<(DocId, IdentityKey), Vec<ChangeHash>>,
     /// Changes that arrived before what they depend on, per document and sender.
     pub(crate) waiting: rapport_protocol::replica::Waiting,
+    /// Cold syncs under way: documents sent from the store, chunk by chunk, unloaded.
+    pub(crate) cursors: rapport_protocol::replica::Cursors,
     /// Events of a group of operations, held until the group is durable
     /// (see [`Engine::begin_group`]); `None` outside a group.
     held_events: std::cell::RefCell<Option<Vec<Event>>>,
@@ -197,6 +199,7 @@ impl Engine {
             keys: RefCell::new(HashMap::new()),
             deposited: HashMap::new(),
             waiting: Default::default(),
+            cursors: Default::default(),
             held_events: std::cell::RefCell::new(None),
             sources: crate::clock::Sources::system(),
             stale: false,
@@ -283,6 +286,7 @@ impl Engine {
         *self.keys.borrow_mut() = keys;
         self.deposited.clear();
         self.waiting = Default::default();
+        self.cursors = Default::default();
         Ok(())
     }
 
@@ -373,6 +377,26 @@ impl Engine {
             self.learn_keys_of(rel)?;
         }
         Ok(doc)
+    }
+
+    /// Whether this node holds document `id` (loaded or not).
+    pub(crate) fn holds_doc(&self, id: &DocId) -> bool {
+        self.docs.contains_key(id)
+    }
+
+    /// Whether document `id` is in memory now.
+    pub(crate) fn is_loaded(&self, id: &DocId) -> bool {
+        self.docs.get(id).is_some_and(|s| s.doc.get().is_some())
+    }
+
+    /// Whether `who` is a member of relationship `id` now, by the index kept beside it
+    /// (without loading it); `None` when this node holds no such relationship.
+    pub(crate) fn indexed_member(&self, id: &DocId, who: &IdentityKey) -> Option<bool> {
+        let slot = self.docs.get(id)?;
+        match slot.r {
+            DocRef::Relationship(_) => Some(slot.facts.is_member(who)),
+            DocRef::Consent(_) => None,
+        }
     }
 
     /// A document held, loaded from the store on first use. A document that cannot be
@@ -606,6 +630,12 @@ impl Engine {
     /// The event sender, for the parts of the node that report events of their own.
     pub fn event_sender(&self) -> broadcast::Sender<Event> {
         self.events.clone()
+    }
+
+    /// Whether anybody listens to the node's events now: views that only an event would
+    /// carry need not be built when nobody does.
+    pub(crate) fn listened(&self) -> bool {
+        self.events.receiver_count() > 0
     }
 
     pub(crate) fn emit(&self, e: Event) {
@@ -1046,6 +1076,7 @@ impl Engine {
             for (id, n) in covered {
                 self.store.delete_document(&id)?;
                 self.drop_slot(&id);
+                self.cursors.forget_doc(&id);
                 self.keys.borrow_mut().remove(&id);
                 docs += 1;
                 messages += n;

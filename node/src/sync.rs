@@ -7,7 +7,9 @@ use std::collections::HashSet;
 
 use rapport_protocol::automerge::ChangeHash;
 use rapport_protocol::policy::{self, Conduct, Holdings, Role, may_read};
-use rapport_protocol::replica::{self, Doc, Holder, PeerRefusal, Refused, Waiting};
+use rapport_protocol::replica::{
+    self, Cursors, Doc, Holder, PeerRefusal, Refused, Stored, Waiting,
+};
 use rapport_protocol::wire::{DocRef, RefusalKind, SyncRequest, SyncResponse};
 use rapport_protocol::{
     DocId, IdentityKey, Ledger, RelBody, RelationshipDoc, SignedChange, UnixSeconds, entry_texts,
@@ -28,6 +30,10 @@ impl Holdings for Engine {
 
     fn rel(&self, id: &DocId) -> Option<&RelationshipDoc> {
         Engine::rel(self, id)
+    }
+
+    fn rel_member(&self, id: &DocId, who: &IdentityKey) -> Option<bool> {
+        self.indexed_member(id, who)
     }
 
     fn rels_owned_by(&self, owner: &IdentityKey) -> usize {
@@ -60,6 +66,29 @@ impl Holder for Engine {
 
     fn waiting(&mut self) -> &mut Waiting {
         &mut self.waiting
+    }
+
+    fn cursors(&mut self) -> &mut Cursors {
+        &mut self.cursors
+    }
+
+    fn holds(&self, id: &DocId) -> bool {
+        self.holds_doc(id)
+    }
+
+    fn stored_from(
+        &self,
+        id: &DocId,
+        from: u64,
+        max_bytes: usize,
+        max_count: usize,
+    ) -> Result<Option<Stored>, EngineError> {
+        if self.is_loaded(id) {
+            return Ok(None);
+        }
+        Ok(Some(
+            self.store().changes_raw(id, from, max_bytes, max_count)?,
+        ))
     }
 
     fn peer_heads(
@@ -167,6 +196,10 @@ impl Holder for Engine {
                         rel: id,
                         owner: h.owner,
                     });
+                }
+                // A view per message, for the API's listeners; none listening, none built.
+                if !self.listened() {
+                    return Ok(Vec::new());
                 }
                 if let Some(r) = Engine::rel(self, &id) {
                     for hash in applied {

@@ -182,3 +182,58 @@ fn memory_holds_a_bounded_number_of_documents_and_dropped_ones_load_again() {
     assert_eq!(d.messages.last().unwrap().text, "still here");
     index_matches_documents(&acme, now + 200);
 }
+
+/// A peer that holds nothing of a relationship is sent it as the store keeps it: the
+/// serving node answers without loading the relationship (only the consent its rule
+/// reads), and the peer ends with every change and the same heads.
+#[test]
+fn a_peer_that_holds_nothing_is_served_from_the_store_without_loading_the_document() {
+    let now = T0 + 10;
+    let mut acme = Side::new(Kind::Org, "Acme");
+    let mut alice = Side::new(Kind::Person, "Alice");
+    granted(&mut alice, &mut acme, now);
+    let (out, _) = alice
+        .engine
+        .open_relationship(acme.me(), Some("Acme".into()), None, now)
+        .unwrap();
+    let rel = out.doc.to_hex();
+    // Acme is away while Alice writes.
+    for i in 0..50 {
+        alice
+            .engine
+            .send_message(&rel, format!("message {i}"), None, None, now + 1)
+            .unwrap();
+    }
+    let doc = alice
+        .engine
+        .shared_with(&acme.me(), now)
+        .into_iter()
+        .find(|d| d.doc_id() == out.doc)
+        .unwrap();
+    let n = alice.engine.change_count(&out.doc).unwrap();
+    alice.reopen();
+    assert_eq!(alice.engine.loaded_docs(), 0);
+
+    let req = alice
+        .engine
+        .start_round(&acme.me(), &doc, now + 2)
+        .unwrap()
+        .expect("Alice has a relationship to send");
+    assert_eq!(req.changes.len(), n, "every change, in one round");
+    assert_eq!(
+        alice.engine.loaded_docs(),
+        1,
+        "the consent document was read for the rule, the relationship was not"
+    );
+    let sent = common::hashes(&req.changes);
+    let (resp, _, _) = acme.engine.handle_request(&alice.me(), req, now + 2);
+    let (outcome, _) = alice
+        .engine
+        .handle_response(&acme.me(), &doc, &sent, resp, now + 2)
+        .unwrap();
+    assert!(outcome.refused.is_empty(), "{:?}", outcome.refused);
+    assert!(!outcome.again, "everything went in one round");
+    let held = acme.engine.relationship(&rel, now + 2).unwrap();
+    assert_eq!(held.messages.len(), 50);
+    assert_eq!(acme.engine.change_count(&out.doc), Some(n));
+}

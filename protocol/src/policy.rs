@@ -195,6 +195,12 @@ pub trait Holdings {
     fn ledger(&self, customer: IdentityKey, grantee: IdentityKey) -> Option<&Ledger>;
     /// A relationship, if held.
     fn rel(&self, id: &DocId) -> Option<&RelationshipDoc>;
+    /// Whether `who` is a member of relationship `id` now (added and not removed); `None`
+    /// when the relationship is not held. A holder that indexes members answers without
+    /// loading the relationship.
+    fn rel_member(&self, id: &DocId, who: &IdentityKey) -> Option<bool> {
+        self.rel(id).map(|r| r.is_member(who))
+    }
     /// How many relationships `owner` owns on this node.
     fn rels_owned_by(&self, owner: &IdentityKey) -> usize;
     /// How many consent documents hold grants to this node that it never answered.
@@ -279,20 +285,22 @@ pub fn sync_role(
             Ok(Role::Party)
         }
         DocRef::Relationship(r) if r.owner == me => {
-            let Some(rel) = h.rel(&r.doc_id()) else {
+            let Some(member) = h.rel_member(&r.doc_id(), peer) else {
                 return Err((
                     RefusalCode::BadRequest,
                     format!("no relationship {} here", r.doc_id()),
                 ));
             };
-            serves(h, rel, peer, now)
+            serves_member(h, &r.doc_id(), member, peer, now)
                 .map(|()| Role::Owner)
                 .map_err(|why| (RefusalCode::Forbidden, why))
         }
         DocRef::Relationship(r) if r.owner == *peer => {
             may_take(h.ledger(r.owner, me), h.ledger(me, r.owner), &me, peer, now)
                 .map_err(|d| (RefusalCode::Forbidden, d.to_string()))?;
-            if h.rel(&r.doc_id()).is_none() && h.rels_owned_by(&r.owner) >= MAX_RELS_PER_OWNER {
+            if h.rel_member(&r.doc_id(), &me).is_none()
+                && h.rels_owned_by(&r.owner) >= MAX_RELS_PER_OWNER
+            {
                 return Err((
                     RefusalCode::RateLimited,
                     format!("this node holds {MAX_RELS_PER_OWNER} relationships of yours already"),
@@ -315,8 +323,19 @@ pub fn serves(
     peer: &IdentityKey,
     now: UnixSeconds,
 ) -> Result<(), String> {
-    if !r.is_member(peer) {
-        return Err(format!("{peer} is not a member of relationship {}", r.id()));
+    serves_member(h, &r.id(), r.is_member(peer), peer, now)
+}
+
+/// [`serves`], given whether `peer` is a member of relationship `id` now.
+fn serves_member(
+    h: &impl Holdings,
+    id: &DocId,
+    member: bool,
+    peer: &IdentityKey,
+    now: UnixSeconds,
+) -> Result<(), String> {
+    if !member {
+        return Err(format!("{peer} is not a member of relationship {id}"));
     }
     may_read(h.ledger(h.me(), *peer), peer, now).map_err(|e| e.to_string())
 }

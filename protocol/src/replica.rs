@@ -199,6 +199,70 @@ impl Waiting {
     }
 }
 
+/// Stored encodings of a document's changes, in order, and whether more remain
+/// ([`Holder::stored_from`]).
+pub type Stored = (Vec<Vec<u8>>, bool);
+
+/// The most cold syncs a holder follows at once ([`Cursors`]); past it the oldest is
+/// forgotten (its next round reads the document instead).
+pub const MAX_CURSORS: usize = 1024;
+
+/// Where a cold sync stands with one peer: how many of the document's stored changes went
+/// to it, read in the order stored, and the heads of those.
+#[derive(Debug, Clone)]
+struct Cursor {
+    sent: u64,
+    heads: Vec<ChangeHash>,
+    more: bool,
+    age: u64,
+}
+
+/// The cold syncs under way, per document and peer: a document sent to a peer that held
+/// none of it goes out as the holder stored it, chunk after chunk, without the document
+/// being loaded ([`Holder::stored_from`]). Bounded by [`MAX_CURSORS`]; not durable (a
+/// restart syncs from the heads the peer proved it holds).
+#[derive(Debug, Default)]
+pub struct Cursors {
+    map: HashMap<(DocId, IdentityKey), Cursor>,
+    ticks: u64,
+}
+
+impl Cursors {
+    /// How many cold syncs are followed.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Forgets the cold syncs of `doc` (it is gone, or its stored order changed).
+    pub fn forget_doc(&mut self, doc: &DocId) {
+        self.map.retain(|(d, _), _| d != doc);
+    }
+
+    fn get(&self, doc: &DocId, peer: &IdentityKey) -> Option<&Cursor> {
+        self.map.get(&(*doc, *peer))
+    }
+
+    fn put(&mut self, doc: DocId, peer: IdentityKey, mut c: Cursor) {
+        self.ticks += 1;
+        c.age = self.ticks;
+        self.map.insert((doc, peer), c);
+        if self.map.len() > MAX_CURSORS
+            && let Some(oldest) = self.map.iter().min_by_key(|(_, c)| c.age).map(|(k, _)| *k)
+        {
+            self.map.remove(&oldest);
+        }
+    }
+
+    fn remove(&mut self, doc: &DocId, peer: &IdentityKey) {
+        self.map.remove(&(*doc, *peer));
+    }
+}
+
 /// What holds a replica's documents and what it knows of its peers, with the effects of a
 /// round: the node's engine (over its store) or a [`Replica`] in memory. The rounds
 /// ([`round_request`], [`handle_request`], [`handle_response`]) decide; a holder keeps and
@@ -215,6 +279,25 @@ pub trait Holder: Holdings {
     fn insert_doc(&mut self, doc: Doc);
     /// Changes waiting for their dependencies.
     fn waiting(&mut self) -> &mut Waiting;
+    /// The cold syncs under way.
+    fn cursors(&mut self) -> &mut Cursors;
+    /// Whether it holds document `id`, without loading it.
+    fn holds(&self, id: &DocId) -> bool {
+        self.doc(id).is_some()
+    }
+    /// The encodings of `id`'s changes in the order the holder keeps them (each after its
+    /// dependencies), from position `from` on: as many as fit in `max_bytes` (at least one)
+    /// and at most `max_count`, and whether more remain. `None` to answer from the
+    /// document instead ([`Holder::doc`]); a node's engine reads its store here for a
+    /// document it has not loaded, so a peer that holds nothing is served without the
+    /// document being read and checked in full.
+    fn stored_from(
+        &self,
+        id: &DocId,
+        from: u64,
+        max_bytes: usize,
+        max_count: usize,
+    ) -> Result<Option<Stored>, Self::Error>;
 
     /// The heads `peer` last proved it holds of `id`.
     fn peer_heads(
@@ -303,7 +386,7 @@ type Chunk = (Vec<Vec<u8>>, bool, Vec<ChangeHash>);
 /// node may not or need not sync the document with the peer.
 #[allow(clippy::type_complexity)]
 pub fn round_request<H: Holder>(
-    h: &H,
+    h: &mut H,
     peer: &IdentityKey,
     doc: &DocRef,
     now: UnixSeconds,
@@ -312,22 +395,105 @@ pub fn round_request<H: Holder>(
         return Ok(None);
     }
     let id = doc.doc_id();
-    let Some(held) = h.doc(&id) else {
+    if !h.holds(&id) {
         return Ok(None);
-    };
+    }
     // The heads the peer last proved it holds are a hint of what it lacks; never synced
     // with this peer: it most likely lacks the document, so the first round carries its
     // first chunk instead of costing a round trip to find out.
-    let known = h.peer_heads(&id, peer)?.unwrap_or_default();
+    let known = h.peer_heads(&id, peer)?;
+    if let Some((changes, heads, sent)) = cold_chunk(h, &id, peer, known.as_deref())? {
+        return Ok(Some((
+            SyncRequest {
+                doc: *doc,
+                heads,
+                changes,
+            },
+            sent,
+        )));
+    }
+    h.cursors().remove(&id, peer);
+    let Some(held) = h.doc(&id) else {
+        return Ok(None);
+    };
+    let heads = held.heads();
+    let known = known.unwrap_or_default();
     let (changes, _, sent) = encoded_missing(h, &id, peer, &known, &HashSet::new())?;
     Ok(Some((
         SyncRequest {
             doc: *doc,
-            heads: held.heads(),
+            heads,
             changes,
         },
         sent,
     )))
+}
+
+/// The next chunk of a cold sync of `id` to `peer`, read as the holder keeps it
+/// ([`Holder::stored_from`]), without the document: on first contact (the peer never
+/// proved holding any of it, and refused none of it), and then while the peer reports
+/// holding exactly what the chunks so far carried. The encodings, the heads of everything
+/// sent so far (what the request reports: this node holds at least their history; the
+/// responder sends what it holds beyond), and the chunk's hashes. `None` to read the
+/// document instead.
+#[allow(clippy::type_complexity)]
+fn cold_chunk<H: Holder>(
+    h: &mut H,
+    id: &DocId,
+    peer: &IdentityKey,
+    known: Option<&[ChangeHash]>,
+) -> Result<Option<(Vec<Vec<u8>>, Vec<ChangeHash>, Vec<ChangeHash>)>, H::Error> {
+    let (from, mut heads) = match (known, h.cursors().get(id, peer)) {
+        (None, _) => (0, Vec::new()),
+        (Some(k), Some(c)) if c.more && same_set(k, &c.heads) => (c.sent, c.heads.clone()),
+        _ => return Ok(None),
+    };
+    if from == 0 && !h.peer_refused(id, peer)?.is_empty() {
+        return Ok(None);
+    }
+    let Some((raw, more)) = h.stored_from(id, from, CHUNK_BYTES, MAX_CHANGES_PER_MESSAGE)? else {
+        return Ok(None);
+    };
+    if raw.is_empty() {
+        return Ok(None);
+    }
+    let mut hashes = Vec::with_capacity(raw.len());
+    let mut deps = HashSet::new();
+    for c in SignedChange::decode_all(&raw) {
+        // A stored change that does not decode: reading the document reports it.
+        let Ok(c) = c else {
+            return Ok(None);
+        };
+        hashes.push(c.hash());
+        deps.extend(c.change().deps().iter().copied());
+    }
+    heads.extend(hashes.iter().copied());
+    heads.retain(|x| !deps.contains(x));
+    heads.sort_unstable();
+    heads.dedup();
+    let sent = from + raw.len() as u64;
+    h.cursors().put(
+        *id,
+        *peer,
+        Cursor {
+            sent,
+            heads: heads.clone(),
+            more,
+            age: 0,
+        },
+    );
+    Ok(Some((raw, heads, hashes)))
+}
+
+/// Whether two lists of heads name the same changes.
+fn same_set(a: &[ChangeHash], b: &[ChangeHash]) -> bool {
+    let mut a = a.to_vec();
+    let mut b = b.to_vec();
+    a.sort_unstable();
+    b.sort_unstable();
+    a.dedup();
+    b.dedup();
+    a == b
 }
 
 /// Answers a peer's request: checks access, applies and keeps its changes (each one
@@ -495,7 +661,8 @@ pub fn handle_response<H: Holder>(
         out.refused.push(r);
         for_good.push((hash, kind));
     }
-    if h.doc(&id).is_none() {
+    if !h.holds(&id) {
+        h.cursors().remove(&id, peer);
         return Ok((out, pushes));
     }
     h.put_peer_refused(&id, peer, &for_good)?;
@@ -503,7 +670,15 @@ pub fn handle_response<H: Holder>(
     out.peer_moved = before.as_deref() != Some(&heads[..]);
     // The responder kept what it applied before answering: its heads are what it holds now.
     h.put_peer_heads(&id, peer, &heads)?;
-    let unsent = !to_send(h, &id, peer, &heads)?.is_empty();
+    // A cold sync the peer followed exactly goes on with the next stored chunk; anything
+    // else (a refusal, heads of its own, the last chunk sent) is decided on the document.
+    let unsent = match h.cursors().get(&id, peer) {
+        Some(c) if c.more && for_good.is_empty() && same_set(&heads, &c.heads) => true,
+        _ => {
+            h.cursors().remove(&id, peer);
+            !to_send(h, &id, peer, &heads)?.is_empty()
+        }
+    };
     out.again = more || unsent;
     Ok((out, pushes))
 }
@@ -600,8 +775,8 @@ pub fn receive<H: Holder>(
     let id = doc.doc_id();
     let me = h.me();
     let mut changes = Vec::with_capacity(raw.len());
-    for bytes in &raw {
-        match SignedChange::decode(bytes) {
+    for decoded in SignedChange::decode_all(&raw) {
+        match decoded {
             Ok(c) => changes.push(c),
             Err(e) => {
                 let reason = format!("undecodable change: {e}");
@@ -758,6 +933,7 @@ pub struct Replica {
     refused_by: HashMap<(DocId, IdentityKey), HashSet<ChangeHash>>,
     conduct: HashMap<IdentityKey, Conduct>,
     waiting: Waiting,
+    cursors: Cursors,
     /// Refusals of strike kinds: (peer, document, kind, reason).
     pub evidence: Vec<(IdentityKey, DocId, RefusalKind, String)>,
     /// What peers refused of ours.
@@ -796,6 +972,7 @@ impl Replica {
             refused_by: HashMap::new(),
             conduct: HashMap::new(),
             waiting: Waiting::default(),
+            cursors: Cursors::default(),
             evidence: Vec::new(),
             told: Vec::new(),
             erased: Vec::new(),
@@ -1119,6 +1296,38 @@ impl Holder for Replica {
         &mut self.waiting
     }
 
+    fn cursors(&mut self) -> &mut Cursors {
+        &mut self.cursors
+    }
+
+    /// The document's changes in the order applied: a replica serves every peer that
+    /// holds nothing the way a node serves one from its store.
+    fn stored_from(
+        &self,
+        id: &DocId,
+        from: u64,
+        max_bytes: usize,
+        max_count: usize,
+    ) -> Result<Option<Stored>, ConsentError> {
+        let Some(doc) = self.docs.get(id) else {
+            return Ok(None);
+        };
+        let all = doc.changes();
+        let from = usize::try_from(from).unwrap_or(usize::MAX).min(all.len());
+        let mut out = Vec::new();
+        let mut size = 0;
+        for c in &all[from..] {
+            let bytes = c.encode();
+            size += bytes.len() + 4;
+            out.push(bytes);
+            if size >= max_bytes || out.len() >= max_count {
+                break;
+            }
+        }
+        let more = from + out.len() < all.len();
+        Ok(Some((out, more)))
+    }
+
     fn peer_heads(
         &self,
         id: &DocId,
@@ -1226,4 +1435,36 @@ impl Holder for Replica {
     }
 
     fn failed(&self, _peer: &IdentityKey, _what: &str, _error: &ConsentError) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Peers that start cold syncs and never answer cannot grow what a holder keeps for
+    /// them: past [`MAX_CURSORS`] the oldest goes.
+    #[test]
+    fn cold_syncs_followed_are_bounded_and_the_oldest_goes() {
+        let mut cursors = Cursors::default();
+        let peer = SecretKey::from_seed([7; 32]).identity();
+        let doc = |i: usize| {
+            let mut id = [0u8; 32];
+            id[..8].copy_from_slice(&(i as u64).to_be_bytes());
+            DocId(id)
+        };
+        let cursor = Cursor {
+            sent: 1,
+            heads: Vec::new(),
+            more: true,
+            age: 0,
+        };
+        for i in 0..MAX_CURSORS + 10 {
+            cursors.put(doc(i), peer, cursor.clone());
+        }
+        assert_eq!(cursors.len(), MAX_CURSORS);
+        assert!(cursors.get(&doc(0), &peer).is_none(), "the oldest went");
+        assert!(cursors.get(&doc(MAX_CURSORS + 9), &peer).is_some());
+        cursors.forget_doc(&doc(MAX_CURSORS + 9));
+        assert!(cursors.get(&doc(MAX_CURSORS + 9), &peer).is_none());
+    }
 }

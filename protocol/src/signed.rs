@@ -163,6 +163,13 @@ impl SignedChange {
         })
     }
 
+    /// [`decode`](Self::decode) of many encodings, on up to four threads for a large set
+    /// (parsing an Automerge change and hashing it is most of a change's cost on arrival
+    /// and when a document is read back from a store). In the order given.
+    pub fn decode_all<B: AsRef<[u8]> + Sync>(encoded: &[B]) -> Vec<Result<Self, ChangeError>> {
+        crate::append::par_map(encoded, |b| Self::decode(b.as_ref()))
+    }
+
     /// The encoding read by [`decode`](Self::decode).
     pub fn encode(&self) -> Vec<u8> {
         let raw = self.change.raw_bytes();

@@ -149,7 +149,7 @@ impl Sim {
     fn round(&mut self, i: usize, start: Start<usize, DocRef>) {
         let peer = self.ids[start.peer];
         let s = &mut self.sides[i];
-        let built = replica::round_request(&s.replica, &peer, &start.doc, T0).unwrap();
+        let built = replica::round_request(&mut s.replica, &peer, &start.doc, T0).unwrap();
         let Some((req, sent)) = built else {
             let end = s.sessions.built(start.ticket, false);
             self.ended(i, end);
@@ -597,7 +597,7 @@ fn a_sync_in_several_rounds_sends_each_change_once() {
     loop {
         rounds += 1;
         assert!(rounds <= 10, "the sync does not end");
-        let (req, sent) = replica::round_request(&sim.sides[ALICE].replica, &acme, &doc, T0)
+        let (req, sent) = replica::round_request(&mut sim.sides[ALICE].replica, &acme, &doc, T0)
             .unwrap()
             .expect("Alice syncs the relationship with Acme");
         to_acme += req.changes.len();
@@ -624,4 +624,151 @@ fn a_sync_in_several_rounds_sends_each_change_once() {
     assert_eq!(to_acme, written, "changes Alice sent");
     assert_eq!(back, 0, "changes Acme sent back");
     assert_eq!(sim.heads(ALICE), sim.heads(ACME));
+}
+
+/// A relationship Acme never saw, larger than two messages' worth: Alice opens it and
+/// writes while Acme is away, so their first round is a cold sync, sent chunk by chunk as
+/// Alice keeps it, in `chunks` chunks. Returns the document and how many messages were written.
+fn cold_relationship(sim: &mut Sim, chunks: usize) -> (DocRef, usize) {
+    let acme = sim.ids[ACME];
+    // The pushes are dropped: Acme is away.
+    let (rel, _) = sim.sides[ALICE]
+        .replica
+        .open("Alice and Acme, a long story", &[acme], T0)
+        .unwrap();
+    let filler = "x".repeat(MAX_MESSAGE_BYTES - 64);
+    let written = (chunks - 1) * CHUNK_BYTES / MAX_MESSAGE_BYTES + 100;
+    for i in 0..written {
+        sim.sides[ALICE]
+            .replica
+            .send(&rel, &format!("{i} {filler}"), T0)
+            .unwrap();
+    }
+    let header = *sim.sides[ALICE]
+        .replica
+        .relationship(&rel)
+        .unwrap()
+        .header();
+    (DocRef::Relationship(header), written)
+}
+
+/// One round from Alice to Acme, with Acme's answer passed through `tamper` first.
+/// Returns what the request carried, Alice's outcome, or `None` when Alice had no round
+/// to make.
+fn round_to_acme(
+    sim: &mut Sim,
+    doc: &DocRef,
+    tamper: impl FnOnce(SyncResponse) -> SyncResponse,
+) -> Option<(SyncRequest, replica::RoundOutcome)> {
+    let (alice, acme) = (sim.ids[ALICE], sim.ids[ACME]);
+    let (req, sent) =
+        replica::round_request(&mut sim.sides[ALICE].replica, &acme, doc, T0).unwrap()?;
+    let (resp, _, disconnect) =
+        replica::handle_request(&mut sim.sides[ACME].replica, &alice, req.clone(), T0);
+    assert!(!disconnect);
+    let (out, _) = replica::handle_response(
+        &mut sim.sides[ALICE].replica,
+        &acme,
+        doc,
+        &sent,
+        tamper(resp),
+        T0,
+    )
+    .unwrap();
+    Some((req, out))
+}
+
+/// A cold sync goes out in chunks in the order Alice keeps her changes; each request
+/// reports the heads of what the chunks so far carried (Alice holds at least their
+/// history), never heads Acme cannot place, and each change crosses once.
+#[test]
+fn a_cold_sync_in_several_rounds_sends_each_change_once() {
+    let mut sim = Sim::new();
+    let (doc, written) = cold_relationship(&mut sim, 3);
+    let id = doc.doc_id();
+    let mut carried = 0;
+    let mut rounds = 0;
+    loop {
+        rounds += 1;
+        assert!(rounds <= 10, "the sync does not end");
+        let (req, out) = round_to_acme(&mut sim, &doc, |r| r).expect("a round");
+        carried += req.changes.len();
+        let acme_rel = sim.sides[ACME].replica.relationship(&id).unwrap();
+        for h in &req.heads {
+            assert!(acme_rel.has_change(h), "a head Acme was not sent");
+        }
+        assert!(out.refused.is_empty(), "{:?}", out.refused);
+        if !out.again {
+            break;
+        }
+    }
+    assert!(rounds >= 3, "{rounds} rounds: the story fits fewer chunks");
+    // Title, member, and every message.
+    assert_eq!(carried, written + 2, "changes Alice sent");
+    let held = sim.sides[ACME].replica.relationship(&id).unwrap();
+    assert_eq!(held.messages().len(), written);
+    assert_eq!(
+        held.heads(),
+        sim.sides[ALICE].replica.relationship(&id).unwrap().heads()
+    );
+}
+
+/// Acme answers a chunk of a cold sync with heads of its own making (claiming less than
+/// it was sent): Alice stops reading in stored order and sends by the heads Acme reports,
+/// so nothing Acme lacks is skipped.
+#[test]
+fn a_peer_that_reports_other_heads_in_a_cold_sync_is_sent_what_it_lacks() {
+    let mut sim = Sim::new();
+    let (doc, written) = cold_relationship(&mut sim, 2);
+    let id = doc.doc_id();
+    let (first, out) = round_to_acme(&mut sim, &doc, |resp| match resp {
+        SyncResponse::Sync {
+            changes,
+            more,
+            refused,
+            ..
+        } => SyncResponse::Sync {
+            heads: Vec::new(),
+            changes,
+            more,
+            refused,
+        },
+        other => other,
+    })
+    .expect("a round");
+    assert!(out.again);
+    // Alice now sends from the heads Acme reported (none): from the first change again.
+    let (second, _) = round_to_acme(&mut sim, &doc, |r| r).expect("a round");
+    assert_eq!(
+        second.changes.first(),
+        first.changes.first(),
+        "the second round starts where Acme says it stands"
+    );
+    for _ in 0..10 {
+        match round_to_acme(&mut sim, &doc, |r| r) {
+            Some((_, out)) if out.again => continue,
+            _ => break,
+        }
+    }
+    let held = sim.sides[ACME].replica.relationship(&id).unwrap();
+    assert_eq!(held.messages().len(), written);
+}
+
+/// Alice revokes Acme's grant between two chunks of a cold sync: no further chunk goes,
+/// and Acme holds none of what the remaining chunks held.
+#[test]
+fn a_revocation_between_chunks_of_a_cold_sync_stops_it() {
+    let mut sim = Sim::new();
+    let (doc, _) = cold_relationship(&mut sim, 2);
+    let (_, out) = round_to_acme(&mut sim, &doc, |r| r).expect("a round");
+    assert!(out.again, "more chunks to go");
+    let acme = sim.ids[ACME];
+    // The pushes (Acme's notice) are dropped: the revocation holds on Alice's side alone.
+    sim.sides[ALICE].replica.revoke(acme, T0 + 1).unwrap();
+    assert!(
+        replica::round_request(&mut sim.sides[ALICE].replica, &acme, &doc, T0 + 1)
+            .unwrap()
+            .is_none(),
+        "a chunk went to a revoked company"
+    );
 }

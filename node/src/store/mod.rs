@@ -866,20 +866,53 @@ impl Store {
     pub fn changes(&self, doc: &DocId) -> Result<Vec<SignedChange>, StoreError> {
         self.read(|tx| {
             let table = tx.open_table(CHANGES).map_err(|e| self.db_error(e))?;
-            let mut out = Vec::new();
+            let mut raw = Vec::new();
             for row in table
                 .range((&doc.0, 0)..=(&doc.0, u64::MAX))
                 .map_err(|e| self.db_error(e))?
             {
                 let (_, v) = row.map_err(|e| self.db_error(e))?;
-                out.push(
-                    SignedChange::decode(v.value()).map_err(|e| StoreError::BadDocument {
+                raw.push(v);
+            }
+            let raw: Vec<&[u8]> = raw.iter().map(redb::AccessGuard::value).collect();
+            SignedChange::decode_all(&raw)
+                .into_iter()
+                .map(|c| {
+                    c.map_err(|e| StoreError::BadDocument {
                         doc: doc.to_hex(),
                         detail: e.to_string(),
-                    })?,
-                );
+                    })
+                })
+                .collect()
+        })
+    }
+
+    /// The stored encodings of `doc`'s changes, in the order stored (each after its
+    /// dependencies), from position `from` on: as many as fit in `max_bytes` (at least
+    /// one) and at most `max_count`, and whether more remain. Nothing is decoded.
+    pub fn changes_raw(
+        &self,
+        doc: &DocId,
+        from: u64,
+        max_bytes: usize,
+        max_count: usize,
+    ) -> Result<(Vec<Vec<u8>>, bool), StoreError> {
+        self.read(|tx| {
+            let table = tx.open_table(CHANGES).map_err(|e| self.db_error(e))?;
+            let mut out = Vec::new();
+            let mut size = 0;
+            let mut rows = table
+                .range((&doc.0, from)..=(&doc.0, u64::MAX))
+                .map_err(|e| self.db_error(e))?;
+            for row in rows.by_ref() {
+                let (_, v) = row.map_err(|e| self.db_error(e))?;
+                size += v.value().len() + 4;
+                out.push(v.value().to_vec());
+                if size >= max_bytes || out.len() >= max_count {
+                    break;
+                }
             }
-            Ok(out)
+            Ok((out, rows.next().is_some()))
         })
     }
 
