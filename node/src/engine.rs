@@ -532,14 +532,33 @@ impl Engine {
         changes: &[SignedChange],
         new: &[ChangeHash],
     ) -> Result<usize> {
+        self.store_indexed(d, Some(changes), new)
+    }
+
+    /// [`Engine::put_indexed`]; with `changes` `None`, the changes `new` names, as the
+    /// document holds them (not copied).
+    fn store_indexed(
+        &mut self,
+        d: &DocRef,
+        changes: Option<&[SignedChange]>,
+        new: &[ChangeHash],
+    ) -> Result<usize> {
         let id = d.doc_id();
         let viewer = self.viewer();
-        let indexed = match self.doc(&id) {
-            Some(Doc::Consent(c)) => viewer.consent(c),
-            Some(Doc::Rel(r)) => viewer.rel(r, new),
-            None => return Err(EngineError::NotFound(format!("no document {id}"))),
+        let Some(held) = self.doc(&id) else {
+            return Err(EngineError::NotFound(format!("no document {id}")));
         };
-        let n = self.store.put_changes_indexed(d, changes, &indexed)?;
+        let indexed = match held {
+            Doc::Consent(c) => viewer.consent(c),
+            Doc::Rel(r) => viewer.rel(r, new),
+        };
+        let n = match changes {
+            Some(changes) => self.store.put_changes_indexed(d, changes, &indexed)?,
+            None => {
+                let changes = held.changes_of(new);
+                self.store.put_changes_indexed(d, &changes, &indexed)?
+            }
+        };
         let doc = self.drop_slot(&id);
         self.put_slot(*d, indexed.facts, doc);
         Ok(n)
@@ -986,11 +1005,7 @@ impl Engine {
         if applied.is_empty() {
             return Ok(());
         }
-        let changes = self
-            .doc(&doc.doc_id())
-            .map(|d| d.changes_of(applied))
-            .unwrap_or_default();
-        self.put_indexed(doc, &changes, applied)?;
+        self.store_indexed(doc, None, applied)?;
         Ok(())
     }
 

@@ -89,23 +89,19 @@ impl Doc {
     }
 
     /// The changes `applied` (hashes, in order) names, as held.
-    pub fn changes_of(&self, applied: &[ChangeHash]) -> Vec<SignedChange> {
+    pub fn changes_of(&self, applied: &[ChangeHash]) -> Vec<&SignedChange> {
         let set: HashSet<&ChangeHash> = applied.iter().collect();
         let all = self.changes();
         // Changes just applied sit at the end of the list.
         let start = all.len().saturating_sub(applied.len());
-        let tail: Vec<SignedChange> = all[start..]
+        let tail: Vec<&SignedChange> = all[start..]
             .iter()
             .filter(|c| set.contains(&c.hash()))
-            .cloned()
             .collect();
         if tail.len() == applied.len() {
             return tail;
         }
-        all.iter()
-            .filter(|c| set.contains(&c.hash()))
-            .cloned()
-            .collect()
+        all.iter().filter(|c| set.contains(&c.hash())).collect()
     }
 }
 
@@ -459,13 +455,18 @@ fn cold_chunk<H: Holder>(
     }
     let mut hashes = Vec::with_capacity(raw.len());
     let mut deps = HashSet::new();
-    for c in SignedChange::decode_all(&raw) {
-        // A stored change that does not decode: reading the document reports it.
-        let Ok(c) = c else {
+    for bytes in &raw {
+        // Only the header is read; a change whose header cannot be read so is decoded in
+        // full, and one that does not decode is reported by reading the document.
+        let Some((hash, d)) = SignedChange::peek(bytes).or_else(|| {
+            SignedChange::decode(bytes)
+                .ok()
+                .map(|c| (c.hash(), c.change().deps().to_vec()))
+        }) else {
             return Ok(None);
         };
-        hashes.push(c.hash());
-        deps.extend(c.change().deps().iter().copied());
+        hashes.push(hash);
+        deps.extend(d);
     }
     heads.extend(hashes.iter().copied());
     heads.retain(|x| !deps.contains(x));

@@ -27,6 +27,23 @@ pub const ACTOR_ID_LEN: usize = 48;
 /// How many signatures go into one batch verification.
 const BATCH: usize = 256;
 
+/// An unsigned LEB128 number at the start of `bytes` and how many bytes it took; `None`
+/// when it is cut short or does not fit 64 bits.
+fn uleb(bytes: &[u8]) -> Option<(u64, usize)> {
+    let mut value = 0u64;
+    for (i, b) in bytes.iter().enumerate().take(10) {
+        let part = u64::from(b & 0x7f);
+        if i == 9 && part > 1 {
+            return None;
+        }
+        value |= part << (7 * i);
+        if b & 0x80 == 0 {
+            return Some((value, i + 1));
+        }
+    }
+    None
+}
+
 /// The id of a document: 32 bytes, shown as hex.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct DocId(pub [u8; 32]);
@@ -170,14 +187,61 @@ impl SignedChange {
         crate::append::par_map(encoded, |b| Self::decode(b.as_ref()))
     }
 
+    /// The hash and the dependencies of an encoded signed change, read from the change
+    /// chunk's header without parsing its operations: for a node sending changes from its
+    /// own store, which needs no more. `None` when the encoding is not a plain
+    /// (uncompressed) change chunk whose checksum matches the hash so computed; the caller
+    /// then decodes it in full. Checks nothing else, the signature least of all.
+    pub fn peek(encoded: &[u8]) -> Option<(ChangeHash, Vec<ChangeHash>)> {
+        use sha2::{Digest, Sha256};
+        const MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
+        const CHANGE_CHUNK: u8 = 1;
+        let chunk = encoded.get(65..)?;
+        if encoded.first() != Some(&SIGNED_CHANGE_VERSION) || chunk.get(..4)? != MAGIC {
+            return None;
+        }
+        // [magic 4][checksum 4][type 1][length uLEB128][body]; the hash covers type,
+        // length and body, and the checksum is its first four bytes.
+        if *chunk.get(8)? != CHANGE_CHUNK {
+            return None;
+        }
+        let (len, n) = uleb(chunk.get(9..)?)?;
+        let body = chunk.get(9 + n..)?;
+        if u64::try_from(body.len()).ok()? != len {
+            return None;
+        }
+        let hash: [u8; 32] = Sha256::digest(&chunk[8..]).into();
+        if chunk[4..8] != hash[..4] {
+            return None;
+        }
+        // The body starts with the dependencies: a count, then that many hashes.
+        let (count, n) = uleb(body)?;
+        let deps = body.get(n..)?;
+        let count = usize::try_from(count).ok()?;
+        if deps.len() / 32 < count {
+            return None;
+        }
+        let deps = deps
+            .chunks_exact(32)
+            .take(count)
+            .map(|d| ChangeHash(d.try_into().expect("32 bytes")))
+            .collect();
+        Some((ChangeHash(hash), deps))
+    }
+
     /// The encoding read by [`decode`](Self::decode).
     pub fn encode(&self) -> Vec<u8> {
-        let raw = self.change.raw_bytes();
-        let mut out = Vec::with_capacity(65 + raw.len());
+        let mut out = Vec::with_capacity(65 + self.change.raw_bytes().len());
+        self.encode_into(&mut out);
+        out
+    }
+
+    /// [`encode`](Self::encode) into `out`, replacing what it held (to reuse one buffer).
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        out.clear();
         out.push(SIGNED_CHANGE_VERSION);
         out.extend_from_slice(&self.signature.to_bytes());
-        out.extend_from_slice(raw);
-        out
+        out.extend_from_slice(self.change.raw_bytes());
     }
 
     /// The Automerge change.
@@ -511,6 +575,48 @@ mod tests {
         #[test]
         fn decode_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..400)) {
             let _ = SignedChange::decode(&bytes);
+            let _ = SignedChange::peek(&bytes);
+        }
+
+        /// What `peek` reads of a change's header is what Automerge parses, for changes
+        /// with any number of dependencies; and any byte changed in the chunk makes it
+        /// read nothing or what the full decode reads of the changed bytes.
+        #[test]
+        fn peek_reads_what_decode_parses(
+            texts in prop::collection::vec("[a-z]{0,300}", 1..6),
+            pos in any::<prop::sample::Index>(),
+            flip in 1u8..=255,
+        ) {
+            let key = SecretKey::from_seed([4; 32]);
+            let mut doc = Automerge::new();
+            let mut encoded = Vec::new();
+            for (i, text) in texts.iter().enumerate() {
+                // A fork per change after the first, so later ones depend on several.
+                let mut branch = doc.fork().with_actor(actor_for(&key.identity(), [i as u8; 16]));
+                let mut tx = branch.transaction();
+                tx.put(ROOT, format!("k{i}"), text.as_str()).unwrap();
+                tx.commit_with(CommitOptions::default().with_time(1));
+                let change = branch.get_last_local_change().unwrap();
+                doc.apply_changes([change.clone()]).unwrap();
+                let sc = SignedChange::sign(&doc_id(7), change, &key).unwrap();
+                encoded.push(sc.encode());
+            }
+            for bytes in &encoded {
+                let full = SignedChange::decode(bytes).unwrap();
+                prop_assert_eq!(
+                    SignedChange::peek(bytes),
+                    Some((full.hash(), full.change().deps().to_vec()))
+                );
+            }
+            let mut bytes = encoded.last().unwrap().clone();
+            let i = 65 + pos.index(bytes.len() - 65);
+            bytes[i] ^= flip;
+            if let Some((hash, deps)) = SignedChange::peek(&bytes) {
+                let full = SignedChange::decode(&bytes);
+                prop_assert!(full.is_ok(), "peek read bytes decode refuses");
+                let full = full.unwrap();
+                prop_assert_eq!((hash, deps), (full.hash(), full.change().deps().to_vec()));
+            }
         }
     }
 

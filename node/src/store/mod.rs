@@ -500,10 +500,10 @@ impl Store {
     /// Stores changes of a document and its index records (computed by the caller from the
     /// document with these changes applied) in one transaction. Returns how many changes
     /// were new.
-    pub(crate) fn put_changes_indexed(
+    pub(crate) fn put_changes_indexed<C: std::borrow::Borrow<SignedChange>>(
         &self,
         doc: &DocRef,
-        changes: &[SignedChange],
+        changes: &[C],
         indexed: &Indexed,
     ) -> Result<usize, StoreError> {
         self.write(|tx| {
@@ -1463,10 +1463,10 @@ fn check_magic(data_dir: &Path, path: &Path) -> Result<(), StoreError> {
 
 /// Stores the changes of `doc` not held yet inside `tx`, registering the document if new.
 /// Returns the hashes of the new ones.
-fn put_changes_tx(
+fn put_changes_tx<C: std::borrow::Borrow<SignedChange>>(
     tx: &redb::WriteTransaction,
     doc: &DocRef,
-    changes: &[SignedChange],
+    changes: &[C],
 ) -> Result<Vec<ChangeHash>, redb::Error> {
     let id = doc.doc_id();
     let mut docs = tx.open_table(DOCS)?;
@@ -1482,13 +1482,18 @@ fn put_changes_tx(
         None => 0,
     };
     let mut new = Vec::new();
+    let mut encoded = Vec::new();
     for c in changes {
+        let c = c.borrow();
         let hash = c.hash().0;
-        if index.get((&id.0, &hash))?.is_some() {
+        // One lookup: a change held already keeps its place.
+        let held = index.insert((&id.0, &hash), next)?.map(|v| v.value());
+        if let Some(at) = held {
+            index.insert((&id.0, &hash), at)?;
             continue;
         }
-        table.insert((&id.0, next), c.encode().as_slice())?;
-        index.insert((&id.0, &hash), next)?;
+        c.encode_into(&mut encoded);
+        table.insert((&id.0, next), encoded.as_slice())?;
         next += 1;
         new.push(c.hash());
     }
