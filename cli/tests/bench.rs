@@ -47,9 +47,12 @@ fn bench_sync_json_has_every_figure() {
         "3",
         "--per-rel",
         "5",
+        "--runs",
+        "2",
         "--json",
     ]);
     assert_eq!(v["bench"], "sync");
+    assert_eq!(v["runs"], 2, "{v}");
     let cases = v["cases"].as_array().expect("cases is an array");
     assert_eq!(cases.len(), 2, "{v}");
     // Each relationship also holds its title and its member entry: two changes more.
