@@ -237,3 +237,57 @@ fn a_peer_that_holds_nothing_is_served_from_the_store_without_loading_the_docume
     assert_eq!(held.messages.len(), 50);
     assert_eq!(acme.engine.change_count(&out.doc), Some(n));
 }
+
+/// Whom the owner serves is read from the index when the relationship is not loaded: a
+/// removed member still holding a grant, which never synced the relationship, is neither
+/// sent it cold nor served it when it asks, after a restart as before.
+#[test]
+fn a_removed_member_is_not_served_a_relationship_the_owner_has_not_loaded() {
+    let now = T0 + 10;
+    let mut alice = Side::new(Kind::Person, "Alice");
+    let mut acme = Side::new(Kind::Org, "Acme");
+    granted(&mut alice, &mut acme, now);
+    let (out, _) = alice
+        .engine
+        .open_relationship(acme.me(), Some("Acme".into()), None, now)
+        .unwrap();
+    let rel = out.doc.to_hex();
+    let doc = alice
+        .engine
+        .shared_with(&acme.me(), now)
+        .into_iter()
+        .find(|d| d.doc_id() == out.doc)
+        .unwrap();
+    alice
+        .engine
+        .remove_member(&rel, acme.me(), now + 1)
+        .unwrap();
+    alice.reopen();
+    assert_eq!(alice.engine.loaded_docs(), 0);
+
+    assert!(
+        alice
+            .engine
+            .start_round(&acme.me(), &doc, now + 2)
+            .unwrap()
+            .is_none(),
+        "a cold sync to a removed member"
+    );
+    let ask = rapport_protocol::wire::SyncRequest {
+        doc,
+        heads: Vec::new(),
+        changes: Vec::new(),
+    };
+    let (resp, _, _) = alice.engine.handle_request(&acme.me(), ask, now + 2);
+    assert!(
+        matches!(
+            resp,
+            rapport_protocol::wire::SyncResponse::Refused {
+                code: rapport_protocol::wire::RefusalCode::Forbidden,
+                ..
+            }
+        ),
+        "{resp:?}"
+    );
+    assert_eq!(acme.engine.change_count(&out.doc), None);
+}
