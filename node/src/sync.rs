@@ -76,19 +76,11 @@ impl Holder for Engine {
         self.holds_doc(id)
     }
 
-    fn stored_from(
-        &self,
-        id: &DocId,
-        from: u64,
-        max_bytes: usize,
-        max_count: usize,
-    ) -> Result<Option<Stored>, EngineError> {
+    fn stored_from(&self, id: &DocId, from: u64) -> Result<Option<Stored>, EngineError> {
         if self.is_loaded(id) {
             return Ok(None);
         }
-        Ok(Some(
-            self.store().changes_raw(id, from, max_bytes, max_count)?,
-        ))
+        Ok(Some(self.store().changes_raw(id, from)?))
     }
 
     fn peer_heads(

@@ -33,10 +33,7 @@ use crate::scope::Scope;
 use crate::session::Round;
 use crate::signed::{DocId, SignedChange};
 use crate::terms::ROSTER;
-use crate::wire::{
-    CHUNK_BYTES, DocRef, MAX_CHANGES_PER_MESSAGE, RefusalCode, RefusalKind, SyncRequest,
-    SyncResponse,
-};
+use crate::wire::{ChunkBudget, DocRef, RefusalCode, RefusalKind, SyncRequest, SyncResponse};
 
 /// A document a replica holds.
 #[derive(Debug)]
@@ -282,18 +279,12 @@ pub trait Holder: Holdings {
         self.doc(id).is_some()
     }
     /// The encodings of `id`'s changes in the order the holder keeps them (each after its
-    /// dependencies), from position `from` on: as many as fit in `max_bytes` (at least one)
-    /// and at most `max_count`, and whether more remain. `None` to answer from the
+    /// dependencies), from position `from` on: as many as fit one message
+    /// ([`ChunkBudget`]), and whether more remain. `None` to answer from the
     /// document instead ([`Holder::doc`]); a node's engine reads its store here for a
     /// document it has not loaded, so a peer that holds nothing is served without the
     /// document being read and checked in full.
-    fn stored_from(
-        &self,
-        id: &DocId,
-        from: u64,
-        max_bytes: usize,
-        max_count: usize,
-    ) -> Result<Option<Stored>, Self::Error>;
+    fn stored_from(&self, id: &DocId, from: u64) -> Result<Option<Stored>, Self::Error>;
 
     /// The heads `peer` last proved it holds of `id`.
     fn peer_heads(
@@ -447,7 +438,7 @@ fn cold_chunk<H: Holder>(
     if from == 0 && !h.peer_refused(id, peer)?.is_empty() {
         return Ok(None);
     }
-    let Some((raw, more)) = h.stored_from(id, from, CHUNK_BYTES, MAX_CHANGES_PER_MESSAGE)? else {
+    let Some((raw, more)) = h.stored_from(id, from)? else {
         return Ok(None);
     };
     if raw.is_empty() {
@@ -702,8 +693,7 @@ fn to_send<'a, H: Holder>(
     Ok(policy::unblocked(list, h.peer_refused(id, peer)?))
 }
 
-/// [`to_send`] less `skip`, encoded, cut to one message's worth ([`CHUNK_BYTES`], at least
-/// one change). The flag says more remain; the hashes are those of the changes in the chunk.
+/// [`to_send`] less `skip`, encoded, cut to one message's worth ([`ChunkBudget`]). The flag says more remain; the hashes are those of the changes in the chunk.
 fn encoded_missing<H: Holder>(
     h: &H,
     id: &DocId,
@@ -714,19 +704,16 @@ fn encoded_missing<H: Holder>(
     let list = to_send(h, id, peer, heads)?;
     let mut out = Vec::new();
     let mut hashes = Vec::new();
-    let mut size = 0;
-    let mut rest = list.into_iter().filter(|c| !skip.contains(&c.hash()));
-    for c in rest.by_ref() {
+    let mut budget = ChunkBudget::default();
+    for c in list.into_iter().filter(|c| !skip.contains(&c.hash())) {
         let bytes = c.encode();
-        size += bytes.len() + 4;
+        if !budget.take(bytes.len()) {
+            return Ok((out, true, hashes));
+        }
         out.push(bytes);
         hashes.push(c.hash());
-        if size >= CHUNK_BYTES || out.len() >= MAX_CHANGES_PER_MESSAGE {
-            break;
-        }
     }
-    let more = rest.next().is_some();
-    Ok((out, more, hashes))
+    Ok((out, false, hashes))
 }
 
 /// A request refused whole. A relationship its owner pushes to a node that never agreed to
@@ -1303,30 +1290,22 @@ impl Holder for Replica {
 
     /// The document's changes in the order applied: a replica serves every peer that
     /// holds nothing the way a node serves one from its store.
-    fn stored_from(
-        &self,
-        id: &DocId,
-        from: u64,
-        max_bytes: usize,
-        max_count: usize,
-    ) -> Result<Option<Stored>, ConsentError> {
+    fn stored_from(&self, id: &DocId, from: u64) -> Result<Option<Stored>, ConsentError> {
         let Some(doc) = self.docs.get(id) else {
             return Ok(None);
         };
         let all = doc.changes();
         let from = usize::try_from(from).unwrap_or(usize::MAX).min(all.len());
         let mut out = Vec::new();
-        let mut size = 0;
+        let mut budget = ChunkBudget::default();
         for c in &all[from..] {
             let bytes = c.encode();
-            size += bytes.len() + 4;
-            out.push(bytes);
-            if size >= max_bytes || out.len() >= max_count {
-                break;
+            if !budget.take(bytes.len()) {
+                return Ok(Some((out, true)));
             }
+            out.push(bytes);
         }
-        let more = from + out.len() < all.len();
-        Ok(Some((out, more)))
+        Ok(Some((out, false)))
     }
 
     fn peer_heads(

@@ -34,8 +34,9 @@ use crate::signed::{DocId, MAX_SIGNED_CHANGE_BYTES};
 pub const SYNC_PROTOCOL: &str = "/rapport/sync/2";
 /// The largest encoded message (request or response) either side accepts: 32 MiB.
 pub const MAX_WIRE_MESSAGE: usize = 32 << 20;
-/// The changes a sender puts in one message stop once they pass this size: 16 MiB. The
-/// rest follow in later rounds.
+/// The changes a sender puts in one message fit this size, 16 MiB, with their length
+/// prefixes (a single larger change goes alone; see [`ChunkBudget`]). The rest follow in
+/// later rounds.
 pub const CHUNK_BYTES: usize = 16 << 20;
 /// The most heads a message may list.
 pub const MAX_HEADS: usize = 1024;
@@ -509,19 +510,32 @@ impl SyncResponse {
     }
 }
 
-/// Picks a prefix of `changes` (already encoded) that fits one message: at most
-/// [`CHUNK_BYTES`] (but always at least one change) and [`MAX_CHANGES_PER_MESSAGE`].
-/// Returns the prefix and whether anything was left out.
-pub fn chunk(changes: Vec<Vec<u8>>) -> (Vec<Vec<u8>>, bool) {
-    let mut size = 0;
-    let mut n = 0;
-    for c in &changes {
-        if n > 0 && (size + c.len() + 4 > CHUNK_BYTES || n >= MAX_CHANGES_PER_MESSAGE) {
-            break;
+/// What one message may still carry of encoded changes: at most [`CHUNK_BYTES`] with
+/// their length prefixes (but always at least one change) and at most
+/// [`MAX_CHANGES_PER_MESSAGE`]. Every sender of changes cuts its messages with one.
+#[derive(Debug, Default)]
+pub struct ChunkBudget {
+    size: usize,
+    n: usize,
+}
+
+impl ChunkBudget {
+    /// Whether one more change of `len` encoded bytes fits; if so it is counted.
+    pub fn take(&mut self, len: usize) -> bool {
+        if self.n > 0 && (self.size + len + 4 > CHUNK_BYTES || self.n >= MAX_CHANGES_PER_MESSAGE) {
+            return false;
         }
-        size += c.len() + 4;
-        n += 1;
+        self.size += len + 4;
+        self.n += 1;
+        true
     }
+}
+
+/// Picks a prefix of `changes` (already encoded) that fits one message
+/// ([`ChunkBudget`]). Returns the prefix and whether anything was left out.
+pub fn chunk(changes: Vec<Vec<u8>>) -> (Vec<Vec<u8>>, bool) {
+    let mut budget = ChunkBudget::default();
+    let n = changes.iter().take_while(|c| budget.take(c.len())).count();
     let more = n < changes.len();
     let mut changes = changes;
     changes.truncate(n);

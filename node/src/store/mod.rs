@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError, RwLock};
 
 use rapport_protocol::automerge::ChangeHash;
-use rapport_protocol::wire::{DocRef, RefusalKind};
+use rapport_protocol::wire::{ChunkBudget, DocRef, RefusalKind};
 use rapport_protocol::{
     ConsentDoc, ConsentHeader, DocId, IdentityKey, Kind, RelHeader, RelationshipDoc, SecretKey,
     Signatures, SignedChange, read_trusted,
@@ -888,31 +888,24 @@ impl Store {
     }
 
     /// The stored encodings of `doc`'s changes, in the order stored (each after its
-    /// dependencies), from position `from` on: as many as fit in `max_bytes` (at least
-    /// one) and at most `max_count`, and whether more remain. Nothing is decoded.
-    pub fn changes_raw(
-        &self,
-        doc: &DocId,
-        from: u64,
-        max_bytes: usize,
-        max_count: usize,
-    ) -> Result<(Vec<Vec<u8>>, bool), StoreError> {
+    /// dependencies), from position `from` on: as many as fit one sync message
+    /// ([`ChunkBudget`]), and whether more remain. Nothing is decoded.
+    pub fn changes_raw(&self, doc: &DocId, from: u64) -> Result<(Vec<Vec<u8>>, bool), StoreError> {
         self.read(|tx| {
             let table = tx.open_table(CHANGES).map_err(|e| self.db_error(e))?;
             let mut out = Vec::new();
-            let mut size = 0;
-            let mut rows = table
+            let mut budget = ChunkBudget::default();
+            for row in table
                 .range((&doc.0, from)..=(&doc.0, u64::MAX))
-                .map_err(|e| self.db_error(e))?;
-            for row in rows.by_ref() {
+                .map_err(|e| self.db_error(e))?
+            {
                 let (_, v) = row.map_err(|e| self.db_error(e))?;
-                size += v.value().len() + 4;
-                out.push(v.value().to_vec());
-                if size >= max_bytes || out.len() >= max_count {
-                    break;
+                if !budget.take(v.value().len()) {
+                    return Ok((out, true));
                 }
+                out.push(v.value().to_vec());
             }
-            Ok((out, rows.next().is_some()))
+            Ok((out, false))
         })
     }
 
