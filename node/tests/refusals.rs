@@ -493,6 +493,58 @@ fn a_change_that_comes_before_its_dependency_waits_for_it() {
     );
 }
 
+#[test]
+fn changes_that_wait_keep_waiting_through_requests_that_do_not_bring_their_dependencies() {
+    let now = T0 + 10;
+    let (mut alice, mut acme, rel, doc) = conversation(now);
+    for text in ["one", "two", "three"] {
+        acme.engine
+            .send_message(&rel, text.into(), None, None, now)
+            .unwrap();
+    }
+    // Newest first, one request each: each change comes before the one it depends on, so
+    // the second request holds a change that waited and a new one, both still lacking.
+    let all = last_changes(&acme, &doc, 3);
+    let ask = |changes: Vec<Vec<u8>>| rapport_protocol::wire::SyncRequest {
+        doc,
+        heads: vec![],
+        changes,
+    };
+    for (i, change) in all.iter().rev().enumerate() {
+        let (resp, _, _) = alice
+            .engine
+            .handle_request(&acme.me(), ask(vec![change.clone()]), now);
+        let SyncResponse::Sync { refused, .. } = resp else {
+            panic!("{resp:?}");
+        };
+        if i < 2 {
+            assert_eq!(refused.len(), i + 1, "{refused:?}");
+            assert!(
+                refused
+                    .iter()
+                    .all(|r| r.1 == RefusalKind::MissingDependencies),
+                "{refused:?}"
+            );
+        } else {
+            assert!(refused.is_empty(), "{refused:?}");
+        }
+    }
+    let mut texts: Vec<String> = alice
+        .engine
+        .relationship(&rel, now)
+        .unwrap()
+        .messages
+        .into_iter()
+        .map(|m| m.text)
+        .collect();
+    texts.sort();
+    assert_eq!(
+        texts,
+        ["one", "three", "two"],
+        "both waiting changes went in once the first arrived"
+    );
+}
+
 /// The last `n` changes `side` holds of `doc`, encoded, in the order written.
 fn last_changes(side: &Side, doc: &DocRef, n: usize) -> Vec<Vec<u8>> {
     let all = side

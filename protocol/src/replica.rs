@@ -446,14 +446,18 @@ fn cold_chunk<H: Holder>(
     }
     let mut hashes = Vec::with_capacity(raw.len());
     let mut deps = HashSet::new();
-    for bytes in &raw {
-        // Only the header is read; a change whose header cannot be read so is decoded in
-        // full, and one that does not decode is reported by reading the document.
-        let Some((hash, d)) = SignedChange::peek(bytes).or_else(|| {
+    // Only the header is read (hashing the chunk is most of it, so a large chunk is read
+    // on several threads); a change whose header cannot be read so is decoded in full, and
+    // one that does not decode is reported by reading the document.
+    let peeked = crate::append::par_map(&raw, |bytes| {
+        SignedChange::peek(bytes).or_else(|| {
             SignedChange::decode(bytes)
                 .ok()
                 .map(|c| (c.hash(), c.change().deps().to_vec()))
-        }) else {
+        })
+    });
+    for p in peeked {
+        let Some((hash, d)) = p else {
             return Ok(None);
         };
         hashes.push(hash);
@@ -552,7 +556,15 @@ pub fn handle_request<H: Holder>(
         );
     };
     let heads = held.heads();
-    let just: HashSet<ChangeHash> = received.applied.iter().copied().collect();
+    // The requester holds the history of the heads it reports: when those include all of
+    // ours, it lacks nothing (the common end of a sync, spared a walk of the history).
+    let reported: HashSet<&ChangeHash> = req.heads.iter().collect();
+    let lacks_nothing = heads.iter().all(|x| reported.contains(x));
+    let just: HashSet<ChangeHash> = if lacks_nothing {
+        HashSet::new()
+    } else {
+        received.applied.iter().copied().collect()
+    };
     // The requester holds at least the history of the heads it reports. When it reports
     // heads we do not know (it holds changes we lack), that history is partly unknown to
     // us; but it holds what it just sent, with that history, and what we recorded it
@@ -565,7 +577,12 @@ pub fn handle_request<H: Holder>(
             basis.extend(before);
         }
     }
-    let (changes, more) = match encoded_missing(h, &id, peer, &basis, &just) {
+    let missing = if lacks_nothing {
+        Ok((Vec::new(), false, Vec::new()))
+    } else {
+        encoded_missing(h, &id, peer, &basis, &just)
+    };
+    let (changes, more) = match missing {
         Ok((changes, more, _)) => (changes, more),
         Err(e) => {
             h.failed(peer, "reading what a peer lacks", &e);
@@ -763,9 +780,15 @@ pub fn receive<H: Holder>(
     let id = doc.doc_id();
     let me = h.me();
     let mut changes = Vec::with_capacity(raw.len());
-    for decoded in SignedChange::decode_all(&raw) {
+    // Where each change came from, to find a refused one again without keeping a copy of
+    // every change: its encoding, or the changes that waited.
+    let mut from_raw = Vec::with_capacity(raw.len());
+    for (i, decoded) in SignedChange::decode_all(&raw).into_iter().enumerate() {
         match decoded {
-            Ok(c) => changes.push(c),
+            Ok(c) => {
+                from_raw.push(i);
+                changes.push(c);
+            }
             Err(e) => {
                 let reason = format!("undecodable change: {e}");
                 let kind = RefusalKind::Invalid;
@@ -775,9 +798,9 @@ pub fn receive<H: Holder>(
         }
     }
     // Changes of this peer that came before what they depend on get another chance.
-    changes.extend(h.waiting().take(&id, peer));
-    let by_hash: HashMap<ChangeHash, SignedChange> =
-        changes.iter().map(|c| (c.hash(), c.clone())).collect();
+    let waited = h.waiting().take(&id, peer);
+    changes.extend(waited.iter().cloned());
+    let hashes: Vec<ChangeHash> = changes.iter().map(SignedChange::hash).collect();
     let existed = h.doc(&id).is_some();
     let rejected: Vec<(ChangeHash, RefusalKind, String)> = match (doc, role) {
         (DocRef::Consent(c), _) => {
@@ -845,8 +868,17 @@ pub fn receive<H: Holder>(
         }
     };
     h.persist(doc, &out.applied)?;
+    // The last copy received of each refused change (a copy may differ in its signature).
+    let mut at: HashMap<ChangeHash, usize> = HashMap::new();
+    if !rejected.is_empty() {
+        at.extend(hashes.iter().enumerate().map(|(i, hash)| (*hash, i)));
+    }
     for (hash, kind, reason) in rejected {
-        let change = by_hash.get(&hash);
+        let found = at.get(&hash).and_then(|&i| match from_raw.get(i) {
+            Some(&r) => SignedChange::decode(&raw[r]).ok(),
+            None => waited.get(i - from_raw.len()).cloned(),
+        });
+        let change = found.as_ref();
         if kind.is_transient()
             && let Some(c) = change
         {

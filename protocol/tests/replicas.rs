@@ -626,6 +626,56 @@ fn a_sync_in_several_rounds_sends_each_change_once() {
     assert_eq!(sim.heads(ALICE), sim.heads(ACME));
 }
 
+/// Alice writes while Acme is away; Acme's next round reports heads that lack those
+/// changes, and Alice's answer carries exactly them. Once Acme reports heads covering all
+/// of Alice's, her answer carries nothing.
+#[test]
+fn an_answer_carries_what_the_requester_lacks_and_nothing_once_it_lacks_nothing() {
+    let mut sim = Sim::new();
+    let rel = sim.rel;
+    let header = *sim.sides[ALICE]
+        .replica
+        .relationship(&rel)
+        .unwrap()
+        .header();
+    let doc = DocRef::Relationship(header);
+    let (alice, acme) = (sim.ids[ALICE], sim.ids[ACME]);
+    let before = sim.sides[ACME]
+        .replica
+        .relationship(&rel)
+        .unwrap()
+        .messages()
+        .len();
+    for i in 0..3 {
+        // The pushes are dropped: Acme is away.
+        sim.sides[ALICE]
+            .replica
+            .send(&rel, &format!("while you were away {i}"), T0)
+            .unwrap();
+    }
+    let mut answered = Vec::new();
+    for _ in 0..2 {
+        let (req, sent) = replica::round_request(&mut sim.sides[ACME].replica, &alice, &doc, T0)
+            .unwrap()
+            .expect("Acme syncs the relationship with Alice");
+        let (resp, _, disconnect) =
+            replica::handle_request(&mut sim.sides[ALICE].replica, &acme, req, T0);
+        assert!(!disconnect);
+        let SyncResponse::Sync { changes, .. } = &resp else {
+            panic!("Alice refused: {resp:?}");
+        };
+        answered.push(changes.len());
+        let (out, _) =
+            replica::handle_response(&mut sim.sides[ACME].replica, &alice, &doc, &sent, resp, T0)
+                .unwrap();
+        assert!(out.refused.is_empty(), "{:?}", out.refused);
+    }
+    assert_eq!(answered, [3, 0], "changes in Alice's two answers");
+    let held = sim.sides[ACME].replica.relationship(&rel).unwrap();
+    assert_eq!(held.messages().len(), before + 3);
+    assert_eq!(sim.heads(ALICE), sim.heads(ACME));
+}
+
 /// A relationship Acme never saw, larger than two messages' worth: Alice opens it and
 /// writes while Acme is away, so their first round is a cold sync, sent chunk by chunk as
 /// Alice keeps it, in `chunks` chunks. Returns the document and how many messages were written.
