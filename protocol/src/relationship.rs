@@ -687,7 +687,7 @@ impl RelationshipDoc {
         // Exact copies are dropped here; copies of one change hash with different
         // signatures all go to verification, so a forged copy sent first cannot shadow the
         // honest one (only the first copy that verifies is kept, below).
-        let mut seen = HashSet::new();
+        let mut seen = HashSet::with_capacity(changes.len());
         let fresh: Vec<SignedChange> = changes
             .into_iter()
             .filter(|c| {
@@ -728,6 +728,12 @@ impl RelationshipDoc {
             .map(|((c, a), r)| (c, r.map(|entries| (a, entries))))
             .collect();
         let before = self.changes.len();
+        // Room for the batch at once, rather than growing (and rehashing) as it goes in.
+        let n = waiting.len();
+        self.changes.reserve(n);
+        self.order.reserve(n);
+        self.index.reserve(n);
+        self.by_change.reserve(n);
         let mut sink = RelSink { doc: self, gate };
         apply_causally(
             &mut sink,

@@ -236,6 +236,9 @@ impl Writer {
     }
 
     pub(crate) fn changes(&mut self, changes: &[Vec<u8>]) {
+        // One allocation for the lot: a chunk runs to megabytes.
+        self.0
+            .reserve(4 + changes.iter().map(|c| 4 + c.len()).sum::<usize>());
         self.u32(changes.len());
         for c in changes {
             self.u32(c.len());
