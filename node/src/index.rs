@@ -130,8 +130,7 @@ impl Viewer<'_> {
 
     /// A relationship as listed.
     pub(crate) fn summary(&self, r: &RelationshipDoc) -> RelSummary {
-        let msgs = r.messages();
-        let last = msgs.last().and_then(|(id, _)| self.message(r, *id));
+        let last = r.last_message().and_then(|(id, _)| self.message(r, id));
         RelSummary {
             id: r.id(),
             owner: r.header().owner,
@@ -146,7 +145,7 @@ impl Viewer<'_> {
                     removed: m.removed_at.is_some(),
                 })
                 .collect(),
-            message_count: msgs.len(),
+            message_count: r.message_count(),
             last_at: last.as_ref().map_or(0, |m| m.at),
             last,
         }

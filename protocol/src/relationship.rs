@@ -456,6 +456,10 @@ pub struct RelationshipDoc {
     title: Option<((UnixSeconds, EntryId), String)>,
     /// The entry of each content-key epoch.
     epochs: BTreeMap<u32, EntryId>,
+    /// How many messages it holds, and the latest by time then id: kept as changes go in,
+    /// so a summary costs nothing however long the conversation.
+    message_count: usize,
+    last_message: Option<EntryId>,
     /// The held changes no held change depends on.
     heads: BTreeSet<ChangeHash>,
     /// The change numbers each writer session (Automerge actor) used.
@@ -482,6 +486,8 @@ impl RelationshipDoc {
             profile: BTreeMap::new(),
             title: None,
             epochs: BTreeMap::new(),
+            message_count: 0,
+            last_message: None,
             heads: BTreeSet::new(),
             seqs: HashMap::new(),
             doc: OnceLock::new(),
@@ -652,6 +658,19 @@ impl RelationshipDoc {
             .collect();
         out.sort_by_key(|(id, e)| (e.at, *id));
         out
+    }
+
+    /// How many messages it holds ([`messages`](Self::messages)`().len()`, without
+    /// listing them).
+    pub fn message_count(&self) -> usize {
+        self.message_count
+    }
+
+    /// The latest message by time then id ([`messages`](Self::messages)`().last()`,
+    /// without listing them).
+    pub fn last_message(&self) -> Option<(EntryId, &RelEntry)> {
+        let id = self.last_message?;
+        self.entries.get(&id).map(|e| (id, e))
     }
 
     /// The changes this document holds that are not in the history of `heads` (the heads
@@ -1041,6 +1060,17 @@ impl RelationshipDoc {
                 }
                 RelBody::Epoch { epoch, .. } => {
                     self.epochs.insert(*epoch, id);
+                }
+                RelBody::Message { .. } => {
+                    self.message_count += 1;
+                    let later = |last: EntryId| {
+                        self.entries
+                            .get(&last)
+                            .is_none_or(|l| (l.at, last) < (e.at, id))
+                    };
+                    if self.last_message.is_none_or(later) {
+                        self.last_message = Some(id);
+                    }
                 }
                 RelBody::Remove { member } => {
                     if let Some(m) = self.members.get_mut(member)

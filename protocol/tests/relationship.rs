@@ -416,7 +416,9 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]
     /// Three writers (owner and two members) write concurrently and exchange changes in
     /// random orders; every replica ends with the same heads and messages, and loading a
-    /// replica's changes from scratch gives the same document.
+    /// replica's changes from scratch gives the same document. Times go back and forth and
+    /// repeat, and at every step each replica's message count and latest message (kept as
+    /// changes go in) are those of its full list of messages.
     #[test]
     fn concurrent_writers_converge(script in prop::collection::vec((0usize..3, 0usize..3, any::<bool>()), 1..40)) {
         let (alice, acme, mut base) = opened();
@@ -428,7 +430,7 @@ proptest! {
             if write {
                 let purpose = (who != 0).then_some("support");
                 replicas[who]
-                    .append(&keys[who], [who as u8; 16], T0 + step as u64, msg(&format!("m{step}"), purpose))
+                    .append(&keys[who], [who as u8; 16], T0 + (step as u64 * 7) % 5, msg(&format!("m{step}"), purpose))
                     .unwrap();
             } else if who != peer {
                 let missing: Vec<SignedChange> = replicas[who]
@@ -438,6 +440,11 @@ proptest! {
                     .collect();
                 let r = replicas[peer].apply(missing);
                 prop_assert!(r.rejected.is_empty());
+            }
+            for r in &replicas {
+                let all = r.messages();
+                prop_assert_eq!(r.message_count(), all.len());
+                prop_assert_eq!(r.last_message(), all.last().copied());
             }
         }
         // Full exchange at the end.
