@@ -233,6 +233,11 @@ fn a_peer_that_holds_nothing_is_served_from_the_store_without_loading_the_docume
         .unwrap();
     assert!(outcome.refused.is_empty(), "{:?}", outcome.refused);
     assert!(!outcome.again, "everything went in one round");
+    assert_eq!(
+        alice.engine.loaded_docs(),
+        1,
+        "nor was it loaded to learn that Acme, holding all that was sent, lacks nothing"
+    );
     let held = acme.engine.relationship(&rel, now + 2).unwrap();
     assert_eq!(held.messages.len(), 50);
     assert_eq!(acme.engine.change_count(&out.doc), Some(n));

@@ -679,11 +679,25 @@ pub fn handle_response<H: Holder>(
     out.peer_moved = before.as_deref() != Some(&heads[..]);
     // The responder kept what it applied before answering: its heads are what it holds now.
     h.put_peer_heads(&id, peer, &heads)?;
-    // A cold sync the peer followed exactly goes on with the next stored chunk; anything
-    // else (a refusal, heads of its own, the last chunk sent) is decided on the document.
-    let unsent = match h.cursors().get(&id, peer) {
-        Some(c) if c.more && for_good.is_empty() && same_set(&heads, &c.heads) => true,
-        _ => {
+    // A cold sync the peer followed exactly goes on with the next stored chunk. After its
+    // last chunk, so followed, the peer holds everything stored then: only what was stored
+    // since is unsent, read from the store (the document stays unloaded). Anything else (a
+    // refusal, heads of its own) is decided on the document.
+    let followed = h
+        .cursors()
+        .get(&id, peer)
+        .filter(|c| for_good.is_empty() && same_set(&heads, &c.heads))
+        .map(|c| (c.more, c.sent));
+    let unsent = match followed {
+        Some((true, _)) => true,
+        Some((false, sent)) => {
+            h.cursors().remove(&id, peer);
+            match h.stored_from(&id, sent)? {
+                Some((since, _)) => !since.is_empty(),
+                None => !to_send(h, &id, peer, &heads)?.is_empty(),
+            }
+        }
+        None => {
             h.cursors().remove(&id, peer);
             !to_send(h, &id, peer, &heads)?.is_empty()
         }

@@ -804,6 +804,34 @@ fn a_peer_that_reports_other_heads_in_a_cold_sync_is_sent_what_it_lacks() {
     assert_eq!(held.messages().len(), written);
 }
 
+/// Alice writes while the last chunk of a cold sync is on its way: Acme's answer says it
+/// holds everything the chunks carried, and Alice still runs another round, which carries
+/// the new change.
+#[test]
+fn a_change_written_during_the_last_chunk_of_a_cold_sync_goes_in_the_next_round() {
+    let mut sim = Sim::new();
+    let (doc, written) = cold_relationship(&mut sim, 1);
+    let (alice, acme) = (sim.ids[ALICE], sim.ids[ACME]);
+    let id = doc.doc_id();
+    let (req, sent) = replica::round_request(&mut sim.sides[ALICE].replica, &acme, &doc, T0)
+        .unwrap()
+        .expect("a round");
+    let (resp, _, _) = replica::handle_request(&mut sim.sides[ACME].replica, &alice, req, T0);
+    // The push is dropped: the next round has to carry it.
+    sim.sides[ALICE]
+        .replica
+        .send(&id, "one more thing", T0)
+        .unwrap();
+    let (out, _) =
+        replica::handle_response(&mut sim.sides[ALICE].replica, &acme, &doc, &sent, resp, T0)
+            .unwrap();
+    assert!(out.again, "the new change is unsent");
+    let (next, _) = round_to_acme(&mut sim, &doc, |r| r).expect("a round");
+    assert_eq!(next.changes.len(), 1, "only the new change");
+    let held = sim.sides[ACME].replica.relationship(&id).unwrap();
+    assert_eq!(held.messages().len(), written + 1);
+}
+
 /// Alice revokes Acme's grant between two chunks of a cold sync: no further chunk goes,
 /// and Acme holds none of what the remaining chunks held.
 #[test]
