@@ -477,17 +477,8 @@ fn a_change_that_comes_before_its_dependency_waits_for_it() {
     alice
         .engine
         .handle_request(&acme.me(), ask(vec![first]), now);
-    let mut texts: Vec<String> = alice
-        .engine
-        .relationship(&rel, now)
-        .unwrap()
-        .messages
-        .into_iter()
-        .map(|m| m.text)
-        .collect();
-    texts.sort();
     assert_eq!(
-        texts,
+        sorted_texts(&alice, &rel, now),
         ["one", "two"],
         "the waiting change went in with its dependency"
     );
@@ -529,20 +520,25 @@ fn changes_that_wait_keep_waiting_through_requests_that_do_not_bring_their_depen
             assert!(refused.is_empty(), "{refused:?}");
         }
     }
-    let mut texts: Vec<String> = alice
+    assert_eq!(
+        sorted_texts(&alice, &rel, now),
+        ["one", "three", "two"],
+        "both waiting changes went in once the first arrived"
+    );
+}
+
+/// The texts of the messages `side` holds in relationship `rel`, sorted.
+fn sorted_texts(side: &Side, rel: &str, now: u64) -> Vec<String> {
+    let mut texts: Vec<String> = side
         .engine
-        .relationship(&rel, now)
+        .relationship(rel, now)
         .unwrap()
         .messages
         .into_iter()
         .map(|m| m.text)
         .collect();
     texts.sort();
-    assert_eq!(
-        texts,
-        ["one", "three", "two"],
-        "both waiting changes went in once the first arrived"
-    );
+    texts
 }
 
 /// The last `n` changes `side` holds of `doc`, encoded, in the order written.

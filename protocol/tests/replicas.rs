@@ -562,19 +562,23 @@ proptest! {
     }
 }
 
+/// The relationship Alice and Acme share from the start: its id and its reference.
+fn shared_relationship(sim: &Sim) -> (DocId, DocRef) {
+    let header = *sim.sides[ALICE]
+        .replica
+        .relationship(&sim.rel)
+        .unwrap()
+        .header();
+    (sim.rel, DocRef::Relationship(header))
+}
+
 /// Alice writes more than two messages' worth ([`CHUNK_BYTES`]) while Acme is away; their
 /// sync then takes several rounds. Acme reports heads Alice's next round builds on, and
 /// sends nothing back of what Alice sent it: each change crosses once.
 #[test]
 fn a_sync_in_several_rounds_sends_each_change_once() {
     let mut sim = Sim::new();
-    let rel = sim.rel;
-    let header = *sim.sides[ALICE]
-        .replica
-        .relationship(&rel)
-        .unwrap()
-        .header();
-    let doc = DocRef::Relationship(header);
+    let (rel, doc) = shared_relationship(&sim);
     let (alice, acme) = (sim.ids[ALICE], sim.ids[ACME]);
     let filler = "x".repeat(MAX_MESSAGE_BYTES - 64);
     let written = 2 * CHUNK_BYTES / MAX_MESSAGE_BYTES + 100;
@@ -632,13 +636,7 @@ fn a_sync_in_several_rounds_sends_each_change_once() {
 #[test]
 fn an_answer_carries_what_the_requester_lacks_and_nothing_once_it_lacks_nothing() {
     let mut sim = Sim::new();
-    let rel = sim.rel;
-    let header = *sim.sides[ALICE]
-        .replica
-        .relationship(&rel)
-        .unwrap()
-        .header();
-    let doc = DocRef::Relationship(header);
+    let (rel, doc) = shared_relationship(&sim);
     let (alice, acme) = (sim.ids[ALICE], sim.ids[ACME]);
     let before = sim.sides[ACME]
         .replica
