@@ -14,22 +14,10 @@ use rapport_protocol::{IdentityKey, Kind};
 /// A customer who granted `company` read, write and contact:support, opened a relationship
 /// with it and wrote a message that `company` answered, both synced.
 fn customer(name: &str, company: &mut Side, now: u64) -> (Side, String, DocRef) {
-    let mut c = Side::new(Kind::Person, name);
-    granted(&mut c, company, now);
-    let (out, _) = c
-        .engine
-        .open_relationship(company.me(), Some("Acme".into()), None, now)
-        .unwrap();
-    let rel = out.doc.to_hex();
+    let (mut c, rel, doc) = opened(name, company, now);
     c.engine
         .send_message(&rel, format!("hello from {name}"), None, None, now + 1)
         .unwrap();
-    let doc = c
-        .engine
-        .shared_with(&company.me(), now)
-        .into_iter()
-        .find(|d| d.doc_id() == out.doc)
-        .expect("the relationship is shared with the company");
     sync(&mut c, company, &doc, now + 1);
     company
         .engine
@@ -37,6 +25,24 @@ fn customer(name: &str, company: &mut Side, now: u64) -> (Side, String, DocRef) 
         .unwrap();
     sync(company, &mut c, &doc, now + 2);
     (c, rel, doc)
+}
+
+/// A customer who granted `company` read, write and contact:support and opened a
+/// relationship with it, not synced yet.
+fn opened(name: &str, company: &mut Side, now: u64) -> (Side, String, DocRef) {
+    let mut c = Side::new(Kind::Person, name);
+    granted(&mut c, company, now);
+    let (out, _) = c
+        .engine
+        .open_relationship(company.me(), Some("Acme".into()), None, now)
+        .unwrap();
+    let doc = c
+        .engine
+        .shared_with(&company.me(), now)
+        .into_iter()
+        .find(|d| d.doc_id() == out.doc)
+        .expect("the relationship is shared with the company");
+    (c, out.doc.to_hex(), doc)
 }
 
 /// Checks that the lists the index answers match the documents themselves (loading
@@ -190,13 +196,8 @@ fn memory_holds_a_bounded_number_of_documents_and_dropped_ones_load_again() {
 fn a_peer_that_holds_nothing_is_served_from_the_store_without_loading_the_document() {
     let now = T0 + 10;
     let mut acme = Side::new(Kind::Org, "Acme");
-    let mut alice = Side::new(Kind::Person, "Alice");
-    granted(&mut alice, &mut acme, now);
-    let (out, _) = alice
-        .engine
-        .open_relationship(acme.me(), Some("Acme".into()), None, now)
-        .unwrap();
-    let rel = out.doc.to_hex();
+    let (mut alice, rel, doc) = opened("Alice", &mut acme, now);
+    let id = doc.doc_id();
     // Acme is away while Alice writes.
     for i in 0..50 {
         alice
@@ -204,13 +205,7 @@ fn a_peer_that_holds_nothing_is_served_from_the_store_without_loading_the_docume
             .send_message(&rel, format!("message {i}"), None, None, now + 1)
             .unwrap();
     }
-    let doc = alice
-        .engine
-        .shared_with(&acme.me(), now)
-        .into_iter()
-        .find(|d| d.doc_id() == out.doc)
-        .unwrap();
-    let n = alice.engine.change_count(&out.doc).unwrap();
+    let n = alice.engine.change_count(&id).unwrap();
     alice.reopen();
     assert_eq!(alice.engine.loaded_docs(), 0);
 
@@ -240,7 +235,7 @@ fn a_peer_that_holds_nothing_is_served_from_the_store_without_loading_the_docume
     );
     let held = acme.engine.relationship(&rel, now + 2).unwrap();
     assert_eq!(held.messages.len(), 50);
-    assert_eq!(acme.engine.change_count(&out.doc), Some(n));
+    assert_eq!(acme.engine.change_count(&id), Some(n));
 }
 
 /// Whom the owner serves is read from the index when the relationship is not loaded: a
@@ -249,20 +244,8 @@ fn a_peer_that_holds_nothing_is_served_from_the_store_without_loading_the_docume
 #[test]
 fn a_removed_member_is_not_served_a_relationship_the_owner_has_not_loaded() {
     let now = T0 + 10;
-    let mut alice = Side::new(Kind::Person, "Alice");
     let mut acme = Side::new(Kind::Org, "Acme");
-    granted(&mut alice, &mut acme, now);
-    let (out, _) = alice
-        .engine
-        .open_relationship(acme.me(), Some("Acme".into()), None, now)
-        .unwrap();
-    let rel = out.doc.to_hex();
-    let doc = alice
-        .engine
-        .shared_with(&acme.me(), now)
-        .into_iter()
-        .find(|d| d.doc_id() == out.doc)
-        .unwrap();
+    let (mut alice, rel, doc) = opened("Alice", &mut acme, now);
     alice
         .engine
         .remove_member(&rel, acme.me(), now + 1)
@@ -294,5 +277,5 @@ fn a_removed_member_is_not_served_a_relationship_the_owner_has_not_loaded() {
         ),
         "{resp:?}"
     );
-    assert_eq!(acme.engine.change_count(&out.doc), None);
+    assert_eq!(acme.engine.change_count(&doc.doc_id()), None);
 }

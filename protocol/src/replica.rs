@@ -559,27 +559,22 @@ pub fn handle_request<H: Holder>(
     // The requester holds the history of the heads it reports: when those include all of
     // ours, it lacks nothing (the common end of a sync, spared a walk of the history).
     let reported: HashSet<&ChangeHash> = req.heads.iter().collect();
-    let lacks_nothing = heads.iter().all(|x| reported.contains(x));
-    let just: HashSet<ChangeHash> = if lacks_nothing {
-        HashSet::new()
-    } else {
-        received.applied.iter().copied().collect()
-    };
-    // The requester holds at least the history of the heads it reports. When it reports
-    // heads we do not know (it holds changes we lack), that history is partly unknown to
-    // us; but it holds what it just sent, with that history, and what we recorded it
-    // holding before. Otherwise a sync in several rounds would send each earlier round's
-    // changes back.
-    let mut basis = req.heads.clone();
-    if req.heads.iter().any(|c| !held.has_change(c)) {
-        basis.extend(just.iter().copied());
-        if let Ok(Some(before)) = h.peer_heads(&id, peer) {
-            basis.extend(before);
-        }
-    }
-    let missing = if lacks_nothing {
+    let missing = if heads.iter().all(|x| reported.contains(x)) {
         Ok((Vec::new(), false, Vec::new()))
     } else {
+        // The requester holds at least the history of the heads it reports. When it
+        // reports heads we do not know (it holds changes we lack), that history is partly
+        // unknown to us; but it holds what it just sent, with that history, and what we
+        // recorded it holding before. Otherwise a sync in several rounds would send each
+        // earlier round's changes back.
+        let just: HashSet<ChangeHash> = received.applied.iter().copied().collect();
+        let mut basis = req.heads.clone();
+        if req.heads.iter().any(|c| !held.has_change(c)) {
+            basis.extend(just.iter().copied());
+            if let Ok(Some(before)) = h.peer_heads(&id, peer) {
+                basis.extend(before);
+            }
+        }
         encoded_missing(h, &id, peer, &basis, &just)
     };
     let (changes, more) = match missing {
