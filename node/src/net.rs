@@ -23,6 +23,7 @@ use rapport_protocol::automerge::ChangeHash;
 use rapport_protocol::mail::{
     MAILBOX_PROTOCOL, MAX_ENVELOPES_PER_MESSAGE, MAX_MAIL_BATCH_BYTES, MailRequest, MailResponse,
 };
+use rapport_protocol::replica::{self, CheckedRequest};
 use rapport_protocol::session::{self, End, Ending, Sessions, Start, Step, Ticket};
 use rapport_protocol::wire::{
     DocRef, MAX_WIRE_MESSAGE, RefusalCode, SYNC_PROTOCOL, SyncRequest, SyncResponse, WireError,
@@ -71,6 +72,10 @@ pub(crate) const INTERNAL_QUEUE: usize = 4096;
 /// Jobs the loop holds while the engine's queue is full; past it, peers' requests are
 /// dropped (they fail on the peer's side, which tries again later).
 pub(crate) const MAX_DEFERRED: usize = 4096;
+/// Changes checked ahead in one batch, at most (a request larger than this goes alone):
+/// enough for a batch verification to cost little per signature, few enough that the
+/// engine does not wait long for the first request of a batch.
+pub(crate) const CHECK_BATCH_CHANGES: usize = 1024;
 /// Peers whose undecodable requests are counted at once; past it, the counts of peers no
 /// longer connected are dropped.
 const MAX_TRACKED_PEERS: usize = 4096;
@@ -515,6 +520,15 @@ enum Internal {
         last: u64,
         report: MailReport,
     },
+    /// Peers' requests checked ahead ([`Loop::check_next`]), in the order they arrived.
+    Checked(Vec<(Requester, CheckedRequest)>),
+}
+
+/// Who sent a sync request, and where its answer goes.
+struct Requester {
+    peer: PeerId,
+    id: IdentityKey,
+    channel: ResponseChannel<SyncResponse>,
 }
 
 impl Internal {
@@ -547,6 +561,8 @@ impl Internal {
             Internal::Pushes(p) => Some(Internal::Pushes(p)),
             // Nothing written: the sweep goes on.
             m @ (Internal::SweepPeers { .. } | Internal::SweepPushes { .. }) => Some(m),
+            // Not the engine's: nothing of it was written.
+            m @ Internal::Checked(_) => Some(m),
             Internal::Sealed { replies, .. } => {
                 for r in replies {
                     let _ = r.send(SyncResult::Offline(format!(
@@ -761,6 +777,11 @@ struct Loop {
     /// senders instead of growing a queue.
     internal_tx: mpsc::Sender<Internal>,
     sessions: LoopSessions,
+    /// Peers' sync requests waiting to be checked ahead, in the order they arrived (see
+    /// [`Loop::check_next`]); counted with `deferred` against [`MAX_DEFERRED`].
+    to_check: VecDeque<(Requester, SyncRequest)>,
+    /// A batch of requests is being checked on a blocking thread.
+    checking: bool,
     requests: HashMap<OutboundRequestId, (PeerId, DocRef, Vec<ChangeHash>, Ticket)>,
     /// Syncs waiting for a connection to the peer.
     waiting: HashMap<PeerId, Vec<Waiting>>,
@@ -1016,6 +1037,8 @@ pub(crate) fn start(
         events,
         internal_tx,
         sessions: Sessions::default(),
+        to_check: VecDeque::new(),
+        checking: false,
         requests: HashMap::new(),
         waiting: HashMap::new(),
         dials: HashMap::new(),
@@ -1141,7 +1164,40 @@ impl Loop {
 
     /// Whether the engine is so far behind that peers' requests should be turned away.
     fn overloaded(&self) -> bool {
-        self.deferred.len() >= MAX_DEFERRED
+        self.deferred.len() + self.to_check.len() >= MAX_DEFERRED
+    }
+
+    /// Checks the next requests waiting, unless a batch is being checked: decodes their
+    /// changes and verifies their signatures on a blocking thread
+    /// ([`replica::check_requests`]), beside the engine and across requests, up to
+    /// [`CHECK_BATCH_CHANGES`] changes at once. The requests then go to the engine in the
+    /// order they arrived ([`Internal::Checked`]), which spares verifying what was checked
+    /// here and runs every other rule.
+    fn check_next(&mut self) {
+        if self.checking || self.to_check.is_empty() {
+            return;
+        }
+        let mut batch = Vec::new();
+        let mut changes = 0;
+        while let Some((_, req)) = self.to_check.front() {
+            if !batch.is_empty() && changes + req.changes.len() > CHECK_BATCH_CHANGES {
+                break;
+            }
+            changes += req.changes.len();
+            batch.extend(self.to_check.pop_front());
+        }
+        self.checking = true;
+        let tx = self.internal_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let (who, reqs): (Vec<Requester>, Vec<SyncRequest>) = batch.into_iter().unzip();
+            // Nothing here is expected to panic (decoding contains Automerge's panics); if
+            // it did, the requests are dropped (they fail on the peers' side, which try
+            // again) and checking goes on.
+            let checked = std::panic::catch_unwind(|| replica::check_requests(reqs))
+                .map(|c| who.into_iter().zip(c).collect())
+                .unwrap_or_default();
+            let _ = tx.blocking_send(Internal::Checked(checked));
+        });
     }
 
     fn command(&mut self, cmd: Command) {
@@ -1292,8 +1348,29 @@ impl Loop {
         }
     }
 
+    /// Hands checked requests to the engine, in order, and checks the next ones.
+    fn checked(&mut self, checked: Vec<(Requester, CheckedRequest)>) {
+        self.checking = false;
+        for (Requester { peer, id, channel }, request) in checked {
+            self.with_engine(move |e, out| {
+                let (resp, pushes, disconnect) = e.handle_request(&id, request, e.now());
+                if !pushes.is_empty() {
+                    out.push(Internal::Pushes(pushes));
+                }
+                out.push(Internal::Respond {
+                    peer,
+                    channel,
+                    resp,
+                    disconnect,
+                });
+            });
+        }
+        self.check_next();
+    }
+
     fn internal(&mut self, msg: Internal) {
         match msg {
+            Internal::Checked(checked) => self.checked(checked),
             Internal::Send { peer, ticket, req } => {
                 let Some((req, sent)) = req else {
                     if let Some(e) = self.sessions.built(ticket, false) {
@@ -2186,18 +2263,9 @@ impl Loop {
                     tracing::debug!(%peer, "the engine is behind: a sync request is turned away");
                     return;
                 }
-                self.with_engine(move |e, out| {
-                    let (resp, pushes, disconnect) = e.handle_request(&id, request, e.now());
-                    if !pushes.is_empty() {
-                        out.push(Internal::Pushes(pushes));
-                    }
-                    out.push(Internal::Respond {
-                        peer,
-                        channel,
-                        resp,
-                        disconnect,
-                    });
-                });
+                self.to_check
+                    .push_back((Requester { peer, id, channel }, request));
+                self.check_next();
             }
             request_response::Event::Message {
                 peer,

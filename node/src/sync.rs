@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use rapport_protocol::automerge::ChangeHash;
 use rapport_protocol::policy::{self, Conduct, Holdings, Role, may_read};
 use rapport_protocol::replica::{
-    self, Cursors, Doc, Holder, PeerRefusal, Refused, Stored, Waiting,
+    self, CheckedRequest, Cursors, Doc, Holder, PeerRefusal, Refused, Stored, Waiting,
 };
 use rapport_protocol::wire::{DocRef, RefusalKind, SyncRequest, SyncResponse};
 use rapport_protocol::{
@@ -256,11 +256,12 @@ impl Engine {
     }
 
     /// Answers a peer's request ([`replica::handle_request`]): the response, the pushes to
-    /// make, and whether the peer passed the misbehaviour limit.
+    /// make, and whether the peer passed the misbehaviour limit. The request may have been
+    /// checked ahead ([`replica::check_requests`]), or be a plain [`SyncRequest`].
     pub fn handle_request(
         &mut self,
         peer: &IdentityKey,
-        req: SyncRequest,
+        req: impl Into<CheckedRequest>,
         now: UnixSeconds,
     ) -> (SyncResponse, Vec<Push>, bool) {
         replica::handle_request(self, peer, req, now)

@@ -20,7 +20,7 @@ use crate::append::{
 };
 use crate::identity::{IdentityKey, SecretKey};
 use crate::scope::Scope;
-use crate::signed::{ChangeError, DocId, Signatures, SignedChange, check_all};
+use crate::signed::{ChangeError, DocId, Signatures, SignedChange, Verified, check_all};
 use crate::terms::TermsRef;
 
 /// Seconds since the Unix epoch, UTC. Always passed in; this crate never reads a clock.
@@ -1158,6 +1158,20 @@ impl ConsentDoc {
     /// Applies received changes; refused ones change nothing and are reported.
     pub fn apply(&mut self, changes: Vec<SignedChange>) -> ApplyReport {
         self.apply_as(changes, Signatures::Verify)
+    }
+
+    /// [`apply`](Self::apply) for changes whose signatures this node may have checked
+    /// ahead ([`crate::verify_named`]): the copies `ahead` vouches for are not verified
+    /// again; every other change is, and every other rule runs for all.
+    pub fn apply_with(
+        &mut self,
+        changes: Vec<SignedChange>,
+        ahead: Option<&Verified>,
+    ) -> ApplyReport {
+        self.apply_as(
+            changes,
+            ahead.map_or(Signatures::Verify, Signatures::Checked),
+        )
     }
 
     fn apply_as(&mut self, changes: Vec<SignedChange>, sigs: Signatures) -> ApplyReport {

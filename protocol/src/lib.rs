@@ -50,8 +50,8 @@ pub use relationship::{
 pub use scope::{MAX_SCOPE_NAME, Scope, ScopeError};
 pub use signed::{
     ACTOR_ID_LEN, CHANGE_DOMAIN, ChangeError, DocId, MAX_SIGNED_CHANGE_BYTES,
-    SIGNED_CHANGE_VERSION, Signatures, SignedChange, actor_for, check_all, signing_message,
-    verify_all,
+    SIGNED_CHANGE_VERSION, Signatures, SignedChange, Verified, actor_for, check_all,
+    signing_message, verify_all, verify_named,
 };
 pub use terms::{ROSTER, Terms, TermsRef};
 

@@ -31,7 +31,7 @@ use base64::Engine as _;
 
 use crate::scope::valid_name;
 use crate::seal::{SEALED_KEY_BYTES, SealedEpoch};
-use crate::signed::{ChangeError, DocId, Signatures, SignedChange, check_all};
+use crate::signed::{ChangeError, DocId, Signatures, SignedChange, Verified, check_all};
 
 /// The largest relationship entry text accepted (192 KiB: an epoch entry sealing a key to
 /// 1,025 recipients fits; every other entry type has a tighter bound of its own).
@@ -694,6 +694,19 @@ impl RelationshipDoc {
         gate: impl FnMut(&IdentityKey, &[(EntryId, RelEntry)]) -> Result<(), String>,
     ) -> RelApplyReport {
         self.apply_as(changes, gate, Signatures::Verify)
+    }
+
+    /// [`apply_gated`](Self::apply_gated) for changes whose signatures this node may have
+    /// checked ahead ([`crate::verify_named`]): the copies `ahead` vouches for are not
+    /// verified again; every other change is, and every other rule runs for all.
+    pub fn apply_gated_with(
+        &mut self,
+        changes: Vec<SignedChange>,
+        gate: impl FnMut(&IdentityKey, &[(EntryId, RelEntry)]) -> Result<(), String>,
+        ahead: Option<&Verified>,
+    ) -> RelApplyReport {
+        let sigs = ahead.map_or(Signatures::Verify, Signatures::Checked);
+        self.apply_as(changes, gate, sigs)
     }
 
     fn apply_as(

@@ -31,7 +31,7 @@ use crate::policy::{
 use crate::relationship::{RelBody, RelEntry, RelError, RelHeader, RelationshipDoc};
 use crate::scope::Scope;
 use crate::session::Round;
-use crate::signed::{DocId, SignedChange};
+use crate::signed::{ChangeError, DocId, SignedChange, Verified, verify_named};
 use crate::terms::ROSTER;
 use crate::wire::{ChunkBudget, DocRef, RefusalCode, RefusalKind, SyncRequest, SyncResponse};
 
@@ -492,15 +492,84 @@ fn same_set(a: &[ChangeHash], b: &[ChangeHash]) -> bool {
     a == b
 }
 
+/// A peer's sync request, with its changes decoded and their signatures checked ahead
+/// when it went through [`check_requests`]: that work then runs beside the thread that
+/// applies changes (which everything else waits for), and in batches across requests. A
+/// plain [`SyncRequest`] converts into one not checked ahead, whose changes are decoded and
+/// verified as they are applied. Either way every rule runs: what was checked ahead only
+/// spares verifying a signature a second time, for the very document and copy checked.
+#[derive(Debug)]
+pub struct CheckedRequest {
+    req: SyncRequest,
+    ahead: Option<Ahead>,
+}
+
+/// What [`check_requests`] did for one request: each change decoded, in the request's
+/// order, and the signatures found good.
+#[derive(Debug)]
+struct Ahead {
+    decoded: Vec<Result<SignedChange, ChangeError>>,
+    verified: Verified,
+}
+
+impl CheckedRequest {
+    /// The request.
+    pub fn request(&self) -> &SyncRequest {
+        &self.req
+    }
+
+    /// Whether its changes were checked ahead.
+    pub fn checked_ahead(&self) -> bool {
+        self.ahead.is_some()
+    }
+}
+
+impl From<SyncRequest> for CheckedRequest {
+    fn from(req: SyncRequest) -> Self {
+        Self { req, ahead: None }
+    }
+}
+
+/// Decodes the changes of several requests and checks their signatures together, in
+/// batches across requests ([`verify_named`]), without the documents or the store: pure
+/// work a node runs beside its engine before it hands the requests over, in order.
+pub fn check_requests(reqs: Vec<SyncRequest>) -> Vec<CheckedRequest> {
+    let decoded: Vec<Vec<Result<SignedChange, ChangeError>>> = reqs
+        .iter()
+        .map(|r| SignedChange::decode_all(&r.changes))
+        .collect();
+    let parts: Vec<(DocId, Vec<&SignedChange>)> = reqs
+        .iter()
+        .zip(&decoded)
+        .map(|(r, d)| {
+            (
+                r.doc.doc_id(),
+                d.iter().filter_map(|c| c.as_ref().ok()).collect(),
+            )
+        })
+        .collect();
+    let verified = verify_named(&parts);
+    drop(parts);
+    reqs.into_iter()
+        .zip(decoded)
+        .zip(verified)
+        .map(|((req, decoded), verified)| CheckedRequest {
+            req,
+            ahead: Some(Ahead { decoded, verified }),
+        })
+        .collect()
+}
+
 /// Answers a peer's request: checks access, applies and keeps its changes (each one
 /// checked), and returns the changes it lacks. The second value lists pushes to make; the
 /// third says the peer passed the misbehaviour limit and must be disconnected.
 pub fn handle_request<H: Holder>(
     h: &mut H,
     peer: &IdentityKey,
-    req: SyncRequest,
+    req: impl Into<CheckedRequest>,
     now: UnixSeconds,
 ) -> (SyncResponse, Vec<Push>, bool) {
+    let CheckedRequest { req, ahead } = req.into();
     let role = match policy::sync_role(h, peer, &req.doc, now) {
         Ok(r) => r,
         Err((code, detail)) => {
@@ -518,7 +587,7 @@ pub fn handle_request<H: Holder>(
             );
         }
     };
-    let received = match receive(h, peer, &req.doc, role, req.changes, now) {
+    let received = match receive_with(h, peer, &req.doc, role, req.changes, ahead, now) {
         Ok(r) => r,
         Err(e) => {
             h.failed(peer, "storing a sync request's changes", &e);
@@ -782,17 +851,38 @@ pub fn receive<H: Holder>(
     raw: Vec<Vec<u8>>,
     now: UnixSeconds,
 ) -> Result<Received, H::Error> {
+    receive_with(h, peer, doc, role, raw, None, now)
+}
+
+/// [`receive`], with the changes already decoded and their signatures checked ahead when
+/// `ahead` holds them ([`check_requests`]).
+fn receive_with<H: Holder>(
+    h: &mut H,
+    peer: &IdentityKey,
+    doc: &DocRef,
+    role: Role,
+    raw: Vec<Vec<u8>>,
+    ahead: Option<Ahead>,
+    now: UnixSeconds,
+) -> Result<Received, H::Error> {
     let mut out = Received::default();
     if raw.is_empty() {
         return Ok(out);
     }
     let id = doc.doc_id();
     let me = h.me();
+    let (decoded, verified) = match ahead {
+        Some(a) if a.decoded.len() == raw.len() && *a.verified.doc() == id => {
+            (a.decoded, Some(a.verified))
+        }
+        _ => (SignedChange::decode_all(&raw), None),
+    };
+    let verified = verified.as_ref();
     let mut changes = Vec::with_capacity(raw.len());
     // Where each change came from, to find a refused one again without keeping a copy of
     // every change: its encoding, or the changes that waited.
     let mut from_raw = Vec::with_capacity(raw.len());
-    for (i, decoded) in SignedChange::decode_all(&raw).into_iter().enumerate() {
+    for (i, decoded) in decoded.into_iter().enumerate() {
         match decoded {
             Ok(c) => {
                 from_raw.push(i);
@@ -829,7 +919,7 @@ pub fn receive<H: Holder>(
                         .push((extra.hash(), RefusalKind::Forbidden, reason));
                 }
             }
-            let report = held.apply(changes);
+            let report = held.apply_with(changes, verified);
             out.applied = report.applied;
             if !held.ledger().changes().is_empty() {
                 h.insert_doc(Doc::Consent(held));
@@ -849,10 +939,14 @@ pub fn receive<H: Holder>(
                 .filter(|m| m.removed_at.is_none())
                 .map(|m| m.identity)
                 .collect();
-            let report = r.apply_gated(changes, |author, entries| {
-                let list: Vec<&RelEntry> = entries.iter().map(|(_, e)| e).collect();
-                policy::owner_takes(h, &members, author, &list, now)
-            });
+            let report = r.apply_gated_with(
+                changes,
+                |author, entries| {
+                    let list: Vec<&RelEntry> = entries.iter().map(|(_, e)| e).collect();
+                    policy::owner_takes(h, &members, author, &list, now)
+                },
+                verified,
+            );
             out.applied = report.applied;
             h.insert_doc(Doc::Rel(r));
             rel_rejections(report.rejected)
@@ -862,7 +956,7 @@ pub fn receive<H: Holder>(
                 Some(Doc::Rel(r)) => r,
                 _ => RelationshipDoc::new(*header),
             };
-            let report = r.apply(changes);
+            let report = r.apply_gated_with(changes, |_, _| Ok(()), verified);
             if !existed && !r.is_member(&me) {
                 // Not ours to keep: a relationship only its members hold.
                 out.discarded = true;

@@ -8,6 +8,7 @@
 //! The signed message is `"rapport/change/v1\0" || doc_id (32) || change_hash (32)`. Binding
 //! the document id stops a change signed for one document from being replayed into another.
 
+use std::collections::HashSet;
 use std::fmt;
 
 use automerge::{ActorId, Change, ChangeHash};
@@ -339,22 +340,27 @@ pub fn signing_message(doc: &DocId, hash: &ChangeHash) -> [u8; 82] {
 
 /// Whether a batch of changes has its signatures checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Signatures {
+pub enum Signatures<'a> {
     /// Check every signature: changes from a peer, a file, anything from outside.
     Verify,
     /// The changes come from this node's own store, which only ever holds changes verified
     /// when they arrived: do not check their signatures again (each change is still checked
     /// against every other rule). `rapport store verify` re-checks the store on demand.
     Trusted,
+    /// Signatures this node checked ahead ([`verify_named`], off the thread that applies
+    /// them): a change whose exact copy (hash and signature) it vouches for, for this very
+    /// document, is not checked again; every other change is.
+    Checked(&'a Verified),
 }
 
 /// [`verify_all`] when `sigs` says so; for [`Signatures::Trusted`] only whether each
-/// change names an authorised author.
+/// change names an authorised author; for [`Signatures::Checked`] [`verify_all`] of the
+/// changes it does not vouch for.
 pub fn check_all(
     doc: &DocId,
     changes: &[SignedChange],
     authorised: &[IdentityKey],
-    sigs: Signatures,
+    sigs: Signatures<'_>,
 ) -> Vec<Result<IdentityKey, ChangeError>> {
     match sigs {
         Signatures::Verify => verify_all(doc, changes, authorised),
@@ -362,7 +368,154 @@ pub fn check_all(
             .iter()
             .map(|c| c.authorised_author(authorised))
             .collect(),
+        Signatures::Checked(v) => {
+            let (vouched, rest): (Vec<usize>, Vec<usize>) =
+                (0..changes.len()).partition(|&i| v.vouches_for(doc, &changes[i]));
+            if rest.is_empty() {
+                return changes
+                    .iter()
+                    .map(|c| c.authorised_author(authorised))
+                    .collect();
+            }
+            let others: Vec<SignedChange> = rest.iter().map(|&i| changes[i].clone()).collect();
+            let mut results: Vec<Option<Result<IdentityKey, ChangeError>>> =
+                vec![None; changes.len()];
+            for i in vouched {
+                results[i] = Some(changes[i].authorised_author(authorised));
+            }
+            for (i, r) in rest.into_iter().zip(verify_all(doc, &others, authorised)) {
+                results[i] = Some(r);
+            }
+            results
+                .into_iter()
+                .map(|r| r.expect("every change is vouched for or verified"))
+                .collect()
+        }
     }
+}
+
+/// The changes of one document whose signatures [`verify_named`] found good, each by the
+/// author its actor id names. Says nothing of whether that author may write to the
+/// document: that is the document's rules, checked when the changes are applied. Only
+/// [`verify_named`] makes one, so holding one is proof the checks ran here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    doc: DocId,
+    good: HashSet<(ChangeHash, [u8; 64])>,
+}
+
+impl Verified {
+    /// The document the signatures were checked for.
+    pub fn doc(&self) -> &DocId {
+        &self.doc
+    }
+
+    /// How many changes it vouches for.
+    pub fn len(&self) -> usize {
+        self.good.len()
+    }
+
+    /// Whether it vouches for no change.
+    pub fn is_empty(&self) -> bool {
+        self.good.is_empty()
+    }
+
+    /// Whether this exact copy of `change` (its hash and its signature) was found signed
+    /// by its author for `doc`.
+    pub fn vouches_for(&self, doc: &DocId, change: &SignedChange) -> bool {
+        self.doc == *doc
+            && self
+                .good
+                .contains(&(change.hash(), change.signature_bytes()))
+    }
+}
+
+/// Checks the signatures of the changes of several documents at once, each against the
+/// author its change names, in batches that cross documents (a batch's cost per signature
+/// falls as it grows, and a node that takes many small requests would otherwise verify
+/// each on its own). One [`Verified`] per part, in order. A change whose signature fails,
+/// or that names no valid key, is simply not vouched for: applying it verifies it again
+/// and refuses it with the reason.
+pub fn verify_named(parts: &[(DocId, Vec<&SignedChange>)]) -> Vec<Verified> {
+    let mut items: Vec<(usize, usize)> = Vec::new();
+    let mut keys: Vec<VerifyingKey> = Vec::new();
+    for (p, (_, changes)) in parts.iter().enumerate() {
+        for (i, c) in changes.iter().enumerate() {
+            if let Ok(k) = VerifyingKey::from_bytes(c.author_bytes()) {
+                items.push((p, i));
+                keys.push(k);
+            }
+        }
+    }
+    let good = good_signatures(items.len(), |n| {
+        let (p, i) = items[n];
+        let (doc, changes) = &parts[p];
+        (
+            signing_message(doc, &changes[i].hash()),
+            changes[i].signature,
+            keys[n],
+        )
+    });
+    let mut out: Vec<Verified> = parts
+        .iter()
+        .map(|(doc, _)| Verified {
+            doc: *doc,
+            good: HashSet::new(),
+        })
+        .collect();
+    for ((p, i), ok) in items.into_iter().zip(good) {
+        if ok {
+            let c = &parts[p].1[i];
+            out[p].good.insert((c.hash(), c.signature_bytes()));
+        }
+    }
+    out
+}
+
+/// Which of `n` signatures verify, where `item(k)` gives the k-th message, signature and
+/// key: batch-verified [`BATCH`] at a time, a failed batch re-checked one by one
+/// (`verify_strict`), and a large set split across the machine's cores (up to four).
+fn good_signatures(
+    n: usize,
+    item: impl Fn(usize) -> ([u8; 82], Signature, VerifyingKey) + Sync,
+) -> Vec<bool> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, std::num::NonZeroUsize::get)
+        .min(4);
+    let part = |range: std::ops::Range<usize>| -> Vec<bool> {
+        let mut out = Vec::with_capacity(range.len());
+        let indices: Vec<usize> = range.collect();
+        for chunk in indices.chunks(BATCH) {
+            let all: Vec<([u8; 82], Signature, VerifyingKey)> =
+                chunk.iter().map(|&k| item(k)).collect();
+            let messages: Vec<&[u8]> = all.iter().map(|(m, _, _)| &m[..]).collect();
+            let signatures: Vec<Signature> = all.iter().map(|(_, s, _)| *s).collect();
+            let keys: Vec<VerifyingKey> = all.iter().map(|(_, _, k)| *k).collect();
+            if ed25519_dalek::verify_batch(&messages, &signatures, &keys).is_ok() {
+                out.extend(std::iter::repeat_n(true, chunk.len()));
+                continue;
+            }
+            out.extend(all.iter().map(|(m, s, k)| k.verify_strict(m, s).is_ok()));
+        }
+        out
+    };
+    if threads < 2 || n < 4 * BATCH {
+        return part(0..n);
+    }
+    let per = n.div_ceil(threads).div_ceil(BATCH) * BATCH;
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..n)
+            .step_by(per)
+            .map(|start| {
+                let part = &part;
+                scope.spawn(move || part(start..(start + per).min(n)))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("verification threads do not panic"))
+            .collect()
+    })
 }
 
 /// Verifies many changes of one document at once, in batches, and reports each one's
@@ -392,62 +545,20 @@ pub fn verify_all(
         }
     }
     let candidates: Vec<usize> = (0..changes.len()).filter(|&i| results[i].is_ok()).collect();
-    // Large sets are split across the machine's cores; each part is batch-verified on its own
-    // and reports only the changes that failed.
-    let threads = std::thread::available_parallelism()
-        .map_or(1, std::num::NonZeroUsize::get)
-        .min(4);
-    let failures: Vec<(usize, ChangeError)> = if threads > 1 && candidates.len() >= 4 * BATCH {
-        let per = candidates.len().div_ceil(threads).div_ceil(BATCH) * BATCH;
-        std::thread::scope(|scope| {
-            let parts: Vec<_> = candidates
-                .chunks(per)
-                .map(|part| scope.spawn(|| failures_in(doc, changes, &keys, part, authorised)))
-                .collect();
-            parts
-                .into_iter()
-                .flat_map(|h| h.join().expect("verification threads do not panic"))
-                .collect()
-        })
-    } else {
-        failures_in(doc, changes, &keys, &candidates, authorised)
-    };
-    for (i, e) in failures {
-        results[i] = Err(e);
+    let good = good_signatures(candidates.len(), |n| {
+        let i = candidates[n];
+        (
+            signing_message(doc, &changes[i].hash()),
+            changes[i].signature,
+            keys[i].expect("candidates are authorised"),
+        )
+    });
+    for (i, ok) in candidates.into_iter().zip(good) {
+        if !ok {
+            results[i] = Err(ChangeError::BadSignature(changes[i].hash().to_string()));
+        }
     }
     results
-}
-
-/// Batch-verifies the changes at `indices` and returns those whose signature fails.
-fn failures_in(
-    doc: &DocId,
-    changes: &[SignedChange],
-    keys: &[Option<VerifyingKey>],
-    indices: &[usize],
-    authorised: &[IdentityKey],
-) -> Vec<(usize, ChangeError)> {
-    let mut failed = Vec::new();
-    for chunk in indices.chunks(BATCH) {
-        let messages: Vec<[u8; 82]> = chunk
-            .iter()
-            .map(|&i| signing_message(doc, &changes[i].hash()))
-            .collect();
-        let message_refs: Vec<&[u8]> = messages.iter().map(|m| &m[..]).collect();
-        let signatures: Vec<Signature> = chunk.iter().map(|&i| changes[i].signature).collect();
-        let chunk_keys: Vec<VerifyingKey> = chunk
-            .iter()
-            .map(|&i| keys[i].expect("candidates are authorised"))
-            .collect();
-        if ed25519_dalek::verify_batch(&message_refs, &signatures, &chunk_keys).is_ok() {
-            continue;
-        }
-        for &i in chunk {
-            if let Err(e) = changes[i].verify(doc, authorised) {
-                failed.push((i, e));
-            }
-        }
-    }
-    failed
 }
 
 #[cfg(test)]
@@ -550,6 +661,84 @@ mod tests {
         let results = verify_all(&doc_id(1), &changes, &[key.identity()]);
         for (i, r) in results.iter().enumerate() {
             assert_eq!(r.is_ok(), i != 270 && i != 1050, "change {i}");
+        }
+    }
+
+    /// `verify_named` vouches for exactly the copies whose signature holds for their own
+    /// document, and a `Verified` vouches for nothing in another document: a change it
+    /// vouches for, replayed into a second document, is verified again and refused there.
+    #[test]
+    fn checked_ahead_vouches_only_for_the_copy_and_the_document_checked() {
+        let key = SecretKey::from_seed([3; 32]);
+        let (a, b) = (doc_id(1), doc_id(2));
+        let good = SignedChange::sign(&a, make_change(&key, "hello"), &key).unwrap();
+        let mut bytes = good.encode();
+        bytes[10] ^= 1;
+        let flipped = SignedChange::decode(&bytes).unwrap();
+        let in_b = SignedChange::sign(&b, make_change(&key, "other"), &key).unwrap();
+        let v = verify_named(&[(a, vec![&flipped, &good]), (b, vec![&in_b, &good])]);
+        assert!(v[0].vouches_for(&a, &good));
+        assert!(
+            !v[0].vouches_for(&a, &flipped),
+            "same hash, other signature"
+        );
+        assert!(v[1].vouches_for(&b, &in_b));
+        assert!(!v[1].vouches_for(&b, &good), "signed for another document");
+        assert!(!v[0].vouches_for(&b, &good), "vouched for document a only");
+        assert_eq!((v[0].len(), v[1].len()), (1, 1));
+        let who = [key.identity()];
+        let checked = check_all(
+            &b,
+            std::slice::from_ref(&good),
+            &who,
+            Signatures::Checked(&v[0]),
+        );
+        assert!(
+            matches!(checked[0], Err(ChangeError::BadSignature(_))),
+            "{checked:?}"
+        );
+        let checked = check_all(&a, &[flipped, good], &who, Signatures::Checked(&v[0]));
+        assert!(matches!(checked[0], Err(ChangeError::BadSignature(_))));
+        assert!(checked[1].is_ok());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(12))]
+
+        /// Across documents and within batches, what
+        /// `verify_named` vouches for is exactly what `verify` accepts, one by one.
+        #[test]
+        fn checked_ahead_agrees_with_one_by_one_verification(
+            parts in prop::collection::vec(prop::collection::vec((any::<bool>(), 0u8..3), 1..12), 1..5),
+        ) {
+            let keys = [SecretKey::from_seed([4; 32]), SecretKey::from_seed([5; 32])];
+            let mut owned: Vec<(DocId, Vec<SignedChange>)> = Vec::new();
+            for (p, spec) in parts.iter().enumerate() {
+                let doc = doc_id(p as u8);
+                let mut changes = Vec::new();
+                for (i, (flip, how)) in spec.iter().enumerate() {
+                    let k = &keys[i % 2];
+                    // Signed for this document, for the next one, or with a bit flipped.
+                    let signed_for = if *how == 1 { doc_id(p as u8 + 1) } else { doc };
+                    let c = SignedChange::sign(&signed_for, make_change(k, &format!("{p} {i}")), k).unwrap();
+                    let mut bytes = c.encode();
+                    if *flip && *how == 2 {
+                        bytes[10] ^= 1;
+                    }
+                    changes.push(SignedChange::decode(&bytes).unwrap());
+                }
+                owned.push((doc, changes));
+            }
+            let parts: Vec<(DocId, Vec<&SignedChange>)> =
+                owned.iter().map(|(d, cs)| (*d, cs.iter().collect())).collect();
+            let verified = verify_named(&parts);
+            let who: Vec<IdentityKey> = keys.iter().map(SecretKey::identity).collect();
+            for ((doc, changes), v) in owned.iter().zip(&verified) {
+                prop_assert_eq!(v.doc(), doc);
+                for c in changes {
+                    prop_assert_eq!(v.vouches_for(doc, c), c.verify(doc, &who).is_ok());
+                }
+            }
         }
     }
 

@@ -18,7 +18,7 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use proptest::prelude::*;
 use rapport_protocol::automerge::ChangeHash;
 use rapport_protocol::policy::{Holdings, Push};
-use rapport_protocol::replica::{self, Holder, PeerRefusal, Replica};
+use rapport_protocol::replica::{self, CheckedRequest, Holder, PeerRefusal, Replica};
 use rapport_protocol::session::{End, Sessions, Start, Step, Ticket};
 use rapport_protocol::wire::{CHUNK_BYTES, DocRef, SyncRequest, SyncResponse};
 use rapport_protocol::{
@@ -172,25 +172,58 @@ impl Sim {
         }
     }
 
+    /// Side `to` answers request `id` from side `from`.
+    fn answer(&mut self, from: usize, to: usize, id: u64, req: CheckedRequest) {
+        let peer = self.ids[from];
+        let (resp, pushes, disconnect) =
+            replica::handle_request(&mut self.sides[to].replica, &peer, req, T0);
+        assert!(!disconnect, "no side misbehaves past the limit");
+        self.pushes(to, pushes);
+        self.net.push_back(Msg::Response {
+            from: to,
+            to: from,
+            id,
+            resp,
+        });
+    }
+
+    /// Delivers message `k` of those in flight, as a node does when its requests are
+    /// checked ahead: a request goes with the next requests in flight to the same side, up
+    /// to four, checked together ([`replica::check_requests`]) and then answered in order.
+    fn deliver_checked(&mut self, k: usize) {
+        let Some(Msg::Request { to, .. }) = self.net.get(k) else {
+            return self.deliver(k);
+        };
+        let to = *to;
+        let mut batch = Vec::new();
+        let mut i = k;
+        while i < self.net.len() && batch.len() < 4 {
+            if matches!(&self.net[i], Msg::Request { to: t, .. } if *t == to) {
+                let Some(Msg::Request { from, id, req, .. }) = self.net.remove(i) else {
+                    unreachable!("a request was just seen here");
+                };
+                batch.push((from, id, req));
+            } else {
+                i += 1;
+            }
+        }
+        let (who, reqs): (Vec<(usize, u64)>, Vec<SyncRequest>) = batch
+            .into_iter()
+            .map(|(from, id, req)| ((from, id), req))
+            .unzip();
+        for ((from, id), req) in who.into_iter().zip(replica::check_requests(reqs)) {
+            assert!(req.checked_ahead());
+            self.answer(from, to, id, req);
+        }
+    }
+
     /// Delivers message `k` of those in flight.
     fn deliver(&mut self, k: usize) {
         let Some(msg) = self.net.remove(k) else {
             return;
         };
         match msg {
-            Msg::Request { from, to, id, req } => {
-                let peer = self.ids[from];
-                let (resp, pushes, disconnect) =
-                    replica::handle_request(&mut self.sides[to].replica, &peer, req, T0);
-                assert!(!disconnect, "no side misbehaves past the limit");
-                self.pushes(to, pushes);
-                self.net.push_back(Msg::Response {
-                    from: to,
-                    to: from,
-                    id,
-                    resp,
-                });
-            }
+            Msg::Request { from, to, id, req } => self.answer(from, to, id, req.into()),
             Msg::Response { from, to, id, resp } => {
                 // A response whose request is no longer awaited (a duplicate, or one whose
                 // request was given up as lost) is dropped, as the network loop does.
@@ -315,6 +348,8 @@ impl Sim {
 #[derive(Debug, Clone)]
 enum Op {
     Deliver(usize),
+    /// Deliver a request with the next ones to the same side, checked ahead together.
+    DeliverChecked(usize),
     Drop(usize),
     Duplicate(usize),
     Delay(usize),
@@ -325,7 +360,8 @@ enum Op {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        8 => any::<usize>().prop_map(Op::Deliver),
+        5 => any::<usize>().prop_map(Op::Deliver),
+        3 => any::<usize>().prop_map(Op::DeliverChecked),
         2 => any::<usize>().prop_map(Op::Drop),
         2 => any::<usize>().prop_map(Op::Duplicate),
         2 => any::<usize>().prop_map(Op::Delay),
@@ -340,6 +376,7 @@ impl Sim {
         let len = self.net.len();
         match op {
             Op::Deliver(k) if len > 0 => self.deliver(k % len),
+            Op::DeliverChecked(k) if len > 0 => self.deliver_checked(k % len),
             Op::Drop(k) if len > 0 => self.drop_msg(k % len),
             Op::Duplicate(k) if len > 0 => self.duplicate(k % len),
             Op::Delay(k) if len > 0 => self.delay(k % len),
@@ -846,5 +883,87 @@ fn a_revocation_between_chunks_of_a_cold_sync_stops_it() {
             .unwrap()
             .is_none(),
         "a chunk went to a revoked company"
+    );
+}
+
+/// What a node checks ahead, beside its engine and across requests, spares only the second
+/// check of the very copy it checked, for the very document. Acme sends Alice, in one
+/// batch checked ahead together: a request carrying a message of its own twice, the first
+/// copy with a flipped signature bit (the same change hash), and a request replaying that
+/// honest change into another relationship. The honest copy goes in; the forged copy and
+/// the replay are refused, as they are when nothing is checked ahead.
+#[test]
+fn a_batch_checked_ahead_vouches_for_no_forged_copy_and_no_replay_into_another_document() {
+    let mut sim = Sim::new();
+    let (rel, doc) = shared_relationship(&sim);
+    let acme = sim.ids[ACME];
+    let (other, _) = sim.sides[ALICE]
+        .replica
+        .open("Alice and Acme, another matter", &[acme], T0)
+        .unwrap();
+    sim.settle();
+    let other_doc = Holder::doc(&sim.sides[ALICE].replica, &other)
+        .unwrap()
+        .doc_ref();
+    let mut copy = sim.sides[ACME].replica.relationship(&rel).unwrap().clone();
+    let (_, honest) = copy
+        .append(
+            &key(2),
+            [9; 16],
+            T0,
+            RelBody::Message {
+                thread: None,
+                text: "your order ships today".into(),
+                purpose: Some("support".into()),
+            },
+        )
+        .unwrap();
+    let mut forged = honest.encode();
+    forged[10] ^= 1;
+    assert_eq!(SignedChange::decode(&forged).unwrap().hash(), honest.hash());
+    let heads = sim.heads(ACME).unwrap();
+    let reqs = vec![
+        SyncRequest {
+            doc,
+            heads: heads.clone(),
+            changes: vec![forged, honest.encode()],
+        },
+        SyncRequest {
+            doc: other_doc,
+            heads,
+            changes: vec![honest.encode()],
+        },
+    ];
+    let mut refused = Vec::new();
+    for req in replica::check_requests(reqs) {
+        let (resp, _, _) = replica::handle_request(&mut sim.sides[ALICE].replica, &acme, req, T0);
+        let SyncResponse::Sync { refused: r, .. } = resp else {
+            panic!("Alice refused a request whole: {resp:?}");
+        };
+        refused.push(r.into_iter().map(|(h, k, _)| (h, k)).collect::<Vec<_>>());
+    }
+    let bad = rapport_protocol::wire::RefusalKind::Invalid;
+    assert_eq!(
+        refused,
+        [vec![(honest.hash(), bad)], vec![(honest.hash(), bad)]],
+        "the forged copy and the replay are refused"
+    );
+    let held = |id: &DocId| {
+        Holder::doc(&sim.sides[ALICE].replica, id)
+            .unwrap()
+            .changes()
+            .iter()
+            .filter(|c| c.hash() == honest.hash())
+            .map(SignedChange::signature_bytes)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        held(&rel),
+        [honest.signature_bytes()],
+        "the honest copy went in"
+    );
+    assert!(
+        held(&other).is_empty(),
+        "nothing went into the other relationship"
     );
 }

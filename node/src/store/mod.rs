@@ -16,7 +16,7 @@ use rapport_protocol::automerge::ChangeHash;
 use rapport_protocol::wire::{ChunkBudget, DocRef, RefusalKind};
 use rapport_protocol::{
     ConsentDoc, ConsentHeader, DocId, IdentityKey, Kind, RelHeader, RelationshipDoc, SecretKey,
-    Signatures, SignedChange, read_trusted,
+    SignedChange, read_trusted,
 };
 use redb::{Database, ReadOnlyDatabase, ReadableDatabase, ReadableTable, StorageBackend};
 use serde::{Deserialize, Serialize};
@@ -911,17 +911,18 @@ impl Store {
 
     /// Loads a consent document, verifying every stored change again.
     pub fn load_consent(&self, doc: &DocId) -> Result<ConsentDoc, StoreError> {
-        self.load_consent_as(doc, Signatures::Verify)
+        self.load_consent_as(doc, false)
     }
 
     /// Loads a consent document without checking its changes' signatures again (they were
     /// verified when they arrived; [`Store::verify`] re-checks them on demand). Every
     /// other rule is checked.
     pub fn load_consent_trusted(&self, doc: &DocId) -> Result<ConsentDoc, StoreError> {
-        self.load_consent_as(doc, Signatures::Trusted)
+        self.load_consent_as(doc, true)
     }
 
-    fn load_consent_as(&self, doc: &DocId, sigs: Signatures) -> Result<ConsentDoc, StoreError> {
+    /// `trusted`: the store's changes' signatures are not checked again.
+    fn load_consent_as(&self, doc: &DocId, trusted: bool) -> Result<ConsentDoc, StoreError> {
         let header = self
             .consent_header(doc)?
             .ok_or_else(|| StoreError::BadDocument {
@@ -929,10 +930,11 @@ impl Store {
                 detail: "no such consent document in this store".into(),
             })?;
         let changes = self.changes(doc)?;
-        match sigs {
-            Signatures::Verify => ConsentDoc::load(header, changes),
+        if trusted {
             // Identities too were checked when the changes arrived.
-            Signatures::Trusted => read_trusted(|| ConsentDoc::load_trusted(header, changes)),
+            read_trusted(|| ConsentDoc::load_trusted(header, changes))
+        } else {
+            ConsentDoc::load(header, changes)
         }
         .map_err(|e| StoreError::BadDocument {
             doc: doc.to_hex(),
@@ -942,20 +944,21 @@ impl Store {
 
     /// Loads a relationship document, verifying every stored change again.
     pub fn load_relationship(&self, doc: &DocId) -> Result<RelationshipDoc, StoreError> {
-        self.load_relationship_as(doc, Signatures::Verify)
+        self.load_relationship_as(doc, false)
     }
 
     /// Loads a relationship document without checking its changes' signatures again (they
     /// were verified when they arrived; [`Store::verify`] re-checks them on demand). Every
     /// other rule is checked.
     pub fn load_relationship_trusted(&self, doc: &DocId) -> Result<RelationshipDoc, StoreError> {
-        self.load_relationship_as(doc, Signatures::Trusted)
+        self.load_relationship_as(doc, true)
     }
 
+    /// `trusted`: the store's changes' signatures are not checked again.
     fn load_relationship_as(
         &self,
         doc: &DocId,
-        sigs: Signatures,
+        trusted: bool,
     ) -> Result<RelationshipDoc, StoreError> {
         let Some(DocRef::Relationship(header)) = self.doc_ref(doc)? else {
             return Err(StoreError::BadDocument {
@@ -964,10 +967,11 @@ impl Store {
             });
         };
         let changes = self.changes(doc)?;
-        match sigs {
-            Signatures::Verify => RelationshipDoc::load(header, changes),
+        if trusted {
             // Identities too were checked when the changes arrived.
-            Signatures::Trusted => read_trusted(|| RelationshipDoc::load_trusted(header, changes)),
+            read_trusted(|| RelationshipDoc::load_trusted(header, changes))
+        } else {
+            RelationshipDoc::load(header, changes)
         }
         .map_err(|e| StoreError::BadDocument {
             doc: doc.to_hex(),
