@@ -128,6 +128,9 @@ pub struct Engine {
     /// The documents shared with each peer, by [`Facts`]: consent documents with it, the
     /// relationships it owns, and those this node owns that it was ever a member of.
     by_peer: BTreeMap<IdentityKey, HashSet<DocId>>,
+    /// How many relationships each peer owns here (a rule bounds it on every request that
+    /// brings a new one, so it is counted as slots come and go rather than listed).
+    owned_by: HashMap<IdentityKey, usize>,
     /// Counts uses of documents (see [`Slot::used`]).
     uses: Cell<u64>,
     /// How many documents are loaded.
@@ -190,6 +193,7 @@ impl Engine {
             nonce: os_random()?,
             docs: HashMap::new(),
             by_peer: BTreeMap::new(),
+            owned_by: HashMap::new(),
             uses: Cell::new(0),
             loaded: Cell::new(0),
             max_loaded: MAX_LOADED_DOCS,
@@ -264,6 +268,7 @@ impl Engine {
             .collect();
         self.docs.clear();
         self.by_peer.clear();
+        self.owned_by.clear();
         self.loaded.set(0);
         let mut facts: HashMap<DocId, Facts> = self.store.doc_facts()?.into_iter().collect();
         for r in self.store.doc_refs()? {
@@ -323,6 +328,11 @@ impl Engine {
                 self.by_peer.entry(p).or_default().insert(id);
             }
         }
+        if let DocRef::Relationship(h) = r
+            && h.owner != self.me
+        {
+            *self.owned_by.entry(h.owner).or_default() += 1;
+        }
         let cell = OnceCell::new();
         if let Some(d) = doc {
             let _ = cell.set(Box::new(d));
@@ -342,6 +352,14 @@ impl Engine {
     /// Forgets a document (in memory only). Returns its state if it was loaded.
     fn drop_slot(&mut self, id: &DocId) -> Option<Doc> {
         let slot = self.docs.remove(id)?;
+        if let DocRef::Relationship(h) = slot.r
+            && let Some(n) = self.owned_by.get_mut(&h.owner)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.owned_by.remove(&h.owner);
+            }
+        }
         for p in self.peers_of(&slot.r, &slot.facts) {
             if let Some(set) = self.by_peer.get_mut(&p) {
                 set.remove(id);
@@ -503,6 +521,14 @@ impl Engine {
             .collect();
         v.sort();
         v
+    }
+
+    /// How many relationships `owner` (a peer) owns here: [`Engine::rels_owned_by`]'s
+    /// length, counted as documents come and go.
+    pub(crate) fn rels_owned_count(&self, owner: &IdentityKey) -> usize {
+        let n = self.owned_by.get(owner).copied().unwrap_or(0);
+        debug_assert_eq!(n, self.rels_owned_by(owner).len(), "the count is kept");
+        n
     }
 
     /// The relationships held whose owner is `owner` (by the index, without loading).

@@ -37,7 +37,7 @@ impl Holdings for Engine {
     }
 
     fn rels_owned_by(&self, owner: &IdentityKey) -> usize {
-        Engine::rels_owned_by(self, owner).len()
+        Engine::rels_owned_count(self, owner)
     }
 
     fn unanswered_consents(&self) -> usize {
