@@ -441,7 +441,11 @@ pub fn verify_named(parts: &[(DocId, Vec<&SignedChange>)]) -> Vec<Verified> {
     let mut keys: Vec<VerifyingKey> = Vec::new();
     for (p, (_, changes)) in parts.iter().enumerate() {
         for (i, c) in changes.iter().enumerate() {
-            if let Ok(k) = VerifyingKey::from_bytes(c.author_bytes()) {
+            // Through the identity, as every other check: weak keys are refused, and the
+            // curve point of a key seen lately is not computed again (per change, that
+            // would cost more than the batch verification itself).
+            if let Ok(k) = IdentityKey::from_bytes(c.author_bytes()).and_then(|k| k.verifying_key())
+            {
                 items.push((p, i));
                 keys.push(k);
             }
