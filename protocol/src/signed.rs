@@ -668,6 +668,40 @@ mod tests {
         }
     }
 
+    /// An author named by a small-order ("weak") key admits signatures made without any
+    /// secret: with the identity point as key, `R = s·B` satisfies the cofactorless
+    /// equation for every message, which a batch does not catch on its own. Checking
+    /// ahead must not vouch for such a change, as strict checking refuses it.
+    #[test]
+    fn checked_ahead_does_not_vouch_for_a_weak_key() {
+        use curve25519_dalek::constants::ED25519_BASEPOINT_POINT;
+        let mut weak = [0u8; 32];
+        weak[0] = 1; // the identity point, compressed
+        let mut actor = weak.to_vec();
+        actor.extend_from_slice(&[7; 16]);
+        let mut doc = Automerge::new().with_actor(ActorId::from(&actor[..]));
+        let mut tx = doc.transaction();
+        tx.put(ROOT, "k", "no secret needed").unwrap();
+        tx.commit_with(CommitOptions::default().with_time(1));
+        let change = doc.get_last_local_change().unwrap();
+        let mut sig = [0u8; 64];
+        sig[..32].copy_from_slice(ED25519_BASEPOINT_POINT.compress().as_bytes());
+        sig[32] = 1; // s = 1, so s·B = R
+        let mut bytes = vec![SIGNED_CHANGE_VERSION];
+        bytes.extend_from_slice(&sig);
+        bytes.extend_from_slice(change.raw_bytes());
+        let forged = SignedChange::decode(&bytes).unwrap();
+        let a = doc_id(1);
+        let message = signing_message(&a, &forged.hash());
+        let key = VerifyingKey::from_bytes(&weak).unwrap();
+        assert!(
+            ed25519_dalek::verify_batch(&[&message[..]], &[forged.signature], &[key]).is_ok(),
+            "the forgery passes a batch on its own"
+        );
+        let v = verify_named(&[(a, vec![&forged])]);
+        assert!(!v[0].vouches_for(&a, &forged));
+    }
+
     /// `verify_named` vouches for exactly the copies whose signature holds for their own
     /// document, and a `Verified` vouches for nothing in another document: a change it
     /// vouches for, replayed into a second document, is verified again and refused there.
