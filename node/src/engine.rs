@@ -6,6 +6,7 @@
 
 use std::cell::{Cell, OnceCell, RefCell};
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, PoisonError, RwLock};
 
 use rapport_protocol::automerge::ChangeHash;
 use rapport_protocol::policy::{self, may_read};
@@ -131,6 +132,10 @@ pub struct Engine {
     /// How many relationships each peer owns here (a rule bounds it on every request that
     /// brings a new one, so it is counted as slots come and go rather than listed).
     owned_by: HashMap<IdentityKey, usize>,
+    /// The peers in `by_peer` (those this node shares a document with), for the network
+    /// loop, which checks ahead only their requests: a stranger's request goes to the
+    /// engine unchecked and is refused before anything of it is decoded.
+    sharing: Arc<RwLock<HashSet<IdentityKey>>>,
     /// Counts uses of documents (see [`Slot::used`]).
     uses: Cell<u64>,
     /// How many documents are loaded.
@@ -194,6 +199,7 @@ impl Engine {
             docs: HashMap::new(),
             by_peer: BTreeMap::new(),
             owned_by: HashMap::new(),
+            sharing: Arc::default(),
             uses: Cell::new(0),
             loaded: Cell::new(0),
             max_loaded: MAX_LOADED_DOCS,
@@ -269,6 +275,10 @@ impl Engine {
         self.docs.clear();
         self.by_peer.clear();
         self.owned_by.clear();
+        self.sharing
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
         self.loaded.set(0);
         let mut facts: HashMap<DocId, Facts> = self.store.doc_facts()?.into_iter().collect();
         for r in self.store.doc_refs()? {
@@ -325,7 +335,14 @@ impl Engine {
         self.drop_slot(&id);
         for p in self.peers_of(&r, &facts) {
             if p != self.me {
-                self.by_peer.entry(p).or_default().insert(id);
+                let set = self.by_peer.entry(p).or_insert_with(|| {
+                    self.sharing
+                        .write()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .insert(p);
+                    HashSet::new()
+                });
+                set.insert(id);
             }
         }
         if let DocRef::Relationship(h) = r
@@ -365,6 +382,10 @@ impl Engine {
                 set.remove(id);
                 if set.is_empty() {
                     self.by_peer.remove(&p);
+                    self.sharing
+                        .write()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .remove(&p);
                 }
             }
         }
@@ -521,6 +542,12 @@ impl Engine {
             .collect();
         v.sort();
         v
+    }
+
+    /// The peers this node shares a document with, kept current as documents come and go
+    /// (see [`Engine::by_peer`]).
+    pub(crate) fn sharing(&self) -> Arc<RwLock<HashSet<IdentityKey>>> {
+        self.sharing.clone()
     }
 
     /// How many relationships `owner` (a peer) owns here: [`Engine::rels_owned_by`]'s

@@ -112,6 +112,9 @@ pub struct WireStats {
     pub lookups: AtomicU64,
     /// Redial sweeps finished.
     pub sweeps: AtomicU64,
+    /// Peers' sync requests checked ahead of the engine (see `Loop::check_next`); a
+    /// stranger's never are.
+    pub checked_ahead: AtomicU64,
 }
 
 /// A message of one of Rapport's request-response protocols, with its bounded encoding
@@ -588,6 +591,8 @@ pub(crate) struct Startup {
     pub(crate) bans: Vec<(IdentityKey, u64)>,
     /// The time the bans were read at.
     pub(crate) now: u64,
+    /// The peers the node shares a document with ([`crate::Engine::sharing`]).
+    pub(crate) sharing: Arc<std::sync::RwLock<HashSet<IdentityKey>>>,
 }
 
 /// The relay this node uses.
@@ -782,6 +787,8 @@ struct Loop {
     to_check: VecDeque<(Requester, SyncRequest)>,
     /// A batch of requests is being checked on a blocking thread.
     checking: bool,
+    /// The peers the node shares a document with: only their requests are checked ahead.
+    sharing: Arc<std::sync::RwLock<HashSet<IdentityKey>>>,
     requests: HashMap<OutboundRequestId, (PeerId, DocRef, Vec<ChangeHash>, Ticket)>,
     /// Syncs waiting for a connection to the peer.
     waiting: HashMap<PeerId, Vec<Waiting>>,
@@ -1039,6 +1046,7 @@ pub(crate) fn start(
         sessions: Sessions::default(),
         to_check: VecDeque::new(),
         checking: false,
+        sharing: startup.sharing.clone(),
         requests: HashMap::new(),
         waiting: HashMap::new(),
         dials: HashMap::new(),
@@ -1351,21 +1359,27 @@ impl Loop {
     /// Hands checked requests to the engine, in order, and checks the next ones.
     fn checked(&mut self, checked: Vec<(Requester, CheckedRequest)>) {
         self.checking = false;
-        for (Requester { peer, id, channel }, request) in checked {
-            self.with_engine(move |e, out| {
-                let (resp, pushes, disconnect) = e.handle_request(&id, request, e.now());
-                if !pushes.is_empty() {
-                    out.push(Internal::Pushes(pushes));
-                }
-                out.push(Internal::Respond {
-                    peer,
-                    channel,
-                    resp,
-                    disconnect,
-                });
-            });
+        for (who, request) in checked {
+            self.checked_one(who, request);
         }
         self.check_next();
+    }
+
+    /// Hands one request to the engine.
+    fn checked_one(&mut self, who: Requester, request: CheckedRequest) {
+        let Requester { peer, id, channel } = who;
+        self.with_engine(move |e, out| {
+            let (resp, pushes, disconnect) = e.handle_request(&id, request, e.now());
+            if !pushes.is_empty() {
+                out.push(Internal::Pushes(pushes));
+            }
+            out.push(Internal::Respond {
+                peer,
+                channel,
+                resp,
+                disconnect,
+            });
+        });
     }
 
     fn internal(&mut self, msg: Internal) {
@@ -2263,9 +2277,23 @@ impl Loop {
                     tracing::debug!(%peer, "the engine is behind: a sync request is turned away");
                     return;
                 }
-                self.to_check
-                    .push_back((Requester { peer, id, channel }, request));
-                self.check_next();
+                // Only a peer the node shares a document with has its request checked
+                // ahead: a stranger's goes to the engine as it is, which refuses it before
+                // decoding any of its changes (checking it ahead would spend on it what an
+                // accepted request costs, and hold up the requests behind it).
+                let shares = self
+                    .sharing
+                    .read()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .contains(&id);
+                if shares {
+                    self.stats.checked_ahead.fetch_add(1, Ordering::Relaxed);
+                    self.to_check
+                        .push_back((Requester { peer, id, channel }, request));
+                    self.check_next();
+                } else {
+                    self.checked_one(Requester { peer, id, channel }, request.into());
+                }
             }
             request_response::Event::Message {
                 peer,

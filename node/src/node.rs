@@ -151,6 +151,7 @@ impl Node {
         let known = engine.store().peers().map_err(EngineError::from)?;
         let t = engine.now();
         let bans = engine.store().bans(t).map_err(EngineError::from)?;
+        let sharing = engine.sharing();
         let engine = EngineClient::start(engine).map_err(|source| NodeError::Io {
             path: config.data_dir.clone(),
             source,
@@ -162,6 +163,7 @@ impl Node {
                 known,
                 bans,
                 now: t,
+                sharing,
             },
             config.net,
         );

@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use common::{Side, granted};
@@ -13,7 +14,9 @@ use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, StreamProtocol, noise, tcp, yamux};
 use rapport_node::{Node, NodeConfig, SyncCodec};
-use rapport_protocol::wire::{DocRef, RefusalKind, SYNC_PROTOCOL, SyncRequest, SyncResponse};
+use rapport_protocol::wire::{
+    DocRef, RefusalCode, RefusalKind, SYNC_PROTOCOL, SyncRequest, SyncResponse,
+};
 use rapport_protocol::{DocId, Kind, SignedChange};
 
 /// How long the test waits for the node's answers at most.
@@ -40,7 +43,7 @@ fn open(alice: &mut Side, acme: &mut Side, name: &str, now: u64) -> (DocId, DocR
 /// own twice (the first copy with a flipped signature bit: the same change hash), and a
 /// request replaying that honest message into another relationship. The honest copy goes
 /// in; the forged copy and the replay are refused as invalid, and nothing of either is
-/// kept in place of the honest change.
+/// kept in place of the honest change. A stranger's request is not checked ahead at all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_copy_and_a_replay_sent_over_the_wire_are_refused() {
     let now = rapport_node::now();
@@ -87,62 +90,16 @@ async fn a_forged_copy_and_a_replay_sent_over_the_wire_are_refused() {
         .unwrap();
     let addr: Multiaddr = node.listening().await.into_iter().next().unwrap();
     let seed = acme.engine.store().secret_key().unwrap().to_seed();
-    let keypair = libp2p::identity::Keypair::ed25519_from_bytes(seed).unwrap();
-    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
-        .with_tokio()
-        .with_tcp(
-            tcp::Config::default(),
-            noise::Config::new,
-            yamux::Config::default,
-        )
-        .unwrap()
-        .with_behaviour(|_| {
-            request_response::Behaviour::with_codec(
-                SyncCodec::default(),
-                [(StreamProtocol::new(SYNC_PROTOCOL), ProtocolSupport::Full)],
-                request_response::Config::default(),
-            )
-        })
-        .unwrap()
-        .build();
-    swarm.dial(addr).unwrap();
-
-    let deadline = Instant::now() + PATIENCE;
-    let mut ids = Vec::new();
-    let mut answers: Vec<Option<SyncResponse>> = vec![None, None];
-    let mut pending = Some(requests);
-    while answers.iter().any(Option::is_none) {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let event = tokio::time::timeout(left, swarm.select_next_some())
-            .await
-            .expect("the node answers both requests in time");
-        match event {
-            SwarmEvent::ConnectionEstablished { peer_id, .. } => {
-                // Both requests at once, so the node may check them in one batch.
-                for req in pending.take().into_iter().flatten() {
-                    ids.push(swarm.behaviour_mut().send_request(&peer_id, Ok(req)));
-                }
-            }
-            SwarmEvent::Behaviour(request_response::Event::Message {
-                message:
-                    request_response::Message::Response {
-                        request_id,
-                        response,
-                    },
-                ..
-            }) => {
-                let i = ids.iter().position(|r| *r == request_id).unwrap();
-                answers[i] = Some(response);
-            }
-            SwarmEvent::Behaviour(request_response::Event::OutboundFailure { error, .. }) => {
-                panic!("a request failed: {error}");
-            }
-            // The node's own rounds with Acme go unanswered: only what Acme sends counts.
-            _ => {}
-        }
-    }
+    let answers = exchange(addr.clone(), *seed, requests.to_vec()).await;
+    let handle = node.handle();
+    let stats = handle.net().stats();
+    assert_eq!(
+        stats.checked_ahead.load(Ordering::Relaxed),
+        2,
+        "a member's requests are checked ahead"
+    );
     for (what, answer) in ["the forged copy", "the replay"].iter().zip(answers) {
-        let Some(SyncResponse::Sync { refused, .. }) = answer else {
+        let SyncResponse::Sync { refused, .. } = answer else {
             panic!("a request was refused whole: {answer:?}");
         };
         let refused: Vec<_> = refused.into_iter().map(|(h, k, _)| (h, k)).collect();
@@ -172,5 +129,87 @@ async fn a_forged_copy_and_a_replay_sent_over_the_wire_are_refused() {
         held.1.is_empty(),
         "nothing went into the other relationship"
     );
+
+    // A stranger's request is refused by the engine before anything of it is decoded:
+    // checking it ahead would spend on it what a member's request costs.
+    let answers = exchange(addr, [42; 32], requests[..1].to_vec()).await;
+    assert!(
+        matches!(
+            answers[0],
+            SyncResponse::Refused {
+                code: RefusalCode::Forbidden,
+                ..
+            }
+        ),
+        "{:?}",
+        answers[0]
+    );
+    assert_eq!(
+        stats.checked_ahead.load(Ordering::Relaxed),
+        2,
+        "a stranger's request is not checked ahead"
+    );
     node.shutdown().await;
+}
+
+/// Dials `addr` with the identity of `seed`, sends `requests` at once (so the node may
+/// check them in one batch) and returns the answers, in order.
+async fn exchange(
+    addr: Multiaddr,
+    seed: [u8; 32],
+    requests: Vec<SyncRequest>,
+) -> Vec<SyncResponse> {
+    let keypair = libp2p::identity::Keypair::ed25519_from_bytes(seed).unwrap();
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default(),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .unwrap()
+        .with_behaviour(|_| {
+            request_response::Behaviour::with_codec(
+                SyncCodec::default(),
+                [(StreamProtocol::new(SYNC_PROTOCOL), ProtocolSupport::Full)],
+                request_response::Config::default(),
+            )
+        })
+        .unwrap()
+        .build();
+    swarm.dial(addr).unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    let mut ids = Vec::new();
+    let mut answers: Vec<Option<SyncResponse>> = vec![None; requests.len()];
+    let mut pending = Some(requests);
+    while answers.iter().any(Option::is_none) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let event = tokio::time::timeout(left, swarm.select_next_some())
+            .await
+            .expect("the node answers every request in time");
+        match event {
+            SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+                for req in pending.take().into_iter().flatten() {
+                    ids.push(swarm.behaviour_mut().send_request(&peer_id, Ok(req)));
+                }
+            }
+            SwarmEvent::Behaviour(request_response::Event::Message {
+                message:
+                    request_response::Message::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            }) => {
+                let i = ids.iter().position(|r| *r == request_id).unwrap();
+                answers[i] = Some(response);
+            }
+            SwarmEvent::Behaviour(request_response::Event::OutboundFailure { error, .. }) => {
+                panic!("a request failed: {error}");
+            }
+            // The node's own rounds go unanswered: only what is sent here counts.
+            _ => {}
+        }
+    }
+    answers.into_iter().map(Option::unwrap).collect()
 }
