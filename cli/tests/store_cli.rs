@@ -308,4 +308,30 @@ fn store_verify_finds_a_bad_signature_and_a_lying_index() {
         out.contains(&format!("document {}: its index", rel.to_hex())),
         "{out}"
     );
+
+    // A header moved under another id (a node starts from the ids as stored, without
+    // hashing every header again).
+    std::fs::write(&file, &clean).unwrap();
+    let docs: redb::TableDefinition<&[u8; 32], &[u8]> = redb::TableDefinition::new("docs-1");
+    let elsewhere = [7u8; 32];
+    {
+        let db = redb::Database::open(&file).unwrap();
+        let tx = db.begin_write().unwrap();
+        {
+            let mut t = tx.open_table(docs).unwrap();
+            let header = t.remove(&rel.0).unwrap().unwrap().value().to_vec();
+            t.insert(&elsewhere, header.as_slice()).unwrap();
+        }
+        tx.commit().unwrap();
+    }
+    let (code, out, _) = run(&dir, &["store", "verify"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains(&format!(
+            "document {}: it is stored under this id, but its header is that of document {}",
+            hex::encode(elsewhere),
+            rel.to_hex()
+        )),
+        "{out}"
+    );
 }

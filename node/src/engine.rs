@@ -280,17 +280,18 @@ impl Engine {
             .unwrap_or_else(PoisonError::into_inner)
             .clear();
         self.loaded.set(0);
-        let mut facts: HashMap<DocId, Facts> = self.store.doc_facts()?.into_iter().collect();
-        for r in self.store.doc_refs()? {
-            let id = r.doc_id();
-            match facts.remove(&id) {
-                Some(f) => self.put_slot(r, f, None),
+        let index = self.store.doc_index()?;
+        self.docs.reserve(index.len());
+        // The store holds each id once, and the engine held none since the clear above.
+        for (id, r, facts) in index {
+            match facts {
+                Some(f) => self.fill_slot(id, r, f, None),
                 None => {
                     // Every write indexes its document; a store written otherwise (by an
                     // older build without the migration) is indexed here, in memory.
                     let doc = self.load_doc(&r)?;
                     let f = self.facts_of(&doc);
-                    self.put_slot(r, f, Some(doc));
+                    self.fill_slot(id, r, f, Some(doc));
                 }
             }
         }
@@ -333,6 +334,13 @@ impl Engine {
     fn put_slot(&mut self, r: DocRef, facts: Facts, doc: Option<Doc>) {
         let id = r.doc_id();
         self.drop_slot(&id);
+        self.fill_slot(id, r, facts, doc);
+    }
+
+    /// Puts a document under `id`, the id of `r`, which holds none.
+    fn fill_slot(&mut self, id: DocId, r: DocRef, facts: Facts, doc: Option<Doc>) {
+        debug_assert_eq!(id, r.doc_id());
+        debug_assert!(!self.docs.contains_key(&id));
         for p in self.peers_of(&r, &facts) {
             if p != self.me {
                 let set = self.by_peer.entry(p).or_insert_with(|| {

@@ -7,7 +7,7 @@
 mod common;
 
 use common::{Side, T0, granted, sync};
-use rapport_node::MessageView;
+use rapport_node::{MessageView, Store};
 use rapport_protocol::wire::DocRef;
 use rapport_protocol::{IdentityKey, Kind};
 
@@ -278,4 +278,52 @@ fn a_removed_member_is_not_served_a_relationship_the_owner_has_not_loaded() {
         "{resp:?}"
     );
     assert_eq!(acme.engine.change_count(&doc.doc_id()), None);
+}
+
+/// A node starts by joining its documents with their index rows in key order: rows of
+/// documents it does not hold (before, between and after the others) are passed over, and
+/// a document without a row is indexed from its changes; none takes another's row.
+#[test]
+fn a_start_joins_each_document_with_its_own_index_row() {
+    let now = T0 + 10;
+    let mut acme = Side::new(Kind::Org, "Acme");
+    let customers: Vec<(Side, String, DocRef)> = (0..4)
+        .map(|i| customer(&format!("customer {i}"), &mut acme, now + i * 10))
+        .collect();
+    let unindexed = customers[1].2.doc_id();
+    acme.engine.0 = None;
+    {
+        let facts: redb::TableDefinition<&[u8; 32], &[u8]> =
+            redb::TableDefinition::new("doc-facts-1");
+        let db = redb::Database::open(acme.dir.path().join(Store::FILE_NAME)).unwrap();
+        let tx = db.begin_write().unwrap();
+        {
+            let mut t = tx.open_table(facts).unwrap();
+            for key in [[0u8; 32], [0x80; 32], [0xff; 32]] {
+                t.insert(&key, br#"{"kind":"relationship","members":[]}"#.as_slice())
+                    .unwrap();
+            }
+            t.remove(&unindexed.0).unwrap().unwrap();
+        }
+        tx.commit().unwrap();
+    }
+    acme.reopen();
+    assert_eq!(
+        acme.engine.doc_count(),
+        8,
+        "four consents, four relationships"
+    );
+    assert_eq!(
+        acme.engine.loaded_docs(),
+        1,
+        "only the relationship without an index row was loaded, to index it"
+    );
+    let mut who: Vec<IdentityKey> = customers.iter().map(|(c, _, _)| c.me()).collect();
+    who.sort();
+    assert_eq!(acme.engine.counterparts(), who);
+    for (c, _, rel) in &customers {
+        let shared = acme.engine.shared_with(&c.me(), now + 100);
+        assert_eq!(shared.len(), 2, "its consent document and its relationship");
+        assert!(shared.contains(rel));
+    }
 }

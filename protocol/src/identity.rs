@@ -47,33 +47,97 @@ thread_local! {
     /// (valid keys only; a pure cache, it changes no answer).
     static SEEN: std::cell::RefCell<std::collections::HashMap<[u8; 32], VerifyingKey>> =
         std::cell::RefCell::new(std::collections::HashMap::new());
-    /// The text forms of identities lately shown or read, both ways: a document names a
-    /// handful of identities thousands of times, and base58 is quadratic in its input.
+    /// The text forms of identities lately shown: a document names a handful of identities
+    /// thousands of times, and base58 encoding is quadratic in its input.
     static TEXTS: std::cell::RefCell<std::collections::HashMap<[u8; 32], std::rc::Rc<str>>> =
-        std::cell::RefCell::new(std::collections::HashMap::new());
-    static PARSED: std::cell::RefCell<std::collections::HashMap<std::rc::Rc<str>, [u8; 32]>> =
         std::cell::RefCell::new(std::collections::HashMap::new());
 }
 
-/// Entries each text cache holds before it starts again.
+/// Entries the text cache holds before it starts again.
 const TEXT_CACHE: usize = 256;
 
-/// Remembers `key` ↔ `text` in both caches.
+/// Remembers the text of `key`.
 fn remember(key: [u8; 32], text: std::rc::Rc<str>) {
     TEXTS.with(|m| {
         let mut m = m.borrow_mut();
         if m.len() >= TEXT_CACHE {
             m.clear();
         }
-        m.insert(key, text.clone());
+        m.insert(key, text);
     });
-    PARSED.with(|m| {
-        let mut m = m.borrow_mut();
-        if m.len() >= TEXT_CACHE {
-            m.clear();
+}
+
+/// The base58btc (Bitcoin) alphabet.
+const BASE58: &[u8; 58] = b"123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz";
+
+/// The value of each base58 digit, by its byte; 0xff for a byte that is none.
+const BASE58_DIGITS: [u8; 256] = {
+    let mut t = [0xffu8; 256];
+    let mut i = 0;
+    while i < 58 {
+        t[BASE58[i] as usize] = i as u8;
+        i += 1;
+    }
+    t
+};
+
+/// The 38 bytes that a base58btc text of a `PeerId` of an Ed25519 key decodes to; `None`
+/// for a text that does not decode to exactly 38 bytes (the caller then decodes it again
+/// the slow way, for the reason). Same result as `bs58::decode`, in 32-bit limbs, five
+/// digits at a time: bs58 works a byte at a time, quadratic in the text, and that was an
+/// eighth of the start of a node holding 100,000 customers, whose store names each of
+/// them as text.
+fn decode_peer_id_text(s: &str) -> Option<[u8; 38]> {
+    // 58^5 < 2^32: five digits fit one limb step. Ten limbs hold 320 bits, more than the
+    // 304 of 38 bytes; anything larger overflows and is refused.
+    const STEP: u64 = 58u64.pow(5);
+    let text = s.as_bytes();
+    if text.len() > 64 {
+        return None;
+    }
+    let mut limbs = [0u32; 10]; // little-endian
+    let mut used = 0; // limbs below this may be non-zero
+    for group in text.chunks(5) {
+        let mut value = 0u64;
+        let mut scale = 1u64;
+        for &c in group {
+            let d = BASE58_DIGITS[c as usize];
+            if d == 0xff {
+                return None;
+            }
+            value = value * 58 + u64::from(d);
+            scale *= 58;
         }
-        m.insert(text, key);
-    });
+        let scale = if group.len() == 5 { STEP } else { scale };
+        let mut carry = value;
+        for limb in &mut limbs[..used] {
+            let x = u64::from(*limb) * scale + carry;
+            *limb = x as u32;
+            carry = x >> 32;
+        }
+        // The carry is below 2^32 (the limb, the scale and the carry in are), so it takes
+        // one limb more at most.
+        if carry != 0 {
+            if used == limbs.len() {
+                return None;
+            }
+            limbs[used] = carry as u32;
+            used += 1;
+        }
+    }
+    let mut number = [0u8; 40];
+    for (i, limb) in limbs.iter().enumerate() {
+        number[40 - 4 * (i + 1)..40 - 4 * i].copy_from_slice(&limb.to_be_bytes());
+    }
+    // Leading '1's stand for leading zero bytes; the number follows without its own.
+    let zeros = text.iter().take_while(|&&c| c == b'1').count();
+    let significant = &number[number.iter().take_while(|&&b| b == 0).count()..];
+    if zeros + significant.len() != 38 {
+        return None;
+    }
+    let mut out = [0u8; 38];
+    out[zeros..].copy_from_slice(significant);
+    Some(out)
 }
 
 /// Runs `read` with identities taken as they are, without the curve check of
@@ -204,20 +268,22 @@ impl FromStr for IdentityKey {
         if s.len() > 64 {
             return Err(IdentityError::NotEd25519(s.chars().take(64).collect()));
         }
-        if let Some(bytes) = PARSED.with(|m| m.borrow().get(s).copied()) {
-            // Read before, so well formed; whether the key is valid is checked again.
-            return Self::from_bytes(&bytes);
-        }
-        let bytes = bs58::decode(s)
-            .into_vec()
-            .map_err(|_| IdentityError::NotBase58(s.to_owned()))?;
-        let key = Self::from_peer_id_bytes(&bytes).map_err(|e| match e {
+        let fast = decode_peer_id_text(s);
+        let slow: Vec<u8>;
+        let bytes: &[u8] = match &fast {
+            Some(b) => b,
+            None => {
+                slow = bs58::decode(s)
+                    .into_vec()
+                    .map_err(|_| IdentityError::NotBase58(s.to_owned()))?;
+                &slow
+            }
+        };
+        Self::from_peer_id_bytes(bytes).map_err(|e| match e {
             IdentityError::NotEd25519(_) => IdentityError::NotEd25519(s.to_owned()),
             IdentityError::InvalidKey(_) => IdentityError::InvalidKey(s.to_owned()),
             other => other,
-        })?;
-        remember(key.0, s.into());
-        Ok(key)
+        })
     }
 }
 
@@ -340,6 +406,43 @@ mod tests {
         let key = SecretKey::from_seed([7; 32]);
         let seed: Zeroizing<[u8; 32]> = key.to_seed();
         assert_eq!(*seed, [7; 32]);
+    }
+
+    proptest! {
+        /// The fast decoding gives what bs58 gives, for every 38 bytes' text and for any
+        /// text: exactly the 38 bytes, or nothing where bs58 gives an error or other bytes.
+        #[test]
+        fn peer_id_text_decodes_as_bs58_does(
+            bytes in proptest::collection::vec(any::<u8>(), 38),
+            zeros in 0usize..39,
+            text in "[1-9A-HJ-NP-Za-km-z0OIl+]{0,64}",
+        ) {
+            let mut b = bytes.clone();
+            b[..zeros].fill(0);
+            let encoded = bs58::encode(&b).into_string();
+            prop_assert_eq!(decode_peer_id_text(&encoded).map(|d| d.to_vec()), Some(b));
+            let expected = bs58::decode(&text).into_vec().ok().filter(|d| d.len() == 38);
+            prop_assert_eq!(decode_peer_id_text(&text).map(|d| d.to_vec()), expected);
+            // One digit more or less is another length, or another number.
+            let longer = format!("{encoded}z");
+            let expected = bs58::decode(&longer).into_vec().ok().filter(|d| d.len() == 38);
+            prop_assert_eq!(decode_peer_id_text(&longer).map(|d| d.to_vec()), expected);
+        }
+    }
+
+    #[test]
+    fn peer_id_text_decoding_edges() {
+        // The largest 38 bytes, and one past them; all '1's; a leading zero too many.
+        let max = bs58::encode([0xffu8; 38]).into_string();
+        assert_eq!(decode_peer_id_text(&max), Some([0xff; 38]));
+        let past = bs58::encode([&[1u8][..], &[0u8; 38][..]].concat()).into_string();
+        assert_eq!(decode_peer_id_text(&past), None);
+        assert_eq!(decode_peer_id_text(&"1".repeat(38)), Some([0; 38]));
+        assert_eq!(decode_peer_id_text(&"1".repeat(39)), None);
+        let id = SecretKey::from_seed([9; 32]).identity();
+        let text = id.to_string();
+        assert_eq!(decode_peer_id_text(&text), Some(id.peer_id_bytes()));
+        assert_eq!(decode_peer_id_text(&format!("1{text}")), None);
     }
 
     #[test]
