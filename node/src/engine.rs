@@ -106,6 +106,10 @@ pub(crate) use rapport_protocol::replica::Doc;
 /// dropped from memory (they load again from the store when next used).
 pub const MAX_LOADED_DOCS: usize = 2048;
 
+/// Documents read from the store's index at a time as the engine starts: what it reads
+/// at once stays small however many it holds.
+const START_PAGE: usize = 4096;
+
 /// A document held: what is known of it without loading it, and its state once loaded.
 pub(crate) struct Slot {
     r: DocRef,
@@ -280,18 +284,22 @@ impl Engine {
             .unwrap_or_else(PoisonError::into_inner)
             .clear();
         self.loaded.set(0);
-        let index = self.store.doc_index()?;
-        self.docs.reserve(index.len());
         // The store holds each id once, and the engine held none since the clear above.
-        for (id, r, facts) in index {
-            match facts {
-                Some(f) => self.fill_slot(id, r, f, None),
-                None => {
-                    // Every write indexes its document; a store written otherwise (by an
-                    // older build without the migration) is indexed here, in memory.
-                    let doc = self.load_doc(&r)?;
-                    let f = self.facts_of(&doc);
-                    self.fill_slot(id, r, f, Some(doc));
+        let mut after: Option<DocId> = None;
+        loop {
+            let page = self.store.doc_index(after.as_ref(), START_PAGE)?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.0);
+            for (id, r, facts) in page {
+                match facts {
+                    Some(f) => self.fill_slot(id, r, f, None),
+                    None => {
+                        // Every write indexes its document; a store written otherwise (by
+                        // an older build without the migration) is indexed here, in memory.
+                        let doc = self.load_doc(&r)?;
+                        let f = self.facts_of(&doc);
+                        self.fill_slot(id, r, f, Some(doc));
+                    }
                 }
             }
         }

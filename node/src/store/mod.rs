@@ -598,7 +598,7 @@ impl Store {
             Ok(out)
         })?;
         let mut report = VerifyReport::default();
-        let docs = self.doc_index()?;
+        let docs = self.doc_index(None, usize::MAX)?;
         let total = docs.len() as u64;
         for (id, d, _) in docs {
             progress(report.documents as u64, total);
@@ -683,20 +683,36 @@ impl Store {
         })
     }
 
-    /// Every document held, under the id it is stored under, with its facts if indexed:
-    /// what a node starts from. Both tables are read in key order and joined as they go
-    /// (at 100,000 customers, a map from one to the other was a tenth of the start), and
-    /// the ids are not hashed again from the headers (`rapport store verify` checks that
-    /// they match).
-    pub(crate) fn doc_index(&self) -> Result<Vec<(DocId, DocRef, Option<Facts>)>, StoreError> {
+    /// Documents held, under the id each is stored under, with its facts if indexed: what
+    /// a node starts from, a page at a time (at most `limit` documents with ids after
+    /// `after`, in id order; an empty page is the end). Both tables are read in key order
+    /// and joined as they go (at 100,000 customers, a map from one to the other was a
+    /// tenth of the start), and the ids are not hashed again from the headers (`rapport
+    /// store verify` checks that they match). Pages keep what is read at once small.
+    pub(crate) fn doc_index(
+        &self,
+        after: Option<&DocId>,
+        limit: usize,
+    ) -> Result<Vec<(DocId, DocRef, Option<Facts>)>, StoreError> {
+        use std::ops::Bound;
+        let from: Bound<&[u8; 32]> = match after {
+            Some(id) => Bound::Excluded(&id.0),
+            None => Bound::Unbounded,
+        };
         // Identities in what this store wrote were checked on their way in.
         read_trusted(|| {
             self.read(|tx| {
                 let docs = tx.open_table(DOCS).map_err(|e| self.db_error(e))?;
                 let facts = tx.open_table(DOC_FACTS).map_err(|e| self.db_error(e))?;
-                let mut facts = facts.iter().map_err(|e| self.db_error(e))?.peekable();
-                let mut out = Vec::new();
-                for row in docs.iter().map_err(|e| self.db_error(e))? {
+                let mut facts = facts
+                    .range::<&[u8; 32]>((from, Bound::Unbounded))
+                    .map_err(|e| self.db_error(e))?
+                    .peekable();
+                let mut out = Vec::with_capacity(limit.min(4096));
+                let rows = docs
+                    .range::<&[u8; 32]>((from, Bound::Unbounded))
+                    .map_err(|e| self.db_error(e))?;
+                for row in rows.take(limit) {
                     let (k, v) = row.map_err(|e| self.db_error(e))?;
                     let id = DocId(*k.value());
                     let header: DocHeader = serde_json::from_slice(v.value())
