@@ -198,8 +198,11 @@ pub type SyncCodec = FrameCodec<SyncRequest, SyncResponse>;
 pub type MailCodec = FrameCodec<MailRequest, MailResponse>;
 
 /// How much of a frame is read at a time, and the most a frame's buffer holds before its
-/// bytes arrive: a peer that announces 32 MiB and sends a few bytes costs 64 KiB, not 32 MiB.
-const READ_CHUNK: usize = 64 * 1024;
+/// bytes arrive: a peer that announces 32 MiB and sends a few bytes costs 32 KiB, not 32 MiB.
+/// With [`MAX_STREAMS_PER_CONNECTION`] streams, what one connection can make the node hold
+/// outside [`MAX_FRAME_BYTES_IN_FLIGHT`] is 2 MiB (it was 32 streams of 64 KiB before the
+/// sessions per peer went from 16 to 32). A sync round of 22 changes is about 11 KiB.
+const READ_CHUNK: usize = 32 * 1024;
 
 /// Bytes that the frames being read at once by one codec (all its connections and
 /// streams) may hold beyond the first [`READ_CHUNK`] of each. Stream and connection limits
