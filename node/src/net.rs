@@ -203,6 +203,9 @@ pub type MailCodec = FrameCodec<MailRequest, MailResponse>;
 /// outside [`MAX_FRAME_BYTES_IN_FLIGHT`] is 2 MiB (it was 32 streams of 64 KiB before the
 /// sessions per peer went from 16 to 32). A sync round of 22 changes is about 11 KiB.
 const READ_CHUNK: usize = 32 * 1024;
+// Raising the sessions per peer (and so the streams per connection) must not raise what a
+// connection can make the node hold outside the pool.
+const _: () = assert!(MAX_STREAMS_PER_CONNECTION * READ_CHUNK <= 2 << 20);
 
 /// Bytes that the frames being read at once by one codec (all its connections and
 /// streams) may hold beyond the first [`READ_CHUNK`] of each. Stream and connection limits
