@@ -582,8 +582,6 @@ impl Store {
             me: profile.identity,
             name: &profile.name,
         };
-        let facts: std::collections::HashMap<DocId, Facts> =
-            self.doc_facts()?.into_iter().collect();
         type Inboxed = std::collections::HashMap<DocId, HashSet<rapport_protocol::EntryId>>;
         let mut inboxed: Inboxed = self.read(|tx| {
             let t = tx.open_table(INBOX).map_err(|e| self.db_error(e))?;
@@ -600,7 +598,7 @@ impl Store {
         let mut report = VerifyReport::default();
         let docs = self.doc_index(None, usize::MAX)?;
         let total = docs.len() as u64;
-        for (id, d, _) in docs {
+        for (id, d, facts) in docs {
             progress(report.documents as u64, total);
             report.documents += 1;
             let mut problem = |detail: String| {
@@ -649,7 +647,7 @@ impl Store {
                     }
                 },
             };
-            if facts.get(&id) != Some(&expected.facts) {
+            if facts.as_ref() != Some(&expected.facts) {
                 problem(
                     "its index (who it is shared with, its grants) differs from the document"
                         .into(),
@@ -663,24 +661,6 @@ impl Store {
             });
         }
         Ok(report)
-    }
-
-    /// Every document's facts ([`crate::index::Facts`]).
-    pub(crate) fn doc_facts(&self) -> Result<Vec<(DocId, Facts)>, StoreError> {
-        // Identities in what this store wrote were checked on their way in.
-        read_trusted(|| {
-            self.read(|tx| {
-                let t = tx.open_table(DOC_FACTS).map_err(|e| self.db_error(e))?;
-                let mut out = Vec::new();
-                for row in t.iter().map_err(|e| self.db_error(e))? {
-                    let (k, v) = row.map_err(|e| self.db_error(e))?;
-                    let facts = serde_json::from_slice(v.value())
-                        .map_err(|e| self.corrupt(&format!("document facts: {e}")))?;
-                    out.push((DocId(*k.value()), facts));
-                }
-                Ok(out)
-            })
-        })
     }
 
     /// Documents held, under the id each is stored under, with its facts if indexed: what
