@@ -125,14 +125,24 @@ pub(crate) fn authored_entries<E: Authored>(
     Ok(out)
 }
 
+/// How many threads a large check may use: the machine's cores, up to four. Asked of
+/// the system once: `available_parallelism` reads the cgroup's files each time, which cost
+/// more than checking a small document's changes.
+pub(crate) fn check_threads() -> usize {
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(|| {
+        std::thread::available_parallelism()
+            .map_or(1, std::num::NonZeroUsize::get)
+            .min(4)
+    })
+}
+
 /// Maps `f` over `items`, on several threads when there are many.
 pub(crate) fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
-    let threads = std::thread::available_parallelism()
-        .map_or(1, std::num::NonZeroUsize::get)
-        .min(4);
-    if threads < 2 || items.len() < 1024 {
+    if items.len() < 1024 || check_threads() < 2 {
         return items.iter().map(f).collect();
     }
+    let threads = check_threads();
     let per = items.len().div_ceil(threads);
     std::thread::scope(|scope| {
         let parts: Vec<_> = items

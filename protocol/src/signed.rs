@@ -483,9 +483,7 @@ fn good_signatures(
     n: usize,
     item: impl Fn(usize) -> ([u8; 82], Signature, VerifyingKey) + Sync,
 ) -> Vec<bool> {
-    let threads = std::thread::available_parallelism()
-        .map_or(1, std::num::NonZeroUsize::get)
-        .min(4);
+    let threads = crate::append::check_threads();
     let part = |range: std::ops::Range<usize>| -> Vec<bool> {
         let mut out = Vec::with_capacity(range.len());
         let indices: Vec<usize> = range.collect();
