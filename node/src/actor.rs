@@ -8,11 +8,12 @@
 //! first, so a person's request never waits behind a crowd of peers' work.
 //!
 //! Operations are run in groups: the actor runs the jobs waiting (up to [`MAX_GROUP`];
-//! background jobs only while the group is younger than [`GROUP_TIME`]), then makes all
-//! their writes durable with one sync of the store (group commit, [`Engine::begin_group`]). Only then does any of them answer, so a
-//! value, an answer to a peer or an event is never seen before what it reports is on disk.
-//! If the sync fails, every operation of the group gets the error and the engine reloads
-//! its documents from the store.
+//! background jobs only while the group is younger than [`GROUP_TIME`]), all their writes
+//! in one transaction of the store, then make them durable with one commit (group commit,
+//! [`Engine::begin_group`]). Only then does any of them answer, so a value, an answer to a
+//! peer or an event is never seen before what it reports is on disk. If a write or the
+//! commit fails, every operation of the group gets the error and the engine reloads its
+//! documents from the store.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;

@@ -223,8 +223,8 @@ impl Engine {
         Ok(engine)
     }
 
-    /// Begins a group of operations that become durable together, with one sync of the
-    /// store ([`Store::begin_group`]); events wait for the group's end. Whoever groups
+    /// Begins a group of operations that become durable together, in one transaction of
+    /// the store ([`Store::begin_group`]); events wait for the group's end. Whoever groups
     /// operations must not acknowledge any of them before [`Engine::end_group`] succeeds.
     pub fn begin_group(&mut self) {
         self.store.begin_group();

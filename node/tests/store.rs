@@ -282,6 +282,132 @@ fn a_full_disk_fails_one_write_clearly_and_the_store_recovers_without_a_restart(
     assert_eq!(store.profile().unwrap().name, "Alice");
 }
 
+/// A group of writes is one transaction: its reads see its writes at once, the file is not
+/// touched until the group ends, the end is one durable commit, and a crash before the end
+/// keeps none of the group.
+#[test]
+fn a_group_is_one_transaction_committed_once_at_its_end() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let (header, all) = changes(6);
+    let doc = header.doc_id();
+    let peer = header.grantee;
+    drop(Store::create(tmp.path(), Kind::Person, "Alice", T0).unwrap());
+    let path = tmp.path().join(Store::FILE_NAME);
+    let full = Arc::new(AtomicBool::new(false));
+    let (store, writes) = common::full_disk_store_counted(&path, &full);
+    assert_eq!(store.put_consent_changes(&header, &all[..1]).unwrap(), 1);
+
+    let (synced, written) = (store.syncs(), writes.load(Ordering::SeqCst));
+    store.begin_group();
+    for i in 1..4 {
+        assert_eq!(
+            store.put_consent_changes(&header, &all[i..i + 1]).unwrap(),
+            1
+        );
+        // A read in the group sees what the group wrote so far.
+        assert_eq!(store.consent_changes(&doc).unwrap(), all[..=i].to_vec());
+    }
+    store
+        .put_peer(&peer, &["/ip4/127.0.0.1/tcp/1".into()], T0)
+        .unwrap();
+    assert_eq!(store.peers().unwrap().len(), 1);
+    assert_eq!(
+        writes.load(Ordering::SeqCst),
+        written,
+        "a group writes nothing to the file before it ends"
+    );
+    store.end_group().unwrap();
+    assert_eq!(
+        store.syncs(),
+        synced + 1,
+        "one durable commit for the group"
+    );
+    assert!(writes.load(Ordering::SeqCst) > written);
+
+    // A crash in the middle of a group: the process dies before the group ends.
+    store.begin_group();
+    assert_eq!(store.put_consent_changes(&header, &all[4..]).unwrap(), 2);
+    assert_eq!(store.consent_changes(&doc).unwrap(), all);
+    // What a crash now leaves on disk: the file as it is (the group wrote nothing to it
+    // yet), opened by a new process.
+    let crashed = tmp.path().join("crashed");
+    std::fs::create_dir(&crashed).unwrap();
+    std::fs::copy(&path, crashed.join(Store::FILE_NAME)).unwrap();
+    drop(store);
+    let store = Store::open(&crashed).unwrap();
+    assert_eq!(
+        store.consent_changes(&doc).unwrap(),
+        all[..4].to_vec(),
+        "what the ended group wrote is there, what the unended one wrote is not"
+    );
+    assert_eq!(store.peers().unwrap().len(), 1);
+}
+
+/// One write that fails in a group loses the group: the group's earlier writes are not
+/// made durable behind the failed one's back, every later call in the group fails, the end
+/// says so, and the store works again in the next group.
+#[test]
+fn a_failed_write_in_a_group_loses_the_whole_group() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let (header, all) = changes(5);
+    let doc = header.doc_id();
+    drop(Store::create(tmp.path(), Kind::Person, "Alice", T0).unwrap());
+    let path = tmp.path().join(Store::FILE_NAME);
+    let full = Arc::new(AtomicBool::new(false));
+    let store = common::full_disk_store(&path, &full);
+    assert_eq!(store.put_consent_changes(&header, &all[..1]).unwrap(), 1);
+
+    store.begin_group();
+    assert_eq!(store.put_consent_changes(&header, &all[1..2]).unwrap(), 1);
+    // The disk fills during the group, and a write too large for the file as it is fails
+    // (the file cannot grow).
+    full.store(true, Ordering::SeqCst);
+    let big = rapport_node::Refusal {
+        at: T0,
+        peer: header.grantee,
+        doc,
+        change: String::new(),
+        author: None,
+        reason: "x".repeat(16 << 20),
+        kind: None,
+        entries: Vec::new(),
+        signed_change: None,
+    };
+    let err = store
+        .add_refusal(&big)
+        .expect_err("a write that must grow a full disk's file fails");
+    assert!(matches!(err, StoreError::Disk { .. }), "{err}");
+    full.store(false, Ordering::SeqCst);
+    // Space is free again, but the group is lost: a later write in it fails at once, and
+    // so does its end.
+    let err = store
+        .put_consent_changes(&header, &all[2..3])
+        .expect_err("the group is lost");
+    assert!(matches!(err, StoreError::Disk { .. }), "{err}");
+    let err = store.end_group().unwrap_err();
+    assert!(matches!(err, StoreError::Disk { .. }), "{err}");
+    assert_eq!(
+        store.consent_changes(&doc).unwrap(),
+        all[..1].to_vec(),
+        "the write before the failed one is not in the store"
+    );
+    assert!(store.refusals(10).unwrap().is_empty());
+
+    // Space is free: the next group works, and only what it wrote is added.
+    store.begin_group();
+    assert_eq!(store.put_consent_changes(&header, &all[1..3]).unwrap(), 2);
+    store.end_group().unwrap();
+    drop(store);
+    let store = Store::open(tmp.path()).unwrap();
+    assert_eq!(store.consent_changes(&doc).unwrap(), all[..3].to_vec());
+}
+
 /// Break 10: the relay's store holds its Ed25519 seed; no other local user may read it.
 #[cfg(unix)]
 #[test]

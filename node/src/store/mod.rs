@@ -3,6 +3,7 @@
 //! kept as evidence.
 
 mod migrations;
+mod reader;
 mod tables;
 
 use std::collections::HashSet;
@@ -27,6 +28,7 @@ use crate::index::{Facts, Indexed, Viewer};
 use crate::views::{MessageView, RelSummary};
 use migrations::{Plan, SCHEMA_VERSION};
 use rapport_protocol::contain as guarded;
+use reader::Reader;
 use tables::*;
 
 /// Who this node is.
@@ -226,7 +228,9 @@ const CACHE_BYTES: usize = 64 << 20;
 /// The page cache of the read-only look at a store before it is opened for writing.
 const CHECK_CACHE_BYTES: usize = 8 << 20;
 
-/// A node's store. Every write is one redb transaction, durable when the call returns.
+/// A node's store. Every write is one redb transaction, durable when the call returns;
+/// in a group ([`Store::begin_group`]), all the group's writes are one transaction, durable
+/// when the group ends.
 ///
 /// After an I/O error (a full disk) redb refuses every later transaction until the database
 /// is reopened; the store does that itself, so the node recovers once space is free. A
@@ -247,13 +251,18 @@ pub struct Store {
     syncs: AtomicU64,
 }
 
-/// Writes committed without syncing, waiting for the one sync that makes them durable.
-#[derive(Debug, Clone, Copy)]
+/// A group of writes: one write transaction, begun by the group's first write and
+/// committed (durably) when the group ends.
 struct Group {
     /// [`Store::reopens`] when the group began.
     reopens: u64,
-    /// Whether any write was committed in the group.
-    wrote: bool,
+    /// The group's transaction, once it wrote. It outlives the call that began it, so
+    /// nothing may close the database while it lives: every read and write in the group
+    /// goes through it, and a failure drops it before closing the database.
+    tx: Option<redb::WriteTransaction>,
+    /// A write (or a read of the group's writes) failed: the transaction was dropped, and
+    /// with it every write of the group.
+    lost: bool,
 }
 
 impl std::fmt::Debug for Store {
@@ -1293,30 +1302,82 @@ impl Store {
         &self,
         f: impl Fn(&redb::WriteTransaction) -> Result<T, redb::Error>,
     ) -> Result<T, StoreError> {
+        let mut group = self.group.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(g) = group.as_mut() {
+            return self.write_in_group(g, &f);
+        }
+        drop(group);
         self.run(|db| {
             let Db::Write(db) = db else {
                 return Err(StoreError::ReadOnly(self.path.clone()));
             };
-            let mut tx = db.begin_write().map_err(|e| self.db_error(e))?;
-            let mut group = self.group.lock().unwrap_or_else(PoisonError::into_inner);
-            let durable = match group.as_mut() {
-                Some(g) => {
-                    // Durable with the group's sync, not before.
-                    tx.set_durability(redb::Durability::None)
-                        .map_err(|e| self.database(&e.to_string()))?;
-                    g.wrote = true;
-                    false
-                }
-                None => true,
-            };
-            drop(group);
+            let tx = db.begin_write().map_err(|e| self.db_error(e))?;
             let out = f(&tx).map_err(|e| self.db_error(e))?;
             tx.commit().map_err(|e| self.db_error(e))?;
-            if durable {
-                self.syncs.fetch_add(1, Ordering::Relaxed);
-            }
+            self.syncs.fetch_add(1, Ordering::Relaxed);
             Ok(out)
         })
+    }
+
+    /// A write in the group under way, in the group's transaction (begun here by its first
+    /// write). A write that fails drops that transaction, and with it the group's earlier
+    /// writes: the group ends in an error ([`Store::end_group`]), and every later call in it
+    /// fails at once.
+    fn write_in_group<T>(
+        &self,
+        g: &mut Group,
+        f: &impl Fn(&redb::WriteTransaction) -> Result<T, redb::Error>,
+    ) -> Result<T, StoreError> {
+        if g.lost || self.reopens.load(Ordering::SeqCst) != g.reopens {
+            g.lost = true;
+            return Err(self.group_lost());
+        }
+        if g.tx.is_none() {
+            let tx = self.run(|db| {
+                let Db::Write(db) = db else {
+                    return Err(StoreError::ReadOnly(self.path.clone()));
+                };
+                db.begin_write().map_err(|e| self.db_error(e))
+            })?;
+            if self.reopens.load(Ordering::SeqCst) != g.reopens {
+                // Beginning it reopened the database: what the group read before may be
+                // gone with the old handle's unsynced state.
+                g.lost = true;
+                return Err(self.group_lost());
+            }
+            g.tx = Some(tx);
+        }
+        let tx = g.tx.as_ref().expect("begun above");
+        match guarded(|| f(tx)) {
+            Ok(Ok(out)) => Ok(out),
+            Ok(Err(e)) => {
+                let e = self.db_error(e);
+                self.lose(g, e.is_io());
+                Err(e)
+            }
+            Err(panic) => {
+                self.lose(g, true);
+                Err(panicked(&self.path, &panic))
+            }
+        }
+    }
+
+    /// Drops the group's transaction (redb aborts it) and, after an I/O error or a panic,
+    /// closes the database: the next call reopens it.
+    fn lose(&self, g: &mut Group, close: bool) {
+        g.lost = true;
+        if let Some(tx) = g.tx.take()
+            && let Err(panic) = guarded(move || drop(tx))
+        {
+            tracing::warn!("dropping a write of store {}: {panic}", self.path.display());
+        }
+        if close {
+            self.close();
+        }
+    }
+
+    fn group_lost(&self) -> StoreError {
+        self.disk("an earlier write in this group failed; the group's writes are lost")
     }
 
     /// How many durable commits (syncs of the file) this handle has made.
@@ -1324,15 +1385,18 @@ impl Store {
         self.syncs.load(Ordering::Relaxed)
     }
 
-    /// Begins a group of writes: until [`Store::end_group`], each write commits without
-    /// syncing to disk, so that many operations share one sync (group commit). Reads see
-    /// the group's writes at once; a crash before the group ends loses all of them, so
-    /// nothing written in a group may be acknowledged before it ends.
+    /// Begins a group of writes: until [`Store::end_group`], every write goes into one
+    /// write transaction, committed durably when the group ends, so that many operations
+    /// share one commit and one sync (group commit). Reads see the group's writes at once;
+    /// a crash before the group ends loses all of them, so nothing written in a group may be
+    /// acknowledged before it ends. One write that fails loses the group's writes: the
+    /// group ends in an error.
     pub fn begin_group(&self) {
         let mut group = self.group.lock().unwrap_or_else(PoisonError::into_inner);
         *group = Some(Group {
             reopens: self.reopens.load(Ordering::SeqCst),
-            wrote: false,
+            tx: None,
+            lost: false,
         });
     }
 
@@ -1340,7 +1404,7 @@ impl Store {
     /// writes durable. An error means none of them may be counted on: the caller must
     /// reload what it holds in memory from the store.
     pub fn end_group(&self) -> Result<(), StoreError> {
-        let Some(g) = self
+        let Some(mut g) = self
             .group
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -1348,39 +1412,58 @@ impl Store {
         else {
             return Ok(());
         };
-        let lost = |store: &Self| {
-            store.disk("the store was reopened after an I/O error while writes waited for their sync; they are lost")
-        };
-        if self.reopens.load(Ordering::SeqCst) != g.reopens {
-            return Err(lost(self));
+        if g.lost || self.reopens.load(Ordering::SeqCst) != g.reopens {
+            drop(g.tx.take());
+            return Err(self.group_lost());
         }
-        if !g.wrote {
+        let Some(tx) = g.tx.take() else {
             return Ok(());
+        };
+        match guarded(move || tx.commit()) {
+            Ok(Ok(())) => {
+                self.syncs.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                let e = self.db_error(e);
+                if e.is_io() {
+                    self.close();
+                }
+                Err(e)
+            }
+            Err(panic) => {
+                self.close();
+                Err(panicked(&self.path, &panic))
+            }
         }
-        let synced = self.run(|db| {
-            let Db::Write(db) = db else {
-                return Err(StoreError::ReadOnly(self.path.clone()));
-            };
-            // An empty durable commit makes the non-durable commits before it durable.
-            let tx = db.begin_write().map_err(|e| self.db_error(e))?;
-            tx.commit().map_err(|e| self.db_error(e))?;
-            self.syncs.fetch_add(1, Ordering::Relaxed);
-            Ok(())
-        });
-        if self.reopens.load(Ordering::SeqCst) != g.reopens {
-            return Err(synced.err().unwrap_or_else(|| lost(self)));
-        }
-        synced
     }
 
-    /// Runs `f` in one read transaction.
-    fn read<T>(
-        &self,
-        f: impl Fn(&redb::ReadTransaction) -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
+    /// Runs `f` in one read transaction; in a group that wrote, in the group's transaction,
+    /// so that it sees the group's writes.
+    fn read<T>(&self, f: impl Fn(&Reader) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let mut group = self.group.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(g) = group.as_mut()
+            && let Some(tx) = g.tx.as_ref()
+        {
+            return match guarded(|| f(&Reader::Group(tx))) {
+                Ok(Ok(out)) => Ok(out),
+                Ok(Err(e)) => {
+                    if e.is_io() {
+                        // redb refuses the transaction from now on.
+                        self.lose(g, true);
+                    }
+                    Err(e)
+                }
+                Err(panic) => {
+                    self.lose(g, true);
+                    Err(panicked(&self.path, &panic))
+                }
+            };
+        }
+        drop(group);
         self.run(|db| {
             let tx = db.begin_read().map_err(|e| self.db_error(e))?;
-            f(&tx)
+            f(&Reader::Snapshot(&tx))
         })
     }
 
@@ -1451,13 +1534,6 @@ impl Store {
 
     fn disk(&self, detail: &str) -> StoreError {
         StoreError::Disk {
-            path: self.path.clone(),
-            detail: detail.to_owned(),
-        }
-    }
-
-    fn database(&self, detail: &str) -> StoreError {
-        StoreError::Database {
             path: self.path.clone(),
             detail: detail.to_owned(),
         }
@@ -1716,11 +1792,11 @@ pub(crate) fn index_all(tx: &redb::WriteTransaction) -> Result<(), redb::Error> 
 /// Reads the schema version through any redb handle, read-only included.
 fn read_schema(db: &impl ReadableDatabase, path: &Path) -> Result<u32, StoreError> {
     let tx = db.begin_read().map_err(|e| db_err(path, e))?;
-    read_schema_tx(&tx, path)
+    read_schema_tx(&Reader::Snapshot(&tx), path)
 }
 
 /// Reads the schema version in a read transaction.
-fn read_schema_tx(tx: &redb::ReadTransaction, path: &Path) -> Result<u32, StoreError> {
+fn read_schema_tx(tx: &Reader, path: &Path) -> Result<u32, StoreError> {
     let corrupt = |detail: &str| StoreError::Corrupt {
         path: path.to_path_buf(),
         detail: detail.to_owned(),

@@ -127,6 +127,8 @@ pub(crate) fn grant_args(grantee: IdentityKey, scopes: &[&str], purpose: &str) -
 pub(crate) struct FullDisk {
     pub(crate) inner: redb::backends::FileBackend,
     pub(crate) full: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Writes to the file so far (those refused included).
+    pub(crate) writes: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl FullDisk {
@@ -158,6 +160,8 @@ impl redb::StorageBackend for FullDisk {
         self.inner.sync_data()
     }
     fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.writes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.check()?;
         self.inner.write(offset, data)
     }
@@ -213,9 +217,22 @@ pub(crate) fn full_disk_store(
     path: &std::path::Path,
     full: &std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> rapport_node::Store {
+    full_disk_store_counted(path, full).0
+}
+
+/// [`full_disk_store`], and the count of its writes to the file.
+pub(crate) fn full_disk_store_counted(
+    path: &std::path::Path,
+    full: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> (
+    rapport_node::Store,
+    std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
     let full = full.clone();
+    let writes = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counted = writes.clone();
     let file_path = path.to_path_buf();
-    rapport_node::Store::open_with_backend(path, move || {
+    let store = rapport_node::Store::open_with_backend(path, move || {
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -224,7 +241,9 @@ pub(crate) fn full_disk_store(
             inner: redb::backends::FileBackend::new(file)
                 .map_err(|e| std::io::Error::other(e.to_string()))?,
             full: full.clone(),
+            writes: counted.clone(),
         })
     })
-    .unwrap()
+    .unwrap();
+    (store, writes)
 }
