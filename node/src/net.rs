@@ -198,11 +198,11 @@ pub type SyncCodec = FrameCodec<SyncRequest, SyncResponse>;
 pub type MailCodec = FrameCodec<MailRequest, MailResponse>;
 
 /// How much of a frame is read at a time, and the most a frame's buffer holds before its
-/// bytes arrive: a peer that announces 32 MiB and sends a few bytes costs 32 KiB, not 32 MiB.
+/// bytes arrive: a peer that announces 32 MiB and sends a few bytes costs 16 KiB, not 32 MiB.
 /// With [`MAX_STREAMS_PER_CONNECTION`] streams, what one connection can make the node hold
-/// outside [`MAX_FRAME_BYTES_IN_FLIGHT`] is 2 MiB (it was 32 streams of 64 KiB before the
-/// sessions per peer went from 16 to 32). A sync round of 22 changes is about 11 KiB.
-const READ_CHUNK: usize = 32 * 1024;
+/// outside [`MAX_FRAME_BYTES_IN_FLIGHT`] is 2 MiB (it was 32 streams of 64 KiB with 16
+/// sessions per peer, then 64 of 32 KiB with 32). A sync round of 22 changes is about 11 KiB.
+const READ_CHUNK: usize = 16 * 1024;
 // Raising the sessions per peer (and so the streams per connection) must not raise what a
 // connection can make the node hold outside the pool.
 const _: () = assert!(MAX_STREAMS_PER_CONNECTION * READ_CHUNK <= 2 << 20);

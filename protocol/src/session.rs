@@ -17,7 +17,7 @@ pub const MAX_ROUNDS: u32 = 10_000;
 /// trip per round, so with many documents shared with one peer (a relay, a customer with
 /// many relationships) this window, not the work, set the pace at 16: 1,000
 /// relationships of 20 messages synced in 1.6-1.9 s with 16, 1.1-1.2 s with 32.
-pub const MAX_SESSIONS_PER_PEER: usize = 32;
+pub const MAX_SESSIONS_PER_PEER: usize = 64;
 
 /// Names one round of one session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
