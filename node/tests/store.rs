@@ -303,6 +303,8 @@ fn a_group_is_one_transaction_committed_once_at_its_end() {
     let (synced, written) = (store.syncs(), writes.load(Ordering::SeqCst));
     store.begin_group();
     for i in 1..4 {
+        // Begun again before it ends, the group goes on with what it wrote.
+        store.begin_group();
         assert_eq!(
             store.put_consent_changes(&header, &all[i..i + 1]).unwrap(),
             1

@@ -1390,9 +1390,13 @@ impl Store {
     /// share one commit and one sync (group commit). Reads see the group's writes at once;
     /// a crash before the group ends loses all of them, so nothing written in a group may be
     /// acknowledged before it ends. One write that fails loses the group's writes: the
-    /// group ends in an error.
+    /// group ends in an error. Begun again before it ends, the group goes on (starting
+    /// afresh would drop what it wrote, which its end would then acknowledge).
     pub fn begin_group(&self) {
         let mut group = self.group.lock().unwrap_or_else(PoisonError::into_inner);
+        if group.is_some() {
+            return;
+        }
         *group = Some(Group {
             reopens: self.reopens.load(Ordering::SeqCst),
             tx: None,
