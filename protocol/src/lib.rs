@@ -6,6 +6,7 @@
 //! rule is deterministic and testable.
 
 mod append;
+pub mod batch;
 mod consent;
 mod guard;
 mod identity;
