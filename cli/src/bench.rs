@@ -201,6 +201,11 @@ struct Figures {
     wire_bytes: u64,
     own_bytes: u64,
     samod_wire_bytes: u64,
+    /// CPU time (every thread of this process: both nodes) from the dial until the company
+    /// held every change, where the system reports it.
+    sync_cpu_s: Option<f64>,
+    /// CPU time of the floor's signature check, on its threads.
+    verify_cpu_s: Option<f64>,
 }
 
 impl Figures {
@@ -276,6 +281,19 @@ impl Figures {
                 self.verify_s / self.apply_s,
                 self.sync_s / self.floor_s(),
             ));
+            // Where the time goes: both nodes share this machine's cores, so the sync can
+            // take no less wall time than its CPU time spread over all of them.
+            if let (Some(cpu), Some(verify)) = (self.sync_cpu_s, self.verify_cpu_s) {
+                let cores = std::thread::available_parallelism().map_or(1, usize::from);
+                out.push(format!(
+                    "{}: the sync used {cpu:.2} s of CPU time on {cores} core(s) ({:.2} s of wall time at the least), \
+                     of which checking the signatures alone takes {verify:.2} s; {TARGET_APPLY_MANY}x the apply \
+                     leaves {:.2} s of CPU time for everything",
+                    self.case,
+                    cpu / cores as f64,
+                    TARGET_APPLY_MANY * self.apply_s * cores as f64,
+                ));
+            }
         }
         out.push(check("wire ratio", self.wire_ratio(), TARGET_WIRE));
         out
@@ -298,6 +316,8 @@ impl Figures {
             "wire_ratio": self.wire_ratio(),
             "wire_bytes_per_change": self.per_change(self.wire_bytes),
             "own_bytes_per_change": self.per_change(self.own_bytes),
+            "sync_cpu_s": self.sync_cpu_s,
+            "verify_cpu_s": self.verify_cpu_s,
             "samod_wire_bytes_per_change": self.per_change(self.samod_wire_bytes),
         })
     }
@@ -468,12 +488,13 @@ async fn case(label: &str, rels: usize, per_rel: usize, runs: usize) -> Result<F
         );
         copy_dir(&templates.0, &cdir)?;
         copy_dir(&templates.1, &gdir)?;
-        let (verify, apply) = floor(label, &ids, &all, &raw)?;
-        let (synced, wire) = sync_once(label, &cdir, &gdir, &ids, &all).await?;
+        let (verify, apply, verify_cpu) = floor(label, &ids, &all, &raw)?;
+        let (synced, wire, sync_cpu) = sync_once(label, &cdir, &gdir, &ids, &all).await?;
         let samod = crate::bench_samod::sync(&raw, SYNC_LIMIT)
             .await
             .with_context(|| format!("{label}: samod"))?;
         best.take(verify, apply, synced, samod.secs, wire, samod.wire);
+        best.take_cpu(sync_cpu, verify_cpu);
         std::fs::remove_dir_all(&cdir)?;
         std::fs::remove_dir_all(&gdir)?;
     }
@@ -485,6 +506,8 @@ async fn case(label: &str, rels: usize, per_rel: usize, runs: usize) -> Result<F
         samod_s,
         wire,
         samod_wire,
+        sync_cpu,
+        verify_cpu,
     } = best;
 
     Ok(Figures {
@@ -499,6 +522,8 @@ async fn case(label: &str, rels: usize, per_rel: usize, runs: usize) -> Result<F
         wire_bytes: wire,
         own_bytes: own_bytes as u64,
         samod_wire_bytes: samod_wire,
+        sync_cpu_s: sync_cpu,
+        verify_cpu_s: verify_cpu,
     })
 }
 
@@ -511,6 +536,8 @@ struct Best {
     samod_s: f64,
     wire: u64,
     samod_wire: u64,
+    sync_cpu: Option<f64>,
+    verify_cpu: Option<f64>,
 }
 
 impl Best {
@@ -536,6 +563,34 @@ impl Best {
         self.wire = self.wire.max(wire);
         self.samod_wire = self.samod_wire.max(samod_wire);
     }
+
+    /// CPU times, the least of the runs (noise adds to them too), where measured.
+    fn take_cpu(&mut self, sync: Option<f64>, verify: Option<f64>) {
+        let min = |best: &mut Option<f64>, x: Option<f64>| {
+            if let Some(x) = x {
+                *best = Some(best.map_or(x, |b| b.min(x)));
+            }
+        };
+        min(&mut self.sync_cpu, sync);
+        min(&mut self.verify_cpu, verify);
+    }
+}
+
+/// This process's CPU time so far (user and system, every thread), in seconds: Linux's
+/// `/proc/self/stat`, whose counts are in its fixed user tick of 1/100 s. `None` where the
+/// system does not say.
+fn cpu_s() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces: count after it.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i)?.parse::<u64>().ok();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    Some((ticks(11)? + ticks(12)?) as f64 / 100.0)
+}
+
+/// CPU time spent between two readings of [`cpu_s`].
+fn cpu_since(start: Option<f64>) -> Option<f64> {
+    Some(cpu_s()? - start?)
 }
 
 /// A copy of a store's directory (its files, flat), as a cold store to run on.
@@ -559,14 +614,16 @@ fn floor(
     ids: &[DocId],
     all: &[Vec<SignedChange>],
     raw: &[Vec<Change>],
-) -> Result<(Duration, Duration)> {
+) -> Result<(Duration, Duration, Option<f64>)> {
     let parts: Vec<(DocId, Vec<&SignedChange>)> = ids
         .iter()
         .zip(all)
         .map(|(id, cs)| (*id, cs.iter().collect()))
         .collect();
     let start = Instant::now();
+    let cpu = cpu_s();
     let verified = verify_named(&parts);
+    let verify_cpu = cpu_since(cpu);
     if let Some((id, _)) = parts
         .iter()
         .zip(&verified)
@@ -582,7 +639,7 @@ fn floor(
         let mut doc = Automerge::new();
         doc.apply_changes(cs)?;
     }
-    Ok((verify, start.elapsed()))
+    Ok((verify, start.elapsed(), verify_cpu))
 }
 
 /// One cold sync between two real nodes on these stores: the time from the company's dial
@@ -593,7 +650,7 @@ async fn sync_once(
     gdir: &Path,
     ids: &[DocId],
     all: &[Vec<SignedChange>],
-) -> Result<(Duration, u64)> {
+) -> Result<(Duration, u64, Option<f64>)> {
     let customer = Node::start(NodeConfig::loopback(cdir)).await?;
     let company = Node::start(NodeConfig::loopback(gdir)).await?;
     let addr = customer
@@ -604,6 +661,7 @@ async fn sync_once(
         .context("no address")?;
     let h2 = company.handle();
     let start = Instant::now();
+    let cpu = cpu_s();
     h2.net()
         .dial(addr)
         .await
@@ -627,9 +685,10 @@ async fn sync_once(
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let synced = start.elapsed();
+    let sync_cpu = cpu_since(cpu);
     let stats = h2.net().stats();
     let wire = stats.sent.load(Ordering::Relaxed) + stats.received.load(Ordering::Relaxed);
     customer.shutdown().await;
     company.shutdown().await;
-    Ok((synced, wire))
+    Ok((synced, wire, sync_cpu))
 }
