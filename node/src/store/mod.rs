@@ -2,6 +2,7 @@
 //! its signed changes, known peers, what each peer last said it holds, and refused changes
 //! kept as evidence.
 
+mod inbox;
 mod migrations;
 mod reader;
 mod tables;
@@ -780,9 +781,10 @@ impl Store {
                 let t = tx.open_table(INBOX).map_err(|e| self.db_error(e))?;
                 let mut out = Vec::new();
                 for row in t.iter().map_err(|e| self.db_error(e))?.rev().take(limit) {
-                    let (_, v) = row.map_err(|e| self.db_error(e))?;
+                    let (k, v) = row.map_err(|e| self.db_error(e))?;
+                    let (at, rel, id) = k.value();
                     out.push(
-                        serde_json::from_slice(v.value())
+                        inbox::decode(at, rel, id, v.value())
                             .map_err(|e| self.corrupt(&format!("inbox entry: {e}")))?,
                     );
                 }
@@ -1689,8 +1691,7 @@ fn put_index_tx(tx: &redb::WriteTransaction, id: &DocId, ix: &Indexed) -> Result
     if !ix.inbox.is_empty() {
         let mut inbox = tx.open_table(INBOX)?;
         for m in &ix.inbox {
-            let v = serde_json::to_vec(m).expect("a message serialises");
-            inbox.insert((m.at, &id.0, &m.id.0), v.as_slice())?;
+            inbox.insert((m.at, &id.0, &m.id.0), inbox::encode(m).as_slice())?;
         }
     }
     Ok(())

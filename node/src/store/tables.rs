@@ -78,8 +78,9 @@ pub(crate) const REL_SUMMARIES: TableDefinition<&[u8; 32], &[u8]> =
     TableDefinition::new("rel-summaries-1");
 
 /// Messages from others, for the inbox (schema 5). Key: (time, document id, entry id), so
-/// the newest come last. Value: JSON of [`crate::MessageView`]. Written with the changes
-/// that carry them; deleted with the document.
+/// the newest come last. Value: the rest of the [`crate::MessageView`], binary (see
+/// `inbox.rs`; stores written before it hold JSON of the whole view, still read). Written
+/// with the changes that carry them; deleted with the document.
 pub(crate) const INBOX: TableDefinition<InboxKey, &[u8]> = TableDefinition::new("inbox-1");
 
 /// (time, document id, entry id).
