@@ -1088,7 +1088,9 @@ impl Ledger {
 #[derive(Debug, Clone)]
 pub struct ConsentDoc {
     ledger: Ledger,
-    doc: Automerge,
+    /// Boxed, like a relationship's: inline it made the document about 4 KiB, copied each
+    /// time one moved.
+    doc: Box<Automerge>,
 }
 
 impl ConsentDoc {
@@ -1096,7 +1098,7 @@ impl ConsentDoc {
     pub fn new(header: ConsentHeader) -> Result<Self, ConsentError> {
         Ok(Self {
             ledger: Ledger::new(header)?,
-            doc: Automerge::new(),
+            doc: Box::default(),
         })
     }
 
@@ -1193,7 +1195,7 @@ impl ConsentDoc {
         let mut doc = Automerge::new();
         doc.apply_changes(self.ledger.changes.iter().map(|c| c.change().clone()))
             .expect("changes Automerge applied before apply again");
-        self.doc = doc;
+        *self.doc = doc;
         let doc = &mut self.doc;
         let retry = self.ledger.apply_all_with(
             accepted,

@@ -464,8 +464,9 @@ pub struct RelationshipDoc {
     heads: BTreeSet<ChangeHash>,
     /// The change numbers each writer session (Automerge actor) used.
     seqs: HashMap<ActorId, HashSet<u64>>,
-    /// The Automerge document, once built.
-    doc: OnceLock<Automerge>,
+    /// The Automerge document, once built. Boxed: unbuilt it is a pointer, where inline
+    /// it made every relationship about 4 KiB, copied each time one moved.
+    doc: OnceLock<Box<Automerge>>,
 }
 
 /// A change's author and the entries it adds, or why it is refused.
@@ -575,8 +576,10 @@ impl RelationshipDoc {
     /// If Automerge refuses changes every rule here accepted, which the rules exclude.
     pub fn automerge(&self) -> &Automerge {
         self.doc.get_or_init(|| {
-            self.build()
-                .expect("Automerge takes every change the rules accept")
+            Box::new(
+                self.build()
+                    .expect("Automerge takes every change the rules accept"),
+            )
         })
     }
 
@@ -586,7 +589,7 @@ impl RelationshipDoc {
             let built = self
                 .build()
                 .map_err(|e| RelError::Refused(format!("cannot build the document: {e}")))?;
-            let _ = self.doc.set(built);
+            let _ = self.doc.set(Box::new(built));
         }
         Ok(self.doc.get_mut().expect("built above"))
     }
