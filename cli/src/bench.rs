@@ -588,9 +588,9 @@ fn cpu_s() -> Option<f64> {
     Some((ticks(11)? + ticks(12)?) as f64 / 100.0)
 }
 
-/// CPU time spent between two readings of [`cpu_s`].
+/// CPU time spent between two readings of [`cpu_s`], to its 1/100 s.
 fn cpu_since(start: Option<f64>) -> Option<f64> {
-    Some(cpu_s()? - start?)
+    Some(((cpu_s()? - start?) * 100.0).round() / 100.0)
 }
 
 /// A copy of a store's directory (its files, flat), as a cold store to run on.
