@@ -1857,6 +1857,48 @@ mod tests {
         }
     }
 
+    /// The inbox reads the binary records this release writes and the JSON ones an
+    /// earlier store holds, side by side, newest first; a damaged record is an error that
+    /// names the store as damaged.
+    #[test]
+    fn the_inbox_reads_binary_and_earlier_json_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::create(dir.path(), Kind::Org, "Acme", 1_700_000_000).unwrap();
+        let view = |at: u64, seed: u8, text: &str| MessageView {
+            rel: DocId([seed; 32]),
+            id: rapport_protocol::EntryId([seed ^ 0xff; 32]),
+            by: SecretKey::from_seed([seed; 32]).identity(),
+            by_name: format!("customer {seed}"),
+            at,
+            text: text.into(),
+            purpose: None,
+            thread: None,
+            mine: false,
+        };
+        let (old, new) = (
+            view(10, 1, "from an earlier store"),
+            view(20, 2, "from this one"),
+        );
+        let put = |m: &MessageView, value: Vec<u8>| {
+            store
+                .write(|tx| {
+                    tx.open_table(INBOX)?
+                        .insert((m.at, &m.rel.0, &m.id.0), value.as_slice())?;
+                    Ok(())
+                })
+                .unwrap();
+        };
+        put(&old, serde_json::to_vec(&old).unwrap());
+        put(&new, inbox::encode(&new));
+        assert_eq!(store.inbox(10).unwrap(), vec![new.clone(), old]);
+
+        let damaged = view(30, 3, "cut short");
+        put(&damaged, inbox::encode(&damaged)[..40].to_vec());
+        let err = store.inbox(10).unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+        assert!(err.to_string().contains("inbox entry"), "{err}");
+    }
+
     #[test]
     fn a_header_is_a_tagged_object_and_a_bad_one_is_refused() {
         let owner = SecretKey::from_seed([3; 32]).identity();
