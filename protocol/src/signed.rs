@@ -28,6 +28,9 @@ pub const ACTOR_ID_LEN: usize = 48;
 /// How many signatures go into one batch verification.
 const BATCH: usize = 256;
 
+/// From how many signatures [`good_signatures`] splits the work across the machine's cores.
+const SPLIT_AT: usize = 2 * BATCH;
+
 /// An unsigned LEB128 number at the start of `bytes` and how many bytes it took; `None`
 /// when it is cut short or does not fit 64 bits.
 fn uleb(bytes: &[u8]) -> Option<(u64, usize)> {
@@ -477,8 +480,9 @@ pub fn verify_named(parts: &[(DocId, Vec<&SignedChange>)]) -> Vec<Verified> {
 }
 
 /// Which of `n` signatures verify, where `item(k)` gives the k-th message, signature and
-/// key: batch-verified [`BATCH`] at a time, a failed batch re-checked one by one
-/// (`verify_strict`), and a large set split across the machine's cores (up to four).
+/// key: batch-verified in equal batches of at most [`BATCH`], a failed batch re-checked
+/// one by one (`verify_strict`), and from [`SPLIT_AT`] on split across the machine's cores
+/// (up to four).
 fn good_signatures(
     n: usize,
     item: impl Fn(usize) -> ([u8; 82], Signature, VerifyingKey) + Sync,
@@ -487,7 +491,13 @@ fn good_signatures(
     let part = |range: std::ops::Range<usize>| -> Vec<bool> {
         let mut out = Vec::with_capacity(range.len());
         let indices: Vec<usize> = range.collect();
-        for chunk in indices.chunks(BATCH) {
+        // Equal batches of at most BATCH: 300 signatures go as two of 150, not 256 and a
+        // small, dearer one of 44.
+        let size = indices
+            .len()
+            .div_ceil(indices.len().div_ceil(BATCH).max(1))
+            .max(1);
+        for chunk in indices.chunks(size) {
             let all: Vec<([u8; 82], Signature, VerifyingKey)> =
                 chunk.iter().map(|&k| item(k)).collect();
             if crate::batch::verify_batch(&all) {
@@ -498,10 +508,10 @@ fn good_signatures(
         }
         out
     };
-    if threads < 2 || n < 4 * BATCH {
+    if threads < 2 || n < SPLIT_AT {
         return part(0..n);
     }
-    let per = n.div_ceil(threads).div_ceil(BATCH) * BATCH;
+    let per = n.div_ceil(threads);
     std::thread::scope(|scope| {
         let handles: Vec<_> = (0..n)
             .step_by(per)
@@ -646,20 +656,31 @@ mod tests {
     #[test]
     fn batch_finds_the_one_bad_signature() {
         let key = SecretKey::from_seed([1; 32]);
-        // Enough changes that the set is split across threads when the machine has cores.
-        let mut changes: Vec<SignedChange> = (0..1100)
+        let good: Vec<SignedChange> = (0..1100)
             .map(|i| {
                 SignedChange::sign(&doc_id(1), make_change(&key, &i.to_string()), &key).unwrap()
             })
             .collect();
-        for bad in [270, 1050] {
-            let mut sig = changes[bad].signature.to_bytes();
-            sig[5] ^= 1;
-            changes[bad].signature = Signature::from_bytes(&sig);
-        }
-        let results = verify_all(&doc_id(1), &changes, &[key.identity()]);
-        for (i, r) in results.iter().enumerate() {
-            assert_eq!(r.is_ok(), i != 270 && i != 1050, "change {i}");
+        // One thread in batches, uneven batches (300 = two of 150), split across threads
+        // when the machine has cores (from SPLIT_AT on), and split into several batches
+        // per thread; bad signatures first, last and where batches meet.
+        for (n, bad) in [
+            (300, vec![0, 149, 150, 299]),
+            (SPLIT_AT, vec![0, SPLIT_AT / 2, SPLIT_AT - 1]),
+            (600, vec![1, 300, 599]),
+            (1100, vec![270, 1050]),
+        ] {
+            let mut changes = good[..n].to_vec();
+            for &b in &bad {
+                let mut sig = changes[b].signature.to_bytes();
+                sig[5] ^= 1;
+                changes[b].signature = Signature::from_bytes(&sig);
+            }
+            let results = verify_all(&doc_id(1), &changes, &[key.identity()]);
+            assert_eq!(results.len(), n);
+            for (i, r) in results.iter().enumerate() {
+                assert_eq!(r.is_ok(), !bad.contains(&i), "change {i} of {n}");
+            }
         }
     }
 
