@@ -73,9 +73,10 @@ pub(crate) const INTERNAL_QUEUE: usize = 4096;
 /// dropped (they fail on the peer's side, which tries again later).
 pub(crate) const MAX_DEFERRED: usize = 4096;
 /// Changes checked ahead in one batch, at most (a request larger than this goes alone):
-/// enough for a batch verification to cost little per signature, few enough that the
-/// engine does not wait long for the first request of a batch.
-pub(crate) const CHECK_BATCH_CHANGES: usize = 1024;
+/// enough for a batch verification to cost little per signature (a set this large is
+/// split across the cores), few enough that the engine does not wait long for the first
+/// request of a batch, nor work alone through the last batch at the end of a sync.
+pub(crate) const CHECK_BATCH_CHANGES: usize = 512;
 /// Peers whose undecodable requests are counted at once; past it, the counts of peers no
 /// longer connected are dropped.
 const MAX_TRACKED_PEERS: usize = 4096;
