@@ -42,7 +42,8 @@ pub use error::{DialError, NetError, StoreError};
 pub use mailbox::{RELAY_DB, RelayStore, RelayStoreError, StoredMail};
 pub use net::{
     FrameCodec, Framed, Inbound, MailCodec, NetClient, NetConfig, PeerInfo, PeerRefusal,
-    REDIAL_EVERY, Refused, RelayStatus, SyncCodec, SyncResult, Undecodable, WireStats,
+    REDIAL_EVERY, Refused, RelayStatus, SyncBatchCodec, SyncCodec, SyncResult, Undecodable,
+    WireStats,
 };
 pub use node::{NODE_FILE, Node, NodeConfig, NodeError, NodeFile, NodeHandle, TOKEN_FILE, now};
 pub use store::{

@@ -26,7 +26,8 @@ use rapport_protocol::mail::{
 use rapport_protocol::replica::{self, CheckedRequest};
 use rapport_protocol::session::{self, End, Ending, Sessions, Start, Step, Ticket};
 use rapport_protocol::wire::{
-    DocRef, MAX_WIRE_MESSAGE, RefusalCode, SYNC_PROTOCOL, SyncRequest, SyncResponse, WireError,
+    CHUNK_BYTES, DocRef, MAX_BATCH_ROUNDS, MAX_WIRE_MESSAGE, RefusalCode, SYNC_BATCH_PROTOCOL,
+    SYNC_PROTOCOL, SyncBatch, SyncBatchResponse, SyncRequest, SyncResponse, WireError,
 };
 use rapport_protocol::{IdentityKey, SecretKey};
 use serde::{Deserialize, Serialize};
@@ -80,9 +81,9 @@ pub(crate) const CHECK_BATCH_CHANGES: usize = 512;
 /// Peers whose undecodable requests are counted at once; past it, the counts of peers no
 /// longer connected are dropped.
 const MAX_TRACKED_PEERS: usize = 4096;
-/// Streams one connection may have open at once for the sync protocol, both ways: an
-/// honest peer runs at most [`MAX_SESSIONS_PER_PEER`] sessions, one request each, and we
-/// run as many with it. Each inbound stream may buffer up to [`MAX_WIRE_MESSAGE`] of bytes
+/// Streams one connection may have open at once for the sync protocols, both ways, half
+/// for each version: an honest peer runs at most [`MAX_SESSIONS_PER_PEER`] sessions, at
+/// most one request each, and we run as many with it. Each inbound stream may buffer up to [`MAX_WIRE_MESSAGE`] of bytes
 /// that actually arrived, so this bounds what one connection can make the node hold.
 pub(crate) const MAX_STREAMS_PER_CONNECTION: usize = 2 * MAX_SESSIONS_PER_PEER;
 /// Incoming connections still in their handshake, at once (each holds a socket).
@@ -139,7 +140,14 @@ macro_rules! framed {
         }
     )*};
 }
-framed!(SyncRequest, SyncResponse, MailRequest, MailResponse);
+framed!(
+    SyncRequest,
+    SyncResponse,
+    SyncBatch,
+    SyncBatchResponse,
+    MailRequest,
+    MailResponse
+);
 
 /// A request the codec could not decode: bytes that are not a message of the protocol, or
 /// a frame announced over [`MAX_WIRE_MESSAGE`]. The codec hands it on as a request (rather
@@ -177,6 +185,18 @@ impl<Req, Resp> FrameCodec<Req, Resp> {
     }
 }
 
+impl<Req, Resp> FrameCodec<Req, Resp> {
+    /// A codec for other messages that counts its bytes in the same stats and reads its
+    /// frames within the same [`MAX_FRAME_BYTES_IN_FLIGHT`].
+    pub fn sharing<R, S>(&self) -> FrameCodec<R, S> {
+        FrameCodec {
+            stats: self.stats.clone(),
+            in_flight: self.in_flight.clone(),
+            kinds: std::marker::PhantomData,
+        }
+    }
+}
+
 impl<Req, Resp> Clone for FrameCodec<Req, Resp> {
     fn clone(&self) -> Self {
         Self {
@@ -193,8 +213,11 @@ impl<Req, Resp> Default for FrameCodec<Req, Resp> {
     }
 }
 
-/// The sync protocol's codec (`/rapport/sync/2`).
+/// The sync protocol's codec (`/rapport/sync/2`: one round per message).
 pub type SyncCodec = FrameCodec<SyncRequest, SyncResponse>;
+/// The batched sync protocol's codec (`/rapport/sync/3`: the rounds of several documents
+/// per message).
+pub type SyncBatchCodec = FrameCodec<SyncBatch, SyncBatchResponse>;
 /// The mailbox protocol's codec (`/rapport/mailbox/1`).
 pub type MailCodec = FrameCodec<MailRequest, MailResponse>;
 
@@ -398,7 +421,10 @@ struct Behaviour {
     ping: ping::Behaviour,
     kad: kad::Behaviour<MemoryStore>,
     mdns: Toggle<mdns::tokio::Behaviour>,
+    /// Version 2, one round per message: answered, for the nodes of earlier releases.
     sync: request_response::Behaviour<SyncCodec>,
+    /// Version 3, several documents' rounds per message: what this node sends.
+    sync_batch: request_response::Behaviour<SyncBatchCodec>,
     relay_client: relay::client::Behaviour,
     dcutr: dcutr::Behaviour,
     rendezvous: rendezvous::client::Behaviour,
@@ -458,6 +484,12 @@ pub struct PeerInfo {
     pub rtt_ms: Option<u64>,
 }
 
+/// A round built: the request and the hashes of the changes it carries.
+type Built = (SyncRequest, Vec<ChangeHash>);
+/// A round of a batch under way: its document, the hashes of the changes it carried, and
+/// its ticket.
+type Sent = (DocRef, Vec<ChangeHash>, Ticket);
+
 /// A session waiting for a free slot: the document and who wants to hear how it ended.
 /// A sync waiting for a connection: the document and who wants to hear how it ended.
 type Waiting = (DocRef, Option<oneshot::Sender<SyncResult>>);
@@ -488,23 +520,24 @@ enum Command {
 
 #[allow(clippy::large_enum_variant)]
 enum Internal {
+    /// Rounds built for one peer, to go in one batch.
     Send {
         peer: PeerId,
-        ticket: Ticket,
-        /// The request and the hashes of the changes it carries; none when this node does
-        /// not share the document with the peer now.
-        req: Option<(SyncRequest, Vec<ChangeHash>)>,
+        /// Each round: its ticket, the request and the hashes of the changes it carries;
+        /// no request when this node does not share the document with the peer now.
+        rounds: Vec<(Ticket, Option<Built>)>,
     },
+    /// The answers to a peer's request (one round, or a batch's rounds in order).
     Respond {
         peer: PeerId,
-        channel: ResponseChannel<SyncResponse>,
-        resp: SyncResponse,
+        reply: Reply,
+        resps: Vec<SyncResponse>,
         disconnect: bool,
     },
-    RoundDone {
+    /// The answers to one batch of ours, taken.
+    RoundsDone {
         peer: PeerId,
-        ticket: Ticket,
-        outcome: Result<RoundOutcome, String>,
+        rounds: Vec<(Ticket, Result<RoundOutcome, String>)>,
     },
     Pushes(Vec<Push>),
     /// The redial sweep's next counterparts, and the last of them when more follow.
@@ -531,23 +564,39 @@ enum Internal {
         report: MailReport,
     },
     /// Peers' requests checked ahead ([`Loop::check_next`]), in the order they arrived.
-    Checked(Vec<(Requester, CheckedRequest)>),
+    Checked(Vec<(Requester, Vec<CheckedRequest>)>),
 }
 
 /// Who sent a sync request, and where its answer goes.
 struct Requester {
     peer: PeerId,
     id: IdentityKey,
-    channel: ResponseChannel<SyncResponse>,
+    reply: Reply,
+}
+
+/// Where the answer to a peer's request goes: a round of version 2, or a batch.
+enum Reply {
+    One(ResponseChannel<SyncResponse>),
+    Batch(ResponseChannel<SyncBatchResponse>),
 }
 
 impl Internal {
-    /// The end of a round the engine could not run (its store cannot be used now).
-    fn unavailable(peer: PeerId, ticket: Ticket) -> Internal {
-        Internal::RoundDone {
+    /// The end of rounds the engine could not run (its store cannot be used now).
+    fn unavailable(peer: PeerId, tickets: &[Ticket]) -> Internal {
+        Internal::RoundsDone {
             peer,
-            ticket,
-            outcome: Err("this node's store cannot be used now".into()),
+            rounds: tickets
+                .iter()
+                .map(|t| (*t, Err("this node's store cannot be used now".into())))
+                .collect(),
+        }
+    }
+
+    /// Every round of `rounds` ended with `err`.
+    fn all_failed(peer: PeerId, tickets: impl IntoIterator<Item = Ticket>, err: &str) -> Self {
+        Internal::RoundsDone {
+            peer,
+            rounds: tickets.into_iter().map(|t| (t, Err(err.into()))).collect(),
         }
     }
 
@@ -556,18 +605,18 @@ impl Internal {
     fn failed(self, err: &EngineError) -> Option<Internal> {
         match self {
             // Built from memory the engine has since reloaded: end the session instead.
-            Internal::Send { peer, ticket, .. } => Some(Internal::RoundDone {
+            Internal::Send { peer, rounds } => Some(Internal::all_failed(
                 peer,
-                ticket,
-                outcome: Err(err.to_string()),
-            }),
+                rounds.into_iter().map(|(t, _)| t),
+                &err.to_string(),
+            )),
             // The peer's request fails on its side; it asks again.
             Internal::Respond { .. } => None,
-            Internal::RoundDone { peer, ticket, .. } => Some(Internal::RoundDone {
+            Internal::RoundsDone { peer, rounds } => Some(Internal::all_failed(
                 peer,
-                ticket,
-                outcome: Err(err.to_string()),
-            }),
+                rounds.into_iter().map(|(t, _)| t),
+                &err.to_string(),
+            )),
             Internal::Pushes(p) => Some(Internal::Pushes(p)),
             // Nothing written: the sweep goes on.
             m @ (Internal::SweepPeers { .. } | Internal::SweepPushes { .. }) => Some(m),
@@ -791,12 +840,17 @@ struct Loop {
     sessions: LoopSessions,
     /// Peers' sync requests waiting to be checked ahead, in the order they arrived (see
     /// [`Loop::check_next`]); counted with `deferred` against [`MAX_DEFERRED`].
-    to_check: VecDeque<(Requester, SyncRequest)>,
+    to_check: VecDeque<(Requester, Vec<SyncRequest>)>,
     /// A batch of requests is being checked on a blocking thread.
     checking: bool,
     /// The peers the node shares a document with: only their requests are checked ahead.
     sharing: Arc<std::sync::RwLock<HashSet<IdentityKey>>>,
-    requests: HashMap<OutboundRequestId, (PeerId, DocRef, Vec<ChangeHash>, Ticket)>,
+    /// Batches of ours under way: each round's document, the changes it carried, and its
+    /// ticket.
+    requests: HashMap<OutboundRequestId, (PeerId, Vec<Sent>)>,
+    /// Rounds to build, gathered while the loop handles one event and built together
+    /// after it, a batch per peer ([`Loop::flush_rounds`]).
+    starts: Vec<Start<PeerId, DocRef>>,
     /// Syncs waiting for a connection to the peer.
     waiting: HashMap<PeerId, Vec<Waiting>>,
     dials: HashMap<PeerId, Vec<(Multiaddr, DialReply)>>,
@@ -969,12 +1023,22 @@ pub(crate) fn start(
                 ping: ping::Behaviour::new(ping::Config::new()),
                 kad,
                 mdns: Toggle::from(mdns),
-                sync: request_response::Behaviour::with_codec(
-                    codec,
-                    [(StreamProtocol::new(SYNC_PROTOCOL), ProtocolSupport::Full)],
+                sync_batch: request_response::Behaviour::with_codec(
+                    codec.sharing(),
+                    [(
+                        StreamProtocol::new(SYNC_BATCH_PROTOCOL),
+                        ProtocolSupport::Full,
+                    )],
                     request_response::Config::default()
                         .with_request_timeout(REQUEST_TIMEOUT)
-                        .with_max_concurrent_streams(MAX_STREAMS_PER_CONNECTION),
+                        .with_max_concurrent_streams(MAX_STREAMS_PER_CONNECTION / 2),
+                ),
+                sync: request_response::Behaviour::with_codec(
+                    codec,
+                    [(StreamProtocol::new(SYNC_PROTOCOL), ProtocolSupport::Inbound)],
+                    request_response::Config::default()
+                        .with_request_timeout(REQUEST_TIMEOUT)
+                        .with_max_concurrent_streams(MAX_STREAMS_PER_CONNECTION / 2),
                 ),
                 relay_client,
                 dcutr: dcutr::Behaviour::new(peer_id),
@@ -1055,6 +1119,7 @@ pub(crate) fn start(
         checking: false,
         sharing: startup.sharing.clone(),
         requests: HashMap::new(),
+        starts: Vec::new(),
         waiting: HashMap::new(),
         dials: HashMap::new(),
         addr_dials: Vec::new(),
@@ -1109,6 +1174,7 @@ impl Loop {
                 event = self.swarm.select_next_some() => self.swarm_event(event),
                 _ = redial.tick() => self.redial(),
             }
+            self.flush_rounds();
         }
     }
 
@@ -1194,22 +1260,33 @@ impl Loop {
         }
         let mut batch = Vec::new();
         let mut changes = 0;
-        while let Some((_, req)) = self.to_check.front() {
-            if !batch.is_empty() && changes + req.changes.len() > CHECK_BATCH_CHANGES {
+        while let Some((_, reqs)) = self.to_check.front() {
+            let n: usize = reqs.iter().map(|r| r.changes.len()).sum();
+            if !batch.is_empty() && changes + n > CHECK_BATCH_CHANGES {
                 break;
             }
-            changes += req.changes.len();
+            changes += n;
             batch.extend(self.to_check.pop_front());
         }
         self.checking = true;
         let tx = self.internal_tx.clone();
         tokio::task::spawn_blocking(move || {
-            let (who, reqs): (Vec<Requester>, Vec<SyncRequest>) = batch.into_iter().unzip();
+            let mut who = Vec::with_capacity(batch.len());
+            let mut reqs = Vec::new();
+            for (w, r) in batch {
+                who.push((w, r.len()));
+                reqs.extend(r);
+            }
             // Nothing here is expected to panic (decoding contains Automerge's panics); if
             // it did, the requests are dropped (they fail on the peers' side, which try
             // again) and checking goes on.
             let checked = std::panic::catch_unwind(|| replica::check_requests(reqs))
-                .map(|c| who.into_iter().zip(c).collect())
+                .map(|c| {
+                    let mut c = c.into_iter();
+                    who.into_iter()
+                        .map(|(w, n)| (w, c.by_ref().take(n).collect()))
+                        .collect()
+                })
                 .unwrap_or_default();
             let _ = tx.blocking_send(Internal::Checked(checked));
         });
@@ -1303,25 +1380,69 @@ impl Loop {
         }
     }
 
+    /// Gathers a round to build: the rounds gathered while the loop handles one event are
+    /// built together after it ([`Loop::flush_rounds`]).
     fn next_round(&mut self, start: Start<PeerId, DocRef>) {
-        let Start { peer, doc, ticket } = start;
-        let Some(id) = identity_of(&peer) else {
-            if let Some(e) = self
-                .sessions
-                .failed(ticket, "not a Rapport identity".into())
-            {
-                self.end(e);
+        self.starts.push(start);
+    }
+
+    /// Builds the rounds gathered, in one engine job per peer and batch of at most
+    /// [`MAX_BATCH_ROUNDS`]; each batch goes to the peer as one message
+    /// ([`Internal::Send`]).
+    fn flush_rounds(&mut self) {
+        // Ending a session below can start the next one: those are built in the next pass.
+        while !self.starts.is_empty() {
+            let mut order = Vec::new();
+            let mut by_peer: HashMap<PeerId, Vec<Start<PeerId, DocRef>>> = HashMap::new();
+            for start in std::mem::take(&mut self.starts) {
+                by_peer
+                    .entry(start.peer)
+                    .or_insert_with(|| {
+                        order.push(start.peer);
+                        Vec::new()
+                    })
+                    .push(start);
             }
-            return;
-        };
-        let unavailable = Internal::unavailable(peer, ticket);
+            for peer in order {
+                let starts = by_peer.remove(&peer).unwrap_or_default();
+                let Some(id) = identity_of(&peer) else {
+                    for start in starts {
+                        if let Some(e) = self
+                            .sessions
+                            .failed(start.ticket, "not a Rapport identity".into())
+                        {
+                            self.end(e);
+                        }
+                    }
+                    continue;
+                };
+                let mut starts = starts.into_iter().peekable();
+                while starts.peek().is_some() {
+                    let batch: Vec<_> = starts.by_ref().take(MAX_BATCH_ROUNDS).collect();
+                    self.build_rounds(peer, id, batch);
+                }
+            }
+        }
+    }
+
+    /// One engine job that builds `batch`'s rounds with `peer` ([`Internal::Send`]).
+    fn build_rounds(&mut self, peer: PeerId, id: IdentityKey, batch: Vec<Start<PeerId, DocRef>>) {
+        let tickets: Vec<Ticket> = batch.iter().map(|s| s.ticket).collect();
+        let unavailable = Internal::unavailable(peer, &tickets);
         self.with_engine_or(
             move |e, out| {
-                let req = e.round_request(&id, &doc, e.now()).unwrap_or_else(|err| {
-                    tracing::warn!("cannot start a sync round: {err}");
-                    None
-                });
-                out.push(Internal::Send { peer, ticket, req });
+                let now = e.now();
+                let rounds = batch
+                    .into_iter()
+                    .map(|Start { doc, ticket, .. }| {
+                        let req = e.round_request(&id, &doc, now).unwrap_or_else(|err| {
+                            tracing::warn!("cannot start a sync round: {err}");
+                            None
+                        });
+                        (ticket, req)
+                    })
+                    .collect();
+                out.push(Internal::Send { peer, rounds });
             },
             Some(unavailable),
         );
@@ -1364,26 +1485,48 @@ impl Loop {
     }
 
     /// Hands checked requests to the engine, in order, and checks the next ones.
-    fn checked(&mut self, checked: Vec<(Requester, CheckedRequest)>) {
+    fn checked(&mut self, checked: Vec<(Requester, Vec<CheckedRequest>)>) {
         self.checking = false;
-        for (who, request) in checked {
-            self.checked_one(who, request);
+        for (who, requests) in checked {
+            self.checked_one(who, requests);
         }
         self.check_next();
     }
 
-    /// Hands one request to the engine.
-    fn checked_one(&mut self, who: Requester, request: CheckedRequest) {
-        let Requester { peer, id, channel } = who;
+    /// Hands one request (a round, or a batch's rounds) to the engine, which answers each
+    /// round in order.
+    fn checked_one(&mut self, who: Requester, requests: Vec<CheckedRequest>) {
+        let Requester { peer, id, reply } = who;
         self.with_engine(move |e, out| {
-            let (resp, pushes, disconnect) = e.handle_request(&id, request, e.now());
-            if !pushes.is_empty() {
-                out.push(Internal::Pushes(pushes));
+            let now = e.now();
+            let rounds = requests.len();
+            let mut resps = Vec::with_capacity(rounds);
+            let mut all_pushes = Vec::new();
+            let mut disconnect = false;
+            for request in requests {
+                if disconnect {
+                    // Past the limit: the rest of the batch is not looked at.
+                    resps.push(SyncResponse::Refused {
+                        code: RefusalCode::RateLimited,
+                        detail: "too many refused changes: disconnected".into(),
+                    });
+                    continue;
+                }
+                let (resp, pushes, bad) = match reply {
+                    Reply::One(_) => e.handle_request(&id, request, now),
+                    Reply::Batch(_) => e.handle_batch_round(&id, request, now, rounds),
+                };
+                resps.push(resp);
+                all_pushes.extend(pushes);
+                disconnect |= bad;
+            }
+            if !all_pushes.is_empty() {
+                out.push(Internal::Pushes(all_pushes));
             }
             out.push(Internal::Respond {
                 peer,
-                channel,
-                resp,
+                reply,
+                resps,
                 disconnect,
             });
         });
@@ -1392,64 +1535,55 @@ impl Loop {
     fn internal(&mut self, msg: Internal) {
         match msg {
             Internal::Checked(checked) => self.checked(checked),
-            Internal::Send { peer, ticket, req } => {
-                let Some((req, sent)) = req else {
-                    if let Some(e) = self.sessions.built(ticket, false) {
-                        self.end(e);
-                    }
-                    return;
-                };
-                if !self.sessions.is_current(ticket) {
-                    // The session ended meanwhile (its peer went away): nothing to send.
-                    return;
-                }
-                if !self.swarm.is_connected(&peer) {
-                    if let Some(e) = self.sessions.failed(ticket, "the peer disconnected".into()) {
-                        self.end(e);
-                    }
-                    return;
-                }
-                let doc = req.doc;
-                let id = self.swarm.behaviour_mut().sync.send_request(&peer, Ok(req));
-                self.requests.insert(id, (peer, doc, sent, ticket));
-            }
+            Internal::Send { peer, rounds } => self.send_rounds(peer, rounds),
             Internal::Respond {
                 peer,
-                channel,
-                resp,
+                reply,
+                resps,
                 disconnect,
             } => {
-                if self
-                    .swarm
-                    .behaviour_mut()
-                    .sync
-                    .send_response(channel, resp)
-                    .is_err()
-                {
+                let sent = match reply {
+                    Reply::One(channel) => {
+                        let resp = resps.into_iter().next().unwrap_or(SyncResponse::Refused {
+                            code: RefusalCode::Unavailable,
+                            detail: "no answer".into(),
+                        });
+                        self.swarm
+                            .behaviour_mut()
+                            .sync
+                            .send_response(channel, resp)
+                            .is_ok()
+                    }
+                    Reply::Batch(channel) => self
+                        .swarm
+                        .behaviour_mut()
+                        .sync_batch
+                        .send_response(channel, SyncBatchResponse::Rounds(resps))
+                        .is_ok(),
+                };
+                if !sent {
                     tracing::debug!(%peer, "could not answer: the request was dropped");
                 }
                 if disconnect {
                     self.ban(peer);
                 }
             }
-            Internal::RoundDone {
-                peer,
-                ticket,
-                outcome,
-            } => {
-                let round = match outcome {
-                    Ok(o) => {
-                        if o.disconnect {
-                            self.ban(peer);
+            Internal::RoundsDone { peer, rounds } => {
+                for (ticket, outcome) in rounds {
+                    let round = match outcome {
+                        Ok(o) => {
+                            if o.disconnect {
+                                self.ban(peer);
+                            }
+                            Ok(o)
                         }
-                        Ok(o)
+                        Err(e) => Err(format!("sync failed here: {e}")),
+                    };
+                    match self.sessions.answered(ticket, round) {
+                        Step::Round(start) => self.next_round(start),
+                        Step::End(e) => self.end(e),
+                        Step::Stale => {}
                     }
-                    Err(e) => Err(format!("sync failed here: {e}")),
-                };
-                match self.sessions.answered(ticket, round) {
-                    Step::Round(start) => self.next_round(start),
-                    Step::End(e) => self.end(e),
-                    Step::Stale => {}
                 }
             }
             Internal::Pushes(pushes) => {
@@ -1506,6 +1640,63 @@ impl Loop {
                 self.fetch_mail(last);
             }
         }
+    }
+
+    /// Sends the rounds built for `peer`: those still current, as batches of at most
+    /// [`CHUNK_BYTES`] of rounds (a larger round goes alone).
+    fn send_rounds(&mut self, peer: PeerId, rounds: Vec<(Ticket, Option<Built>)>) {
+        let mut ready = Vec::new();
+        for (ticket, req) in rounds {
+            match req {
+                None => {
+                    if let Some(e) = self.sessions.built(ticket, false) {
+                        self.end(e);
+                    }
+                }
+                // The session ended meanwhile (its peer went away): nothing to send.
+                Some(_) if !self.sessions.is_current(ticket) => {}
+                Some((req, sent)) => ready.push((req, sent, ticket)),
+            }
+        }
+        if ready.is_empty() {
+            return;
+        }
+        if !self.swarm.is_connected(&peer) {
+            for (_, _, ticket) in ready {
+                if let Some(e) = self.sessions.failed(ticket, "the peer disconnected".into()) {
+                    self.end(e);
+                }
+            }
+            return;
+        }
+        let mut batch = Vec::new();
+        let mut size = 0;
+        for round in ready {
+            let len = round.0.encoded_body_len();
+            if !batch.is_empty() && size + len > CHUNK_BYTES {
+                self.send_batch(peer, std::mem::take(&mut batch));
+                size = 0;
+            }
+            size += len;
+            batch.push(round);
+        }
+        self.send_batch(peer, batch);
+    }
+
+    /// Sends one batch of rounds to `peer`.
+    fn send_batch(&mut self, peer: PeerId, batch: Vec<(SyncRequest, Vec<ChangeHash>, Ticket)>) {
+        let mut rounds = Vec::with_capacity(batch.len());
+        let mut meta = Vec::with_capacity(batch.len());
+        for (req, sent, ticket) in batch {
+            meta.push((req.doc, sent, ticket));
+            rounds.push(req);
+        }
+        let id = self
+            .swarm
+            .behaviour_mut()
+            .sync_batch
+            .send_request(&peer, Ok(SyncBatch { rounds }));
+        self.requests.insert(id, (peer, meta));
     }
 
     /// Dials a peer that syncs wait for; if it has no address at all, tells them so.
@@ -2240,6 +2431,7 @@ impl Loop {
                 self.lookups.remove(&id);
             }
             SwarmEvent::Behaviour(BehaviourEvent::Sync(ev)) => self.sync_event(ev),
+            SwarmEvent::Behaviour(BehaviourEvent::SyncBatch(ev)) => self.sync_batch_event(ev),
             SwarmEvent::Behaviour(BehaviourEvent::Mailbox(ev)) => self.mail_event(ev),
             SwarmEvent::Behaviour(BehaviourEvent::RelayClient(ev)) => {
                 if let relay::client::Event::ReservationReqAccepted { relay_peer_id, .. } = &ev
@@ -2261,6 +2453,8 @@ impl Loop {
         }
     }
 
+    /// Events of version 2 of the sync protocol, which this node answers (for the nodes of
+    /// earlier releases) but no longer sends.
     fn sync_event(&mut self, ev: request_response::Event<Inbound<SyncRequest>, SyncResponse>) {
         match ev {
             request_response::Event::Message {
@@ -2270,85 +2464,10 @@ impl Loop {
                         request, channel, ..
                     },
                 ..
-            } => {
-                let request = match request {
-                    Ok(r) => r,
-                    Err(bad) => return self.bad_request(peer, channel, &bad),
-                };
-                let Some(id) = identity_of(&peer) else {
-                    return;
-                };
-                if self.overloaded() {
-                    // Dropping the channel fails the request on the peer's side; it tries
-                    // again later.
-                    tracing::debug!(%peer, "the engine is behind: a sync request is turned away");
-                    return;
-                }
-                // Only a peer the node shares a document with has its request checked
-                // ahead: a stranger's goes to the engine as it is, which refuses it before
-                // decoding any of its changes (checking it ahead would spend on it what an
-                // accepted request costs, and hold up the requests behind it).
-                let shares = self
-                    .sharing
-                    .read()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .contains(&id);
-                if shares {
-                    self.stats.checked_ahead.fetch_add(1, Ordering::Relaxed);
-                    self.to_check
-                        .push_back((Requester { peer, id, channel }, request));
-                    self.check_next();
-                } else {
-                    self.checked_one(Requester { peer, id, channel }, request.into());
-                }
-            }
-            request_response::Event::Message {
-                peer,
-                message:
-                    request_response::Message::Response {
-                        request_id,
-                        response,
-                    },
-                ..
-            } => {
-                let Some((p, doc, sent, ticket)) = self.requests.remove(&request_id) else {
-                    return;
-                };
-                debug_assert_eq!(p, peer);
-                let Some(id) = identity_of(&peer) else {
-                    return;
-                };
-                let unavailable = Internal::unavailable(peer, ticket);
-                self.with_engine_or(
-                    move |e, out| {
-                        let result = e.handle_response(&id, &doc, &sent, response, e.now());
-                        let outcome = match result {
-                            Ok((o, pushes)) => {
-                                out.push(Internal::Pushes(pushes));
-                                Ok(o)
-                            }
-                            Err(err) => Err(err.to_string()),
-                        };
-                        out.push(Internal::RoundDone {
-                            peer,
-                            ticket,
-                            outcome,
-                        });
-                    },
-                    Some(unavailable),
-                );
-            }
-            request_response::Event::OutboundFailure {
-                request_id, error, ..
-            } => {
-                if let Some((_, _, _, ticket)) = self.requests.remove(&request_id)
-                    && let Some(e) = self
-                        .sessions
-                        .failed(ticket, format!("sync request failed: {error}"))
-                {
-                    self.end(e);
-                }
-            }
+            } => match request {
+                Ok(r) => self.inbound(peer, Reply::One(channel), vec![r]),
+                Err(bad) => self.bad_request(peer, Reply::One(channel), &bad),
+            },
             request_response::Event::InboundFailure { peer, error, .. } => {
                 // A stream that failed or timed out (a peer going away looks the same);
                 // undecodable requests arrive as requests and are counted there.
@@ -2358,22 +2477,151 @@ impl Loop {
         }
     }
 
+    fn sync_batch_event(
+        &mut self,
+        ev: request_response::Event<Inbound<SyncBatch>, SyncBatchResponse>,
+    ) {
+        match ev {
+            request_response::Event::Message {
+                peer,
+                message:
+                    request_response::Message::Request {
+                        request, channel, ..
+                    },
+                ..
+            } => match request {
+                Ok(b) => self.inbound(peer, Reply::Batch(channel), b.rounds),
+                Err(bad) => self.bad_request(peer, Reply::Batch(channel), &bad),
+            },
+            request_response::Event::Message {
+                peer,
+                message:
+                    request_response::Message::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } => {
+                let Some((p, meta)) = self.requests.remove(&request_id) else {
+                    return;
+                };
+                debug_assert_eq!(p, peer);
+                let tickets: Vec<Ticket> = meta.iter().map(|(_, _, t)| *t).collect();
+                let resps = match response {
+                    SyncBatchResponse::Rounds(r) if r.len() == meta.len() => r,
+                    SyncBatchResponse::Rounds(r) => {
+                        let why = format!(
+                            "the peer answered {} rounds to a batch of {}",
+                            r.len(),
+                            meta.len()
+                        );
+                        return self.internal(Internal::all_failed(peer, tickets, &why));
+                    }
+                    SyncBatchResponse::Refused { code, detail } => meta
+                        .iter()
+                        .map(|_| SyncResponse::Refused {
+                            code,
+                            detail: detail.clone(),
+                        })
+                        .collect(),
+                };
+                let Some(id) = identity_of(&peer) else {
+                    return;
+                };
+                let unavailable = Internal::unavailable(peer, &tickets);
+                self.with_engine_or(
+                    move |e, out| {
+                        let now = e.now();
+                        let mut all_pushes = Vec::new();
+                        let rounds = meta
+                            .into_iter()
+                            .zip(resps)
+                            .map(|((doc, sent, ticket), resp)| {
+                                let outcome = match e.handle_response(&id, &doc, &sent, resp, now) {
+                                    Ok((o, pushes)) => {
+                                        all_pushes.extend(pushes);
+                                        Ok(o)
+                                    }
+                                    Err(err) => Err(err.to_string()),
+                                };
+                                (ticket, outcome)
+                            })
+                            .collect();
+                        if !all_pushes.is_empty() {
+                            out.push(Internal::Pushes(all_pushes));
+                        }
+                        out.push(Internal::RoundsDone { peer, rounds });
+                    },
+                    Some(unavailable),
+                );
+            }
+            request_response::Event::OutboundFailure {
+                request_id, error, ..
+            } => {
+                if let Some((peer, meta)) = self.requests.remove(&request_id) {
+                    let why = format!("sync request failed: {error}");
+                    self.internal(Internal::all_failed(
+                        peer,
+                        meta.into_iter().map(|(_, _, t)| t),
+                        &why,
+                    ));
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, "inbound sync failed: {error}");
+            }
+            _ => {}
+        }
+    }
+
+    /// A peer's request (a round, or a batch's rounds): checked ahead, then answered by
+    /// the engine.
+    fn inbound(&mut self, peer: PeerId, reply: Reply, rounds: Vec<SyncRequest>) {
+        let Some(id) = identity_of(&peer) else {
+            return;
+        };
+        if self.overloaded() {
+            // Dropping the channel fails the request on the peer's side; it tries again
+            // later.
+            tracing::debug!(%peer, "the engine is behind: a sync request is turned away");
+            return;
+        }
+        // Only a peer the node shares a document with has its request checked ahead: a
+        // stranger's goes to the engine as it is, which refuses it before decoding any of
+        // its changes (checking it ahead would spend on it what an accepted request costs,
+        // and hold up the requests behind it).
+        let shares = self
+            .sharing
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(&id);
+        let who = Requester { peer, id, reply };
+        if shares {
+            self.stats.checked_ahead.fetch_add(1, Ordering::Relaxed);
+            self.to_check.push_back((who, rounds));
+            self.check_next();
+        } else {
+            self.checked_one(who, rounds.into_iter().map(Into::into).collect());
+        }
+    }
+
     /// Answers a request the codec could not decode, counts it against the peer and
     /// disconnects (bans) a peer past [`MAX_BAD_REQUESTS`].
-    fn bad_request(
-        &mut self,
-        peer: PeerId,
-        channel: ResponseChannel<SyncResponse>,
-        bad: &Undecodable,
-    ) {
+    fn bad_request(&mut self, peer: PeerId, reply: Reply, bad: &Undecodable) {
         tracing::debug!(%peer, "{bad}");
-        let _ = self.swarm.behaviour_mut().sync.send_response(
-            channel,
-            SyncResponse::Refused {
-                code: RefusalCode::BadRequest,
-                detail: format!("{bad}; nothing was applied"),
-            },
-        );
+        let code = RefusalCode::BadRequest;
+        let detail = format!("{bad}; nothing was applied");
+        let b = self.swarm.behaviour_mut();
+        let _ = match reply {
+            Reply::One(channel) => b
+                .sync
+                .send_response(channel, SyncResponse::Refused { code, detail })
+                .is_ok(),
+            Reply::Batch(channel) => b
+                .sync_batch
+                .send_response(channel, SyncBatchResponse::Refused { code, detail })
+                .is_ok(),
+        };
         // Strangers come with fresh identities: forget the counts of peers that left
         // rather than keep one for each.
         if self.bad_requests.len() >= MAX_TRACKED_PEERS {

@@ -267,6 +267,19 @@ impl Engine {
         replica::handle_request(self, peer, req, now)
     }
 
+    /// [`Engine::handle_request`] for one round of a batch of `rounds`: its answer carries
+    /// at most its share of a message ([`rapport_protocol::wire::batch_answer_bytes`]).
+    pub fn handle_batch_round(
+        &mut self,
+        peer: &IdentityKey,
+        req: impl Into<CheckedRequest>,
+        now: UnixSeconds,
+        rounds: usize,
+    ) -> (SyncResponse, Vec<Push>, bool) {
+        let limit = rapport_protocol::wire::batch_answer_bytes(rounds);
+        replica::handle_request_within(self, peer, req, now, limit)
+    }
+
     /// Takes the peer's answer to a request of ours ([`replica::handle_response`]).
     /// `sent` lists the changes the request carried.
     pub fn handle_response(

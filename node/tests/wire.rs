@@ -13,11 +13,12 @@ use futures::StreamExt;
 use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, StreamProtocol, noise, tcp, yamux};
-use rapport_node::{Node, NodeConfig, SyncCodec};
+use rapport_node::{FrameCodec, Framed, Node, NodeConfig, SyncResult};
 use rapport_protocol::wire::{
-    DocRef, RefusalCode, RefusalKind, SYNC_PROTOCOL, SyncRequest, SyncResponse,
+    DocRef, MAX_BATCH_ROUNDS, RefusalCode, RefusalKind, SYNC_BATCH_PROTOCOL, SYNC_PROTOCOL,
+    SyncBatch, SyncBatchResponse, SyncRequest, SyncResponse,
 };
-use rapport_protocol::{DocId, Kind, SignedChange};
+use rapport_protocol::{DocId, Kind, RelHeader, SecretKey, SignedChange};
 
 /// How long the test waits for the node's answers at most.
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -152,13 +153,211 @@ async fn a_forged_copy_and_a_replay_sent_over_the_wire_are_refused() {
     node.shutdown().await;
 }
 
-/// Dials `addr` with the identity of `seed`, sends `requests` at once (so the node may
-/// check them in one batch) and returns the answers, in order.
-async fn exchange(
-    addr: Multiaddr,
-    seed: [u8; 32],
-    requests: Vec<SyncRequest>,
-) -> Vec<SyncResponse> {
+/// Alice's relationships with Acme, Acme's honest message in the first, and the attack of
+/// [`a_forged_copy_and_a_replay_sent_over_the_wire_are_refused`]: that message twice (the
+/// first copy forged) and replayed into the second relationship.
+struct Attack {
+    alice: Side,
+    acme: Side,
+    rel: DocId,
+    other: DocId,
+    honest: SignedChange,
+    requests: [SyncRequest; 2],
+}
+
+fn attack(now: u64) -> Attack {
+    let mut alice = Side::new(Kind::Person, "Alice");
+    let mut acme = Side::new(Kind::Org, "Acme");
+    granted(&mut alice, &mut acme, now);
+    let (rel, doc) = open(&mut alice, &mut acme, "an order", now);
+    let (other, other_doc) = open(&mut alice, &mut acme, "another matter", now);
+    acme.engine
+        .send_message(
+            &rel.to_hex(),
+            "your order ships today".into(),
+            Some("support".into()),
+            None,
+            now,
+        )
+        .unwrap();
+    let honest_req = acme
+        .engine
+        .start_round(&alice.me(), &doc, now)
+        .unwrap()
+        .expect("Acme has a message to send");
+    let honest = SignedChange::decode(&honest_req.changes[0]).unwrap();
+    let mut forged = honest.encode();
+    forged[10] ^= 1;
+    let requests = [
+        SyncRequest {
+            doc,
+            heads: honest_req.heads.clone(),
+            changes: vec![forged, honest.encode()],
+        },
+        SyncRequest {
+            doc: other_doc,
+            heads: Vec::new(),
+            changes: vec![honest.encode()],
+        },
+    ];
+    Attack {
+        alice,
+        acme,
+        rel,
+        other,
+        honest,
+        requests,
+    }
+}
+
+/// The same attack in version 3, as one batch beside a round of a relationship Acme has no
+/// part in. Each round is answered on its own, in order, and checked ahead as single rounds
+/// are; the forged copy and the replay are refused, the round of the foreign relationship
+/// is refused whole, and the honest copy goes in. A batch of more rounds than the limit is
+/// refused whole as a bad request, and nothing of it is applied. A stranger's batch is not
+/// checked ahead, and each of its rounds is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_is_answered_round_by_round_and_checked_like_single_rounds() {
+    let now = rapport_node::now();
+    let Attack {
+        mut alice,
+        acme,
+        rel,
+        other,
+        honest,
+        requests,
+    } = attack(now);
+    let foreign = SyncRequest {
+        doc: DocRef::Relationship(RelHeader {
+            owner: SecretKey::from_seed([7; 32]).identity(),
+            nonce: [7; 16],
+        }),
+        heads: Vec::new(),
+        changes: Vec::new(),
+    };
+    let batch = SyncBatch {
+        rounds: vec![requests[0].clone(), requests[1].clone(), foreign],
+    };
+    let too_many = SyncBatch {
+        rounds: vec![requests[1].clone(); MAX_BATCH_ROUNDS + 1],
+    };
+
+    alice.engine.0 = None;
+    let node = Node::start(NodeConfig::loopback(alice.dir.path()))
+        .await
+        .unwrap();
+    let addr: Multiaddr = node.listening().await.into_iter().next().unwrap();
+    let seed = acme.engine.store().secret_key().unwrap().to_seed();
+    let answers = exchange_batches(addr.clone(), *seed, vec![batch, too_many]).await;
+    let handle = node.handle();
+    let stats = handle.net().stats();
+    assert_eq!(
+        stats.checked_ahead.load(Ordering::Relaxed),
+        1,
+        "a member's batch is checked ahead, a batch that does not decode is not"
+    );
+    let SyncBatchResponse::Rounds(rounds) = &answers[0] else {
+        panic!("the batch was refused whole: {:?}", answers[0]);
+    };
+    assert_eq!(rounds.len(), 3, "an answer per round");
+    for (what, answer) in ["the forged copy", "the replay"].iter().zip(rounds) {
+        let SyncResponse::Sync { refused, .. } = answer else {
+            panic!("a round was refused whole: {answer:?}");
+        };
+        let refused: Vec<_> = refused.iter().map(|(h, k, _)| (*h, *k)).collect();
+        assert_eq!(
+            refused,
+            [(honest.hash(), RefusalKind::Invalid)],
+            "{what} is refused"
+        );
+    }
+    assert!(
+        matches!(rounds[2], SyncResponse::Refused { .. }),
+        "the foreign relationship's round is refused: {:?}",
+        rounds[2]
+    );
+    assert!(
+        matches!(
+            answers[1],
+            SyncBatchResponse::Refused {
+                code: RefusalCode::BadRequest,
+                ..
+            }
+        ),
+        "{:?}",
+        answers[1]
+    );
+    let held = handle
+        .read(move |e| {
+            let copies = |id: &DocId| {
+                e.store()
+                    .changes(id)
+                    .unwrap()
+                    .iter()
+                    .filter(|c| c.hash() == honest.hash())
+                    .map(SignedChange::signature_bytes)
+                    .collect::<Vec<_>>()
+            };
+            (copies(&rel) == [honest.signature_bytes()], copies(&other))
+        })
+        .await;
+    assert!(held.0, "the honest copy, and only it, is stored");
+    assert!(
+        held.1.is_empty(),
+        "nothing went into the other relationship"
+    );
+
+    let answers = exchange_batches(
+        addr,
+        [42; 32],
+        vec![SyncBatch {
+            rounds: requests.to_vec(),
+        }],
+    )
+    .await;
+    let SyncBatchResponse::Rounds(rounds) = &answers[0] else {
+        panic!("{:?}", answers[0]);
+    };
+    assert!(
+        rounds.len() == 2
+            && rounds.iter().all(|r| matches!(
+                r,
+                SyncResponse::Refused {
+                    code: RefusalCode::Forbidden,
+                    ..
+                }
+            )),
+        "{rounds:?}"
+    );
+    assert_eq!(
+        stats.checked_ahead.load(Ordering::Relaxed),
+        1,
+        "a stranger's batch is not checked ahead"
+    );
+    node.shutdown().await;
+}
+
+/// A peer that answers Alice's batches with more answers than rounds, each carrying a
+/// change of its own that is otherwise fine: the answer cannot be matched to the rounds,
+/// so Alice's node takes nothing of it and the sessions end, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_that_do_not_match_the_batch_are_not_taken() {
+    let now = rapport_node::now();
+    let Attack {
+        mut alice,
+        acme,
+        rel,
+        honest,
+        requests,
+        ..
+    } = attack(now);
+    let doc = requests[0].doc;
+    alice.engine.0 = None;
+    let node = Node::start(NodeConfig::loopback(alice.dir.path()))
+        .await
+        .unwrap();
+    let addr: Multiaddr = node.listening().await.into_iter().next().unwrap();
+    let seed = *acme.engine.store().secret_key().unwrap().to_seed();
     let keypair = libp2p::identity::Keypair::ed25519_from_bytes(seed).unwrap();
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
@@ -170,8 +369,131 @@ async fn exchange(
         .unwrap()
         .with_behaviour(|_| {
             request_response::Behaviour::with_codec(
-                SyncCodec::default(),
-                [(StreamProtocol::new(SYNC_PROTOCOL), ProtocolSupport::Full)],
+                FrameCodec::<SyncBatch, SyncBatchResponse>::default(),
+                [(
+                    StreamProtocol::new(SYNC_BATCH_PROTOCOL),
+                    ProtocolSupport::Full,
+                )],
+                request_response::Config::default(),
+            )
+        })
+        .unwrap()
+        // Stay connected between requests, as a node does.
+        .with_swarm_config(|c| c.with_idle_connection_timeout(PATIENCE))
+        .build();
+    let handle = node.handle();
+    let mut events = handle.subscribe().await;
+    swarm.dial(addr).unwrap();
+    let lie = SyncResponse::Sync {
+        heads: vec![honest.hash()],
+        changes: vec![honest.encode()],
+        more: false,
+        refused: Vec::new(),
+    };
+    let liar = tokio::spawn(async move {
+        let mut answered = 0usize;
+        loop {
+            match swarm.select_next_some().await {
+                SwarmEvent::Behaviour(request_response::Event::Message {
+                    message:
+                        request_response::Message::Request {
+                            request: Ok(batch),
+                            channel,
+                            ..
+                        },
+                    ..
+                }) => {
+                    let _ = swarm.behaviour_mut().send_response(
+                        channel,
+                        SyncBatchResponse::Rounds(vec![lie.clone(); batch.rounds.len() + 1]),
+                    );
+                    answered += 1;
+                }
+                SwarmEvent::ConnectionClosed { .. } => return answered,
+                _ => {}
+            }
+        }
+    });
+    let liar_peer = libp2p::PeerId::from_public_key(
+        &libp2p::identity::Keypair::ed25519_from_bytes(seed)
+            .unwrap()
+            .public(),
+    )
+    .to_string();
+    tokio::time::timeout(PATIENCE, async {
+        loop {
+            if let Ok(rapport_node::Event::PeerConnected { peer }) = events.recv().await
+                && peer == liar_peer
+            {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the node sees the liar connect in time");
+    let result = handle.net().sync(acme.me(), doc, PATIENCE).await;
+    let SyncResult::Offline(why) = result else {
+        panic!("the session should have ended broken: {result:?}");
+    };
+    assert!(why.contains("rounds to a batch of"), "{why}");
+    let held = handle
+        .read(move |e| {
+            e.store()
+                .changes(&rel)
+                .unwrap()
+                .iter()
+                .any(|c| c.hash() == honest.hash())
+        })
+        .await;
+    assert!(!held, "nothing of the unmatched answer was taken");
+    node.shutdown().await;
+    let answered = tokio::time::timeout(PATIENCE, liar)
+        .await
+        .expect("the liar sees the node go")
+        .unwrap();
+    assert!(answered >= 1, "the liar answered Alice's batches");
+}
+
+/// Dials `addr` with the identity of `seed`, sends `requests` at once (so the node may
+/// check them in one batch) and returns the answers, in order.
+async fn exchange(
+    addr: Multiaddr,
+    seed: [u8; 32],
+    requests: Vec<SyncRequest>,
+) -> Vec<SyncResponse> {
+    talk(addr, seed, SYNC_PROTOCOL, requests).await
+}
+
+/// [`exchange`] in version 3: each of `batches` is one message of several rounds.
+async fn exchange_batches(
+    addr: Multiaddr,
+    seed: [u8; 32],
+    batches: Vec<SyncBatch>,
+) -> Vec<SyncBatchResponse> {
+    talk(addr, seed, SYNC_BATCH_PROTOCOL, batches).await
+}
+
+/// Dials `addr` with the identity of `seed`, sends `requests` over `protocol` at once and
+/// returns the answers, in order.
+async fn talk<Req: Framed, Resp: Framed>(
+    addr: Multiaddr,
+    seed: [u8; 32],
+    protocol: &'static str,
+    requests: Vec<Req>,
+) -> Vec<Resp> {
+    let keypair = libp2p::identity::Keypair::ed25519_from_bytes(seed).unwrap();
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default(),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .unwrap()
+        .with_behaviour(|_| {
+            request_response::Behaviour::with_codec(
+                FrameCodec::<Req, Resp>::default(),
+                [(StreamProtocol::new(protocol), ProtocolSupport::Full)],
                 request_response::Config::default(),
             )
         })
@@ -180,7 +502,7 @@ async fn exchange(
     swarm.dial(addr).unwrap();
     let deadline = Instant::now() + PATIENCE;
     let mut ids = Vec::new();
-    let mut answers: Vec<Option<SyncResponse>> = vec![None; requests.len()];
+    let mut answers: Vec<Option<Resp>> = requests.iter().map(|_| None).collect();
     let mut pending = Some(requests);
     while answers.iter().any(Option::is_none) {
         let left = deadline.saturating_duration_since(Instant::now());

@@ -33,7 +33,9 @@ use crate::scope::Scope;
 use crate::session::Round;
 use crate::signed::{ChangeError, DocId, SignedChange, Verified, verify_named};
 use crate::terms::ROSTER;
-use crate::wire::{ChunkBudget, DocRef, RefusalCode, RefusalKind, SyncRequest, SyncResponse};
+use crate::wire::{
+    CHUNK_BYTES, ChunkBudget, DocRef, RefusalCode, RefusalKind, SyncRequest, SyncResponse,
+};
 
 /// A document a replica holds.
 #[derive(Debug)]
@@ -405,7 +407,7 @@ pub fn round_request<H: Holder>(
     };
     let heads = held.heads();
     let known = known.unwrap_or_default();
-    let (changes, _, sent) = encoded_missing(h, &id, peer, &known, &HashSet::new())?;
+    let (changes, _, sent) = encoded_missing(h, &id, peer, &known, &HashSet::new(), CHUNK_BYTES)?;
     Ok(Some((
         SyncRequest {
             doc: *doc,
@@ -569,6 +571,19 @@ pub fn handle_request<H: Holder>(
     req: impl Into<CheckedRequest>,
     now: UnixSeconds,
 ) -> (SyncResponse, Vec<Push>, bool) {
+    handle_request_within(h, peer, req, now, CHUNK_BYTES)
+}
+
+/// [`handle_request`] for one round of a batch: the answer carries at most `answer_bytes`
+/// of changes (but at least one change when any is missing), so that the batch's answers
+/// together fit one message ([`crate::wire::batch_answer_bytes`]).
+pub fn handle_request_within<H: Holder>(
+    h: &mut H,
+    peer: &IdentityKey,
+    req: impl Into<CheckedRequest>,
+    now: UnixSeconds,
+    answer_bytes: usize,
+) -> (SyncResponse, Vec<Push>, bool) {
     let CheckedRequest { req, ahead } = req.into();
     let role = match policy::sync_role(h, peer, &req.doc, now) {
         Ok(r) => r,
@@ -644,7 +659,7 @@ pub fn handle_request<H: Holder>(
                 basis.extend(before);
             }
         }
-        encoded_missing(h, &id, peer, &basis, &just)
+        encoded_missing(h, &id, peer, &basis, &just, answer_bytes)
     };
     let (changes, more) = match missing {
         Ok((changes, more, _)) => (changes, more),
@@ -795,11 +810,12 @@ fn encoded_missing<H: Holder>(
     peer: &IdentityKey,
     heads: &[ChangeHash],
     skip: &HashSet<ChangeHash>,
+    limit: usize,
 ) -> Result<Chunk, H::Error> {
     let list = to_send(h, id, peer, heads)?;
     let mut out = Vec::new();
     let mut hashes = Vec::new();
-    let mut budget = ChunkBudget::default();
+    let mut budget = ChunkBudget::within(limit);
     for c in list.into_iter().filter(|c| !skip.contains(&c.hash())) {
         let bytes = c.encode();
         if !budget.take(bytes.len()) {

@@ -22,6 +22,19 @@
 //!                                                kind: see RefusalKind
 //! text      = len:u16 utf8                       len <= MAX_REASON_BYTES
 //! ```
+//!
+//! Version 3 (`/rapport/sync/3`) carries the rounds of several documents in one message,
+//! in the same order both ways, so a peer with many documents to sync pays for one stream
+//! per batch rather than per document:
+//!
+//! ```text
+//! batch     = "RPS" 03 01 n:u16 (docref heads changes){n}    1 <= n <= MAX_BATCH_ROUNDS
+//! answers   = "RPS" 03 02 n:u16 answer{n}                    an answer per round, in order
+//!           | "RPS" 03 03 code:u8 text                       the batch refused whole
+//! answer    = 02 heads changes more:u8 refused | 03 code:u8 text
+//! ```
+//!
+//! A batch's changes, summed over its rounds, are at most `MAX_CHANGES_PER_MESSAGE`.
 
 use automerge::ChangeHash;
 
@@ -32,6 +45,11 @@ use crate::signed::{DocId, MAX_SIGNED_CHANGE_BYTES};
 
 /// The libp2p protocol id of this version of the sync protocol.
 pub const SYNC_PROTOCOL: &str = "/rapport/sync/2";
+/// The libp2p protocol id of the batched sync protocol (version 3): the rounds of several
+/// documents in one message ([`SyncBatch`], [`SyncBatchResponse`]).
+pub const SYNC_BATCH_PROTOCOL: &str = "/rapport/sync/3";
+/// The most rounds one batch may carry.
+pub const MAX_BATCH_ROUNDS: usize = 16;
 /// The largest encoded message (request or response) either side accepts: 32 MiB.
 pub const MAX_WIRE_MESSAGE: usize = 32 << 20;
 /// The changes a sender puts in one message fit this size, 16 MiB, with their length
@@ -50,6 +68,8 @@ const MAGIC: &[u8; 3] = b"RPS";
 const VERSION: u8 = 1;
 /// The version byte of sync messages: 2 since refusals carry a [`RefusalKind`].
 const SYNC_VERSION: u8 = 2;
+/// The version byte of batched sync messages.
+const SYNC_BATCH_VERSION: u8 = 3;
 
 /// Which document a sync exchange is about. The header travels so the receiver can derive
 /// and check the document id itself.
@@ -187,6 +207,27 @@ pub enum SyncResponse {
     },
 }
 
+/// The rounds of several documents, from the initiator, each as in a [`SyncRequest`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncBatch {
+    /// The rounds, at least one and at most [`MAX_BATCH_ROUNDS`].
+    pub rounds: Vec<SyncRequest>,
+}
+
+/// The responder's answer to a [`SyncBatch`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SyncBatchResponse {
+    /// An answer per round, in the order of the batch's rounds.
+    Rounds(Vec<SyncResponse>),
+    /// The whole batch was refused (it could not be decoded, the responder is overloaded).
+    Refused {
+        /// Why, as a code.
+        code: RefusalCode,
+        /// Why, for a person.
+        detail: String,
+    },
+}
+
 /// Why bytes are not a sync message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -226,6 +267,44 @@ impl Writer {
     pub(crate) fn u32(&mut self, n: usize) {
         self.0
             .extend_from_slice(&u32::try_from(n).expect("bounded by limits").to_be_bytes());
+    }
+
+    fn u16(&mut self, n: usize) {
+        self.0
+            .extend_from_slice(&u16::try_from(n).expect("bounded by limits").to_be_bytes());
+    }
+
+    /// A request's body: document, heads, changes.
+    fn request(&mut self, req: &SyncRequest) {
+        self.doc(&req.doc);
+        self.heads(&req.heads);
+        self.changes(&req.changes);
+    }
+
+    /// A response's body, after its type byte.
+    fn response_body(&mut self, resp: &SyncResponse) {
+        match resp {
+            SyncResponse::Sync {
+                heads,
+                changes,
+                more,
+                refused,
+            } => {
+                self.heads(heads);
+                self.changes(changes);
+                self.0.push(u8::from(*more));
+                self.u32(refused.len());
+                for (h, kind, why) in refused {
+                    self.0.extend_from_slice(&h.0);
+                    self.0.push(kind.to_u8());
+                    self.text(why);
+                }
+            }
+            SyncResponse::Refused { code, detail } => {
+                self.0.push(*code as u8);
+                self.text(detail);
+            }
+        }
     }
 
     fn heads(&mut self, heads: &[ChangeHash]) {
@@ -384,6 +463,71 @@ impl<'a> Reader<'a> {
         String::from_utf8(bytes.to_vec()).map_err(|_| WireError::Malformed("text is not UTF-8"))
     }
 
+    /// A batch's count of rounds: 1 to [`MAX_BATCH_ROUNDS`].
+    fn rounds(&mut self) -> Result<usize, WireError> {
+        let b = self.take(2)?;
+        let n = u16::from_be_bytes([b[0], b[1]]) as usize;
+        if n == 0 {
+            return Err(WireError::Malformed("a batch without rounds"));
+        }
+        if n > MAX_BATCH_ROUNDS {
+            return Err(WireError::OverLimit("rounds"));
+        }
+        Ok(n)
+    }
+
+    /// A request's body.
+    fn request(&mut self) -> Result<SyncRequest, WireError> {
+        let doc = self.doc()?;
+        let heads = self.heads()?;
+        let changes = self.changes()?;
+        Ok(SyncRequest {
+            doc,
+            heads,
+            changes,
+        })
+    }
+
+    /// A response's body of type `kind` (2 a round, 3 a refusal).
+    fn response_body(&mut self, kind: u8) -> Result<SyncResponse, WireError> {
+        Ok(if kind == 2 {
+            let heads = self.heads()?;
+            let changes = self.changes()?;
+            let more = match self.u8()? {
+                0 => false,
+                1 => true,
+                _ => return Err(WireError::Malformed("the `more` flag is not 0 or 1")),
+            };
+            let n = self.u32()?;
+            if n > MAX_CHANGES_PER_MESSAGE {
+                return Err(WireError::OverLimit("refused"));
+            }
+            if self.0.len() < n * 35 {
+                return Err(WireError::Malformed("message ends early"));
+            }
+            let mut refused = Vec::with_capacity(n);
+            for _ in 0..n {
+                let hash = ChangeHash(self.arr()?);
+                let kind = RefusalKind::from_u8(self.u8()?)
+                    .ok_or(WireError::Malformed("unknown refusal kind"))?;
+                refused.push((hash, kind, self.text()?));
+            }
+            SyncResponse::Sync {
+                heads,
+                changes,
+                more,
+                refused,
+            }
+        } else {
+            let code = RefusalCode::from_u8(self.u8()?)
+                .ok_or(WireError::Malformed("unknown refusal code"))?;
+            SyncResponse::Refused {
+                code,
+                detail: self.text()?,
+            }
+        })
+    }
+
     pub(crate) fn end(self) -> Result<(), WireError> {
         if self.0.is_empty() {
             Ok(())
@@ -417,51 +561,121 @@ impl SyncRequest {
     /// Encodes the request.
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::versioned(SYNC_VERSION, 1);
-        w.doc(&self.doc);
-        w.heads(&self.heads);
-        w.changes(&self.changes);
+        w.request(self);
         w.0
     }
 
     /// Decodes a request, checking every bound.
     pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
         let (_, mut r) = open_versioned(bytes, SYNC_VERSION, &[1])?;
-        let doc = r.doc()?;
-        let heads = r.heads()?;
-        let changes = r.changes()?;
+        let req = r.request()?;
         r.end()?;
-        Ok(Self {
-            doc,
-            heads,
-            changes,
-        })
+        Ok(req)
     }
 }
 
 impl SyncResponse {
     /// Encodes the response.
     pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::versioned(SYNC_VERSION, self.kind());
+        w.response_body(self);
+        w.0
+    }
+
+    /// Decodes a response, checking every bound.
+    pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
+        let (kind, mut r) = open_versioned(bytes, SYNC_VERSION, &[2, 3])?;
+        let out = r.response_body(kind)?;
+        r.end()?;
+        Ok(out)
+    }
+
+    /// Its type byte: 2 a round, 3 refused whole.
+    fn kind(&self) -> u8 {
         match self {
-            SyncResponse::Sync {
-                heads,
-                changes,
-                more,
-                refused,
-            } => {
-                let mut w = Writer::versioned(SYNC_VERSION, 2);
-                w.heads(heads);
-                w.changes(changes);
-                w.0.push(u8::from(*more));
-                w.u32(refused.len());
-                for (h, kind, why) in refused {
-                    w.0.extend_from_slice(&h.0);
-                    w.0.push(kind.to_u8());
-                    w.text(why);
+            SyncResponse::Sync { .. } => 2,
+            SyncResponse::Refused { .. } => 3,
+        }
+    }
+
+    /// The changes it carries.
+    fn change_count(&self) -> usize {
+        match self {
+            SyncResponse::Sync { changes, .. } => changes.len(),
+            SyncResponse::Refused { .. } => 0,
+        }
+    }
+}
+
+impl SyncBatch {
+    /// Encodes the batch.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::versioned(SYNC_BATCH_VERSION, 1);
+        w.u16(self.rounds.len());
+        for req in &self.rounds {
+            w.request(req);
+        }
+        w.0
+    }
+
+    /// Decodes a batch, checking every bound: 1 to [`MAX_BATCH_ROUNDS`] rounds, at most
+    /// [`MAX_CHANGES_PER_MESSAGE`] changes in all.
+    pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
+        let (_, mut r) = open_versioned(bytes, SYNC_BATCH_VERSION, &[1])?;
+        let n = r.rounds()?;
+        let mut rounds = Vec::with_capacity(n);
+        let mut changes = 0;
+        for _ in 0..n {
+            let req = r.request()?;
+            changes += req.changes.len();
+            if changes > MAX_CHANGES_PER_MESSAGE {
+                return Err(WireError::OverLimit("changes"));
+            }
+            rounds.push(req);
+        }
+        r.end()?;
+        Ok(Self { rounds })
+    }
+
+    /// The size of its encoding, without encoding it.
+    pub fn encoded_len(rounds: &[SyncRequest]) -> usize {
+        5 + 2
+            + rounds
+                .iter()
+                .map(SyncRequest::encoded_body_len)
+                .sum::<usize>()
+    }
+}
+
+impl SyncRequest {
+    /// The size of the request's body (its encoding less the 5-byte message head).
+    pub fn encoded_body_len(&self) -> usize {
+        let doc = match self.doc {
+            DocRef::Consent(_) => 65,
+            DocRef::Relationship(_) => 49,
+        };
+        doc + 4
+            + 32 * self.heads.len()
+            + 4
+            + self.changes.iter().map(|c| 4 + c.len()).sum::<usize>()
+    }
+}
+
+impl SyncBatchResponse {
+    /// Encodes the answer.
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            SyncBatchResponse::Rounds(rounds) => {
+                let mut w = Writer::versioned(SYNC_BATCH_VERSION, 2);
+                w.u16(rounds.len());
+                for resp in rounds {
+                    w.0.push(resp.kind());
+                    w.response_body(resp);
                 }
                 w.0
             }
-            SyncResponse::Refused { code, detail } => {
-                let mut w = Writer::versioned(SYNC_VERSION, 3);
+            SyncBatchResponse::Refused { code, detail } => {
+                let mut w = Writer::versioned(SYNC_BATCH_VERSION, 3);
                 w.0.push(*code as u8);
                 w.text(detail);
                 w.0
@@ -469,44 +683,33 @@ impl SyncResponse {
         }
     }
 
-    /// Decodes a response, checking every bound.
+    /// Decodes an answer, checking every bound as [`SyncBatch::decode`] does.
     pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
-        let (kind, mut r) = open_versioned(bytes, SYNC_VERSION, &[2, 3])?;
+        let (kind, mut r) = open_versioned(bytes, SYNC_BATCH_VERSION, &[2, 3])?;
         let out = if kind == 2 {
-            let heads = r.heads()?;
-            let changes = r.changes()?;
-            let more = match r.u8()? {
-                0 => false,
-                1 => true,
-                _ => return Err(WireError::Malformed("the `more` flag is not 0 or 1")),
-            };
-            let n = r.u32()?;
-            if n > MAX_CHANGES_PER_MESSAGE {
-                return Err(WireError::OverLimit("refused"));
-            }
-            if r.0.len() < n * 35 {
-                return Err(WireError::Malformed("message ends early"));
-            }
-            let mut refused = Vec::with_capacity(n);
+            let n = r.rounds()?;
+            let mut rounds = Vec::with_capacity(n);
+            let mut changes = 0;
             for _ in 0..n {
-                let hash = ChangeHash(r.arr()?);
-                let kind = RefusalKind::from_u8(r.u8()?)
-                    .ok_or(WireError::Malformed("unknown refusal kind"))?;
-                refused.push((hash, kind, r.text()?));
+                let kind = r.u8()?;
+                if kind != 2 && kind != 3 {
+                    return Err(WireError::Malformed("unknown answer type"));
+                }
+                let resp = r.response_body(kind)?;
+                changes += resp.change_count();
+                if changes > MAX_CHANGES_PER_MESSAGE {
+                    return Err(WireError::OverLimit("changes"));
+                }
+                rounds.push(resp);
             }
-            SyncResponse::Sync {
-                heads,
-                changes,
-                more,
-                refused,
-            }
+            SyncBatchResponse::Rounds(rounds)
         } else {
-            let code = RefusalCode::from_u8(r.u8()?)
-                .ok_or(WireError::Malformed("unknown refusal code"))?;
-            SyncResponse::Refused {
-                code,
-                detail: r.text()?,
-            }
+            r.response_body(3).map(|resp| match resp {
+                SyncResponse::Refused { code, detail } => {
+                    SyncBatchResponse::Refused { code, detail }
+                }
+                SyncResponse::Sync { .. } => unreachable!("type 3 is a refusal"),
+            })?
         };
         r.end()?;
         Ok(out)
@@ -516,21 +719,49 @@ impl SyncResponse {
 /// What one message may still carry of encoded changes: at most [`CHUNK_BYTES`] with
 /// their length prefixes (but always at least one change) and at most
 /// [`MAX_CHANGES_PER_MESSAGE`]. Every sender of changes cuts its messages with one.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ChunkBudget {
     size: usize,
     n: usize,
+    limit: usize,
+}
+
+impl Default for ChunkBudget {
+    fn default() -> Self {
+        Self::within(CHUNK_BYTES)
+    }
 }
 
 impl ChunkBudget {
+    /// A budget of `limit` bytes instead of [`CHUNK_BYTES`] (but still at least one change).
+    pub fn within(limit: usize) -> Self {
+        ChunkBudget {
+            size: 0,
+            n: 0,
+            limit: limit.min(CHUNK_BYTES),
+        }
+    }
+
     /// Whether one more change of `len` encoded bytes fits; if so it is counted.
     pub fn take(&mut self, len: usize) -> bool {
-        if self.n > 0 && (self.size + len + 4 > CHUNK_BYTES || self.n >= MAX_CHANGES_PER_MESSAGE) {
+        if self.n > 0 && (self.size + len + 4 > self.limit || self.n >= MAX_CHANGES_PER_MESSAGE) {
             return false;
         }
         self.size += len + 4;
         self.n += 1;
         true
+    }
+}
+
+/// The bytes of changes each answer of a batch of `rounds` rounds may carry: all of
+/// [`CHUNK_BYTES`] for a batch of one, else a share small enough that the whole answer,
+/// with each round's one change allowed past its share (at most
+/// [`MAX_SIGNED_CHANGE_BYTES`]), stays well under [`MAX_WIRE_MESSAGE`].
+pub fn batch_answer_bytes(rounds: usize) -> usize {
+    if rounds <= 1 {
+        CHUNK_BYTES
+    } else {
+        CHUNK_BYTES / (2 * rounds)
     }
 }
 
@@ -611,6 +842,60 @@ mod tests {
         }
 
         #[test]
+        fn batches_round_trip(rounds in prop::collection::vec((arb_doc(), prop::collection::vec(arb_hash(), 0..3), arb_changes()), 1..=MAX_BATCH_ROUNDS)) {
+            let batch = SyncBatch { rounds: rounds.into_iter().map(|(doc, heads, changes)| SyncRequest { doc, heads, changes }).collect() };
+            let bytes = batch.encode();
+            prop_assert_eq!(bytes.len(), SyncBatch::encoded_len(&batch.rounds));
+            prop_assert_eq!(SyncBatch::decode(&bytes).unwrap(), batch);
+        }
+
+        #[test]
+        fn batch_answers_round_trip(answers in prop::collection::vec((arb_changes(), any::<bool>(), prop::collection::vec((arb_hash(), 1u8..=3, "\\PC{0,20}"), 0..3), any::<bool>()), 1..=MAX_BATCH_ROUNDS), detail in "\\PC{0,60}") {
+            let rounds = answers.into_iter().map(|(changes, more, refused, whole)| if whole {
+                SyncResponse::Refused { code: RefusalCode::Forbidden, detail: detail.clone() }
+            } else {
+                let refused = refused.into_iter().map(|(h, k, t)| (h, RefusalKind::from_u8(k).unwrap(), t)).collect();
+                SyncResponse::Sync { heads: vec![], changes, more, refused }
+            }).collect();
+            let r = SyncBatchResponse::Rounds(rounds);
+            prop_assert_eq!(SyncBatchResponse::decode(&r.encode()).unwrap(), r);
+            let r = SyncBatchResponse::Refused { code: RefusalCode::RateLimited, detail };
+            prop_assert_eq!(SyncBatchResponse::decode(&r.encode()).unwrap(), r);
+        }
+
+        #[test]
+        fn batch_decoders_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..600), kind in 1u8..=3) {
+            let _ = SyncBatch::decode(&bytes);
+            let _ = SyncBatchResponse::decode(&bytes);
+            // The same with a valid head, so the bodies are reached.
+            let mut framed = b"RPS\x03".to_vec();
+            framed.push(kind);
+            framed.extend_from_slice(&bytes);
+            let _ = SyncBatch::decode(&framed);
+            let _ = SyncBatchResponse::decode(&framed);
+        }
+
+        #[test]
+        fn any_truncation_or_extension_of_a_batch_is_refused(doc in arb_doc(), changes in arb_changes(), n in 1usize..4, cut in any::<prop::sample::Index>(), extra in 1u8..=255) {
+            let rounds = vec![SyncRequest { doc, heads: vec![], changes }; n];
+            let bytes = SyncBatch { rounds }.encode();
+            let i = cut.index(bytes.len());
+            prop_assert!(SyncBatch::decode(&bytes[..i]).is_err());
+            let mut longer = bytes.clone();
+            longer.push(extra);
+            prop_assert!(SyncBatch::decode(&longer).is_err());
+        }
+
+        #[test]
+        fn budgets_hold_their_limit(limit in 0usize..4096, sizes in prop::collection::vec(0usize..1024, 0..40)) {
+            let mut budget = ChunkBudget::within(limit);
+            let taken: Vec<usize> = sizes.iter().copied().take_while(|&n| budget.take(n)).collect();
+            prop_assert!(sizes.is_empty() || !taken.is_empty());
+            let size: usize = taken.iter().map(|n| n + 4).sum();
+            prop_assert!(taken.len() == 1 || size <= limit);
+        }
+
+        #[test]
         fn chunks_are_prefixes_within_bounds(sizes in prop::collection::vec(0usize..(2 << 20), 0..12)) {
             let changes: Vec<Vec<u8>> = sizes.iter().map(|&n| vec![0u8; n]).collect();
             let (part, more) = chunk(changes.clone());
@@ -619,6 +904,104 @@ mod tests {
             let size: usize = part.iter().map(|c| c.len() + 4).sum();
             prop_assert!(part.len() == 1 || size <= CHUNK_BYTES);
         }
+    }
+
+    #[test]
+    fn batches_hold_one_to_the_most_rounds_and_a_bounded_number_of_changes() {
+        let doc = DocRef::Relationship(RelHeader {
+            owner: key(1),
+            nonce: [0; 16],
+        });
+        let round = |changes: usize| SyncRequest {
+            doc,
+            heads: vec![],
+            changes: vec![Vec::new(); changes],
+        };
+        let empty = SyncBatch { rounds: vec![] }.encode();
+        assert_eq!(
+            SyncBatch::decode(&empty),
+            Err(WireError::Malformed("a batch without rounds"))
+        );
+        let most = SyncBatch {
+            rounds: vec![round(0); MAX_BATCH_ROUNDS],
+        };
+        assert_eq!(SyncBatch::decode(&most.encode()), Ok(most));
+        let over = SyncBatch {
+            rounds: vec![round(0); MAX_BATCH_ROUNDS + 1],
+        };
+        assert_eq!(
+            SyncBatch::decode(&over.encode()),
+            Err(WireError::OverLimit("rounds"))
+        );
+        // Each round within the limit, all of them together over it.
+        let many = SyncBatch {
+            rounds: vec![round(MAX_CHANGES_PER_MESSAGE / 2 + 1); 2],
+        };
+        assert_eq!(
+            SyncBatch::decode(&many.encode()),
+            Err(WireError::OverLimit("changes"))
+        );
+        let answers = SyncBatchResponse::Rounds(vec![
+            SyncResponse::Sync {
+                heads: vec![],
+                changes: vec![Vec::new(); MAX_CHANGES_PER_MESSAGE / 2 + 1],
+                more: false,
+                refused: vec![],
+            };
+            2
+        ]);
+        assert_eq!(
+            SyncBatchResponse::decode(&answers.encode()),
+            Err(WireError::OverLimit("changes"))
+        );
+        // `RAPPORT_FUZZ_SEEDS=dir cargo test` writes seeds for the fuzz target.
+        if let Some(dir) = std::env::var_os("RAPPORT_FUZZ_SEEDS") {
+            let dir = std::path::PathBuf::from(dir).join("sync_batch");
+            std::fs::create_dir_all(&dir).unwrap();
+            let batch = SyncBatch {
+                rounds: vec![round(2), round(0)],
+            };
+            std::fs::write(dir.join("batch"), batch.encode()).unwrap();
+            let answers = SyncBatchResponse::Rounds(vec![
+                SyncResponse::Sync {
+                    heads: vec![ChangeHash([3; 32])],
+                    changes: vec![vec![1, 2, 3]],
+                    more: true,
+                    refused: vec![(ChangeHash([4; 32]), RefusalKind::Invalid, "bad".into())],
+                },
+                SyncResponse::Refused {
+                    code: RefusalCode::Forbidden,
+                    detail: "not a party".into(),
+                },
+            ]);
+            std::fs::write(dir.join("answers"), answers.encode()).unwrap();
+        }
+        // Version 2 messages are not batches, nor the other way round.
+        assert_eq!(
+            SyncBatch::decode(&round(1).encode()),
+            Err(WireError::BadMagic)
+        );
+        assert_eq!(
+            SyncRequest::decode(
+                &SyncBatch {
+                    rounds: vec![round(1)]
+                }
+                .encode()
+            ),
+            Err(WireError::BadMagic)
+        );
+    }
+
+    #[test]
+    fn a_full_batch_answer_fits_a_message() {
+        // Every round's share, plus the one change allowed past it, plus the most heads.
+        let per_round = batch_answer_bytes(MAX_BATCH_ROUNDS)
+            + MAX_SIGNED_CHANGE_BYTES
+            + 4
+            + 32 * MAX_HEADS
+            + 16;
+        assert!(MAX_BATCH_ROUNDS * per_round < MAX_WIRE_MESSAGE);
+        assert_eq!(batch_answer_bytes(1), CHUNK_BYTES);
     }
 
     #[test]

@@ -20,7 +20,9 @@ use rapport_protocol::automerge::ChangeHash;
 use rapport_protocol::policy::{Holdings, Push};
 use rapport_protocol::replica::{self, CheckedRequest, Holder, PeerRefusal, Replica};
 use rapport_protocol::session::{End, Sessions, Start, Step, Ticket};
-use rapport_protocol::wire::{CHUNK_BYTES, DocRef, SyncRequest, SyncResponse};
+use rapport_protocol::wire::{
+    CHUNK_BYTES, DocRef, MAX_BATCH_ROUNDS, SyncRequest, SyncResponse, batch_answer_bytes,
+};
 use rapport_protocol::{
     DocId, IdentityKey, MAX_MESSAGE_BYTES, RelBody, Scope, SecretKey, SignedChange,
 };
@@ -708,6 +710,68 @@ fn an_answer_carries_what_the_requester_lacks_and_nothing_once_it_lacks_nothing(
     assert_eq!(answered, [3, 0], "changes in Alice's two answers");
     let held = sim.sides[ACME].replica.relationship(&rel).unwrap();
     assert_eq!(held.messages().len(), before + 3);
+    assert_eq!(sim.heads(ALICE), sim.heads(ACME));
+}
+
+/// Alice writes while Acme is away, more than a batch's round may carry. Acme's rounds go
+/// in full batches, so each of Alice's answers carries at most its share of a message
+/// (or a single change), says more follow, and the next round goes on from there: Acme ends
+/// with every change, each sent once.
+#[test]
+fn a_round_in_a_batch_carries_its_share_and_the_rest_follows() {
+    let mut sim = Sim::new();
+    let (rel, doc) = shared_relationship(&sim);
+    let (alice, acme) = (sim.ids[ALICE], sim.ids[ACME]);
+    let share = batch_answer_bytes(MAX_BATCH_ROUNDS);
+    let filler = "x".repeat(MAX_MESSAGE_BYTES - 64);
+    let written = 3 * share / MAX_MESSAGE_BYTES + 10;
+    for i in 0..written {
+        // The pushes are dropped: Acme is away.
+        sim.sides[ALICE]
+            .replica
+            .send(&rel, &format!("{i} {filler}"), T0)
+            .unwrap();
+    }
+    let before = sim.sides[ACME]
+        .replica
+        .relationship(&rel)
+        .unwrap()
+        .messages()
+        .len();
+    let (mut back, mut rounds) = (0, 0);
+    loop {
+        rounds += 1;
+        assert!(rounds <= 20, "the sync does not end");
+        let (req, sent) = replica::round_request(&mut sim.sides[ACME].replica, &alice, &doc, T0)
+            .unwrap()
+            .expect("Acme syncs the relationship with Alice");
+        let (resp, _, disconnect) =
+            replica::handle_request_within(&mut sim.sides[ALICE].replica, &acme, req, T0, share);
+        assert!(!disconnect);
+        let SyncResponse::Sync { changes, more, .. } = &resp else {
+            panic!("Alice refused: {resp:?}");
+        };
+        let size: usize = changes.iter().map(|c| c.len() + 4).sum();
+        assert!(
+            changes.len() <= 1 || size <= share,
+            "an answer of {size} bytes in {} changes, over its share of {share}",
+            changes.len()
+        );
+        back += changes.len();
+        let more = *more;
+        let (out, _) =
+            replica::handle_response(&mut sim.sides[ACME].replica, &alice, &doc, &sent, resp, T0)
+                .unwrap();
+        assert!(out.refused.is_empty(), "{:?}", out.refused);
+        assert_eq!(out.again, more, "another round exactly while more follow");
+        if !out.again {
+            break;
+        }
+    }
+    assert!(rounds >= 4, "{rounds} rounds: the answers were not cut");
+    let held = sim.sides[ACME].replica.relationship(&rel).unwrap();
+    assert_eq!(held.messages().len(), before + written);
+    assert_eq!(back, written, "each change sent once");
     assert_eq!(sim.heads(ALICE), sim.heads(ACME));
 }
 
