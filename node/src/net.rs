@@ -13,7 +13,9 @@ use futures::prelude::*;
 use libp2p::core::ConnectedPoint;
 use libp2p::kad::{self, store::MemoryStore};
 use libp2p::multiaddr::Protocol;
-use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
+use libp2p::request_response::{
+    self, OutboundFailure, OutboundRequestId, ProtocolSupport, ResponseChannel,
+};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent, behaviour::toggle::Toggle, dial_opts::DialOpts};
 use libp2p::{
     Multiaddr, PeerId, StreamProtocol, Swarm, connection_limits, dcutr, identify, mdns, noise,
@@ -421,7 +423,7 @@ struct Behaviour {
     ping: ping::Behaviour,
     kad: kad::Behaviour<MemoryStore>,
     mdns: Toggle<mdns::tokio::Behaviour>,
-    /// Version 2, one round per message: answered, for the nodes of earlier releases.
+    /// Version 2, one round per message: for the nodes of earlier releases.
     sync: request_response::Behaviour<SyncCodec>,
     /// Version 3, several documents' rounds per message: what this node sends.
     sync_batch: request_response::Behaviour<SyncBatchCodec>,
@@ -848,6 +850,11 @@ struct Loop {
     /// Batches of ours under way: each round's document, the changes it carried, and its
     /// ticket.
     requests: HashMap<OutboundRequestId, (PeerId, Vec<Sent>)>,
+    /// Rounds of ours under way in version 2, to peers that speak only that.
+    legacy_requests: HashMap<OutboundRequestId, (PeerId, Sent)>,
+    /// Connected peers of earlier releases, which speak version 2 of the sync protocol
+    /// only (from identify, or from a batch they could not take).
+    legacy: HashSet<PeerId>,
     /// Rounds to build, gathered while the loop handles one event and built together
     /// after it, a batch per peer ([`Loop::flush_rounds`]).
     starts: Vec<Start<PeerId, DocRef>>,
@@ -1035,7 +1042,7 @@ pub(crate) fn start(
                 ),
                 sync: request_response::Behaviour::with_codec(
                     codec,
-                    [(StreamProtocol::new(SYNC_PROTOCOL), ProtocolSupport::Inbound)],
+                    [(StreamProtocol::new(SYNC_PROTOCOL), ProtocolSupport::Full)],
                     request_response::Config::default()
                         .with_request_timeout(REQUEST_TIMEOUT)
                         .with_max_concurrent_streams(MAX_STREAMS_PER_CONNECTION / 2),
@@ -1119,6 +1126,8 @@ pub(crate) fn start(
         checking: false,
         sharing: startup.sharing.clone(),
         requests: HashMap::new(),
+        legacy_requests: HashMap::new(),
+        legacy: HashSet::new(),
         starts: Vec::new(),
         waiting: HashMap::new(),
         dials: HashMap::new(),
@@ -1666,6 +1675,14 @@ impl Loop {
                 if let Some(e) = self.sessions.failed(ticket, "the peer disconnected".into()) {
                     self.end(e);
                 }
+            }
+            return;
+        }
+        if self.legacy.contains(&peer) {
+            for (req, sent, ticket) in ready {
+                let doc = req.doc;
+                let id = self.swarm.behaviour_mut().sync.send_request(&peer, Ok(req));
+                self.legacy_requests.insert(id, (peer, (doc, sent, ticket)));
             }
             return;
         }
@@ -2311,6 +2328,8 @@ impl Loop {
                 if self.relay.as_ref().is_some_and(|l| l.peer == peer_id) {
                     self.relay_lost();
                 }
+                // It may come back upgraded.
+                self.legacy.remove(&peer_id);
                 // Queued sessions end too; they run again when the peer reconnects.
                 for e in self.sessions.peer_gone(peer_id, "the peer disconnected") {
                     self.end(e);
@@ -2362,6 +2381,12 @@ impl Loop {
                 ..
             })) => {
                 self.agents.insert(peer_id, info.agent_version.clone());
+                let speaks = |p: &str| info.protocols.iter().any(|x| x.as_ref() == p);
+                if speaks(SYNC_BATCH_PROTOCOL) {
+                    self.legacy.remove(&peer_id);
+                } else if speaks(SYNC_PROTOCOL) {
+                    self.legacy.insert(peer_id);
+                }
                 let addrs: Vec<Multiaddr> = info
                     .listen_addrs
                     .into_iter()
@@ -2453,8 +2478,8 @@ impl Loop {
         }
     }
 
-    /// Events of version 2 of the sync protocol, which this node answers (for the nodes of
-    /// earlier releases) but no longer sends.
+    /// Events of version 2 of the sync protocol, which this node answers and speaks to the
+    /// nodes of earlier releases.
     fn sync_event(&mut self, ev: request_response::Event<Inbound<SyncRequest>, SyncResponse>) {
         match ev {
             request_response::Event::Message {
@@ -2468,6 +2493,29 @@ impl Loop {
                 Ok(r) => self.inbound(peer, Reply::One(channel), vec![r]),
                 Err(bad) => self.bad_request(peer, Reply::One(channel), &bad),
             },
+            request_response::Event::Message {
+                peer,
+                message:
+                    request_response::Message::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } => {
+                let Some((p, sent)) = self.legacy_requests.remove(&request_id) else {
+                    return;
+                };
+                debug_assert_eq!(p, peer);
+                self.take_answers(peer, vec![sent], vec![response]);
+            }
+            request_response::Event::OutboundFailure {
+                request_id, error, ..
+            } => {
+                if let Some((peer, (_, _, ticket))) = self.legacy_requests.remove(&request_id) {
+                    let why = format!("sync request failed: {error}");
+                    self.internal(Internal::all_failed(peer, [ticket], &why));
+                }
+            }
             request_response::Event::InboundFailure { peer, error, .. } => {
                 // A stream that failed or timed out (a peer going away looks the same);
                 // undecodable requests arrive as requests and are counted there.
@@ -2525,53 +2573,75 @@ impl Loop {
                         })
                         .collect(),
                 };
-                let Some(id) = identity_of(&peer) else {
-                    return;
-                };
-                let unavailable = Internal::unavailable(peer, &tickets);
-                self.with_engine_or(
-                    move |e, out| {
-                        let now = e.now();
-                        let mut all_pushes = Vec::new();
-                        let rounds = meta
-                            .into_iter()
-                            .zip(resps)
-                            .map(|((doc, sent, ticket), resp)| {
-                                let outcome = match e.handle_response(&id, &doc, &sent, resp, now) {
-                                    Ok((o, pushes)) => {
-                                        all_pushes.extend(pushes);
-                                        Ok(o)
-                                    }
-                                    Err(err) => Err(err.to_string()),
-                                };
-                                (ticket, outcome)
-                            })
-                            .collect();
-                        if !all_pushes.is_empty() {
-                            out.push(Internal::Pushes(all_pushes));
-                        }
-                        out.push(Internal::RoundsDone { peer, rounds });
-                    },
-                    Some(unavailable),
-                );
+                self.take_answers(peer, meta, resps);
             }
             request_response::Event::OutboundFailure {
                 request_id, error, ..
             } => {
-                if let Some((peer, meta)) = self.requests.remove(&request_id) {
-                    let why = format!("sync request failed: {error}");
-                    self.internal(Internal::all_failed(
-                        peer,
-                        meta.into_iter().map(|(_, _, t)| t),
-                        &why,
-                    ));
+                let Some((peer, meta)) = self.requests.remove(&request_id) else {
+                    return;
+                };
+                if matches!(error, OutboundFailure::UnsupportedProtocols)
+                    && self.legacy.insert(peer)
+                {
+                    // A node of an earlier release: nothing reached it. The rounds go
+                    // again, one by one in version 2 (once: a peer already known so
+                    // fails as any request does).
+                    tracing::debug!(%peer, "the peer speaks sync version 2 only");
+                    for (_, _, ticket) in meta {
+                        if let Some(start) = self.sessions.retry(ticket) {
+                            self.next_round(start);
+                        }
+                    }
+                    return;
                 }
+                let why = format!("sync request failed: {error}");
+                self.internal(Internal::all_failed(
+                    peer,
+                    meta.into_iter().map(|(_, _, t)| t),
+                    &why,
+                ));
             }
             request_response::Event::InboundFailure { peer, error, .. } => {
                 tracing::debug!(%peer, "inbound sync failed: {error}");
             }
             _ => {}
         }
+    }
+
+    /// Takes the peer's answers to rounds of ours, one per round and in order, in one
+    /// engine job.
+    fn take_answers(&mut self, peer: PeerId, meta: Vec<Sent>, resps: Vec<SyncResponse>) {
+        let Some(id) = identity_of(&peer) else {
+            return;
+        };
+        let tickets: Vec<Ticket> = meta.iter().map(|(_, _, t)| *t).collect();
+        let unavailable = Internal::unavailable(peer, &tickets);
+        self.with_engine_or(
+            move |e, out| {
+                let now = e.now();
+                let mut all_pushes = Vec::new();
+                let rounds = meta
+                    .into_iter()
+                    .zip(resps)
+                    .map(|((doc, sent, ticket), resp)| {
+                        let outcome = match e.handle_response(&id, &doc, &sent, resp, now) {
+                            Ok((o, pushes)) => {
+                                all_pushes.extend(pushes);
+                                Ok(o)
+                            }
+                            Err(err) => Err(err.to_string()),
+                        };
+                        (ticket, outcome)
+                    })
+                    .collect();
+                if !all_pushes.is_empty() {
+                    out.push(Internal::Pushes(all_pushes));
+                }
+                out.push(Internal::RoundsDone { peer, rounds });
+            },
+            Some(unavailable),
+        );
     }
 
     /// A peer's request (a round, or a batch's rounds): checked ahead, then answered by

@@ -454,6 +454,115 @@ async fn answers_that_do_not_match_the_batch_are_not_taken() {
     assert!(answered >= 1, "the liar answered Alice's batches");
 }
 
+/// A node of an earlier release speaks version 2 of the sync protocol only, and answers
+/// with its engine. Alice's node learns that from the batch the old node cannot take, and
+/// syncs with it in version 2: what she wrote while it was away reaches it, and her sync
+/// is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_of_an_earlier_release_is_synced_in_version_2() {
+    let now = rapport_node::now();
+    let Attack {
+        mut alice,
+        acme,
+        rel,
+        requests,
+        ..
+    } = attack(now);
+    let doc = requests[0].doc;
+    let alice_id = alice.me();
+    let acme_id = acme.me();
+    alice
+        .engine
+        .send_message(
+            &rel.to_hex(),
+            "written for an older node".into(),
+            None,
+            None,
+            now,
+        )
+        .unwrap();
+    alice.engine.0 = None;
+    let node = Node::start(NodeConfig::loopback(alice.dir.path()))
+        .await
+        .unwrap();
+    let addr: Multiaddr = node.listening().await.into_iter().next().unwrap();
+    let seed = *acme.engine.store().secret_key().unwrap().to_seed();
+    let keypair = libp2p::identity::Keypair::ed25519_from_bytes(seed).unwrap();
+    let old_peer = keypair.public().to_peer_id().to_string();
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default(),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .unwrap()
+        .with_behaviour(|_| {
+            request_response::Behaviour::with_codec(
+                FrameCodec::<SyncRequest, SyncResponse>::default(),
+                [(StreamProtocol::new(SYNC_PROTOCOL), ProtocolSupport::Full)],
+                request_response::Config::default(),
+            )
+        })
+        .unwrap()
+        .with_swarm_config(|c| c.with_idle_connection_timeout(PATIENCE))
+        .build();
+    let handle = node.handle();
+    let mut events = handle.subscribe().await;
+    swarm.dial(addr).unwrap();
+    let old_node = tokio::spawn(async move {
+        let mut acme = acme;
+        loop {
+            match swarm.select_next_some().await {
+                SwarmEvent::Behaviour(request_response::Event::Message {
+                    message:
+                        request_response::Message::Request {
+                            request: Ok(req),
+                            channel,
+                            ..
+                        },
+                    ..
+                }) => {
+                    let (resp, _, _) =
+                        acme.engine
+                            .handle_request(&alice_id, req, rapport_node::now());
+                    let _ = swarm.behaviour_mut().send_response(channel, resp);
+                }
+                SwarmEvent::ConnectionClosed { .. } => return acme,
+                _ => {}
+            }
+        }
+    });
+    tokio::time::timeout(PATIENCE, async {
+        loop {
+            if let Ok(rapport_node::Event::PeerConnected { peer }) = events.recv().await
+                && peer == old_peer
+            {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the node sees the old node connect in time");
+    let result = handle.net().sync(acme_id, doc, PATIENCE).await;
+    assert!(
+        matches!(result, SyncResult::Delivered),
+        "the sync with an old node: {result:?}"
+    );
+    node.shutdown().await;
+    let acme = tokio::time::timeout(PATIENCE, old_node)
+        .await
+        .expect("the old node sees Alice's node go")
+        .unwrap();
+    let held = acme.engine.relationship(&rel.to_hex(), now).unwrap();
+    assert!(
+        held.messages
+            .iter()
+            .any(|m| m.text == "written for an older node"),
+        "Alice's message reached the old node"
+    );
+}
+
 /// Dials `addr` with the identity of `seed`, sends `requests` at once (so the node may
 /// check them in one batch) and returns the answers, in order.
 async fn exchange(

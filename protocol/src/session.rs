@@ -291,6 +291,25 @@ where
         self.finish(ticket, ending).map_or(Step::Stale, Step::End)
     }
 
+    /// The round of `ticket` never reached the peer (it does not speak the version of the
+    /// protocol the round was sent in): the same session builds the round again, under a
+    /// new ticket, which does not count as a round. `None` if the ticket is not current.
+    pub fn retry(&mut self, ticket: Ticket) -> Option<Start<P, D>> {
+        let (peer, doc) = self.tickets.remove(&ticket)?;
+        let next = self.ticket();
+        let s = self
+            .active
+            .get_mut(&(peer, doc))
+            .expect("a current ticket's session runs");
+        s.ticket = next;
+        self.tickets.insert(next, (peer, doc));
+        Some(Start {
+            peer,
+            doc,
+            ticket: next,
+        })
+    }
+
     /// The round of `ticket` cannot go on (its request failed, the peer is not connected):
     /// the session ends as broken.
     pub fn failed(&mut self, ticket: Ticket, why: String) -> Option<End<P, D, W, R>> {
@@ -399,6 +418,27 @@ mod tests {
         assert_eq!(end.ending, Ending::Done);
         assert_eq!(end.waiters, vec![100]);
         assert_eq!(s.running(), 0);
+    }
+
+    #[test]
+    fn a_retried_round_goes_on_under_a_new_ticket_and_the_old_one_is_stale() {
+        let mut s = S::default();
+        let start = s.want(1, 7, Some(100)).unwrap();
+        let again = s
+            .retry(start.ticket)
+            .expect("a current round is built again");
+        assert_eq!((again.peer, again.doc), (1, 7));
+        assert_ne!(again.ticket, start.ticket);
+        assert!(s.retry(start.ticket).is_none(), "the old ticket is spent");
+        assert!(matches!(
+            s.answered(start.ticket, Ok(round(5, true))),
+            Step::Stale
+        ));
+        // The retry was not a round: the first answer still counts as the first.
+        let Step::Round(_) = s.answered(again.ticket, Ok(round(0, true))) else {
+            panic!("a first round goes on")
+        };
+        assert_eq!(s.running(), 1);
     }
 
     #[test]

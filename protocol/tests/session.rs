@@ -34,6 +34,9 @@ enum Op {
     Failed {
         pick: usize,
     },
+    Retry {
+        pick: usize,
+    },
     PeerGone {
         peer: u8,
     },
@@ -48,6 +51,7 @@ fn op() -> impl Strategy<Value = Op> {
                 pick, received, again, moved, refused, disconnect: disconnect && refused, error: error && again && moved,
             }),
         1 => any::<usize>().prop_map(|pick| Op::Failed { pick }),
+        1 => any::<usize>().prop_map(|pick| Op::Retry { pick }),
         1 => (0u8..3).prop_map(|peer| Op::PeerGone { peer }),
     ]
 }
@@ -134,6 +138,22 @@ proptest! {
                 Op::Failed { pick } => {
                     if let Some(t) = seen.pick(pick) {
                         seen.end(s.failed(t, "request failed".into()));
+                    }
+                }
+                Op::Retry { pick } => {
+                    let Some(t) = seen.pick(pick) else { continue };
+                    let current = s.is_current(t);
+                    match s.retry(t) {
+                        Some(next) => {
+                            prop_assert!(current, "only a current round is built again");
+                            // The old ticket is spent; the retry is not a round.
+                            prop_assert!(!s.is_current(t));
+                            prop_assert!(s.is_current(next.ticket));
+                            let n = rounds.remove(&t).unwrap_or(1);
+                            rounds.insert(next.ticket, n);
+                            seen.start(Some(next));
+                        }
+                        None => prop_assert!(!current),
                     }
                 }
                 Op::PeerGone { peer } => {
