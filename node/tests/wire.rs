@@ -48,41 +48,14 @@ fn open(alice: &mut Side, acme: &mut Side, name: &str, now: u64) -> (DocId, DocR
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_copy_and_a_replay_sent_over_the_wire_are_refused() {
     let now = rapport_node::now();
-    let mut alice = Side::new(Kind::Person, "Alice");
-    let mut acme = Side::new(Kind::Org, "Acme");
-    granted(&mut alice, &mut acme, now);
-    let (rel, doc) = open(&mut alice, &mut acme, "an order", now);
-    let (other, other_doc) = open(&mut alice, &mut acme, "another matter", now);
-    acme.engine
-        .send_message(
-            &rel.to_hex(),
-            "your order ships today".into(),
-            Some("support".into()),
-            None,
-            now,
-        )
-        .unwrap();
-    let honest_req = acme
-        .engine
-        .start_round(&alice.me(), &doc, now)
-        .unwrap()
-        .expect("Acme has a message to send");
-    assert_eq!(honest_req.changes.len(), 1);
-    let honest = SignedChange::decode(&honest_req.changes[0]).unwrap();
-    let mut forged = honest.encode();
-    forged[10] ^= 1;
-    let requests = [
-        SyncRequest {
-            doc,
-            heads: honest_req.heads.clone(),
-            changes: vec![forged, honest.encode()],
-        },
-        SyncRequest {
-            doc: other_doc,
-            heads: Vec::new(),
-            changes: vec![honest.encode()],
-        },
-    ];
+    let Attack {
+        mut alice,
+        acme,
+        rel,
+        other,
+        honest,
+        requests,
+    } = attack(now);
 
     // Alice's node runs on her store; Acme speaks the protocol with its own key.
     alice.engine.0 = None;
@@ -185,6 +158,7 @@ fn attack(now: u64) -> Attack {
         .start_round(&alice.me(), &doc, now)
         .unwrap()
         .expect("Acme has a message to send");
+    assert_eq!(honest_req.changes.len(), 1);
     let honest = SignedChange::decode(&honest_req.changes[0]).unwrap();
     let mut forged = honest.encode();
     forged[10] ^= 1;
@@ -358,29 +332,7 @@ async fn answers_that_do_not_match_the_batch_are_not_taken() {
         .unwrap();
     let addr: Multiaddr = node.listening().await.into_iter().next().unwrap();
     let seed = *acme.engine.store().secret_key().unwrap().to_seed();
-    let keypair = libp2p::identity::Keypair::ed25519_from_bytes(seed).unwrap();
-    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
-        .with_tokio()
-        .with_tcp(
-            tcp::Config::default(),
-            noise::Config::new,
-            yamux::Config::default,
-        )
-        .unwrap()
-        .with_behaviour(|_| {
-            request_response::Behaviour::with_codec(
-                FrameCodec::<SyncBatch, SyncBatchResponse>::default(),
-                [(
-                    StreamProtocol::new(SYNC_BATCH_PROTOCOL),
-                    ProtocolSupport::Full,
-                )],
-                request_response::Config::default(),
-            )
-        })
-        .unwrap()
-        // Stay connected between requests, as a node does.
-        .with_swarm_config(|c| c.with_idle_connection_timeout(PATIENCE))
-        .build();
+    let mut swarm = peer_swarm::<SyncBatch, SyncBatchResponse>(seed, SYNC_BATCH_PROTOCOL);
     let handle = node.handle();
     let mut events = handle.subscribe().await;
     swarm.dial(addr).unwrap();
@@ -414,23 +366,7 @@ async fn answers_that_do_not_match_the_batch_are_not_taken() {
             }
         }
     });
-    let liar_peer = libp2p::PeerId::from_public_key(
-        &libp2p::identity::Keypair::ed25519_from_bytes(seed)
-            .unwrap()
-            .public(),
-    )
-    .to_string();
-    tokio::time::timeout(PATIENCE, async {
-        loop {
-            if let Ok(rapport_node::Event::PeerConnected { peer }) = events.recv().await
-                && peer == liar_peer
-            {
-                return;
-            }
-        }
-    })
-    .await
-    .expect("the node sees the liar connect in time");
+    connected(&mut events, &peer_id(seed)).await;
     let result = handle.net().sync(acme.me(), doc, PATIENCE).await;
     let SyncResult::Offline(why) = result else {
         panic!("the session should have ended broken: {result:?}");
@@ -487,26 +423,7 @@ async fn a_node_of_an_earlier_release_is_synced_in_version_2() {
         .unwrap();
     let addr: Multiaddr = node.listening().await.into_iter().next().unwrap();
     let seed = *acme.engine.store().secret_key().unwrap().to_seed();
-    let keypair = libp2p::identity::Keypair::ed25519_from_bytes(seed).unwrap();
-    let old_peer = keypair.public().to_peer_id().to_string();
-    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
-        .with_tokio()
-        .with_tcp(
-            tcp::Config::default(),
-            noise::Config::new,
-            yamux::Config::default,
-        )
-        .unwrap()
-        .with_behaviour(|_| {
-            request_response::Behaviour::with_codec(
-                FrameCodec::<SyncRequest, SyncResponse>::default(),
-                [(StreamProtocol::new(SYNC_PROTOCOL), ProtocolSupport::Full)],
-                request_response::Config::default(),
-            )
-        })
-        .unwrap()
-        .with_swarm_config(|c| c.with_idle_connection_timeout(PATIENCE))
-        .build();
+    let mut swarm = peer_swarm::<SyncRequest, SyncResponse>(seed, SYNC_PROTOCOL);
     let handle = node.handle();
     let mut events = handle.subscribe().await;
     swarm.dial(addr).unwrap();
@@ -533,17 +450,7 @@ async fn a_node_of_an_earlier_release_is_synced_in_version_2() {
             }
         }
     });
-    tokio::time::timeout(PATIENCE, async {
-        loop {
-            if let Ok(rapport_node::Event::PeerConnected { peer }) = events.recv().await
-                && peer == old_peer
-            {
-                return;
-            }
-        }
-    })
-    .await
-    .expect("the node sees the old node connect in time");
+    connected(&mut events, &peer_id(seed)).await;
     let result = handle.net().sync(acme_id, doc, PATIENCE).await;
     assert!(
         matches!(result, SyncResult::Delivered),
@@ -582,16 +489,14 @@ async fn exchange_batches(
     talk(addr, seed, SYNC_BATCH_PROTOCOL, batches).await
 }
 
-/// Dials `addr` with the identity of `seed`, sends `requests` over `protocol` at once and
-/// returns the answers, in order.
-async fn talk<Req: Framed, Resp: Framed>(
-    addr: Multiaddr,
+/// A swarm with the identity of `seed` that speaks `protocol` with messages `Req` and
+/// `Resp` and nothing else, and stays connected between requests, as a node does.
+fn peer_swarm<Req: Framed, Resp: Framed>(
     seed: [u8; 32],
     protocol: &'static str,
-    requests: Vec<Req>,
-) -> Vec<Resp> {
+) -> libp2p::Swarm<request_response::Behaviour<FrameCodec<Req, Resp>>> {
     let keypair = libp2p::identity::Keypair::ed25519_from_bytes(seed).unwrap();
-    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+    libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_tcp(
             tcp::Config::default(),
@@ -607,7 +512,43 @@ async fn talk<Req: Framed, Resp: Framed>(
             )
         })
         .unwrap()
-        .build();
+        .with_swarm_config(|c| c.with_idle_connection_timeout(PATIENCE))
+        .build()
+}
+
+/// The peer id of the identity of `seed`, as the node's events name it.
+fn peer_id(seed: [u8; 32]) -> String {
+    libp2p::identity::Keypair::ed25519_from_bytes(seed)
+        .unwrap()
+        .public()
+        .to_peer_id()
+        .to_string()
+}
+
+/// Waits until the node says `peer` connected.
+async fn connected(events: &mut tokio::sync::broadcast::Receiver<rapport_node::Event>, peer: &str) {
+    tokio::time::timeout(PATIENCE, async {
+        loop {
+            if let Ok(rapport_node::Event::PeerConnected { peer: p }) = events.recv().await
+                && p == peer
+            {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the node sees the peer connect in time");
+}
+
+/// Dials `addr` with the identity of `seed`, sends `requests` over `protocol` at once and
+/// returns the answers, in order.
+async fn talk<Req: Framed, Resp: Framed>(
+    addr: Multiaddr,
+    seed: [u8; 32],
+    protocol: &'static str,
+    requests: Vec<Req>,
+) -> Vec<Resp> {
+    let mut swarm = peer_swarm::<Req, Resp>(seed, protocol);
     swarm.dial(addr).unwrap();
     let deadline = Instant::now() + PATIENCE;
     let mut ids = Vec::new();
