@@ -72,37 +72,8 @@ async fn a_forged_copy_and_a_replay_sent_over_the_wire_are_refused() {
         2,
         "a member's requests are checked ahead"
     );
-    for (what, answer) in ["the forged copy", "the replay"].iter().zip(answers) {
-        let SyncResponse::Sync { refused, .. } = answer else {
-            panic!("a request was refused whole: {answer:?}");
-        };
-        let refused: Vec<_> = refused.into_iter().map(|(h, k, _)| (h, k)).collect();
-        assert_eq!(
-            refused,
-            [(honest.hash(), RefusalKind::Invalid)],
-            "{what} is refused"
-        );
-    }
-    let held = node
-        .handle()
-        .read(move |e| {
-            let copies = |id: &DocId| {
-                e.store()
-                    .changes(id)
-                    .unwrap()
-                    .iter()
-                    .filter(|c| c.hash() == honest.hash())
-                    .map(SignedChange::signature_bytes)
-                    .collect::<Vec<_>>()
-            };
-            (copies(&rel) == [honest.signature_bytes()], copies(&other))
-        })
-        .await;
-    assert!(held.0, "the honest copy, and only it, is stored");
-    assert!(
-        held.1.is_empty(),
-        "nothing went into the other relationship"
-    );
+    forged_and_replay_refused(&answers, &honest);
+    only_the_honest_copy_is_held(&node.handle(), rel, other, &honest).await;
 
     // A stranger's request is refused by the engine before anything of it is decoded:
     // checking it ahead would spend on it what a member's request costs.
@@ -184,6 +155,52 @@ fn attack(now: u64) -> Attack {
     }
 }
 
+/// Asserts that the forged copy and the replay were each refused as invalid, in that
+/// order.
+fn forged_and_replay_refused(answers: &[SyncResponse], honest: &SignedChange) {
+    for (what, answer) in ["the forged copy", "the replay"].iter().zip(answers) {
+        let SyncResponse::Sync { refused, .. } = answer else {
+            panic!("{what}'s round was refused whole: {answer:?}");
+        };
+        let refused: Vec<_> = refused.iter().map(|(h, k, _)| (*h, *k)).collect();
+        assert_eq!(
+            refused,
+            [(honest.hash(), RefusalKind::Invalid)],
+            "{what} is refused"
+        );
+    }
+}
+
+/// Asserts that the node holds the honest copy of the message in `rel`, and only it, and
+/// nothing of it in `other`.
+async fn only_the_honest_copy_is_held(
+    handle: &rapport_node::NodeHandle,
+    rel: DocId,
+    other: DocId,
+    honest: &SignedChange,
+) {
+    let honest = honest.clone();
+    let held = handle
+        .read(move |e| {
+            let copies = |id: &DocId| {
+                e.store()
+                    .changes(id)
+                    .unwrap()
+                    .iter()
+                    .filter(|c| c.hash() == honest.hash())
+                    .map(SignedChange::signature_bytes)
+                    .collect::<Vec<_>>()
+            };
+            (copies(&rel) == [honest.signature_bytes()], copies(&other))
+        })
+        .await;
+    assert!(held.0, "the honest copy, and only it, is stored");
+    assert!(
+        held.1.is_empty(),
+        "nothing went into the other relationship"
+    );
+}
+
 /// The same attack in version 3, as one batch beside a round of a relationship Acme has no
 /// part in. Each round is answered on its own, in order, and checked ahead as single rounds
 /// are; the forged copy and the replay are refused, the round of the foreign relationship
@@ -234,17 +251,7 @@ async fn a_batch_is_answered_round_by_round_and_checked_like_single_rounds() {
         panic!("the batch was refused whole: {:?}", answers[0]);
     };
     assert_eq!(rounds.len(), 3, "an answer per round");
-    for (what, answer) in ["the forged copy", "the replay"].iter().zip(rounds) {
-        let SyncResponse::Sync { refused, .. } = answer else {
-            panic!("a round was refused whole: {answer:?}");
-        };
-        let refused: Vec<_> = refused.iter().map(|(h, k, _)| (*h, *k)).collect();
-        assert_eq!(
-            refused,
-            [(honest.hash(), RefusalKind::Invalid)],
-            "{what} is refused"
-        );
-    }
+    forged_and_replay_refused(&rounds[..2], &honest);
     assert!(
         matches!(rounds[2], SyncResponse::Refused { .. }),
         "the foreign relationship's round is refused: {:?}",
@@ -261,25 +268,7 @@ async fn a_batch_is_answered_round_by_round_and_checked_like_single_rounds() {
         "{:?}",
         answers[1]
     );
-    let held = handle
-        .read(move |e| {
-            let copies = |id: &DocId| {
-                e.store()
-                    .changes(id)
-                    .unwrap()
-                    .iter()
-                    .filter(|c| c.hash() == honest.hash())
-                    .map(SignedChange::signature_bytes)
-                    .collect::<Vec<_>>()
-            };
-            (copies(&rel) == [honest.signature_bytes()], copies(&other))
-        })
-        .await;
-    assert!(held.0, "the honest copy, and only it, is stored");
-    assert!(
-        held.1.is_empty(),
-        "nothing went into the other relationship"
-    );
+    only_the_honest_copy_is_held(&handle, rel, other, &honest).await;
 
     let answers = exchange_batches(
         addr,
