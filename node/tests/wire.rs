@@ -331,29 +331,9 @@ async fn answers_that_do_not_match_the_batch_are_not_taken() {
         more: false,
         refused: Vec::new(),
     };
-    let liar = tokio::spawn(async move {
-        let mut answered = 0usize;
-        loop {
-            match swarm.select_next_some().await {
-                SwarmEvent::Behaviour(request_response::Event::Message {
-                    message:
-                        request_response::Message::Request {
-                            request: Ok(batch),
-                            channel,
-                            ..
-                        },
-                    ..
-                }) => {
-                    let _ = swarm.behaviour_mut().send_response(
-                        channel,
-                        SyncBatchResponse::Rounds(vec![lie.clone(); batch.rounds.len() + 1]),
-                    );
-                    answered += 1;
-                }
-                SwarmEvent::ConnectionClosed { .. } => return answered,
-                _ => {}
-            }
-        }
+    let liar = serve(swarm, 0usize, move |answered, batch: SyncBatch| {
+        *answered += 1;
+        SyncBatchResponse::Rounds(vec![lie.clone(); batch.rounds.len() + 1])
     });
     connected(&mut events, &peer_id(seed)).await;
     let result = handle.net().sync(acme.me(), doc, PATIENCE).await;
@@ -416,28 +396,11 @@ async fn a_node_of_an_earlier_release_is_synced_in_version_2() {
     let handle = node.handle();
     let mut events = handle.subscribe().await;
     swarm.dial(addr).unwrap();
-    let old_node = tokio::spawn(async move {
-        let mut acme = acme;
-        loop {
-            match swarm.select_next_some().await {
-                SwarmEvent::Behaviour(request_response::Event::Message {
-                    message:
-                        request_response::Message::Request {
-                            request: Ok(req),
-                            channel,
-                            ..
-                        },
-                    ..
-                }) => {
-                    let (resp, _, _) =
-                        acme.engine
-                            .handle_request(&alice_id, req, rapport_node::now());
-                    let _ = swarm.behaviour_mut().send_response(channel, resp);
-                }
-                SwarmEvent::ConnectionClosed { .. } => return acme,
-                _ => {}
-            }
-        }
+    let old_node = serve(swarm, acme, move |acme, req: SyncRequest| {
+        let (resp, _, _) = acme
+            .engine
+            .handle_request(&alice_id, req, rapport_node::now());
+        resp
     });
     connected(&mut events, &peer_id(seed)).await;
     let result = handle.net().sync(acme_id, doc, PATIENCE).await;
@@ -503,6 +466,35 @@ fn peer_swarm<Req: Framed, Resp: Framed>(
         .unwrap()
         .with_swarm_config(|c| c.with_idle_connection_timeout(PATIENCE))
         .build()
+}
+
+/// Runs `swarm` as a peer that answers every request with `answer`, until its connection
+/// closes; then hands back its state.
+fn serve<Req: Framed, Resp: Framed, S: Send + 'static>(
+    mut swarm: libp2p::Swarm<request_response::Behaviour<FrameCodec<Req, Resp>>>,
+    mut state: S,
+    mut answer: impl FnMut(&mut S, Req) -> Resp + Send + 'static,
+) -> tokio::task::JoinHandle<S> {
+    tokio::spawn(async move {
+        loop {
+            match swarm.select_next_some().await {
+                SwarmEvent::Behaviour(request_response::Event::Message {
+                    message:
+                        request_response::Message::Request {
+                            request: Ok(req),
+                            channel,
+                            ..
+                        },
+                    ..
+                }) => {
+                    let resp = answer(&mut state, req);
+                    let _ = swarm.behaviour_mut().send_response(channel, resp);
+                }
+                SwarmEvent::ConnectionClosed { .. } => return state,
+                _ => {}
+            }
+        }
+    })
 }
 
 /// The peer id of the identity of `seed`, as the node's events name it.
