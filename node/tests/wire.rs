@@ -58,11 +58,7 @@ async fn a_forged_copy_and_a_replay_sent_over_the_wire_are_refused() {
     } = attack(now);
 
     // Alice's node runs on her store; Acme speaks the protocol with its own key.
-    alice.engine.0 = None;
-    let node = Node::start(NodeConfig::loopback(alice.dir.path()))
-        .await
-        .unwrap();
-    let addr: Multiaddr = node.listening().await.into_iter().next().unwrap();
+    let (node, addr) = run_node(&mut alice).await;
     let seed = acme.engine.store().secret_key().unwrap().to_seed();
     let answers = exchange(addr.clone(), *seed, requests.to_vec()).await;
     let handle = node.handle();
@@ -233,11 +229,7 @@ async fn a_batch_is_answered_round_by_round_and_checked_like_single_rounds() {
         rounds: vec![requests[1].clone(); MAX_BATCH_ROUNDS + 1],
     };
 
-    alice.engine.0 = None;
-    let node = Node::start(NodeConfig::loopback(alice.dir.path()))
-        .await
-        .unwrap();
-    let addr: Multiaddr = node.listening().await.into_iter().next().unwrap();
+    let (node, addr) = run_node(&mut alice).await;
     let seed = acme.engine.store().secret_key().unwrap().to_seed();
     let answers = exchange_batches(addr.clone(), *seed, vec![batch, too_many]).await;
     let handle = node.handle();
@@ -315,11 +307,7 @@ async fn answers_that_do_not_match_the_batch_are_not_taken() {
         ..
     } = attack(now);
     let doc = requests[0].doc;
-    alice.engine.0 = None;
-    let node = Node::start(NodeConfig::loopback(alice.dir.path()))
-        .await
-        .unwrap();
-    let addr: Multiaddr = node.listening().await.into_iter().next().unwrap();
+    let (node, addr) = run_node(&mut alice).await;
     let seed = *acme.engine.store().secret_key().unwrap().to_seed();
     let mut swarm = peer_swarm::<SyncBatch, SyncBatchResponse>(seed, SYNC_BATCH_PROTOCOL);
     let handle = node.handle();
@@ -386,11 +374,7 @@ async fn a_node_of_an_earlier_release_is_synced_in_version_2() {
             now,
         )
         .unwrap();
-    alice.engine.0 = None;
-    let node = Node::start(NodeConfig::loopback(alice.dir.path()))
-        .await
-        .unwrap();
-    let addr: Multiaddr = node.listening().await.into_iter().next().unwrap();
+    let (node, addr) = run_node(&mut alice).await;
     let seed = *acme.engine.store().secret_key().unwrap().to_seed();
     let mut swarm = peer_swarm::<SyncRequest, SyncResponse>(seed, SYNC_PROTOCOL);
     let handle = node.handle();
@@ -439,6 +423,17 @@ async fn exchange_batches(
     batches: Vec<SyncBatch>,
 ) -> Vec<SyncBatchResponse> {
     talk(addr, seed, SYNC_BATCH_PROTOCOL, batches).await
+}
+
+/// Starts a node on `side`'s store (its engine closed first) and returns it with its
+/// address.
+async fn run_node(side: &mut Side) -> (Node, Multiaddr) {
+    side.engine.0 = None;
+    let node = Node::start(NodeConfig::loopback(side.dir.path()))
+        .await
+        .unwrap();
+    let addr = node.listening().await.into_iter().next().unwrap();
+    (node, addr)
 }
 
 /// A swarm with the identity of `seed` that speaks `protocol` with messages `Req` and
