@@ -26,7 +26,7 @@ use rapport_protocol::mail::{
     MAILBOX_PROTOCOL, MAX_ENVELOPES_PER_MESSAGE, MAX_MAIL_BATCH_BYTES, MailRequest, MailResponse,
 };
 use rapport_protocol::replica::{self, CheckedRequest};
-use rapport_protocol::session::{self, End, Ending, Sessions, Start, Step, Ticket};
+use rapport_protocol::session::{End, Ending, Sessions, Start, Step, Ticket};
 use rapport_protocol::wire::{
     CHUNK_BYTES, DocRef, MAX_BATCH_ROUNDS, MAX_WIRE_MESSAGE, RefusalCode, SYNC_BATCH_PROTOCOL,
     SYNC_PROTOCOL, SyncBatch, SyncBatchResponse, SyncRequest, SyncResponse, WireError,
@@ -66,8 +66,6 @@ pub const REDIAL_EVERY: Duration = Duration::from_secs(20);
 pub(crate) const REDIAL_MAX: Duration = Duration::from_secs(30 * 60);
 /// How long a peer that passed the misbehaviour limit stays disconnected.
 pub(crate) const BAN_FOR: Duration = Duration::from_secs(crate::engine::BAN_SECONDS);
-/// Sync sessions run at once with one peer; more wait in a queue.
-pub(crate) const MAX_SESSIONS_PER_PEER: usize = session::MAX_SESSIONS_PER_PEER;
 /// Undecodable requests a peer may send before it is disconnected.
 pub(crate) const MAX_BAD_REQUESTS: u32 = 16;
 /// Results the engine may have waiting for the network loop.
@@ -84,10 +82,16 @@ pub(crate) const CHECK_BATCH_CHANGES: usize = 512;
 /// longer connected are dropped.
 const MAX_TRACKED_PEERS: usize = 4096;
 /// Streams one connection may have open at once for the sync protocols, both ways, half
-/// for each version: an honest peer runs at most [`MAX_SESSIONS_PER_PEER`] sessions, at
-/// most one request each, and we run as many with it. Each inbound stream may buffer up to [`MAX_WIRE_MESSAGE`] of bytes
+/// for each version: an honest peer has at most [`MAX_REQUESTS_PER_PEER`] requests in
+/// flight with us, and we as many with it (a node of an earlier release, up to 64). Each inbound stream may buffer up to [`MAX_WIRE_MESSAGE`] of bytes
 /// that actually arrived, so this bounds what one connection can make the node hold.
-pub(crate) const MAX_STREAMS_PER_CONNECTION: usize = 2 * MAX_SESSIONS_PER_PEER;
+pub(crate) const MAX_STREAMS_PER_CONNECTION: usize = 128;
+/// Sync requests of ours in flight with one peer at once; the rest wait in the loop (a
+/// libp2p stream past a connection's limit fails rather than waits). A batch carries up
+/// to 16 rounds, so 32 requests hold every session's round; to a peer of an earlier
+/// release, one round each, they hold a quarter of them.
+pub(crate) const MAX_REQUESTS_PER_PEER: usize = 32;
+const _: () = assert!(2 * MAX_REQUESTS_PER_PEER <= MAX_STREAMS_PER_CONNECTION / 2);
 /// Incoming connections still in their handshake, at once (each holds a socket).
 pub(crate) const MAX_PENDING_INCOMING: u32 = 64;
 /// Established incoming connections, in all. Each holds a file descriptor and buffers;
@@ -492,6 +496,19 @@ type Built = (SyncRequest, Vec<ChangeHash>);
 /// its ticket.
 type Sent = (DocRef, Vec<ChangeHash>, Ticket);
 
+/// A sync request of ours: a batch (version 3), or one round (version 2).
+enum Outgoing {
+    Batch(Vec<SyncRequest>, Vec<Sent>),
+    One(SyncRequest, Sent),
+}
+
+/// Our sync requests with one peer: how many are in flight, and those waiting.
+#[derive(Default)]
+struct Outbox {
+    in_flight: usize,
+    waiting: VecDeque<Outgoing>,
+}
+
 /// A session waiting for a free slot: the document and who wants to hear how it ended.
 /// A sync waiting for a connection: the document and who wants to hear how it ended.
 type Waiting = (DocRef, Option<oneshot::Sender<SyncResult>>);
@@ -855,6 +872,9 @@ struct Loop {
     /// Connected peers of earlier releases, which speak version 2 of the sync protocol
     /// only (from identify, or from a batch they could not take).
     legacy: HashSet<PeerId>,
+    /// Per peer: our sync requests in flight, and those waiting for one of them to end
+    /// ([`MAX_REQUESTS_PER_PEER`]).
+    outbox: HashMap<PeerId, Outbox>,
     /// Rounds to build, gathered while the loop handles one event and built together
     /// after it, a batch per peer ([`Loop::flush_rounds`]).
     starts: Vec<Start<PeerId, DocRef>>,
@@ -1128,6 +1148,7 @@ pub(crate) fn start(
         requests: HashMap::new(),
         legacy_requests: HashMap::new(),
         legacy: HashSet::new(),
+        outbox: HashMap::new(),
         starts: Vec::new(),
         waiting: HashMap::new(),
         dials: HashMap::new(),
@@ -1681,8 +1702,7 @@ impl Loop {
         if self.legacy.contains(&peer) {
             for (req, sent, ticket) in ready {
                 let doc = req.doc;
-                let id = self.swarm.behaviour_mut().sync.send_request(&peer, Ok(req));
-                self.legacy_requests.insert(id, (peer, (doc, sent, ticket)));
+                self.dispatch(peer, Outgoing::One(req, (doc, sent, ticket)));
             }
             return;
         }
@@ -1708,12 +1728,44 @@ impl Loop {
             meta.push((req.doc, sent, ticket));
             rounds.push(req);
         }
-        let id = self
-            .swarm
-            .behaviour_mut()
-            .sync_batch
-            .send_request(&peer, Ok(SyncBatch { rounds }));
-        self.requests.insert(id, (peer, meta));
+        self.dispatch(peer, Outgoing::Batch(rounds, meta));
+    }
+
+    /// Sends `out` to `peer` now, or once fewer than [`MAX_REQUESTS_PER_PEER`] of ours are
+    /// in flight with it.
+    fn dispatch(&mut self, peer: PeerId, out: Outgoing) {
+        let outbox = self.outbox.entry(peer).or_default();
+        if outbox.in_flight >= MAX_REQUESTS_PER_PEER {
+            outbox.waiting.push_back(out);
+            return;
+        }
+        outbox.in_flight += 1;
+        let b = self.swarm.behaviour_mut();
+        match out {
+            Outgoing::Batch(rounds, meta) => {
+                let id = b.sync_batch.send_request(&peer, Ok(SyncBatch { rounds }));
+                self.requests.insert(id, (peer, meta));
+            }
+            Outgoing::One(req, sent) => {
+                let id = b.sync.send_request(&peer, Ok(req));
+                self.legacy_requests.insert(id, (peer, sent));
+            }
+        }
+    }
+
+    /// A request of ours with `peer` ended (answered or failed): the next waiting goes.
+    fn request_ended(&mut self, peer: PeerId) {
+        let Some(outbox) = self.outbox.get_mut(&peer) else {
+            return;
+        };
+        outbox.in_flight = outbox.in_flight.saturating_sub(1);
+        match outbox.waiting.pop_front() {
+            Some(next) => self.dispatch(peer, next),
+            None if outbox.in_flight == 0 => {
+                self.outbox.remove(&peer);
+            }
+            None => {}
+        }
     }
 
     /// Dials a peer that syncs wait for; if it has no address at all, tells them so.
@@ -2328,8 +2380,9 @@ impl Loop {
                 if self.relay.as_ref().is_some_and(|l| l.peer == peer_id) {
                     self.relay_lost();
                 }
-                // It may come back upgraded.
+                // It may come back upgraded; what waited to be sent goes with its sessions.
                 self.legacy.remove(&peer_id);
+                self.outbox.remove(&peer_id);
                 // Queued sessions end too; they run again when the peer reconnects.
                 for e in self.sessions.peer_gone(peer_id, "the peer disconnected") {
                     self.end(e);
@@ -2506,12 +2559,14 @@ impl Loop {
                     return;
                 };
                 debug_assert_eq!(p, peer);
+                self.request_ended(peer);
                 self.take_answers(peer, vec![sent], vec![response]);
             }
             request_response::Event::OutboundFailure {
                 request_id, error, ..
             } => {
                 if let Some((peer, (_, _, ticket))) = self.legacy_requests.remove(&request_id) {
+                    self.request_ended(peer);
                     let why = format!("sync request failed: {error}");
                     self.internal(Internal::all_failed(peer, [ticket], &why));
                 }
@@ -2554,6 +2609,7 @@ impl Loop {
                     return;
                 };
                 debug_assert_eq!(p, peer);
+                self.request_ended(peer);
                 let tickets: Vec<Ticket> = meta.iter().map(|(_, _, t)| *t).collect();
                 let resps = match response {
                     SyncBatchResponse::Rounds(r) if r.len() == meta.len() => r,
@@ -2581,6 +2637,7 @@ impl Loop {
                 let Some((peer, meta)) = self.requests.remove(&request_id) else {
                     return;
                 };
+                self.request_ended(peer);
                 if matches!(error, OutboundFailure::UnsupportedProtocols)
                     && self.legacy.insert(peer)
                 {

@@ -406,6 +406,76 @@ async fn a_node_of_an_earlier_release_is_synced_in_version_2() {
     );
 }
 
+/// More of Alice's relationships with a node of an earlier release than her node keeps
+/// requests in flight with a peer, and more than a connection has streams for one version
+/// of the protocol: one round each, in version 2. Every one of them reaches the old node
+/// (requests past the limit wait in the loop; a stream past the connection's limit would
+/// fail, and its session with it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_relationships_than_streams_all_reach_a_node_of_an_earlier_release() {
+    const MANY: usize = 80;
+    let now = rapport_node::now();
+    let mut alice = Side::new(Kind::Person, "Alice");
+    let mut acme = Side::new(Kind::Org, "Acme");
+    granted(&mut alice, &mut acme, now);
+    let mut rels = Vec::new();
+    for i in 0..MANY {
+        let (rel, _) = open(&mut alice, &mut acme, &format!("matter {i}"), now);
+        rels.push(rel);
+    }
+    // Written while Acme's node is away: each relationship has a round to go.
+    for (i, rel) in rels.iter().enumerate() {
+        alice
+            .engine
+            .send_message(&rel.to_hex(), format!("note {i}"), None, None, now)
+            .unwrap();
+    }
+    let alice_id = alice.me();
+    let (node, addr) = run_node(&mut alice).await;
+    let seed = *acme.engine.store().secret_key().unwrap().to_seed();
+    let mut swarm = peer_swarm::<SyncRequest, SyncResponse>(seed, SYNC_PROTOCOL);
+    swarm.dial(addr).unwrap();
+    let old = std::sync::Arc::new(std::sync::Mutex::new(acme));
+    let serving = old.clone();
+    let old_node = serve(swarm, (), move |_, req: SyncRequest| {
+        let (resp, _, _) =
+            serving
+                .lock()
+                .unwrap()
+                .engine
+                .handle_request(&alice_id, req, rapport_node::now());
+        resp
+    });
+    let held = |old: &std::sync::Mutex<Side>| {
+        let acme = old.lock().unwrap();
+        rels.iter()
+            .enumerate()
+            .filter(|(i, rel)| {
+                acme.engine
+                    .relationship(&rel.to_hex(), now)
+                    .unwrap()
+                    .messages
+                    .iter()
+                    .any(|m| m.text == format!("note {i}"))
+            })
+            .count()
+    };
+    let deadline = Instant::now() + PATIENCE;
+    while held(&old) < MANY {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {MANY} relationships reached the old node",
+            held(&old)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await; // backoff between polls
+    }
+    node.shutdown().await;
+    tokio::time::timeout(PATIENCE, old_node)
+        .await
+        .expect("the old node sees Alice's node go")
+        .unwrap();
+}
+
 /// Dials `addr` with the identity of `seed`, sends `requests` at once (so the node may
 /// check them in one batch) and returns the answers, in order.
 async fn exchange(

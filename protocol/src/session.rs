@@ -16,8 +16,10 @@ pub const MAX_ROUNDS: u32 = 10_000;
 /// Sessions that run at once with one peer; more wait their turn. Each takes a round
 /// trip per round, so with many documents shared with one peer (a relay, a customer with
 /// many relationships) this window, not the work, set the pace at 16: 1,000
-/// relationships of 20 messages synced in 1.6-1.9 s with 16, 1.1-1.2 s with 32.
-pub const MAX_SESSIONS_PER_PEER: usize = 64;
+/// relationships of 20 messages synced in 1.6-1.9 s with 16, 1.1-1.2 s with 32. Since
+/// rounds go in batches, 128 keep 8 batches in flight rather than 4, which hides the
+/// responder's commits: 6% faster than 64 in that case.
+pub const MAX_SESSIONS_PER_PEER: usize = 128;
 
 /// Names one round of one session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
