@@ -2638,13 +2638,14 @@ impl Loop {
                     return;
                 };
                 self.request_ended(peer);
-                if matches!(error, OutboundFailure::UnsupportedProtocols)
-                    && self.legacy.insert(peer)
-                {
+                if matches!(error, OutboundFailure::UnsupportedProtocols) {
                     // A node of an earlier release: nothing reached it. The rounds go
-                    // again, one by one in version 2 (once: a peer already known so
-                    // fails as any request does).
-                    tracing::debug!(%peer, "the peer speaks sync version 2 only");
+                    // again, one by one in version 2. Every batch sent before this was
+                    // known fails so, and each goes again; a round in version 2 fails as
+                    // any request does, so nothing loops.
+                    if self.legacy.insert(peer) {
+                        tracing::debug!(%peer, "the peer speaks sync version 2 only");
+                    }
                     for (_, _, ticket) in meta {
                         if let Some(start) = self.sessions.retry(ticket) {
                             self.next_round(start);
