@@ -435,40 +435,36 @@ async fn more_relationships_than_streams_all_reach_a_node_of_an_earlier_release(
     let seed = *acme.engine.store().secret_key().unwrap().to_seed();
     let mut swarm = peer_swarm::<SyncRequest, SyncResponse>(seed, SYNC_PROTOCOL);
     swarm.dial(addr).unwrap();
-    let old = std::sync::Arc::new(std::sync::Mutex::new(acme));
-    let serving = old.clone();
-    let old_node = serve(swarm, (), move |_, req: SyncRequest| {
-        let (resp, _, _) =
-            serving
-                .lock()
-                .unwrap()
+    // The old node says how many of the notes it holds after each request it answers.
+    let (count_tx, mut count) = tokio::sync::watch::channel(0);
+    let mut arrived = std::collections::HashSet::new();
+    let old_node = serve(swarm, acme, move |acme, req: SyncRequest| {
+        let id = req.doc.doc_id();
+        let (resp, _, _) = acme
+            .engine
+            .handle_request(&alice_id, req, rapport_node::now());
+        if let Some(i) = rels.iter().position(|r| *r == id)
+            && acme
                 .engine
-                .handle_request(&alice_id, req, rapport_node::now());
+                .relationship(&id.to_hex(), now)
+                .unwrap()
+                .messages
+                .iter()
+                .any(|m| m.text == format!("note {i}"))
+        {
+            arrived.insert(i);
+        }
+        let _ = count_tx.send(arrived.len());
         resp
     });
-    let held = |old: &std::sync::Mutex<Side>| {
-        let acme = old.lock().unwrap();
-        rels.iter()
-            .enumerate()
-            .filter(|(i, rel)| {
-                acme.engine
-                    .relationship(&rel.to_hex(), now)
-                    .unwrap()
-                    .messages
-                    .iter()
-                    .any(|m| m.text == format!("note {i}"))
-            })
-            .count()
-    };
-    let deadline = Instant::now() + PATIENCE;
-    while held(&old) < MANY {
-        assert!(
-            Instant::now() < deadline,
-            "{} of {MANY} relationships reached the old node",
-            held(&old)
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await; // backoff between polls
-    }
+    let all = tokio::time::timeout(PATIENCE, count.wait_for(|n| *n == MANY))
+        .await
+        .is_ok_and(|r| r.is_ok());
+    assert!(
+        all,
+        "{} of {MANY} relationships reached the old node",
+        *count.borrow()
+    );
     node.shutdown().await;
     tokio::time::timeout(PATIENCE, old_node)
         .await
