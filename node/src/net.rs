@@ -3,7 +3,7 @@
 //! per peer and document), answers peers' requests through the engine, keeps peers'
 //! addresses in the store and redials the peers it shares documents with.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -78,6 +78,12 @@ pub(crate) const MAX_DEFERRED: usize = 4096;
 /// split across the cores), few enough that the engine does not wait long for the first
 /// request of a batch, nor work alone through the last batch at the end of a sync.
 pub(crate) const CHECK_BATCH_CHANGES: usize = 512;
+/// Batches checked ahead at once, at most: one per core (up to four), so that checking
+/// keeps pace with the engine when many small requests come in, each batch on a core of
+/// its own. Their results go to the engine in the order the requests arrived.
+fn max_checking() -> usize {
+    rapport_protocol::replica::check_threads()
+}
 /// Peers whose undecodable requests are counted at once; past it, the counts of peers no
 /// longer connected are dropped.
 const MAX_TRACKED_PEERS: usize = 4096;
@@ -582,8 +588,61 @@ enum Internal {
         last: u64,
         report: MailReport,
     },
-    /// Peers' requests checked ahead ([`Loop::check_next`]), in the order they arrived.
-    Checked(Vec<(Requester, Vec<CheckedRequest>)>),
+    /// Peers' requests checked ahead ([`Loop::check_next`]), in the order they arrived:
+    /// the batch with this number.
+    Checked(u64, Vec<(Requester, Vec<CheckedRequest>)>),
+}
+
+/// Work started in order, finished in any order and handed on in the order it started:
+/// each piece gets a number when it starts ([`InOrder::start`]), and what finishes before
+/// an earlier piece waits for it ([`InOrder::finished`]).
+#[derive(Debug)]
+struct InOrder<T> {
+    /// The number the next piece gets.
+    next: u64,
+    /// The number of the next piece to hand on.
+    due: u64,
+    /// Pieces finished before an earlier one, by number.
+    early: BTreeMap<u64, T>,
+}
+
+impl<T> Default for InOrder<T> {
+    fn default() -> Self {
+        Self {
+            next: 0,
+            due: 0,
+            early: BTreeMap::new(),
+        }
+    }
+}
+
+impl<T> InOrder<T> {
+    /// Starts a piece: its number.
+    fn start(&mut self) -> u64 {
+        let n = self.next;
+        self.next += 1;
+        n
+    }
+
+    /// Pieces started and not yet handed on (under way, or finished and waiting).
+    fn under_way(&self) -> usize {
+        usize::try_from(self.next - self.due).unwrap_or(usize::MAX)
+    }
+
+    /// Piece `number` finished with `value`: the pieces now due, in the order they started.
+    /// A number not under way is ignored.
+    fn finished(&mut self, number: u64, value: T) -> Vec<T> {
+        if number < self.due || number >= self.next {
+            return Vec::new();
+        }
+        self.early.insert(number, value);
+        let mut due = Vec::new();
+        while let Some(v) = self.early.remove(&self.due) {
+            self.due += 1;
+            due.push(v);
+        }
+        due
+    }
 }
 
 /// Who sent a sync request, and where its answer goes.
@@ -640,7 +699,7 @@ impl Internal {
             // Nothing written: the sweep goes on.
             m @ (Internal::SweepPeers { .. } | Internal::SweepPushes { .. }) => Some(m),
             // Not the engine's: nothing of it was written.
-            m @ Internal::Checked(_) => Some(m),
+            m @ Internal::Checked(..) => Some(m),
             Internal::Sealed { replies, .. } => {
                 for r in replies {
                     let _ = r.send(SyncResult::Offline(format!(
@@ -860,8 +919,10 @@ struct Loop {
     /// Peers' sync requests waiting to be checked ahead, in the order they arrived (see
     /// [`Loop::check_next`]); counted with `deferred` against [`MAX_DEFERRED`].
     to_check: VecDeque<(Requester, Vec<SyncRequest>)>,
-    /// A batch of requests is being checked on a blocking thread.
-    checking: bool,
+    /// Batches of requests checked on blocking threads, at most [`max_checking`] at once
+    /// (counting those checked and waiting for an earlier one): they go to the engine in
+    /// the order they arrived.
+    checking: InOrder<Vec<(Requester, Vec<CheckedRequest>)>>,
     /// The peers the node shares a document with: only their requests are checked ahead.
     sharing: Arc<std::sync::RwLock<HashSet<IdentityKey>>>,
     /// Batches of ours under way: each round's document, the changes it carried, and its
@@ -1143,7 +1204,7 @@ pub(crate) fn start(
         internal_tx,
         sessions: Sessions::default(),
         to_check: VecDeque::new(),
-        checking: false,
+        checking: InOrder::default(),
         sharing: startup.sharing.clone(),
         requests: HashMap::new(),
         legacy_requests: HashMap::new(),
@@ -1285,9 +1346,13 @@ impl Loop {
     /// order they arrived ([`Internal::Checked`]), which spares verifying what was checked
     /// here and runs every other rule.
     fn check_next(&mut self) {
-        if self.checking || self.to_check.is_empty() {
-            return;
+        while self.checking.under_way() < max_checking() && !self.to_check.is_empty() {
+            self.check_batch();
         }
+    }
+
+    /// Checks the next batch of requests waiting ([`Loop::check_next`]).
+    fn check_batch(&mut self) {
         let mut batch = Vec::new();
         let mut changes = 0;
         while let Some((_, reqs)) = self.to_check.front() {
@@ -1298,7 +1363,7 @@ impl Loop {
             changes += n;
             batch.extend(self.to_check.pop_front());
         }
-        self.checking = true;
+        let number = self.checking.start();
         let tx = self.internal_tx.clone();
         tokio::task::spawn_blocking(move || {
             let mut who = Vec::with_capacity(batch.len());
@@ -1318,7 +1383,7 @@ impl Loop {
                         .collect()
                 })
                 .unwrap_or_default();
-            let _ = tx.blocking_send(Internal::Checked(checked));
+            let _ = tx.blocking_send(Internal::Checked(number, checked));
         });
     }
 
@@ -1514,11 +1579,13 @@ impl Loop {
         }
     }
 
-    /// Hands checked requests to the engine, in order, and checks the next ones.
-    fn checked(&mut self, checked: Vec<(Requester, Vec<CheckedRequest>)>) {
-        self.checking = false;
-        for (who, requests) in checked {
-            self.checked_one(who, requests);
+    /// Hands checked requests to the engine in the order they arrived (batch `number` once
+    /// every earlier batch has gone), and checks the next ones.
+    fn checked(&mut self, number: u64, checked: Vec<(Requester, Vec<CheckedRequest>)>) {
+        for checked in self.checking.finished(number, checked) {
+            for (who, requests) in checked {
+                self.checked_one(who, requests);
+            }
         }
         self.check_next();
     }
@@ -1564,7 +1631,7 @@ impl Loop {
 
     fn internal(&mut self, msg: Internal) {
         match msg {
-            Internal::Checked(checked) => self.checked(checked),
+            Internal::Checked(number, checked) => self.checked(number, checked),
             Internal::Send { peer, rounds } => self.send_rounds(peer, rounds),
             Internal::Respond {
                 peer,
@@ -2788,6 +2855,40 @@ pub(crate) fn with_peer(addr: Multiaddr, peer: PeerId) -> Multiaddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// However the pieces finish (in any order, some twice, numbers never started),
+        /// each started piece is handed on once, all in the order they started, and a piece
+        /// is handed on only once every earlier one has been.
+        #[test]
+        fn pieces_are_handed_on_in_the_order_they_started(
+            order in proptest::sample::subsequence((0u64..24).collect::<Vec<_>>(), 0..=24)
+                .prop_shuffle(),
+            extra in proptest::collection::vec(0u64..40, 0..8),
+        ) {
+            let mut w: InOrder<u64> = InOrder::default();
+            for n in 0..24 {
+                prop_assert_eq!(w.start(), n);
+            }
+            let mut out = Vec::new();
+            let mut finished = std::collections::BTreeSet::new();
+            for (i, n) in order.iter().enumerate() {
+                // A stray number (not started, or already handed on) changes nothing.
+                if let Some(&x) = extra.get(i)
+                    && (x >= 24 || out.contains(&x))
+                {
+                    prop_assert!(w.finished(x, x).is_empty());
+                }
+                finished.insert(*n);
+                out.extend(w.finished(*n, *n));
+                // Everything before the first piece not yet finished has been handed on.
+                let first_missing = (0..24).find(|k| !finished.contains(k)).unwrap_or(24);
+                prop_assert_eq!(&out, &(0..first_missing).collect::<Vec<_>>());
+                prop_assert_eq!(w.under_way(), usize::try_from(24 - first_missing).unwrap());
+            }
+        }
+    }
 
     /// A relayed address leads to its last peer, not the relay; a listen address is
     /// completed with this node's id once, never twice.

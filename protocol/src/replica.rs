@@ -562,6 +562,12 @@ pub fn check_requests(reqs: Vec<SyncRequest>) -> Vec<CheckedRequest> {
         .collect()
 }
 
+/// How many threads checking requests ahead may use at once: the machine's cores, up to
+/// four (as a large check splits its work).
+pub fn check_threads() -> usize {
+    crate::append::check_threads()
+}
+
 /// Answers a peer's request: checks access, applies and keeps its changes (each one
 /// checked), and returns the changes it lacks. The second value lists pushes to make; the
 /// third says the peer passed the misbehaviour limit and must be disconnected.
