@@ -621,8 +621,18 @@ impl Engine {
             Doc::Consent(c) => viewer.consent(c),
             Doc::Rel(r) => viewer.rel(r, new),
         };
+        // Only what the document did not hold goes to the store (which holds what the
+        // document held): `changes` may list more, as a whole ledger imported from a file.
         let n = match changes {
-            Some(changes) => self.store.put_changes_indexed(d, changes, &indexed)?,
+            Some(changes) if changes.len() == new.len() => {
+                self.store.put_changes_indexed(d, changes, &indexed)?
+            }
+            Some(changes) => {
+                let new: HashSet<&ChangeHash> = new.iter().collect();
+                let changes: Vec<&SignedChange> =
+                    changes.iter().filter(|c| new.contains(&c.hash())).collect();
+                self.store.put_changes_indexed(d, &changes, &indexed)?
+            }
             None => {
                 let changes = held.changes_of(new);
                 self.store.put_changes_indexed(d, &changes, &indexed)?

@@ -51,7 +51,7 @@ fn create_then_open_round_trips_profile_and_key() {
     let store = Store::open(&dir).unwrap();
     assert_eq!(store.profile().unwrap(), profile);
     assert_eq!(store.secret_key().unwrap().to_seed(), key.to_seed());
-    assert_eq!(store.schema_version().unwrap(), 6);
+    assert_eq!(store.schema_version().unwrap(), 7);
     assert_eq!(profile.kind, Kind::Org);
     assert_eq!(profile.name, "Acme");
 }
@@ -116,7 +116,7 @@ fn missing_garbage_and_newer_stores_give_clear_errors_and_stay_untouched() {
             err,
             StoreError::NewerSchema {
                 found: 99,
-                supported: 6,
+                supported: 7,
                 ..
             }
         ),
@@ -198,7 +198,7 @@ fn a_schema_1_store_is_migrated_in_place_and_keeps_its_documents() {
         tx.commit().unwrap();
     }
     let store = Store::open(tmp.path()).unwrap();
-    assert_eq!(store.schema_version().unwrap(), 6);
+    assert_eq!(store.schema_version().unwrap(), 7);
     assert_eq!(store.profile().unwrap().identity, identity);
     assert_eq!(store.consent_changes(&header.doc_id()).unwrap(), all);
     // The new tables work.

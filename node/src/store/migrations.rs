@@ -8,9 +8,10 @@
 //! | 4 | core | new tables `peer-refused-1` (our changes a peer refused for good) and `conduct-1` (strikes and bans) |
 //! | 5 | engine | new tables `doc-facts-1`, `rel-summaries-1` and `inbox-1`, built from every document held, so a node starts without loading its documents |
 //! | 6 | names | new table `contacts-1` (the user's contacts and their petnames) |
+//! | 7 | engine | table `change-index-1` dropped: the engine knows which changes it holds from its documents, and `Store::put_changes` from the changes themselves |
 
 /// The schema this build writes and reads.
-pub(crate) const SCHEMA_VERSION: u32 = 6;
+pub(crate) const SCHEMA_VERSION: u32 = 7;
 
 /// What to do with a store of schema `found`.
 pub(crate) enum Plan {
@@ -64,6 +65,11 @@ pub(crate) fn migrate(tx: &redb::WriteTransaction, from: u32) -> Result<(), redb
     if from < 6 {
         // Schema 6 adds contacts; a store of an earlier schema has none.
         tx.open_table(CONTACTS)?;
+    }
+    if from < 7 {
+        // Schema 7 drops the change index: a write of a change then costs one row, not
+        // two.
+        tx.delete_table(CHANGE_INDEX)?;
     }
     tx.open_table(META)?
         .insert(META_SCHEMA, &SCHEMA_VERSION.to_be_bytes()[..])?;

@@ -349,7 +349,6 @@ impl Store {
             }
             tx.open_table(INBOX)?;
             tx.open_table(CHANGES)?;
-            tx.open_table(CHANGE_INDEX)?;
             tx.open_table(PEERS)?;
             tx.open_table(PEER_HEADS)?;
             tx.open_table(REFUSALS)?;
@@ -542,7 +541,13 @@ impl Store {
     /// which holds the document in memory, uses [`Store::put_changes_indexed`] instead.
     pub fn put_changes(&self, doc: &DocRef, changes: &[SignedChange]) -> Result<usize, StoreError> {
         self.write(|tx| {
-            let new = put_changes_tx(tx, doc, changes)?;
+            let held = held_hashes_tx(tx, &doc.doc_id())?;
+            let mut fresh = HashSet::new();
+            let changes: Vec<&SignedChange> = changes
+                .iter()
+                .filter(|c| !held.contains(&c.hash()) && fresh.insert(c.hash()))
+                .collect();
+            let new = put_new_changes_tx(tx, doc, &changes)?;
             if !new.is_empty() {
                 let profile = profile_tx(tx)?;
                 let viewer = Viewer {
@@ -557,8 +562,10 @@ impl Store {
     }
 
     /// Stores changes of a document and its index records (computed by the caller from the
-    /// document with these changes applied) in one transaction. Returns how many changes
-    /// were new.
+    /// document with these changes applied) in one transaction. The caller holds the
+    /// document as the store does and passes only changes it did not hold (the engine: the
+    /// changes it just applied), each after its dependencies; they are not looked up again.
+    /// Returns how many were stored.
     pub(crate) fn put_changes_indexed<C: std::borrow::Borrow<SignedChange>>(
         &self,
         doc: &DocRef,
@@ -566,7 +573,7 @@ impl Store {
         indexed: &Indexed,
     ) -> Result<usize, StoreError> {
         self.write(|tx| {
-            let new = put_changes_tx(tx, doc, changes)?;
+            let new = put_new_changes_tx(tx, doc, changes)?;
             put_index_tx(tx, &doc.doc_id(), indexed)?;
             Ok(new.len())
         })
@@ -1264,8 +1271,6 @@ impl Store {
             tx.open_table(SNAPSHOTS)?.remove(&doc.0)?;
             let mut changes = tx.open_table(CHANGES)?;
             changes.retain_in((&doc.0, 0)..=(&doc.0, u64::MAX), |_, _| false)?;
-            let mut index = tx.open_table(CHANGE_INDEX)?;
-            index.retain_in((&doc.0, &[0u8; 32])..=(&doc.0, &[0xffu8; 32]), |_, _| false)?;
             let mut heads = tx.open_table(PEER_HEADS)?;
             heads.retain_in((&doc.0, &[0u8; 32])..=(&doc.0, &[0xffu8; 32]), |_, _| false)?;
             let mut keys = tx.open_table(EPOCH_KEYS)?;
@@ -1641,9 +1646,29 @@ fn check_magic(data_dir: &Path, path: &Path) -> Result<(), StoreError> {
     }
 }
 
-/// Stores the changes of `doc` not held yet inside `tx`, registering the document if new.
-/// Returns the hashes of the new ones.
-fn put_changes_tx<C: std::borrow::Borrow<SignedChange>>(
+/// The hashes of the changes of `id` held, read from the changes themselves.
+fn held_hashes_tx(
+    tx: &redb::WriteTransaction,
+    id: &DocId,
+) -> Result<HashSet<ChangeHash>, redb::Error> {
+    let table = tx.open_table(CHANGES)?;
+    let mut held = HashSet::new();
+    for row in table.range((&id.0, 0)..=(&id.0, u64::MAX))? {
+        let (_, v) = row?;
+        let hash = match SignedChange::peek(v.value()) {
+            Some((hash, _)) => hash,
+            None => SignedChange::decode(v.value())
+                .map_err(|e| redb::Error::Corrupted(format!("a stored change: {e}")))?
+                .hash(),
+        };
+        held.insert(hash);
+    }
+    Ok(held)
+}
+
+/// Stores `changes` of `doc` inside `tx`, after what it holds, registering the document if
+/// new. The caller makes sure none is held already. Returns their hashes.
+fn put_new_changes_tx<C: std::borrow::Borrow<SignedChange>>(
     tx: &redb::WriteTransaction,
     doc: &DocRef,
     changes: &[C],
@@ -1655,26 +1680,17 @@ fn put_changes_tx<C: std::borrow::Borrow<SignedChange>>(
         docs.insert(&id.0, header.as_slice())?;
     }
     drop(docs);
-    let mut index = tx.open_table(CHANGE_INDEX)?;
     let mut table = tx.open_table(CHANGES)?;
-    let mut next = match table.range((&id.0, 0)..=(&id.0, u64::MAX))?.next_back() {
+    let next = match table.range((&id.0, 0)..=(&id.0, u64::MAX))?.next_back() {
         Some(last) => last?.0.value().1 + 1,
         None => 0,
     };
     let mut new = Vec::new();
     let mut encoded = Vec::new();
-    for c in changes {
+    for (at, c) in (next..).zip(changes) {
         let c = c.borrow();
-        let hash = c.hash().0;
-        // One lookup: a change held already keeps its place.
-        let held = index.insert((&id.0, &hash), next)?.map(|v| v.value());
-        if let Some(at) = held {
-            index.insert((&id.0, &hash), at)?;
-            continue;
-        }
         c.encode_into(&mut encoded);
-        table.insert((&id.0, next), encoded.as_slice())?;
-        next += 1;
+        table.insert((&id.0, at), encoded.as_slice())?;
         new.push(c.hash());
     }
     Ok(new)
@@ -1779,15 +1795,7 @@ pub(crate) fn index_all(tx: &redb::WriteTransaction) -> Result<(), redb::Error> 
         refs.push(DocRef::from(h));
     }
     for d in refs {
-        let all: Vec<ChangeHash> = {
-            let index = tx.open_table(CHANGE_INDEX)?;
-            let id = d.doc_id();
-            let mut v = Vec::new();
-            for row in index.range((&id.0, &[0u8; 32])..=(&id.0, &[0xffu8; 32]))? {
-                v.push(ChangeHash(*row?.0.value().1));
-            }
-            v
-        };
+        let all: Vec<ChangeHash> = held_hashes_tx(tx, &d.doc_id())?.into_iter().collect();
         let indexed = index_doc_tx(tx, &d, &viewer, &all)?;
         put_index_tx(tx, &d.doc_id(), &indexed)?;
     }

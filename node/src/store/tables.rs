@@ -25,8 +25,8 @@ pub(crate) const DOCS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new(
 pub(crate) const CHANGES: TableDefinition<(&[u8; 32], u64), &[u8]> =
     TableDefinition::new("changes-1");
 
-/// Which changes are held. Key: (document id, change hash). Value: the sequence number in
-/// [`CHANGES`].
+/// Which changes are held (schemas 1 to 6). Key: (document id, change hash). Value: the
+/// sequence number in [`CHANGES`]. Schema 7 drops it; only the migrations read it.
 pub(crate) const CHANGE_INDEX: TableDefinition<(&[u8; 32], &[u8; 32]), u64> =
     TableDefinition::new("change-index-1");
 
