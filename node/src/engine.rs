@@ -624,13 +624,11 @@ impl Engine {
         // Only what the document did not hold goes to the store (which holds what the
         // document held): `changes` may list more, as a whole ledger imported from a file.
         let n = match changes {
-            Some(changes) if changes.len() == new.len() => {
-                self.store.put_changes_indexed(d, changes, &indexed)?
-            }
             Some(changes) => {
-                let new: HashSet<&ChangeHash> = new.iter().collect();
+                // Each new change once, the first copy listed.
+                let mut new: HashSet<&ChangeHash> = new.iter().collect();
                 let changes: Vec<&SignedChange> =
-                    changes.iter().filter(|c| new.contains(&c.hash())).collect();
+                    changes.iter().filter(|c| new.remove(&c.hash())).collect();
                 self.store.put_changes_indexed(d, &changes, &indexed)?
             }
             None => {
