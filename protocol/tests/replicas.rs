@@ -601,6 +601,18 @@ proptest! {
     }
 }
 
+/// Alice writes `n` messages of nearly the largest size into `rel`; their pushes are dropped
+/// (Acme is away).
+fn alice_writes_large(sim: &mut Sim, rel: &DocId, n: usize) {
+    let filler = "x".repeat(MAX_MESSAGE_BYTES - 64);
+    for i in 0..n {
+        sim.sides[ALICE]
+            .replica
+            .send(rel, &format!("{i} {filler}"), T0)
+            .unwrap();
+    }
+}
+
 /// The relationship Alice and Acme share from the start: its id and its reference.
 fn shared_relationship(sim: &Sim) -> (DocId, DocRef) {
     let header = *sim.sides[ALICE]
@@ -619,15 +631,8 @@ fn a_sync_in_several_rounds_sends_each_change_once() {
     let mut sim = Sim::new();
     let (rel, doc) = shared_relationship(&sim);
     let (alice, acme) = (sim.ids[ALICE], sim.ids[ACME]);
-    let filler = "x".repeat(MAX_MESSAGE_BYTES - 64);
     let written = 2 * CHUNK_BYTES / MAX_MESSAGE_BYTES + 100;
-    for i in 0..written {
-        // The pushes are dropped: Acme is away.
-        sim.sides[ALICE]
-            .replica
-            .send(&rel, &format!("{i} {filler}"), T0)
-            .unwrap();
-    }
+    alice_writes_large(&mut sim, &rel, written);
     let held = |sim: &Sim, i: usize| {
         sim.sides[i]
             .replica
@@ -723,15 +728,8 @@ fn a_round_in_a_batch_carries_its_share_and_the_rest_follows() {
     let (rel, doc) = shared_relationship(&sim);
     let (alice, acme) = (sim.ids[ALICE], sim.ids[ACME]);
     let share = batch_answer_bytes(MAX_BATCH_ROUNDS);
-    let filler = "x".repeat(MAX_MESSAGE_BYTES - 64);
     let written = 3 * share / MAX_MESSAGE_BYTES + 10;
-    for i in 0..written {
-        // The pushes are dropped: Acme is away.
-        sim.sides[ALICE]
-            .replica
-            .send(&rel, &format!("{i} {filler}"), T0)
-            .unwrap();
-    }
+    alice_writes_large(&mut sim, &rel, written);
     let before = sim.sides[ACME]
         .replica
         .relationship(&rel)
@@ -785,14 +783,8 @@ fn cold_relationship(sim: &mut Sim, chunks: usize) -> (DocRef, usize) {
         .replica
         .open("Alice and Acme, a long story", &[acme], T0)
         .unwrap();
-    let filler = "x".repeat(MAX_MESSAGE_BYTES - 64);
     let written = (chunks - 1) * CHUNK_BYTES / MAX_MESSAGE_BYTES + 100;
-    for i in 0..written {
-        sim.sides[ALICE]
-            .replica
-            .send(&rel, &format!("{i} {filler}"), T0)
-            .unwrap();
-    }
+    alice_writes_large(sim, &rel, written);
     let header = *sim.sides[ALICE]
         .replica
         .relationship(&rel)
