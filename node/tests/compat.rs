@@ -5,6 +5,8 @@
 //! `fixtures/v0.1-schema4/README.md`). They are never regenerated: a later release must
 //! open exactly these bytes.
 
+mod common;
+
 use std::path::Path;
 
 use rapport_node::{Engine, Store};
@@ -131,4 +133,29 @@ fn an_old_store_takes_new_writes_that_survive_a_reopen() {
         .collect();
     assert!(tables.contains(&"changes-1".to_owned()), "{tables:?}");
     assert!(!tables.contains(&"change-index-1".to_owned()), "{tables:?}");
+}
+
+/// The migration to the current schema (which deletes the change index) runs in one
+/// transaction: on a full disk the store fails to open, saying why, and its file is left
+/// exactly as the last release wrote it; once there is room it opens, migrated, with
+/// everything it held.
+#[test]
+fn a_migration_on_a_full_disk_changes_nothing_and_runs_once_there_is_room() {
+    let dir = copy_of("alice");
+    let path = dir.path().join(Store::FILE_NAME);
+    let before = std::fs::read(&path).unwrap();
+    let full = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let Err(err) = common::try_full_disk_store(&path, &full) else {
+        panic!("the store opened on a full disk");
+    };
+    assert!(err.to_string().contains("No space left"), "{err}");
+    assert!(
+        std::fs::read(&path).unwrap() == before,
+        "the file was changed"
+    );
+
+    full.store(false, std::sync::atomic::Ordering::SeqCst);
+    let engine = Engine::open(common::full_disk_store(&path, &full)).unwrap();
+    assert_eq!(engine.store().schema_version().unwrap(), 7);
+    assert!(texts(&engine).len() >= 2, "{:?}", texts(&engine));
 }

@@ -228,6 +228,21 @@ pub(crate) fn full_disk_store_counted(
     rapport_node::Store,
     std::sync::Arc<std::sync::atomic::AtomicU64>,
 ) {
+    try_full_disk_store(path, full).unwrap()
+}
+
+/// [`full_disk_store_counted`], or why the store did not open (a migration that could not
+/// be written, say).
+pub(crate) fn try_full_disk_store(
+    path: &std::path::Path,
+    full: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Result<
+    (
+        rapport_node::Store,
+        std::sync::Arc<std::sync::atomic::AtomicU64>,
+    ),
+    rapport_node::StoreError,
+> {
     let full = full.clone();
     let writes = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let counted = writes.clone();
@@ -243,7 +258,6 @@ pub(crate) fn full_disk_store_counted(
             full: full.clone(),
             writes: counted.clone(),
         })
-    })
-    .unwrap();
-    (store, writes)
+    })?;
+    Ok((store, writes))
 }
