@@ -74,9 +74,10 @@ pub(crate) const INTERNAL_QUEUE: usize = 4096;
 /// dropped (they fail on the peer's side, which tries again later).
 pub(crate) const MAX_DEFERRED: usize = 4096;
 /// Changes checked ahead in one batch, at most (a request larger than this goes alone):
-/// enough for a batch verification to cost little per signature (a set this large is
-/// split across the cores), few enough that the engine does not wait long for the first
-/// request of a batch, nor work alone through the last batch at the end of a sync.
+/// enough for a batch verification to cost little per signature (a set this large is one
+/// batch, by Pippenger's method: see `BATCH` in `protocol/src/signed.rs`), few enough that
+/// the engine does not wait long for the first request of a batch, nor work alone through
+/// the last batch at the end of a sync.
 pub(crate) const CHECK_BATCH_CHANGES: usize = 512;
 /// Batches checked ahead at once, at most: one per core (up to four), so that checking
 /// keeps pace with the engine when many small requests come in, each batch on a core of
