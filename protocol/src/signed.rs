@@ -131,7 +131,10 @@ pub enum ChangeError {
 /// An Automerge change with its author's signature.
 #[derive(Clone)]
 pub struct SignedChange {
-    change: Change,
+    /// Boxed: Automerge's `Change` is 520 bytes, and a change arriving is moved from one
+    /// list to the next several times on its way to the store (decoded, deduplicated,
+    /// verified, checked, applied); a boxed one moves as 104.
+    change: Box<Change>,
     signature: Signature,
     author: [u8; 32],
 }
@@ -148,7 +151,7 @@ impl SignedChange {
         }
         let signature = key.sign_raw(&signing_message(doc, &change.hash()));
         Ok(Self {
-            change,
+            change: Box::new(change),
             signature,
             author,
         })
@@ -185,7 +188,7 @@ impl SignedChange {
         }
         let author = author_bytes(&change)?;
         Ok(Self {
-            change,
+            change: Box::new(change),
             signature,
             author,
         })
@@ -630,7 +633,7 @@ mod tests {
         let forged = SignedChange {
             signature: mallory.sign_raw(&signing_message(&doc_id(1), &change.hash())),
             author: *alice.identity().as_bytes(),
-            change,
+            change: Box::new(change),
         };
         assert!(matches!(
             forged.verify(&doc_id(1), &[alice.identity(), mallory.identity()]),
