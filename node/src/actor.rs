@@ -34,6 +34,14 @@ pub(crate) const MAX_GROUP: usize = 256;
 /// waiting in the foreground join it, and it ends when they are done.
 pub(crate) const GROUP_TIME: std::time::Duration = std::time::Duration::from_millis(10);
 
+/// How long the engine waits idle before it stores the heads peers reported
+/// ([`Engine::store_hints`]): a sync in progress keeps it busy, so they are stored once,
+/// after it.
+pub(crate) const HINTS_IDLE: std::time::Duration = std::time::Duration::from_millis(100);
+/// How long heads peers reported wait at most on an engine that is never idle that long:
+/// then they are stored after the group that finds them this old.
+pub(crate) const HINTS_AGE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// What an operation does once its group is durable (`Ok`) or failed (`Err`).
 pub(crate) type Done = Box<dyn FnOnce(Result<(), &EngineError>) + Send>;
 /// An operation: runs on the engine and returns what to do once it is durable. It gets an
@@ -107,15 +115,54 @@ impl Queues {
 
     /// Waits for the next message, the foreground's first; `None` once every client is gone.
     fn next(&mut self) -> Option<Msg> {
-        futures::executor::block_on(std::future::poll_fn(|cx| {
-            use std::task::Poll;
-            match self.fg.poll_recv(cx) {
-                Poll::Ready(Some(m)) => return Poll::Ready(Some(m)),
-                Poll::Ready(None) => return Poll::Ready(None),
-                Poll::Pending => {}
+        futures::executor::block_on(std::future::poll_fn(|cx| self.poll_next(cx)))
+    }
+
+    /// Like [`Queues::next`], for at most `wait`: `Err(())` if nothing came.
+    fn next_within(&mut self, wait: std::time::Duration) -> Result<Option<Msg>, ()> {
+        struct Unpark(std::thread::Thread);
+        impl std::task::Wake for Unpark {
+            fn wake(self: Arc<Self>) {
+                self.0.unpark();
             }
-            self.bg.poll_recv(cx)
-        }))
+        }
+        let waker = std::task::Waker::from(Arc::new(Unpark(std::thread::current())));
+        let mut cx = std::task::Context::from_waker(&waker);
+        let deadline = Instant::now() + wait;
+        loop {
+            if let std::task::Poll::Ready(m) = self.poll_next(&mut cx) {
+                return Ok(m);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(());
+            }
+            // Woken early by a message (or spuriously): polled again either way.
+            std::thread::park_timeout(deadline - now);
+        }
+    }
+
+    fn poll_next(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Msg>> {
+        use std::task::Poll;
+        match self.fg.poll_recv(cx) {
+            Poll::Ready(Some(m)) => return Poll::Ready(Some(m)),
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Pending => {}
+        }
+        self.bg.poll_recv(cx)
+    }
+}
+
+/// Stores the heads the engine recorded, in a group of their own (see
+/// [`Engine::store_hints`]). A failure is logged: they are hints, kept to try again.
+fn store_hints(engine: &mut Engine) {
+    if engine.refresh().is_err() {
+        return;
+    }
+    engine.begin_group();
+    let stored = engine.store_hints();
+    if let Err(e) = stored.and_then(|()| engine.end_group()) {
+        tracing::warn!("storing the heads peers reported: {e}");
     }
 }
 
@@ -123,7 +170,18 @@ fn run(mut engine: Engine, mut queues: Queues, stats: Arc<Counters>) {
     let micros = |since: Instant| u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX);
     let mut stop = None;
     while stop.is_none() {
-        let Some(first) = queues.next() else {
+        let first = if engine.has_hints() {
+            match queues.next_within(HINTS_IDLE) {
+                Ok(m) => m,
+                Err(()) => {
+                    store_hints(&mut engine);
+                    continue;
+                }
+            }
+        } else {
+            queues.next()
+        };
+        let Some(first) = first else {
             break;
         };
         // A panic here (outside `rapport_protocol::contain`) may leave memory that does not
@@ -185,9 +243,13 @@ fn run(mut engine: Engine, mut queues: Queues, stats: Arc<Counters>) {
         for d in done {
             d(synced.as_ref().map(|_| ()));
         }
+        if engine.hints_older_than(HINTS_AGE) {
+            store_hints(&mut engine);
+        }
     }
     // Jobs still queued are dropped: their callers hear that the engine stopped.
     drop(queues);
+    // Dropping the engine stores the heads it recorded (a failure to fails no operation).
     drop(engine);
     if let Some(reply) = stop {
         let _ = reply.send(());

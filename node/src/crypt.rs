@@ -177,7 +177,7 @@ impl Engine {
             DocRef::Relationship(h) if h.owner == self.me() => self.ensure_epoch(&id, now)?,
             _ => Vec::new(),
         };
-        let mut known = self.store().peer_heads(&id, peer)?.unwrap_or_default();
+        let mut known = self.peer_heads(&id, peer)?.unwrap_or_default();
         if let Some(d) = self.deposited.get(&(id, *peer)) {
             known.extend(d.iter().copied());
         }

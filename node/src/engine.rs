@@ -106,6 +106,10 @@ pub(crate) use rapport_protocol::replica::Doc;
 /// dropped from memory (they load again from the store when next used).
 pub const MAX_LOADED_DOCS: usize = 2048;
 
+/// Heads peers reported that the engine holds in memory before storing them, at most
+/// ([`Engine::store_hints`]); past it, they are stored with the group under way.
+pub(crate) const MAX_HINTS_BEHIND: usize = 4096;
+
 /// Documents read from the store's index at a time as the engine starts: what it reads
 /// at once stays small however many it holds.
 const START_PAGE: usize = 4096;
@@ -169,6 +173,11 @@ pub struct Engine {
     stale: bool,
     /// The user's contacts (see `contacts.rs`), as stored.
     pub(crate) contacts: BTreeMap<IdentityKey, crate::store::Contact>,
+    /// Heads peers reported, recorded here and not yet stored ([`Engine::store_hints`]).
+    /// They are hints of what to send: a crash that loses them costs a round, never data.
+    hints: BTreeMap<(DocId, IdentityKey), Vec<ChangeHash>>,
+    /// When the oldest of `hints` was recorded.
+    hints_since: Option<std::time::Instant>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -177,6 +186,16 @@ impl std::fmt::Debug for Engine {
             .field("me", &self.me)
             .field("docs", &self.docs.len())
             .finish()
+    }
+}
+
+impl Drop for Engine {
+    /// Stores the heads still recorded (an engine used without its actor, which stores
+    /// them as it stops).
+    fn drop(&mut self) {
+        if let Err(e) = self.store_hints() {
+            tracing::warn!("storing the heads peers reported: {e}");
+        }
     }
 }
 
@@ -212,6 +231,8 @@ impl Engine {
             max_unanswered_docs: MAX_UNANSWERED_DOCS,
             keys: RefCell::new(HashMap::new()),
             deposited: HashMap::new(),
+            hints: BTreeMap::new(),
+            hints_since: None,
             waiting: Default::default(),
             cursors: Default::default(),
             held_events: std::cell::RefCell::new(None),
@@ -253,6 +274,70 @@ impl Engine {
                 }
                 Err(e.into())
             }
+        }
+    }
+
+    /// The heads `peer` last reported of `id`: recorded lately (not stored yet), else
+    /// stored.
+    pub(crate) fn peer_heads(
+        &self,
+        id: &DocId,
+        peer: &IdentityKey,
+    ) -> Result<Option<Vec<ChangeHash>>> {
+        if let Some(h) = self.hints.get(&(*id, *peer)) {
+            return Ok(Some(h.clone()));
+        }
+        Ok(self.store.peer_heads(id, peer)?)
+    }
+
+    /// Records the heads `peer` reported of `id`. They are kept in memory and stored with
+    /// the others later ([`Engine::store_hints`]; the engine actor does so once idle, or
+    /// once they have waited a second): a sync records heads for every document it
+    /// touches, on both sides, and storing each as it came rewrote a page of the store for
+    /// each (the rows are keyed by document, so they scatter). Stored at once, past
+    /// [`MAX_HINTS_BEHIND`], with the group under way.
+    pub(crate) fn record_peer_heads(
+        &mut self,
+        id: &DocId,
+        peer: &IdentityKey,
+        heads: &[ChangeHash],
+    ) -> Result<()> {
+        self.hints.insert((*id, *peer), heads.to_vec());
+        self.hints_since.get_or_insert_with(std::time::Instant::now);
+        if self.hints.len() > MAX_HINTS_BEHIND {
+            self.store_hints()?;
+        }
+        Ok(())
+    }
+
+    /// Whether heads are recorded that are not stored yet.
+    pub fn has_hints(&self) -> bool {
+        !self.hints.is_empty()
+    }
+
+    /// Whether heads recorded have waited `age` or longer to be stored.
+    pub fn hints_older_than(&self, age: std::time::Duration) -> bool {
+        self.hints_since.is_some_and(|t| t.elapsed() >= age)
+    }
+
+    /// Stores the heads recorded since last time, in one write (in the group under way,
+    /// if any), in key order. If the write fails they stay recorded, to be stored next
+    /// time; if the group's commit fails they are lost, as hints may be.
+    pub fn store_hints(&mut self) -> Result<()> {
+        if self.hints.is_empty() {
+            return Ok(());
+        }
+        self.store.put_peer_heads_all(&self.hints)?;
+        self.hints.clear();
+        self.hints_since = None;
+        Ok(())
+    }
+
+    /// Drops the heads recorded for `id` (the document is erased).
+    fn forget_hints(&mut self, id: &DocId) {
+        self.hints.retain(|(d, _), _| d != id);
+        if self.hints.is_empty() {
+            self.hints_since = None;
         }
     }
 
@@ -1167,6 +1252,7 @@ impl Engine {
                 .collect();
             for (id, n) in covered {
                 self.store.delete_document(&id)?;
+                self.forget_hints(&id);
                 self.drop_slot(&id);
                 self.cursors.forget_doc(&id);
                 self.keys.borrow_mut().remove(&id);

@@ -88,7 +88,7 @@ impl Holder for Engine {
         id: &DocId,
         peer: &IdentityKey,
     ) -> Result<Option<Vec<ChangeHash>>, EngineError> {
-        Ok(self.store().peer_heads(id, peer)?)
+        Engine::peer_heads(self, id, peer)
     }
 
     fn put_peer_heads(
@@ -97,7 +97,7 @@ impl Holder for Engine {
         peer: &IdentityKey,
         heads: &[ChangeHash],
     ) -> Result<(), EngineError> {
-        Ok(self.store().put_peer_heads(id, peer, heads)?)
+        self.record_peer_heads(id, peer, heads)
     }
 
     fn peer_refused(

@@ -8,6 +8,7 @@ mod common;
 
 use common::{Side, T0, granted, sync};
 use rapport_node::{MessageView, Store};
+use rapport_protocol::replica::Holder;
 use rapport_protocol::wire::DocRef;
 use rapport_protocol::{IdentityKey, Kind};
 
@@ -159,6 +160,13 @@ fn every_write_keeps_the_index_true_and_an_erasure_leaves_no_trace_in_it() {
                 .all(|d| matches!(d, DocRef::Consent(_))),
             "{when}: only the consent document is shared with Alice"
         );
+        // Nor is what Alice last held of the erased relationship kept, in memory or stored
+        // (Acme recorded it as they synced, and stores such hints later).
+        let id = doc_a.doc_id();
+        let held = Holder::peer_heads(&*acme.engine, &id, &alice.me()).unwrap();
+        assert_eq!(held, None, "{when}: no heads of the erased relationship");
+        let stored = acme.engine.store().peer_heads(&id, &alice.me()).unwrap();
+        assert_eq!(stored, None, "{when}: none stored either");
         acme.reopen();
     }
 }

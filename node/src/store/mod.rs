@@ -1157,6 +1157,23 @@ impl Store {
         })
     }
 
+    /// Remembers the heads each peer reported for each document, in one write.
+    pub fn put_peer_heads_all(
+        &self,
+        all: &std::collections::BTreeMap<(DocId, IdentityKey), Vec<ChangeHash>>,
+    ) -> Result<(), StoreError> {
+        self.write(|tx| {
+            let mut t = tx.open_table(PEER_HEADS)?;
+            let mut bytes = Vec::new();
+            for ((doc, peer), heads) in all {
+                bytes.clear();
+                bytes.extend(heads.iter().flat_map(|h| h.0));
+                t.insert((&doc.0, peer.as_bytes()), bytes.as_slice())?;
+            }
+            Ok(())
+        })
+    }
+
     /// The heads `peer` last reported for `doc`, if any.
     pub fn peer_heads(
         &self,
