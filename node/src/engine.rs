@@ -107,8 +107,12 @@ pub(crate) use rapport_protocol::replica::Doc;
 pub const MAX_LOADED_DOCS: usize = 2048;
 
 /// Heads peers reported that the engine holds in memory before storing them, at most
-/// ([`Engine::store_hints`]); past it, they are stored with the group under way.
+/// ([`Engine::store_hints`]): documents and peers, and bytes of heads (a peer may report
+/// up to `MAX_HEADS` per document; an honest one, one or two). Past either, they are
+/// stored with the group under way.
 pub(crate) const MAX_HINTS_BEHIND: usize = 4096;
+/// See [`MAX_HINTS_BEHIND`].
+pub(crate) const MAX_HINTS_BYTES: usize = 1 << 20;
 
 /// Documents read from the store's index at a time as the engine starts: what it reads
 /// at once stays small however many it holds.
@@ -178,6 +182,8 @@ pub struct Engine {
     hints: BTreeMap<(DocId, IdentityKey), Vec<ChangeHash>>,
     /// When the oldest of `hints` was recorded.
     hints_since: Option<std::time::Instant>,
+    /// The bytes of heads in `hints`.
+    hints_bytes: usize,
 }
 
 impl std::fmt::Debug for Engine {
@@ -233,6 +239,7 @@ impl Engine {
             deposited: HashMap::new(),
             hints: BTreeMap::new(),
             hints_since: None,
+            hints_bytes: 0,
             waiting: Default::default(),
             cursors: Default::default(),
             held_events: std::cell::RefCell::new(None),
@@ -295,16 +302,20 @@ impl Engine {
     /// once they have waited a second): a sync records heads for every document it
     /// touches, on both sides, and storing each as it came rewrote a page of the store for
     /// each (the rows are keyed by document, so they scatter). Stored at once, past
-    /// [`MAX_HINTS_BEHIND`], with the group under way.
+    /// [`MAX_HINTS_BEHIND`] or [`MAX_HINTS_BYTES`], with the group under way.
     pub(crate) fn record_peer_heads(
         &mut self,
         id: &DocId,
         peer: &IdentityKey,
         heads: &[ChangeHash],
     ) -> Result<()> {
-        self.hints.insert((*id, *peer), heads.to_vec());
+        let size = |h: &[ChangeHash]| h.len() * 32;
+        if let Some(old) = self.hints.insert((*id, *peer), heads.to_vec()) {
+            self.hints_bytes -= size(&old);
+        }
+        self.hints_bytes += size(heads);
         self.hints_since.get_or_insert_with(std::time::Instant::now);
-        if self.hints.len() > MAX_HINTS_BEHIND {
+        if self.hints.len() > MAX_HINTS_BEHIND || self.hints_bytes > MAX_HINTS_BYTES {
             self.store_hints()?;
         }
         Ok(())
@@ -330,12 +341,20 @@ impl Engine {
         self.store.put_peer_heads_all(&self.hints)?;
         self.hints.clear();
         self.hints_since = None;
+        self.hints_bytes = 0;
         Ok(())
     }
 
     /// Drops the heads recorded for `id` (the document is erased).
     fn forget_hints(&mut self, id: &DocId) {
-        self.hints.retain(|(d, _), _| d != id);
+        let mut dropped = 0;
+        self.hints.retain(|(d, _), h| {
+            if d == id {
+                dropped += h.len() * 32;
+            }
+            d != id
+        });
+        self.hints_bytes -= dropped;
         if self.hints.is_empty() {
             self.hints_since = None;
         }

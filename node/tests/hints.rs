@@ -150,3 +150,23 @@ fn heads_lost_in_a_crash_cost_a_round_not_a_change() {
         assert_eq!(texts.len(), 3, "{texts:?}");
     }
 }
+
+/// A peer may report up to `MAX_HEADS` heads for each document it shares: what the engine
+/// holds of them in memory stays small (past 1 MiB of heads they are stored at once).
+#[test]
+fn heads_a_peer_floods_are_stored_at_once_not_held() {
+    let (alice, mut acme, _) = synced(T0 + 10);
+    let many: Vec<ChangeHash> = (0..rapport_protocol::wire::MAX_HEADS)
+        .map(|i| ChangeHash([(i % 251) as u8; 32]))
+        .collect();
+    // 1 MiB is 32 documents' worth of 1,024 heads; the 33rd goes past it.
+    for d in 0..33u8 {
+        Holder::put_peer_heads(&mut *acme.engine, &DocId([d; 32]), &alice.me(), &many).unwrap();
+    }
+    let first = acme
+        .engine
+        .store()
+        .peer_heads(&DocId([0; 32]), &alice.me())
+        .unwrap();
+    assert_eq!(first.map(|h| h.len()), Some(many.len()), "stored, not held");
+}
