@@ -4,12 +4,12 @@
 
 mod common;
 
-use common::{Side, T0, granted, sync};
+use common::{Side, T0, conversation, sorted_texts, sync};
 use rapport_node::{Engine, EngineClient, Store};
+use rapport_protocol::DocId;
 use rapport_protocol::automerge::ChangeHash;
 use rapport_protocol::replica::Holder;
 use rapport_protocol::wire::DocRef;
-use rapport_protocol::{DocId, Kind};
 
 /// What `side` holds of `id`: its heads, sorted.
 fn heads_of(side: &Side, id: &DocId) -> Vec<ChangeHash> {
@@ -35,23 +35,10 @@ fn stored(store: &Store, id: &DocId, peer: &Side) -> Option<Vec<ChangeHash>> {
 
 /// Alice and Acme, with a relationship Alice opened and wrote in, synced to Acme.
 fn synced(now: u64) -> (Side, Side, DocRef) {
-    let mut alice = Side::new(Kind::Person, "Alice");
-    let mut acme = Side::new(Kind::Org, "Acme");
-    granted(&mut alice, &mut acme, now);
-    let (out, _) = alice
-        .engine
-        .open_relationship(acme.me(), Some("Acme".into()), None, now)
-        .unwrap();
-    let rel = out.doc.to_hex();
+    let (mut alice, mut acme, rel, doc) = conversation(now);
     alice
         .engine
         .send_message(&rel, "hello".into(), None, None, now + 1)
-        .unwrap();
-    let doc = alice
-        .engine
-        .shared_with(&acme.me(), now + 1)
-        .into_iter()
-        .find(|d| matches!(d, DocRef::Relationship(_)))
         .unwrap();
     sync(&mut alice, &mut acme, &doc, now + 1);
     (alice, acme, doc)
@@ -139,15 +126,8 @@ fn heads_lost_in_a_crash_cost_a_round_not_a_change() {
     sync(&mut acme, &mut alice, &doc, now + 5);
     assert_eq!(heads_of(&alice, &id), heads_of(&acme, &id), "one history");
     for side in [&alice, &acme] {
-        let texts: Vec<String> = side
-            .engine
-            .relationship(&rel, now + 6)
-            .unwrap()
-            .messages
-            .into_iter()
-            .map(|m| m.text)
-            .collect();
-        assert_eq!(texts.len(), 3, "{texts:?}");
+        let texts = sorted_texts(side, &rel, now + 6);
+        assert_eq!(texts, ["hello", "still there?", "yes"]);
     }
 }
 

@@ -10,37 +10,14 @@ use std::collections::HashSet;
 
 mod common;
 
-use common::{Side, consent, grant_args, granted, hashes, sync};
+use common::{
+    Side, consent, conversation, grant_args, granted, hashes, rel_doc, sorted_texts, sync,
+};
 use rapport_protocol::automerge::ChangeHash;
 use rapport_protocol::wire::{DocRef, RefusalKind, SyncResponse};
 use rapport_protocol::{ConsentHeader, IdentityKey, Kind, SignedChange};
 
 use common::T0;
-
-/// Alice and Acme, with consent both ways, in one relationship Alice owns and both hold.
-fn conversation(now: u64) -> (Side, Side, String, DocRef) {
-    let mut alice = Side::new(Kind::Person, "Alice");
-    let mut acme = Side::new(Kind::Org, "Acme");
-    granted(&mut alice, &mut acme, now);
-    let (rel, _) = alice
-        .engine
-        .open_relationship(acme.me(), Some("Acme".into()), None, now)
-        .unwrap();
-    let rel = rel.doc.to_hex();
-    let doc = rel_doc(&alice, &rel, now);
-    sync(&mut alice, &mut acme, &doc, now);
-    (alice, acme, rel, doc)
-}
-
-fn rel_doc(side: &Side, rel: &str, now: u64) -> DocRef {
-    let id = side.engine.relationship(rel, now).unwrap().summary.id;
-    side.engine
-        .counterparts()
-        .into_iter()
-        .flat_map(|p| side.engine.shared_with(&p, now))
-        .find(|d| d.doc_id() == id)
-        .expect("the relationship is shared with someone")
-}
 
 /// The answer of a hostile peer: it "refuses" every change the request carried and claims
 /// to hold nothing.
@@ -216,18 +193,7 @@ fn an_answer_lost_in_a_crash_loses_nothing_acknowledged() {
     sync(&mut acme, &mut alice, &doc, now + 1);
     sync(&mut alice, &mut acme, &doc, now + 1);
 
-    let texts = |s: &Side| -> Vec<String> {
-        let mut v: Vec<String> = s
-            .engine
-            .relationship(&rel, now + 2)
-            .unwrap()
-            .messages
-            .into_iter()
-            .map(|m| m.text)
-            .collect();
-        v.sort();
-        v
-    };
+    let texts = |s: &Side| sorted_texts(s, &rel, now + 2);
     acme.reopen();
     assert_eq!(
         texts(&acme),
@@ -528,19 +494,6 @@ fn changes_that_wait_keep_waiting_through_requests_that_do_not_bring_their_depen
 }
 
 /// The texts of the messages `side` holds in relationship `rel`, sorted.
-fn sorted_texts(side: &Side, rel: &str, now: u64) -> Vec<String> {
-    let mut texts: Vec<String> = side
-        .engine
-        .relationship(rel, now)
-        .unwrap()
-        .messages
-        .into_iter()
-        .map(|m| m.text)
-        .collect();
-    texts.sort();
-    texts
-}
-
 /// The last `n` changes `side` holds of `doc`, encoded, in the order written.
 fn last_changes(side: &Side, doc: &DocRef, n: usize) -> Vec<Vec<u8>> {
     let all = side

@@ -261,3 +261,42 @@ pub(crate) fn try_full_disk_store(
     })?;
     Ok((store, writes))
 }
+
+/// Alice and Acme, with consent both ways, in one relationship Alice owns and both hold.
+pub(crate) fn conversation(now: u64) -> (Side, Side, String, DocRef) {
+    let mut alice = Side::new(Kind::Person, "Alice");
+    let mut acme = Side::new(Kind::Org, "Acme");
+    granted(&mut alice, &mut acme, now);
+    let (rel, _) = alice
+        .engine
+        .open_relationship(acme.me(), Some("Acme".into()), None, now)
+        .unwrap();
+    let rel = rel.doc.to_hex();
+    let doc = rel_doc(&alice, &rel, now);
+    sync(&mut alice, &mut acme, &doc, now);
+    (alice, acme, rel, doc)
+}
+
+pub(crate) fn rel_doc(side: &Side, rel: &str, now: u64) -> DocRef {
+    let id = side.engine.relationship(rel, now).unwrap().summary.id;
+    side.engine
+        .counterparts()
+        .into_iter()
+        .flat_map(|p| side.engine.shared_with(&p, now))
+        .find(|d| d.doc_id() == id)
+        .expect("the relationship is shared with someone")
+}
+
+/// The texts of the messages `side` holds in `rel`, sorted.
+pub(crate) fn sorted_texts(side: &Side, rel: &str, now: u64) -> Vec<String> {
+    let mut texts: Vec<String> = side
+        .engine
+        .relationship(rel, now)
+        .unwrap()
+        .messages
+        .into_iter()
+        .map(|m| m.text)
+        .collect();
+    texts.sort();
+    texts
+}
