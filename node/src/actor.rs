@@ -154,14 +154,16 @@ impl Queues {
 }
 
 /// Stores the heads the engine recorded, in a group of their own (see
-/// [`Engine::store_hints`]). A failure is logged: they are hints, kept to try again.
+/// [`Engine::store_hints`]). The group always ends, so a failure (a full disk) fails no
+/// later operation; it is logged, and the heads are gone (hints, which cost a round).
 fn store_hints(engine: &mut Engine) {
     if engine.refresh().is_err() {
         return;
     }
     engine.begin_group();
     let stored = engine.store_hints();
-    if let Err(e) = stored.and_then(|()| engine.end_group()) {
+    let ended = engine.end_group();
+    if let Err(e) = stored.and(ended) {
         tracing::warn!("storing the heads peers reported: {e}");
     }
 }

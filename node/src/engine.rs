@@ -332,17 +332,17 @@ impl Engine {
     }
 
     /// Stores the heads recorded since last time, in one write (in the group under way,
-    /// if any), in key order. If the write fails they stay recorded, to be stored next
-    /// time; if the group's commit fails they are lost, as hints may be.
+    /// if any), in key order. They are no longer held either way: if the write or the
+    /// group's commit fails (a full disk), they are lost, as hints may be, rather than
+    /// tried again at every idle moment.
     pub fn store_hints(&mut self) -> Result<()> {
         if self.hints.is_empty() {
             return Ok(());
         }
-        self.store.put_peer_heads_all(&self.hints)?;
-        self.hints.clear();
+        let hints = std::mem::take(&mut self.hints);
         self.hints_since = None;
         self.hints_bytes = 0;
-        Ok(())
+        Ok(self.store.put_peer_heads_all(&hints)?)
     }
 
     /// Drops the heads recorded for `id` (the document is erased).

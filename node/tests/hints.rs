@@ -150,3 +150,61 @@ fn heads_a_peer_floods_are_stored_at_once_not_held() {
         .unwrap();
     assert_eq!(first.map(|h| h.len()), Some(many.len()), "stored, not held");
 }
+
+/// A full disk fails the storing of heads and nothing after it: the heads are dropped
+/// (they are hints; trying again at every idle moment would fail again and again), and
+/// once there is room the engine answers and the next write lands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_fails_only_the_heads_and_the_next_write_lands_once_there_is_room() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let now = T0 + 10;
+    let (alice, mut acme, doc) = synced(now);
+    let id = doc.doc_id();
+    let path = acme.dir.path().join(Store::FILE_NAME);
+    acme.engine.0 = None;
+    let full = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (store, _, refused) = common::full_disk_store_watched(&path, &full).unwrap();
+    let mut engine = Engine::open(store).unwrap();
+    // Just under 1 MiB of heads, held: storing them must grow the file, so the write
+    // itself fails, not only its commit.
+    let many: Vec<ChangeHash> = (0..rapport_protocol::wire::MAX_HEADS)
+        .map(|i| ChangeHash([(i % 251) as u8; 32]))
+        .collect();
+    for d in 0..31u8 {
+        Holder::put_peer_heads(&mut engine, &DocId([d; 32]), &alice.me(), &many).unwrap();
+    }
+    assert!(engine.has_hints());
+    full.store(true, SeqCst);
+    let client = EngineClient::start(engine).unwrap();
+    // Left alone, the engine is idle and tries to store them: wait for the disk to refuse.
+    let mut tried = false;
+    for _ in 0..500 {
+        tried = refused.load(SeqCst) > 0;
+        if tried {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(tried, "the engine tried to store the heads");
+    full.store(false, SeqCst);
+    let held = client.call(|e| e.has_hints()).await.unwrap();
+    assert!(!held, "the heads that could not be stored are dropped");
+    let rel = id.to_hex();
+    let sent = client
+        .call(move |e| e.send_message(&rel, "after the disk".into(), None, None, now + 5))
+        .await
+        .unwrap();
+    assert!(sent.is_ok(), "the next write lands: {:?}", sent.err());
+    client.stop().await;
+    let acme = Side {
+        engine: common::Slot(Some(
+            Engine::open(Store::open(acme.dir.path()).unwrap()).unwrap(),
+        )),
+        dir: acme.dir,
+    };
+    let texts = sorted_texts(&acme, &id.to_hex(), now + 6);
+    assert!(texts.contains(&"after the disk".to_string()), "{texts:?}");
+    for d in 0..31u8 {
+        assert_eq!(stored(acme.engine.store(), &DocId([d; 32]), &alice), None);
+    }
+}

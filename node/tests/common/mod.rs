@@ -129,11 +129,15 @@ pub(crate) struct FullDisk {
     pub(crate) full: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// Writes to the file so far (those refused included).
     pub(crate) writes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Writes, resizes and syncs refused so far.
+    pub(crate) refused: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl FullDisk {
     fn check(&self) -> std::io::Result<()> {
         if self.full.load(std::sync::atomic::Ordering::SeqCst) {
+            self.refused
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             Err(std::io::Error::new(
                 std::io::ErrorKind::StorageFull,
                 "No space left on device (injected)",
@@ -243,9 +247,26 @@ pub(crate) fn try_full_disk_store(
     ),
     rapport_node::StoreError,
 > {
+    full_disk_store_watched(path, full).map(|(store, writes, _)| (store, writes))
+}
+
+/// [`try_full_disk_store`], with the count of writes, resizes and syncs the full disk
+/// refused as well.
+pub(crate) fn full_disk_store_watched(
+    path: &std::path::Path,
+    full: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Result<
+    (
+        rapport_node::Store,
+        std::sync::Arc<std::sync::atomic::AtomicU64>,
+        std::sync::Arc<std::sync::atomic::AtomicU64>,
+    ),
+    rapport_node::StoreError,
+> {
     let full = full.clone();
     let writes = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let counted = writes.clone();
+    let refused = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (counted, refusals) = (writes.clone(), refused.clone());
     let file_path = path.to_path_buf();
     let store = rapport_node::Store::open_with_backend(path, move || {
         let file = std::fs::OpenOptions::new()
@@ -257,9 +278,10 @@ pub(crate) fn try_full_disk_store(
                 .map_err(|e| std::io::Error::other(e.to_string()))?,
             full: full.clone(),
             writes: counted.clone(),
+            refused: refusals.clone(),
         })
     })?;
-    Ok((store, writes))
+    Ok((store, writes, refused))
 }
 
 /// Alice and Acme, with consent both ways, in one relationship Alice owns and both hold.
